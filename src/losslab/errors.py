@@ -1,0 +1,17 @@
+"""Errors a user can fix: bad input, bad config, missing packages.
+
+The CLI prints them as one clear message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's input, config or environment, with a message saying what to do.
+
+    ``where`` names the place (``file:line``, ``file: field``) when there is one.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
