@@ -1,8 +1,9 @@
 """``losslab data prepare``: the embedded datasets as JSONL splits in a cache directory.
 
 Layout: ``DIR/NAME/{train,validation,test}.jsonl`` and ``DIR/NAME/manifest.json`` (counts,
-schema, origin, licence). A record's split is fixed by a hash of its key in the source:
-80 % train, 10 % validation, 10 % test. Files are written atomically (temp file + rename).
+schema, origin, licence). Exact duplicate records are kept once, and a record's split is
+fixed by a hash of its content (``Source.split_key``): 80 % train, 10 % validation, 10 % test,
+so a text repeated in a source never lands in two splits. Files are written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -52,9 +53,16 @@ def prepare_source(source: Source, out: Path) -> dict:
     """Read, validate, split and write one dataset; returns its manifest."""
     schema = SCHEMAS[source.schema]
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for key, record in tqdm(source.read(), desc=f"preparing {source.name}", unit=" records", leave=False, disable=None):
+    seen: set[str] = set()
+    duplicates = 0
+    for _key, record in tqdm(source.read(), desc=f"preparing {source.name}", unit=" records", leave=False, disable=None):
         schema.model_validate(record)  # our own readers must produce contract records
-        lines[split_of(key)].append(json.dumps(record, ensure_ascii=False))
+        line = json.dumps(record, ensure_ascii=False)
+        if line in seen:
+            duplicates += 1
+            continue
+        seen.add(line)
+        lines[split_of(source.split_key(record))].append(line)
     folder = out / source.name
     for split in SPLITS:
         write_atomic(folder / f"{split}.jsonl", "".join(line + "\n" for line in lines[split]))
@@ -63,6 +71,7 @@ def prepare_source(source: Source, out: Path) -> dict:
         "schema": source.schema,
         "records": sum(len(v) for v in lines.values()),
         "splits": {s: len(lines[s]) for s in SPLITS},
+        "duplicates_dropped": duplicates,
         "origin": source.origin,
         "licence": source.licence,
     }

