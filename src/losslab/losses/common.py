@@ -1,0 +1,91 @@
+"""Helpers shared by the catalogue losses: compute dtype, masks, weights and option checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import torch
+from annotated_types import Ge, Gt, Interval
+
+from losslab.losses.reduction import check_reduction, reduce_loss
+
+Count = int | float | torch.Tensor | None
+# Option types: the bounds are read by the registry to reject a bad config value up front.
+NonNegative = Annotated[float, Ge(0)]
+Positive = Annotated[float, Gt(0)]
+Probability = Annotated[float, Interval(ge=0, le=1)]
+ClassValues = Sequence[NonNegative] | torch.Tensor | None
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other dtype (bfloat16, float16, float32) computes in float32."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def finish(
+    per_item: torch.Tensor,
+    mask: torch.Tensor | None,
+    reduction: str,
+    num_items: Count = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weight ``per_item``, set masked-out items to exactly 0, then :func:`reduce_loss`.
+
+    ``mask`` and ``weights`` broadcast to ``per_item`` (e.g. ``(N,)`` against ``(N, K)``).
+    ``torch.where`` (not a product) drops masked items, so a NaN or inf computed for a
+    padded item never reaches the loss or the gradients. ``mean`` divides by ``num_items``
+    when given, else by the number of unmasked items: weights scale the numerator only.
+    """
+    check_reduction(reduction)
+    if weights is not None:
+        per_item = per_item * torch.broadcast_to(weights.to(per_item.dtype), per_item.shape)
+    if mask is not None:
+        mask = torch.broadcast_to(mask.to(torch.bool), per_item.shape)
+        per_item = torch.where(mask, per_item, torch.zeros_like(per_item))
+    return reduce_loss(per_item, mask, reduction, num_items)
+
+
+def class_vector(
+    values: torch.Tensor | Sequence[float] | float | None, like: torch.Tensor, name: str
+) -> torch.Tensor | None:
+    """``values`` as a float tensor on ``like``'s device and dtype: per-class weights ``(C,)``
+    from a list or tensor, or a scalar; None stays None."""
+    if values is None:
+        return None
+    vector = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    if vector.ndim > 1:
+        raise ValueError(f"{name} must be a number or a list of per-class numbers; got shape {tuple(vector.shape)}")
+    if vector.ndim == 1 and vector.shape[0] != like.shape[-1]:
+        raise ValueError(f"{name} has {vector.shape[0]} entries but there are {like.shape[-1]} classes")
+    return vector
+
+
+def split_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, safe_targets)``: where targets are trained, and targets with ignored ones set to 0."""
+    if targets.dtype.is_floating_point:
+        raise ValueError(f"class targets must be integer class indices; got dtype {targets.dtype}")
+    mask = targets != ignore_index
+    return mask, torch.where(mask, targets, torch.zeros_like(targets))
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional, inclusive)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
+            f">= {low}" if low is not None else f"<= {high}"
+        )
+        raise ValueError(f"{name} must be {bounds}; got {value}")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("shapes must match: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))

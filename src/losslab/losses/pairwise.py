@@ -1,0 +1,196 @@
+"""Pairwise and ranking losses: reward models, margin ranking, triplets, InfoNCE.
+
+Each function returns per-pair (per-anchor) losses reduced by ``reduction`` (``mean`` |
+``sum`` | ``none``) exactly as the sequence-level losses: ``mask`` (N,) False = not trained,
+``weights`` (N,) scale the numerator, ``mean`` divides by ``num_items`` or the number of
+trained items, an all-masked batch gives 0 and zero gradients. Float inputs of any dtype are
+computed in float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from losslab.losses.common import (
+    Count,
+    NonNegative,
+    Positive,
+    check_choice,
+    check_range,
+    check_same_shape,
+    compute_dtype,
+    finish,
+)
+
+Distance = Literal["euclidean", "squared_euclidean", "cosine", "manhattan"]
+_EPS = 1e-12
+
+
+def bradley_terry_loss(
+    rewards_chosen: torch.Tensor,
+    rewards_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_rewards_coefficient: NonNegative = 0.0,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: Count = None,
+) -> torch.Tensor:
+    """Reward-model (Bradley-Terry) pairwise loss.
+
+    Shapes: ``rewards_chosen``, ``rewards_rejected`` (N,) scalar rewards (a trailing dim of
+    1 is fine); ``margin`` (N,) per-pair margins or one number.
+    ``l = -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2`` with ``c`` =
+    ``center_rewards_coefficient`` (pulls rewards towards mean zero, as in TRL's
+    ``RewardTrainer``; its ``mean`` is this ``mean``).
+    """
+    check_range("center_rewards_coefficient", center_rewards_coefficient, 0.0)
+    check_same_shape(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    dtype = compute_dtype(rewards_chosen)
+    chosen, rejected = rewards_chosen.to(dtype), rewards_rejected.to(dtype)
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - torch.as_tensor(margin, dtype=dtype, device=diff.device)
+    per_item = -F.logsigmoid(diff)
+    if center_rewards_coefficient:
+        per_item = per_item + center_rewards_coefficient * (chosen + rejected).square()
+    return finish(per_item, mask, reduction, num_items, weights)
+
+
+def margin_ranking_loss(
+    scores_1: torch.Tensor,
+    scores_2: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    margin: NonNegative = 0.0,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: Count = None,
+) -> torch.Tensor:
+    """Margin ranking loss: ``l = max(0, margin - y * (s1 - s2))`` (``F.margin_ranking_loss``).
+
+    Shapes: ``scores_1``, ``scores_2``, ``target`` (N,); ``target`` is +1 where ``s1`` should
+    rank higher and -1 where ``s2`` should; None means +1 everywhere (chosen vs rejected).
+    """
+    check_range("margin", margin, 0.0)
+    check_same_shape(scores_1=scores_1, scores_2=scores_2)
+    dtype = compute_dtype(scores_1)
+    diff = scores_1.to(dtype) - scores_2.to(dtype)
+    if target is not None:
+        diff = diff * target.to(dtype)
+    return finish((margin - diff).clamp(min=0), mask, reduction, num_items, weights)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    # sqrt clamped away from 0, so the gradient stays finite when two points coincide
+    return x.square().sum(dim=-1).clamp(min=_EPS).sqrt()
+
+
+_DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "euclidean": lambda a, b: _norm(a - b),
+    "squared_euclidean": lambda a, b: (a - b).square().sum(dim=-1),
+    "cosine": lambda a, b: 1.0 - (a * b).sum(dim=-1) / (_norm(a) * _norm(b)),
+    "manhattan": lambda a, b: (a - b).abs().sum(dim=-1),
+}
+DISTANCES = tuple(_DISTANCES)
+
+
+def pairwise_distance(a: torch.Tensor, b: torch.Tensor, distance: Distance = "euclidean") -> torch.Tensor:
+    """Row-wise distance between ``a`` and ``b`` (..., D) -> (...).
+
+    ``euclidean`` ``||a - b||``; ``squared_euclidean`` ``||a - b||^2``; ``cosine``
+    ``1 - cos(a, b)``; ``manhattan`` ``||a - b||_1``. Norms are clamped at 1e-6 (their
+    square at 1e-12) so gradients stay finite for coincident or zero vectors.
+    """
+    check_choice("distance", distance, DISTANCES)
+    return _DISTANCES[distance](a, b)
+
+
+def triplet_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    *,
+    margin: NonNegative = 1.0,
+    distance: Distance = "euclidean",
+    swap: bool = False,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: Count = None,
+) -> torch.Tensor:
+    """Triplet margin loss: ``l = max(0, d(a, p) - d(a, n) + margin)``.
+
+    Shapes: ``anchor``, ``positive``, ``negative`` (N, D) embeddings. ``distance`` is one of
+    :data:`DISTANCES` (see :func:`pairwise_distance`). ``swap`` uses
+    ``min(d(a, n), d(p, n))`` as the negative distance (Balntas et al. 2016, as
+    ``F.triplet_margin_loss(swap=True)``).
+    """
+    check_range("margin", margin, 0.0)
+    check_choice("distance", distance, DISTANCES)
+    check_same_shape(anchor=anchor, positive=positive, negative=negative)
+    dtype = compute_dtype(anchor)
+    a, p, n = anchor.to(dtype), positive.to(dtype), negative.to(dtype)
+    d_pos = pairwise_distance(a, p, distance)
+    d_neg = pairwise_distance(a, n, distance)
+    if swap:
+        d_neg = torch.minimum(d_neg, pairwise_distance(p, n, distance))
+    return finish((d_pos - d_neg + margin).clamp(min=0), mask, reduction, num_items, weights)
+
+
+def _row_cross_entropy(scores: torch.Tensor, valid_columns: torch.Tensor) -> torch.Tensor:
+    """``-s[i, i] + logsumexp_j s[i, j]`` over valid columns j; scores (N, N + M)."""
+    floor = torch.finfo(scores.dtype).min  # finite: keeps logsumexp and its gradient finite
+    scores = scores.masked_fill(~valid_columns, floor)
+    return torch.logsumexp(scores, dim=-1) - scores.diagonal()
+
+
+def info_nce_loss(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    negatives: torch.Tensor | None = None,
+    temperature: Positive = 0.07,
+    normalize: bool = True,
+    symmetric: bool = False,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: Count = None,
+) -> torch.Tensor:
+    """InfoNCE / contrastive loss with in-batch negatives (van den Oord et al. 2018).
+
+    Shapes: ``queries``, ``keys`` (N, D), row i of each a positive pair; ``negatives``
+    (M, D) extra negatives shared by every query; ``mask`` (N,). With
+    ``s[i, j] = <q_i, k_j> / temperature`` (unit vectors when ``normalize``), the other
+    trained rows' keys and all ``negatives`` serve as negatives:
+    ``l_i = -s[i, i] + log(sum_{j trained} exp s[i, j] + sum_m exp <q_i, n_m> / temperature)``.
+    ``symmetric`` averages this with the key-to-query direction (CLIP):
+    ``0.5 * (l_i + [-s[i, i] + log sum_{j trained} exp s[j, i]])``.
+    A masked row is neither an anchor nor anyone's negative. The loss of a batch depends on
+    the whole batch (its negatives), so micro-batches do not add up to a larger batch.
+    """
+    check_range("temperature", temperature, 0.0)
+    if temperature == 0:
+        raise ValueError("temperature must be > 0")
+    check_same_shape(queries=queries, keys=keys)
+    dtype = compute_dtype(queries)
+    q, k = queries.to(dtype), keys.to(dtype)
+    n = negatives.to(dtype) if negatives is not None else q.new_zeros((0, q.shape[-1]))
+    if normalize:
+        q, k, n = (x / _norm(x).unsqueeze(-1) for x in (q, k, n))
+    rows = q.shape[0]
+    valid = torch.ones(rows, dtype=torch.bool, device=q.device) if mask is None else mask.to(torch.bool)
+    scores = q @ torch.cat([k, n]).T / temperature  # (N, N + M)
+    columns = torch.cat([valid, torch.ones(n.shape[0], dtype=torch.bool, device=q.device)])
+    per_item = _row_cross_entropy(scores, columns.expand(rows, -1))
+    if symmetric:
+        backward = _row_cross_entropy(scores[:, :rows].T, valid.expand(rows, -1))
+        per_item = 0.5 * (per_item + backward)
+    return finish(per_item, valid, reduction, num_items, weights)

@@ -1,0 +1,188 @@
+"""Pairwise and ranking losses against brute-force loops and torch.nn.functional."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losslab.losses import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
+from losslab.losses.pairwise import DISTANCES
+
+N, D, M = 6, 3, 2
+REDUCTIONS = ["mean", "sum", "none"]
+COUNTS = [None, 4.0]
+
+
+def pairs(gen: torch.Generator):
+    chosen = torch.randn(N, generator=gen, dtype=torch.float64)
+    rejected = torch.randn(N, generator=gen, dtype=torch.float64)
+    margins = torch.rand(N, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([True, True, False, True, False, True])
+    weights = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+    return chosen, rejected, margins, mask, weights
+
+
+def embeddings(gen: torch.Generator, count: int = N):
+    return [torch.randn(count, D, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize("margin", ["none", "per_pair", "constant"])
+@pytest.mark.parametrize("center", [0.0, 0.01])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_bradley_terry_matches_brute_force(gen, reduce_like, margin, center, reduction, num_items):
+    chosen, rejected, margins, mask, weights = pairs(gen)
+    m = {"none": None, "per_pair": margins, "constant": 0.5}[margin]
+    expected = torch.zeros(N, dtype=torch.float64)
+    for i in range(N):
+        m_i = 0.0 if m is None else (m if isinstance(m, float) else margins[i].item())
+        x = chosen[i].item() - rejected[i].item() - m_i
+        expected[i] = (math.log1p(math.exp(-x)) + center * (chosen[i].item() + rejected[i].item()) ** 2) * weights[i]
+    got = bradley_terry_loss(
+        chosen, rejected, margin=m, center_rewards_coefficient=center, mask=mask, weights=weights,
+        reduction=reduction, num_items=num_items,
+    )
+    torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5])
+@pytest.mark.parametrize("with_target", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_margin_ranking_matches_torch(gen, reduce_like, margin, with_target, reduction, num_items):
+    chosen, rejected, _, mask, _ = pairs(gen)
+    target = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64) if with_target else None
+    reference_target = target if with_target else torch.ones(N, dtype=torch.float64)
+    expected = F.margin_ranking_loss(chosen, rejected, reference_target, margin=margin, reduction="none")
+    got = margin_ranking_loss(chosen, rejected, target, margin=margin, mask=mask, reduction=reduction, num_items=num_items)
+    torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
+
+
+def brute_distance(a, b, distance):
+    a, b = a.tolist(), b.tolist()
+    sq = sum((x - y) ** 2 for x, y in zip(a, b))
+    if distance == "euclidean":
+        return math.sqrt(sq)
+    if distance == "squared_euclidean":
+        return sq
+    if distance == "manhattan":
+        return sum(abs(x - y) for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b))
+    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("margin", [1.0, 0.2])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_triplet_matches_brute_force(gen, reduce_like, distance, swap, margin, reduction, num_items):
+    a, p, n = embeddings(gen)
+    mask = pairs(gen)[3]
+    expected = torch.zeros(N, dtype=torch.float64)
+    for i in range(N):
+        d_neg = brute_distance(a[i], n[i], distance)
+        if swap:
+            d_neg = min(d_neg, brute_distance(p[i], n[i], distance))
+        expected[i] = max(0.0, brute_distance(a[i], p[i], distance) - d_neg + margin)
+    got = triplet_loss(a, p, n, margin=margin, distance=distance, swap=swap, mask=mask, reduction=reduction, num_items=num_items)
+    torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_triplet_euclidean_agrees_with_torch(gen, swap):
+    a, p, n = embeddings(gen)
+    # torch adds eps = 1e-6 to the difference before the norm: agreement to that order
+    expected = F.triplet_margin_loss(a, p, n, margin=1.0, swap=swap, reduction="none")
+    torch.testing.assert_close(triplet_loss(a, p, n, swap=swap, reduction="none"), expected, rtol=0, atol=1e-5)
+
+
+def brute_info_nce(q, k, negatives, mask, temperature, normalize, symmetric):
+    def unit(v):
+        norm = math.sqrt(sum(x * x for x in v))
+        return [x / norm for x in v] if normalize else v
+
+    qs, ks = [unit(v) for v in q.tolist()], [unit(v) for v in k.tolist()]
+    ns = [unit(v) for v in negatives.tolist()] if negatives is not None else []
+
+    def score(u, v):
+        return sum(x * y for x, y in zip(u, v)) / temperature
+
+    live = [j for j in range(len(qs)) if mask[j]]
+    out = torch.zeros(len(qs), dtype=torch.float64)
+    for i in live:
+        row = [score(qs[i], ks[j]) for j in live] + [score(qs[i], n) for n in ns]
+        loss = -score(qs[i], ks[i]) + math.log(sum(math.exp(s) for s in row))
+        if symmetric:
+            column = [score(qs[j], ks[i]) for j in live]
+            loss = 0.5 * (loss - score(qs[i], ks[i]) + math.log(sum(math.exp(s) for s in column)))
+        out[i] = loss
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.07, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("extra_negatives", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_info_nce_matches_brute_force(gen, reduce_like, temperature, normalize, symmetric, extra_negatives, reduction):
+    q, k, _ = embeddings(gen)
+    negatives = torch.randn(M, D, generator=gen, dtype=torch.float64) if extra_negatives else None
+    mask = pairs(gen)[3]
+    expected = brute_info_nce(q, k, negatives, mask.tolist(), temperature, normalize, symmetric)
+    got = info_nce_loss(
+        q, k, negatives=negatives, temperature=temperature, normalize=normalize, symmetric=symmetric,
+        mask=mask, reduction=reduction,
+    )
+    torch.testing.assert_close(got, reduce_like(expected, mask, reduction))
+
+
+def test_info_nce_without_mask_is_cross_entropy_over_in_batch_scores(gen):
+    q, k, _ = embeddings(gen)
+    scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).T / 0.1
+    torch.testing.assert_close(info_nce_loss(q, k, temperature=0.1), F.cross_entropy(scores, torch.arange(N)))
+
+
+def test_hand_worked_numbers():
+    # Bradley-Terry: r_c - r_r = 1: -log sigmoid(1) = log(1 + e^-1); margin 1: log 2; centring adds c (1 + 0)^2
+    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
+    assert bradley_terry_loss(one, zero).item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-6)
+    assert bradley_terry_loss(one, zero).item() == pytest.approx(0.3132617, abs=1e-6)
+    assert bradley_terry_loss(one, zero, margin=1.0, center_rewards_coefficient=0.01).item() == pytest.approx(
+        math.log(2) + 0.01, rel=1e-6
+    )
+    assert margin_ranking_loss(torch.tensor([0.3]), torch.tensor([0.5]), margin=0.1).item() == pytest.approx(0.3)
+    # a = (0, 0), p = (3, 4), n = (0, 1): distances 5 and 1 (euclidean), 25 and 1, 7 and 1 (manhattan)
+    a, p, n = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+    assert triplet_loss(a, p, n).item() == pytest.approx(5.0)
+    assert triplet_loss(a, p, n, distance="squared_euclidean").item() == pytest.approx(25.0)
+    assert triplet_loss(a, p, n, distance="manhattan").item() == pytest.approx(7.0)
+    # cosine: a = e1, p = e2 (distance 1), n = e1 (distance 0), margin 0.5
+    e1, e2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert triplet_loss(e1, e2, e1, distance="cosine", margin=0.5).item() == pytest.approx(1.5)
+    # InfoNCE, queries = keys = (e1, e2), temperature 1: scores = I, loss = -1 + log(e + 1) = log(1 + e^-1)
+    eye = torch.eye(2)
+    assert info_nce_loss(eye, eye, temperature=1.0).item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-6)
+
+
+def test_info_nce_masked_rows_are_not_negatives(gen):
+    q, k, _ = embeddings(gen)
+    mask = torch.tensor([True, True, True, False, False, False])
+    torch.testing.assert_close(info_nce_loss(q, k, mask=mask), info_nce_loss(q[:3], k[:3]))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: triplet_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), distance="hamming"),
+        lambda: info_nce_loss(torch.zeros(2, 2), torch.zeros(2, 2), temperature=0.0),
+        lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)),
+        lambda: margin_ranking_loss(torch.zeros(2), torch.zeros(2), margin=-1.0),
+    ],
+)
+def test_rejects_bad_arguments(call):
+    with pytest.raises(ValueError):
+        call()

@@ -1,0 +1,227 @@
+"""Classification and regression heads against torch.nn.functional or brute-force loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from losslab.losses import (
+    binary_cross_entropy,
+    binary_focal_loss,
+    classification_cross_entropy,
+    focal_loss,
+    huber_loss,
+    mse_loss,
+    multiclass_hinge_loss,
+)
+
+N, C = 7, 4
+REDUCTIONS = ["mean", "sum", "none"]
+COUNTS = [None, 5.0]
+
+
+def class_batch(gen: torch.Generator):
+    logits = torch.randn(N, C, generator=gen, dtype=torch.float64) * 2
+    targets = torch.randint(0, C, (N,), generator=gen)
+    targets[[1, 4]] = -100
+    weights = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+    return logits, targets, weights
+
+
+def label_batch(gen: torch.Generator):
+    logits = torch.randn(N, C, generator=gen, dtype=torch.float64) * 2
+    targets = (torch.rand(N, C, generator=gen) < 0.4).to(torch.float64)
+    mask = torch.rand(N, C, generator=gen) < 0.7
+    weights = torch.rand(N, 1, generator=gen, dtype=torch.float64) + 0.5  # per example, over labels
+    return logits, targets, mask, weights
+
+
+CE_OPTIONS = [{}, {"class_weights": [2.0, 0.5, 1.0, 3.0]}, {"label_smoothing": 0.2},
+              {"class_weights": [2.0, 0.5, 1.0, 3.0], "label_smoothing": 0.2}]
+
+
+@pytest.mark.parametrize("options", CE_OPTIONS, ids=["plain", "class_weights", "smoothing", "both"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_matches_torch(gen, reduce_like, options, reduction, num_items, weighted):
+    logits, targets, weights = class_batch(gen)
+    w = torch.tensor(options["class_weights"], dtype=torch.float64) if "class_weights" in options else None
+    per_item = F.cross_entropy(
+        logits, targets, weight=w, label_smoothing=options.get("label_smoothing", 0.0), reduction="none"
+    ) * (weights if weighted else 1.0)
+    got = classification_cross_entropy(
+        logits, targets, reduction=reduction, num_items=num_items, weights=weights if weighted else None, **options
+    )
+    torch.testing.assert_close(got, reduce_like(per_item, targets != -100, reduction, num_items))
+
+
+def test_cross_entropy_mean_is_count_normalised_not_weight_normalised(gen):
+    logits, targets, _ = class_batch(gen)
+    w = torch.tensor([2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    got = classification_cross_entropy(logits, targets, class_weights=w)
+    torch_sum = F.cross_entropy(logits, targets, weight=w, reduction="sum")
+    torch.testing.assert_close(got, torch_sum / (targets != -100).sum())
+
+
+def brute_focal(logits, targets, gamma, alpha, label_smoothing):
+    out = torch.zeros(len(targets), dtype=torch.float64)
+    for i, y in enumerate(targets.tolist()):
+        if y == -100:
+            continue
+        row = logits[i].tolist()
+        z = sum(math.exp(v) for v in row)
+        p = [math.exp(v) / z for v in row]
+        ce = (1 - label_smoothing) * -math.log(p[y]) + label_smoothing * sum(-math.log(q) for q in p) / len(p)
+        a = 1.0 if alpha is None else (alpha[y] if isinstance(alpha, list) else alpha)
+        out[i] = a * (1 - p[y]) ** gamma * ce
+    return out
+
+
+FOCAL_OPTIONS = [
+    {"gamma": 0.0},
+    {"gamma": 2.0},
+    {"gamma": 2.0, "alpha": 0.25},
+    {"gamma": 1.5, "alpha": [0.1, 0.2, 0.3, 0.4]},
+    {"gamma": 2.0, "label_smoothing": 0.1},
+]
+
+
+@pytest.mark.parametrize("options", FOCAL_OPTIONS, ids=["gamma0", "gamma2", "alpha", "alpha_per_class", "smoothing"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_focal_matches_brute_force(gen, reduce_like, options, reduction, num_items):
+    logits, targets, _ = class_batch(gen)
+    per_item = brute_focal(logits, targets, options["gamma"], options.get("alpha"), options.get("label_smoothing", 0.0))
+    got = focal_loss(logits, targets, reduction=reduction, num_items=num_items, **options)
+    torch.testing.assert_close(got, reduce_like(per_item, targets != -100, reduction, num_items))
+
+
+def test_focal_with_gamma_zero_is_cross_entropy(gen):
+    logits, targets, _ = class_batch(gen)
+    torch.testing.assert_close(
+        focal_loss(logits, targets, gamma=0.0, label_smoothing=0.1),
+        classification_cross_entropy(logits, targets, label_smoothing=0.1),
+    )
+
+
+BCE_OPTIONS = [{}, {"pos_weight": [1.0, 2.0, 0.5, 3.0]}, {"label_smoothing": 0.1},
+               {"pos_weight": 2.0, "label_smoothing": 0.1}]
+
+
+@pytest.mark.parametrize("options", BCE_OPTIONS, ids=["plain", "pos_weight", "smoothing", "both"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_binary_cross_entropy_matches_torch(gen, reduce_like, options, reduction, num_items):
+    logits, targets, mask, weights = label_batch(gen)
+    eps = options.get("label_smoothing", 0.0)
+    pw = options.get("pos_weight")
+    per_item = F.binary_cross_entropy_with_logits(
+        logits, targets * (1 - eps) + eps / 2,
+        pos_weight=None if pw is None else torch.as_tensor(pw, dtype=torch.float64), reduction="none",
+    ) * weights
+    got = binary_cross_entropy(
+        logits, targets, mask=mask, weights=weights, reduction=reduction, num_items=num_items, **options
+    )
+    torch.testing.assert_close(got, reduce_like(per_item, mask, reduction, num_items))
+
+
+def brute_binary_focal(logits, targets, gamma, alpha):
+    out = torch.zeros_like(logits)
+    for index in range(logits.numel()):
+        x, y = logits.view(-1)[index].item(), targets.view(-1)[index].item()
+        p = 1 / (1 + math.exp(-x))
+        p_t = p * y + (1 - p) * (1 - y)
+        ce = -(y * math.log(p) + (1 - y) * math.log(1 - p))
+        a_t = 1.0 if alpha is None else alpha * y + (1 - alpha) * (1 - y)
+        out.view(-1)[index] = a_t * (1 - p_t) ** gamma * ce
+    return out
+
+
+@pytest.mark.parametrize("gamma, alpha", [(0.0, None), (2.0, None), (2.0, 0.25), (0.5, 0.9)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_binary_focal_matches_brute_force(gen, reduce_like, gamma, alpha, reduction, num_items):
+    logits, targets, mask, _ = label_batch(gen)
+    per_item = brute_binary_focal(logits, targets, gamma, alpha)
+    got = binary_focal_loss(logits, targets, gamma=gamma, alpha=alpha, mask=mask, reduction=reduction, num_items=num_items)
+    torch.testing.assert_close(got, reduce_like(per_item, mask, reduction, num_items))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("margin", [1.0, 0.3])
+@pytest.mark.parametrize("class_weights", [None, [2.0, 0.5, 1.0, 3.0]])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+def test_multiclass_hinge_matches_torch(gen, reduce_like, squared, margin, class_weights, reduction, num_items):
+    logits, targets, _ = class_batch(gen)
+    trained = targets != -100
+    w = None if class_weights is None else torch.tensor(class_weights, dtype=torch.float64)
+    per_item = torch.zeros(N, dtype=torch.float64)
+    per_item[trained] = F.multi_margin_loss(
+        logits[trained], targets[trained], p=2 if squared else 1, margin=margin, weight=w, reduction="none"
+    )
+    got = multiclass_hinge_loss(
+        logits, targets, margin=margin, squared=squared, class_weights=class_weights,
+        reduction=reduction, num_items=num_items,
+    )
+    torch.testing.assert_close(got, reduce_like(per_item, trained, reduction, num_items))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("num_items", COUNTS)
+@pytest.mark.parametrize("delta", [None, 1.0, 0.4])
+def test_regression_losses_match_torch(gen, reduce_like, reduction, num_items, delta):
+    predictions = torch.randn(N, 3, generator=gen, dtype=torch.float64) * 2
+    targets = torch.randn(N, 3, generator=gen, dtype=torch.float64)
+    mask = torch.rand(N, 1, generator=gen) < 0.7  # per example, broadcast over outputs
+    if delta is None:
+        per_item = F.mse_loss(predictions, targets, reduction="none")
+        got = mse_loss(predictions, targets, mask=mask, reduction=reduction, num_items=num_items)
+    else:
+        per_item = F.huber_loss(predictions, targets, delta=delta, reduction="none")
+        got = huber_loss(predictions, targets, delta=delta, mask=mask, reduction=reduction, num_items=num_items)
+    torch.testing.assert_close(got, reduce_like(per_item, mask, reduction, num_items))
+
+
+def test_hand_worked_numbers():
+    # softmax([0, ln 3]) = (1/4, 3/4)
+    two = torch.tensor([[0.0, math.log(3.0)]])
+    one = torch.tensor([1])
+    w = [2.0, 0.5]
+    ce = classification_cross_entropy(two, one, class_weights=w, label_smoothing=0.2).item()
+    assert ce == pytest.approx(0.8 * 0.5 * math.log(4 / 3) + 0.2 / 2 * (2 * math.log(4) + 0.5 * math.log(4 / 3)), rel=1e-6)
+    assert ce == pytest.approx(0.115073 + 0.291643, abs=1e-6)
+    assert focal_loss(two, one, gamma=2.0, alpha=[0.1, 0.9]).item() == pytest.approx(0.9 / 16 * math.log(4 / 3), rel=1e-6)
+    # sigmoid(0) = 1/2: BCE = ln 2, times pos_weight for a positive; focal: a_t (1 - p_t)^2 ln 2
+    zero, positive = torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    assert binary_cross_entropy(zero, positive, pos_weight=3.0).item() == pytest.approx(3 * math.log(2), rel=1e-6)
+    assert binary_focal_loss(zero, positive).item() == pytest.approx(0.25 * 0.25 * math.log(2), rel=1e-6)
+    # scores (1, 0.5, 0), true class 0, margin 1: competitors give max(0, 0.5) and max(0, 0); / C = 3
+    scores, first = torch.tensor([[1.0, 0.5, 0.0]]), torch.tensor([0])
+    assert multiclass_hinge_loss(scores, first).item() == pytest.approx(0.5 / 3, rel=1e-6)
+    assert multiclass_hinge_loss(scores, first, squared=True).item() == pytest.approx(0.25 / 3, rel=1e-6)
+    # errors 2 and 0.5: MSE mean (4 + 0.25) / 2; Huber(delta 1): 1 * (2 - 0.5) = 1.5 and 0.5 * 0.25
+    pred, target = torch.tensor([3.0, 1.5]), torch.tensor([1.0, 1.0])
+    assert mse_loss(pred, target).item() == pytest.approx(2.125)
+    assert huber_loss(pred, target, reduction="none").tolist() == pytest.approx([1.5, 0.125])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: focal_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), gamma=-1.0),
+        lambda: binary_focal_loss(torch.zeros(2), torch.zeros(2), alpha=1.5),
+        lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1.0]),
+        lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2)),  # float targets
+        lambda: huber_loss(torch.zeros(2), torch.zeros(2), delta=0.0),
+        lambda: mse_loss(torch.zeros(2), torch.zeros(3)),
+        lambda: multiclass_hinge_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="mean_of_means"),
+    ],
+)
+def test_rejects_bad_arguments(call):
+    with pytest.raises(ValueError):
+        call()
