@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from losslab.eval._arrays import ArrayLike, as_float_array
+from losslab.eval.report import namespace
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class PairedBootstrapResult:
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """The fields as a flat dict, keys prefixed with ``prefix + "/"`` when given."""
         out = {k: (int(v) if k in ("n_samples", "seed") else float(v)) for k, v in asdict(self).items()}
-        return {f"{prefix.rstrip('/')}/{k}": v for k, v in out.items()} if prefix else out
+        return namespace(out, prefix)
 
 
 def resample_counts(n_examples: int, n_samples: int, seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 
 from losslab.eval._arrays import ArrayLike, as_float_array, as_numpy, check_same_length, safe_divide
 from losslab.eval._state import SumState
-from losslab.eval.report import format_table, format_value
+from losslab.eval.report import format_table, format_value, namespace
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,7 @@ class PerClassReport:
                 out[f"recall/{label}"] = s.recall
                 out[f"f1/{label}"] = s.f1
                 out[f"support/{label}"] = s.support
-        if prefix:
-            prefix = prefix.rstrip("/")
-            out = {f"{prefix}/{k}": v for k, v in out.items()}
-        return out
+        return namespace(out, prefix)
 
     def format(self, digits: int = 4) -> str:
         """A fixed-width text table in the layout of scikit-learn's ``classification_report``."""

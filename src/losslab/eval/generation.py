@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from losslab.eval.bootstrap import PairedBootstrapResult, paired_bootstrap
+from losslab.eval.report import namespace
 
 References = Sequence[str] | Sequence[Sequence[str]]
 
@@ -140,7 +141,7 @@ class GenerationReport:
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """``{"bleu", "chrf", "distinct_1", "distinct_2", ...}``, prefixed ``prefix/`` if given."""
         out = {"bleu": self.bleu.score, "chrf": self.chrf.score, **self.distinct}
-        return {f"{prefix.rstrip('/')}/{k}": v for k, v in out.items()} if prefix else out
+        return namespace(out, prefix)
 
     @property
     def signatures(self) -> dict[str, str]:
