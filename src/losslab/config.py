@@ -1,0 +1,111 @@
+"""Reading YAML configs: safe loading, ``--set`` overrides, and errors with file, line and field.
+
+The schemas themselves live next to what they configure (``losslab.train.config``); this
+module only knows YAML and pydantic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from losslab.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _line_index(node: yaml.Node, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path of a composed YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*path, str(key.value))
+            lines[sub] = key.start_mark.line + 1
+            lines.update({k: v for k, v in _line_index(value, sub).items() if k != sub})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines.update(_line_index(item, (*path, str(i))))
+    return lines
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """Safe-load a YAML mapping; returns it and the line of every key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    if not isinstance(data, dict):
+        raise UserError("a config must be a YAML mapping of keys to values", where=str(path))
+    return data, (_line_index(node) if node is not None else {})
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars/flow collections)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        target: Any = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                target = target[int(part)]
+                continue
+            if not isinstance(target, dict):
+                raise UserError(f"--set {key}: {part!r} is not a mapping in the config")
+            target = target.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(target, list) and last.isdigit() and int(last) < len(target):
+            target[int(last)] = value
+        elif isinstance(target, dict):
+            target[last] = value
+        else:
+            raise UserError(f"--set {key}: cannot set {last!r} inside a {type(target).__name__}")
+    return data
+
+
+def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[tuple[str, ...], int] | None = None) -> M:
+    """Validate ``data`` against ``schema``; errors name the file, line (when known) and field."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            line = _nearest_line(lines or {}, loc)
+            where = f"{source}:{line}" if line else source
+            field = ".".join(loc) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; `losslab train --help` and docs/training.md list the keys)"
+            problems.append(f"{where}: field {field!r}: {msg}")
+        raise UserError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def _nearest_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def load_config(schema: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
+    """Load, override and validate a YAML config before any work starts."""
+    data, lines = load_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    return validate(schema, data, source=str(path), lines=lines)

@@ -1,0 +1,71 @@
+"""Config loading: safe YAML, --set overrides, errors naming file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from losslab.config import apply_overrides, load_config
+from losslab.errors import UserError
+
+
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, gt=0)
+    steps: int = 10
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    training: Inner = Field(default_factory=Inner)
+    terms: list[dict] = Field(default_factory=list)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraining:\n  lr: 0.1\nterms:\n  - {name: x, weight: 1}\n")
+    cfg = load_config(Outer, path, ["training.steps=3", "name=b", "terms.0.weight=0.5", "training.lr=1e-4"])
+    assert (cfg.name, cfg.training.steps, cfg.training.lr, cfg.terms[0]["weight"]) == ("b", 3, 1e-4, 0.5)
+
+
+def test_unknown_key_names_file_line_field(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraining:\n  lr: 0.1\n  stepz: 3\n")
+    with pytest.raises(UserError) as info:
+        load_config(Outer, path)
+    assert f"{path}:4: field 'training.stepz': unknown key" in str(info.value)
+
+
+def test_out_of_range_value(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: a\ntraining:\n  lr: -1\n")
+    with pytest.raises(UserError, match=r"c.yaml:3: field 'training.lr': Input should be greater than 0"):
+        load_config(Outer, path)
+
+
+def test_missing_required_field(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"field 'name': Field required"):
+        load_config(Outer, write(tmp_path, "training: {lr: 1}\n"))
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"c.yaml:3: invalid YAML"):
+        load_config(Outer, write(tmp_path, "name: a\nb: c\n  d: e\n"))
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(Outer, path)
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "name.x=1"])
+def test_bad_overrides(bad: str) -> None:
+    with pytest.raises(UserError):
+        apply_overrides({"name": "a"}, [bad])
