@@ -32,18 +32,27 @@ def finish(
 ) -> torch.Tensor:
     """Weight ``per_item``, set masked-out items to exactly 0, then :func:`reduce_loss`.
 
-    ``mask`` and ``weights`` broadcast to ``per_item`` (e.g. ``(N,)`` against ``(N, K)``).
+    ``mask`` and ``weights`` have ``per_item``'s shape or its leading dims (``(N,)`` against
+    ``(N, K)`` items), see :func:`per_example`.
     ``torch.where`` (not a product) drops masked items, so a NaN or inf computed for a
     padded item never reaches the loss or the gradients. ``mean`` divides by ``num_items``
     when given, else by the number of unmasked items: weights scale the numerator only.
     """
     check_reduction(reduction)
     if weights is not None:
-        per_item = per_item * torch.broadcast_to(weights.to(per_item.dtype), per_item.shape)
+        per_item = per_item * per_example(weights.to(per_item.dtype), per_item)
     if mask is not None:
-        mask = torch.broadcast_to(mask.to(torch.bool), per_item.shape)
+        mask = per_example(mask.to(torch.bool), per_item)
         per_item = torch.where(mask, per_item, torch.zeros_like(per_item))
     return reduce_loss(per_item, mask, reduction, num_items)
+
+
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values`` broadcast to ``like``'s shape, aligned on the LEADING dims: a per-example
+    ``(N,)`` mask or weight spreads over the labels of ``(N, K)`` items."""
+    if values.ndim < like.ndim and values.shape == like.shape[: values.ndim]:
+        values = values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+    return torch.broadcast_to(values, like.shape)
 
 
 def class_vector(

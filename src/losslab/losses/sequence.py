@@ -111,7 +111,7 @@ def binary_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    pos_weight: ClassValues = None,
+    pos_weight: NonNegative | ClassValues = None,
     label_smoothing: Probability = 0.0,
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,

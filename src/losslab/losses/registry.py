@@ -1,0 +1,283 @@
+"""The loss registry: config name -> how to build that loss as a term of a composite loss.
+
+A term's config is ``{name: ..., weight: number | {schedule: ...}, label: ..., **options}``.
+An entry's options are the keyword-only parameters of its pure loss function that do not
+come from the batch (their names, defaults, types and bounds are read from the function's
+signature), plus any ``extra_options``. Everything is checked when the term is BUILT:
+an unknown name, an unknown option or a bad value raises :class:`UserError` naming what is
+allowed. ``docs/losses.md`` documents every entry (a test keeps them in sync).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import torch
+from annotated_types import Ge
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from losslab.errors import UserError
+from losslab.losses.composite import CompositeLoss, LossInputs, LossTerm
+from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
+from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
+from losslab.losses.regularizers import l2_penalty, l2_sp_penalty
+from losslab.losses.schedules import build_weight
+from losslab.losses.sequence import (
+    binary_cross_entropy,
+    binary_focal_loss,
+    classification_cross_entropy,
+    focal_loss,
+    huber_loss,
+    mse_loss,
+    multiclass_hinge_loss,
+)
+from losslab.losses.token import check_token_options, sequence_mean, token_cross_entropy
+
+RESERVED_KEYS = ("name", "weight", "label")
+_BATCH_ONLY = frozenset({"num_items"})  # a count that only the batch can know, never a config option
+_TYPES = ConfigDict(arbitrary_types_allowed=True, strict=True)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    validator: TypeAdapter[Any]
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    """How to build one registry entry.
+
+    ``fn``: the pure loss. ``inputs``: its argument -> the :class:`LossInputs` field (or
+    zero-argument method) that supplies it; a trailing ``?`` marks an optional field, passed
+    only when set. ``requires``: alternative sets of fields (default: the non-optional
+    ``inputs``). ``reductions``: those a config may choose. ``compute``: replaces the plain
+    call ``fn(**inputs, **options)`` when an entry needs more. ``extra_options``: name ->
+    (type, default) for options the ``compute`` takes besides ``fn``'s.
+    ``check``: extra validation of the options dict (raise ValueError).
+    """
+
+    fn: Callable[..., torch.Tensor]
+    inputs: Mapping[str, str]
+    summary: str
+    reductions: tuple[str, ...] = ("mean", "sum")
+    requires: tuple[frozenset[str], ...] | None = None
+    compute: Callable[[LossInputs, dict[str, Any]], torch.Tensor] | None = None
+    extra_options: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+    check: Callable[[dict[str, Any]], None] | None = None
+
+    def options(self) -> dict[str, Option]:
+        """Every config option of this entry with its default and validator, by name."""
+        hints = typing.get_type_hints(self.fn, include_extras=True)
+        found = {
+            name: Option(name, p.default, TypeAdapter(hints[name], config=_TYPES))
+            for name, p in inspect.signature(self.fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in self.inputs and name not in _BATCH_ONLY
+        }
+        for name, (hint, default) in self.extra_options.items():
+            found[name] = Option(name, default, TypeAdapter(hint, config=_TYPES))
+        return found
+
+    def required_inputs(self) -> tuple[frozenset[str], ...]:
+        if self.requires is not None:
+            return self.requires
+        return (frozenset(f for f in self.inputs.values() if not f.endswith("?") and f != "ignore_index"),)
+
+    def bind(self, inputs: LossInputs) -> dict[str, Any]:
+        """The arguments of ``fn`` that come from the batch."""
+        bound = {}
+        for arg, source in self.inputs.items():
+            name = source.rstrip("?")
+            value = getattr(inputs, name)
+            if inspect.isfunction(getattr(LossInputs, name, None)):
+                value = value()  # a derived input, e.g. LossInputs.trained_mask
+            if value is not None or not source.endswith("?"):
+                bound[arg] = value
+        return bound
+
+    def __call__(self, inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
+        if self.compute is not None:
+            return self.compute(inputs, options)
+        return self.fn(**self.bind(inputs), **options)
+
+
+def _token_cross_entropy(inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
+    """Token CE from ``logits``, or through the fused LM head from ``hidden_states`` and
+    ``lm_head_weight`` when ``logits`` is None (never materialising the logits)."""
+    options = dict(options)
+    chunk_size = options.pop("chunk_size")
+    reduction = options.pop("reduction")
+    count = inputs.num_sequences if reduction == "sequence" else inputs.num_items
+    labels = inputs.labels
+    assert labels is not None
+    kwargs = dict(ignore_index=inputs.ignore_index, token_weights=inputs.token_weights, **options)
+    if inputs.logits is not None:
+        return token_cross_entropy(inputs.logits, labels, reduction=reduction, num_items=count, **kwargs)
+    from losslab.losses.fused import fused_linear_cross_entropy
+
+    hidden, weight = inputs.hidden_states, inputs.lm_head_weight
+    assert hidden is not None and weight is not None
+    if inputs.token_weights is not None:
+        kwargs["token_weights"] = inputs.token_weights.reshape(-1)
+    flat = dict(bias=inputs.lm_head_bias, chunk_size=chunk_size, **kwargs)
+    hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, D), (N,)
+    if reduction != "sequence":
+        return fused_linear_cross_entropy(hidden, weight, flat_labels, reduction=reduction, num_items=count, **flat)
+    per_token = fused_linear_cross_entropy(hidden, weight, flat_labels, reduction="none", **flat)
+    return sequence_mean(per_token.reshape(labels.shape), labels != inputs.ignore_index, count)
+
+
+def _check_token_options(options: dict[str, Any]) -> None:
+    check_token_options(options["label_smoothing"], options["z_loss"], options["focal_gamma"])
+
+
+_CLASSIFICATION = {
+    "logits": "class_logits",
+    "targets": "class_targets",
+    "ignore_index": "ignore_index",
+    "weights": "sample_weights?",
+    "num_items": "num_examples?",
+}
+_ITEMS = {"mask": "target_mask?", "weights": "sample_weights?", "num_items": "num_examples?"}
+_CONTEXT = (frozenset({"hidden_states", "labels"}), frozenset({"hidden_states", "context_mask"}))
+
+LOSSES: dict[str, TermSpec] = {
+    "token_cross_entropy": TermSpec(
+        token_cross_entropy,
+        {"logits": "logits", "labels": "labels", "ignore_index": "ignore_index",
+         "token_weights": "token_weights?", "num_items": "num_items?"},
+        "causal-LM cross-entropy per token (smoothing, z-loss, focal, token weights; fused head when logits are absent)",
+        reductions=("mean", "sum", "sequence"),
+        requires=(frozenset({"labels", "logits"}), frozenset({"labels", "hidden_states", "lm_head_weight"})),
+        compute=_token_cross_entropy,
+        extra_options={"chunk_size": (Annotated[int, Ge(1)] | None, None)},
+        check=_check_token_options,
+    ),
+    "cross_entropy": TermSpec(
+        classification_cross_entropy, _CLASSIFICATION, "classification cross-entropy with class weights and label smoothing"
+    ),
+    "focal": TermSpec(focal_loss, _CLASSIFICATION, "multi-class focal loss (alpha, gamma, label smoothing)"),
+    "multiclass_hinge": TermSpec(multiclass_hinge_loss, _CLASSIFICATION, "multi-class hinge, squared or not"),
+    "binary_cross_entropy": TermSpec(
+        binary_cross_entropy, {"logits": "class_logits", "targets": "class_targets", **_ITEMS},
+        "multi-label binary cross-entropy on logits",
+    ),
+    "binary_focal": TermSpec(
+        binary_focal_loss, {"logits": "class_logits", "targets": "class_targets", **_ITEMS},
+        "sigmoid focal loss per label (alpha, gamma)",
+    ),
+    "mse": TermSpec(mse_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}, "mean squared error"),
+    "huber": TermSpec(huber_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}, "Huber loss"),
+    "bradley_terry": TermSpec(
+        bradley_terry_loss,
+        {"rewards_chosen": "rewards_chosen", "rewards_rejected": "rewards_rejected", "margin": "margins?", **_ITEMS},
+        "reward-model pairwise loss -log sigmoid(r_c - r_r - margin), optional reward centring",
+    ),
+    "margin_ranking": TermSpec(
+        margin_ranking_loss, {"scores_1": "rewards_chosen", "scores_2": "rewards_rejected", **_ITEMS},
+        "max(0, margin - (r_chosen - r_rejected))",
+    ),
+    "triplet": TermSpec(
+        triplet_loss, {"anchor": "anchor", "positive": "positive", "negative": "negative", **_ITEMS},
+        "triplet margin loss with a choice of distance",
+    ),
+    "info_nce": TermSpec(
+        info_nce_loss, {"queries": "anchor", "keys": "positive", "negatives": "negative?", **_ITEMS},
+        "InfoNCE / contrastive loss with temperature and in-batch negatives",
+    ),
+    "consistency": TermSpec(
+        consistency_loss, {"logits": "logits", "mask": "trained_mask"},
+        "divergence between next-token distributions of adjacent trained positions",
+        requires=(frozenset({"logits", "labels"}),),
+    ),
+    "semantic_l2": TermSpec(
+        semantic_l2_loss, {"features": "hidden_states", "context_mask": "resolved_context_mask"},
+        "L2 penalty on pooled context hidden states", requires=_CONTEXT,
+    ),
+    "semantic_alignment": TermSpec(
+        semantic_alignment_loss,
+        {"features": "hidden_states", "context_mask": "resolved_context_mask", "response_mask": "trained_mask"},
+        "1 - cos(pooled response, pooled context hidden states)",
+        requires=(frozenset({"hidden_states", "labels"}),),
+    ),
+    "l2": TermSpec(l2_penalty, {"params": "model"}, "0.5 * sum theta^2 over chosen parameters", reductions=("sum", "mean")),
+    "l2_sp": TermSpec(
+        l2_sp_penalty, {"params": "model", "reference": "reference_params"},
+        "0.5 * sum (theta - theta_pretrained)^2 over chosen parameters", reductions=("sum", "mean"),
+    ),
+}
+
+
+def _validation_message(exc: ValidationError) -> str:
+    messages = []
+    for error in exc.errors():
+        loc = "".join(f"[{part}]" for part in error["loc"] if isinstance(part, int))
+        text = f"{loc} {error['msg']}".strip()
+        if text not in messages:
+            messages.append(text)
+    return "; or ".join(messages)
+
+
+def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, where: str | None = None) -> LossTerm:
+    """A :class:`LossTerm` from ``{name, weight = 1.0, label = name, **options}``.
+
+    ``total_steps`` completes weight schedules that leave it out. Raises :class:`UserError`
+    (listing what is allowed) for an unknown name, option, reduction or a bad value.
+    """
+    if not isinstance(config, Mapping):
+        raise UserError(f"a loss term must be a mapping {{name: ..., weight: ...}}; got {config!r}", where=where)
+    name = config.get("name")
+    if name not in LOSSES:
+        raise UserError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}", where=where)
+    spec = LOSSES[name]
+    allowed = spec.options()
+    given = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"loss {name!r}: unknown option(s) {', '.join(unknown)}; allowed: {', '.join([*RESERVED_KEYS, *allowed])}",
+            where=where,
+        )
+    options = {key: opt.default for key, opt in allowed.items()}
+    for key, value in given.items():
+        try:
+            options[key] = allowed[key].validator.validate_python(value)
+        except ValidationError as exc:
+            raise UserError(f"loss {name!r}: option {key}={value!r}: {_validation_message(exc)}", where=where) from None
+    if options.get("reduction") not in spec.reductions:
+        raise UserError(
+            f"loss {name!r}: reduction must be one of {', '.join(spec.reductions)}; got {options.get('reduction')!r}",
+            where=where,
+        )
+    if spec.check is not None:
+        try:
+            spec.check(options)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"loss {name!r}: {exc}", where=where) from None
+    label = config.get("label", name)
+    if not isinstance(label, str) or not label:
+        raise UserError(f"loss {name!r}: label must be a non-empty string; got {label!r}", where=where)
+    weight = build_weight(config.get("weight", 1.0), total_steps=total_steps, where=f"{where or name}: weight")
+    return LossTerm(
+        label=label,
+        name=name,
+        weight=weight,
+        compute=lambda inputs: spec(inputs, options),
+        requires=spec.required_inputs(),
+        options=options,
+    )
+
+
+def build_composite(
+    configs: Sequence[Mapping[str, Any]], *, total_steps: int | None = None, where: str = "loss.terms"
+) -> CompositeLoss:
+    """A :class:`CompositeLoss` from a list of term configs (``loss.terms`` in a config file)."""
+    if isinstance(configs, (str, Mapping)) or not isinstance(configs, Sequence):
+        raise UserError(f"expected a list of loss terms; got {configs!r}", where=where)
+    terms = [build_term(c, total_steps=total_steps, where=f"{where}[{i}]") for i, c in enumerate(configs)]
+    return CompositeLoss(terms)
