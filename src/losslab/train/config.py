@@ -1,0 +1,89 @@
+"""The schema of ``losslab train`` configs. Every field's description is its documentation."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Task = Literal["causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="training records: a file, or builtin:NAME (its train split)")
+    validation: str | None = Field(None, description="validation records: a file, or builtin:NAME (its validation split)")
+    test: str | None = Field(None, description="test records: a file, or builtin:NAME (its test split)")
+    format: Literal["auto", "chat", "instruction"] = Field("auto", description="causal_lm record format; auto looks at the first record")
+    mask: str | None = Field(None, description="mask policy: assistant | last | all (chat), completion | all (instruction); default assistant / completion")
+    mask_prompt: bool = Field(True, description="instruction records: mask the prompt (false trains it too)")
+    prompt_style: str = Field("chat_template", description="instruction records: chat_template | alpaca")
+    strategy: Literal["auto", "concat", "expand"] = Field("auto", description="multi-turn strategy")
+    role_weights: dict[str, float] | None = Field(None, description="per-role loss weights, e.g. {assistant: 1.0, tool: 0.5}")
+    template: str | None = Field(None, description="Jinja chat template file to use instead of the tokenizer's own")
+    max_length: int = Field(512, ge=8, description="truncate samples to this many tokens")
+    truncation: Literal["end", "start"] = Field("end", description="which end of a too-long sample is dropped")
+    packing: bool = Field(False, description="pack several samples per row (padding-free)")
+    max_train_samples: int | None = Field(None, ge=1, description="use only the first N training records")
+    max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test records")
+    on_error: Literal["raise", "skip"] = Field("raise", description="bad records: stop with an error, or skip and count")
+
+
+class LossConfig(_Section):
+    terms: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"name": "token_cross_entropy", "weight": 1.0}],
+        description="weighted loss terms: [{name, weight: number | {schedule, ...}, **options}] (docs/losses.md)",
+    )
+    fused: bool = Field(True, description="causal_lm: compute token cross-entropy with the fused head (no N x V logits)")
+    chunk_size: int | None = Field(None, ge=1, description="fused head chunk size (tokens); default: chosen from V")
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (when max_steps = -1)")
+    batch_size: int = Field(8, ge=1, description="per-device batch size")
+    eval_batch_size: int | None = Field(None, ge=1, description="per-device evaluation batch size (default: batch_size)")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="learning-rate schedule")
+    warmup: float = Field(0.0, ge=0, description="warmup: steps (>= 1) or a fraction of all steps (< 1)")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: once per epoch)")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: with evaluation)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept in output_dir")
+    logging_steps: int = Field(1, ge=1, description="log loss terms every N steps")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
+    metric_for_best_model: str = Field("eval_loss", description="validation metric for early stopping / best model")
+    greater_is_better: bool = Field(False, description="direction of metric_for_best_model")
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 mixed precision: auto = where the device supports it (not on CPU)")
+    dataloader_workers: int = Field(0, ge=0, description="data loader worker processes")
+
+
+class EvalConfig(_Section):
+    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"], description="splits evaluated at the end")
+    generate: bool = Field(False, description="causal_lm: generate replies and score BLEU, chrF, distinct-1/2")
+    max_new_tokens: int = Field(48, ge=1, description="generation length for BLEU/chrF")
+    generation_samples: int = Field(32, ge=1, description="held-out prompts generated for BLEU/chrF")
+
+
+class TrainConfig(_Section):
+    task: Task = Field("causal_lm", description="what is trained")
+    model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
+    output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
+    seed: int = Field(0, description="random seed (model init of new heads, data order, dropout)")
+    trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights dtype")
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.training.max_steps == 0 or self.training.max_steps < -1:
+            raise ValueError("training.max_steps must be -1 (use epochs) or >= 1")
+        return self

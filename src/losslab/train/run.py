@@ -1,0 +1,133 @@
+"""``losslab train CONFIG.yaml``: validate, build the task, train on the Trainer, evaluate, write outputs.
+
+Outputs in ``output_dir``: ``config.yaml`` (resolved), ``checkpoint-*`` (safetensors, for
+resume), ``model/`` (final weights, safetensors), ``log.jsonl`` (every loss term per step),
+``metrics.json`` (final evaluation). Rerunning the same command resumes from the last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from losslab.config import load_config
+from losslab.data.prepare import write_atomic
+from losslab.errors import UserError
+from losslab.eval.report import format_metrics_table, write_metrics_json
+from losslab.losses.registry import build_composite
+from losslab.train.config import TrainConfig
+from losslab.train.tasks import TASKS, TaskRun
+
+
+def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    t = config.training
+    bf16 = t.bf16 == "on" or (t.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    save_strategy = "steps" if (t.save_steps or t.eval_steps) else "epoch"
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        data_seed=config.seed,
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        optim="adamw_torch",
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=t.save_steps or t.eval_steps or 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=bool(t.early_stopping_patience and has_eval),
+        metric_for_best_model=t.metric_for_best_model if has_eval else None,
+        greater_is_better=t.greater_is_better if has_eval else None,
+        logging_steps=t.logging_steps,
+        bf16=bf16,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        prediction_loss_only=True,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    """Run one training config end to end; returns the final metrics."""
+    from transformers import EarlyStoppingCallback, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    set_seed(config.seed)
+    run: TaskRun = TASKS[config.task](config)
+    has_eval = run.validation is not None and len(run.validation) > 0
+    args = training_arguments(config, has_eval=has_eval)
+    composite = build_composite(config.loss.terms, total_steps=total_steps(config, len(run.train)))
+    loss_func = run.make_loss_func(composite)
+    callbacks = [LossTermsCallback(loss_func), JsonlLogCallback(out / "log.jsonl")]
+    if config.training.early_stopping_patience and has_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
+    trainer = LosslabTrainer(
+        model=run.model,
+        args=args,
+        train_dataset=run.train,
+        eval_dataset=run.validation if has_eval else None,
+        data_collator=run.collator,
+        processing_class=run.tokenizer,
+        loss_func=loss_func,
+        callbacks=callbacks,
+    )
+    last = get_last_checkpoint(str(out)) if any(out.glob("checkpoint-*")) else None
+    if last:
+        print(f"resuming from {last}")
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(out / "model"))
+    metrics: dict[str, float] = {"train/steps": float(trainer.state.global_step)}
+    for split in config.eval.splits:
+        dataset = run.validation if split == "validation" else run.test
+        if dataset is not None and len(dataset):
+            metrics.update(run.evaluate(trainer.model, dataset, split))
+    if trainer.is_world_process_zero():
+        write_metrics_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def total_steps(config: TrainConfig, n_train: int) -> int:
+    t = config.training
+    if t.max_steps > 0:
+        return t.max_steps
+    world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
+    per_step = t.batch_size * t.grad_accum * world
+    return max(1, math.ceil(math.ceil(n_train / per_step) * t.epochs))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = load_config(TrainConfig, args.config, args.overrides)
+    if config.task not in TASKS:
+        raise UserError(f"task {config.task!r} is not available yet; available: {', '.join(TASKS)}")
+    build_composite(config.loss.terms, total_steps=1, where=f"{args.config}: loss.terms")  # fail before any work
+    metrics = train(config)
+    print(format_metrics_table(metrics))
+    print(f"outputs: {config.output_dir} (metrics.json, log.jsonl, model/)")
+    return 0

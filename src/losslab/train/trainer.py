@@ -1,0 +1,85 @@
+"""The thin adapter between losslab's losses and ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+# Batch keys that losslab's collators add and the model's forward must not see.
+EXTRA_KEYS = ("token_weights",)
+
+
+class LossTermsCallback(TrainerCallback):
+    """Advances loss-weight schedules with ``global_step`` and puts every loss term into the
+    Trainer's log (so TensorBoard or any other logger shows them)."""
+
+    def __init__(self, loss_func: Any) -> None:
+        self.loss_func = loss_func
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.loss_func.step = state.global_step
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.loss_func.step = state.global_step
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+        if logs is None:
+            return
+        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+        terms = self.loss_func.eval_terms if prefix else self.loss_func.train_terms
+        logs.update(terms.pop(prefix))
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log line (loss terms, learning rate, grad norm, eval metrics) to ``log.jsonl``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+        if logs is None or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+class LosslabTrainer(Trainer):
+    """``Trainer`` that feeds losslab's extra batch fields (token weights) to the loss function
+    and, with the fused head, asks the model for hidden states instead of logits.
+
+    ``loss_func`` is a ``compute_loss_func`` (``(outputs, labels, num_items_in_batch)``, e.g.
+    :class:`CausalLMLossFunc`), or an object with its own
+    ``compute_loss(model, inputs, return_outputs, num_items_in_batch)`` for tasks whose forward
+    is not ``model(**inputs)`` (reward pairs, embeddings). Either way it needs ``step``,
+    ``train_terms`` and ``eval_terms`` (see :class:`LossTermsCallback`)."""
+
+    def __init__(self, *args: Any, loss_func: Any, **kwargs: Any) -> None:
+        super().__init__(*args, compute_loss_func=loss_func, **kwargs)
+        self.loss_func = loss_func
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        custom = getattr(self.loss_func, "compute_loss", None)
+        if custom is not None:  # tasks with their own forward (pairs, triplets): call `model`, the wrapped one
+            return custom(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        extras = {k: inputs.pop(k) for k in EXTRA_KEYS if k in inputs}
+        if "attention_mask" in inputs:
+            extras["attention_mask"] = inputs["attention_mask"]
+        self.loss_func.batch_extras = extras
+        if self.loss_func.fused:
+            ids = inputs.get("input_ids")
+            device = ids.device if ids is not None else None
+            inputs = {**inputs, "output_hidden_states": True,
+                      "logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

@@ -1,0 +1,105 @@
+"""The Trainer adapter: exact normalisation under accumulation, logged terms, schedules, fused head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from losslab.losses.registry import build_composite
+from losslab.models import load_causal_lm
+from losslab.train.loss_func import CausalLMLossFunc
+from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
+
+LENGTHS = [5, 11, 3, 8]  # uneven on purpose
+
+
+def samples(seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in LENGTHS:
+        ids = torch.randint(3, 2000, (n,), generator=g)
+        labels = ids.clone()
+        labels[: n // 2] = -100  # a "prompt"
+        weights = torch.rand(n, generator=g) + 0.5
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "token_weights": weights.tolist()})
+    return out
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(b["input_ids"]) for b in batch)
+    def pad(key: str, value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch], dtype=dtype)
+    return {
+        "input_ids": pad("input_ids", 2, torch.long),
+        "labels": pad("labels", -100, torch.long),
+        "token_weights": pad("token_weights", 0.0, torch.float32),
+        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
+    }
+
+
+TERMS = [
+    {"name": "token_cross_entropy", "label_smoothing": 0.1, "z_loss": 1e-3},
+    {"name": "consistency", "weight": {"schedule": "linear", "start": 0.5, "end": 0.0, "total_steps": 4}},
+]
+
+
+def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) -> tuple[float, list[torch.Tensor]]:
+    if fused:
+        pytest.importorskip("losslab.losses.fused")
+    model = load_causal_lm("builtin:tiny-llama", dtype="float64")
+    lf = CausalLMLossFunc(build_composite(terms), fused=fused, lm_head=model.get_output_embeddings(), model=model)
+    total_items = sum(sum(1 for x in s["labels"][1:] if x != -100) for mb in micro_batches for s in mb)
+    total = 0.0
+    for mb in micro_batches:
+        batch = collate(mb)
+        lf.batch_extras = {"token_weights": batch.pop("token_weights"), "attention_mask": batch["attention_mask"]}
+        labels = batch.pop("labels")
+        kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.long)} if fused else {}
+        loss = lf(model(**batch, **kwargs), labels, num_items_in_batch=torch.tensor(total_items))
+        loss.backward()
+        total += float(loss.detach())
+    return total, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_accumulation_1x4_equals_4x1(fused: bool) -> None:
+    terms = TERMS[:1]  # token CE: the only term defined as a sum over tokens
+    data = samples()
+    loss_a, grads_a = loss_and_grads([data], fused, terms)
+    loss_b, grads_b = loss_and_grads([[s] for s in data], fused, terms)
+    assert loss_a == pytest.approx(loss_b, rel=1e-10)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_equals_logits_path() -> None:
+    data = [samples()]
+    loss_a, grads_a = loss_and_grads(data, fused=False, terms=TERMS[:1])
+    loss_b, grads_b = loss_and_grads(data, fused=True, terms=TERMS[:1])
+    assert loss_a == pytest.approx(loss_b, rel=1e-9)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_trainer_logs_every_term_and_advances_schedules(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = load_causal_lm("builtin:tiny-llama")
+    lf = CausalLMLossFunc(build_composite(TERMS), fused=False, model=model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4,
+                             learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = LosslabTrainer(model=model, args=args, train_dataset=samples() * 2, data_collator=collate,
+                             loss_func=lf, callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl")])
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/token_cross_entropy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["weight/consistency"] for r in steps] == pytest.approx([0.5, 0.375, 0.25, 0.125])
+    assert all(r["loss/consistency"] >= 0 for r in steps)
+    for r in steps:  # the Trainer's loss is the weighted sum of the logged parts
+        expected = r["loss/token_cross_entropy"] + r["weight/consistency"] * r["loss/consistency"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-4)
+    assert steps[-1]["loss/token_cross_entropy"] < steps[0]["loss/token_cross_entropy"]
