@@ -307,9 +307,10 @@ def test_token_term_uses_the_fused_head_when_logits_are_absent(monkeypatch, redu
                             num_sequences=b.num_sequences))
     torch.testing.assert_close(fused, with_logits)
     (call,) = calls
-    assert call["hidden"] == (B * T, H) and call["labels"] == (B * T,) and call["chunk_size"] == 4
+    assert call["hidden"] == (B, T, H) and call["labels"] == (B, T) and call["chunk_size"] == 4
     assert call["label_smoothing"] == 0.1 and call["focal_gamma"] == 1.0 and call["ignore_index"] == -100
-    assert call["reduction"] == ("none" if reduction == "sequence" else reduction)
+    assert call["reduction"] == reduction
+    assert call["num_items"] == (b.num_sequences if reduction == "sequence" else b.num_items)
 
 
 def test_token_term_with_the_real_fused_head():
@@ -317,15 +318,37 @@ def test_token_term_with_the_real_fused_head():
     if not hasattr(fused, "fused_linear_cross_entropy"):
         pytest.skip("losslab.losses.fused has no fused_linear_cross_entropy yet")
     b = full_batch()
-    term = build_term({"name": "token_cross_entropy", "label_smoothing": 0.1, "z_loss": 1e-3})
-    logits = b.hidden_states @ b.lm_head_weight.T + b.lm_head_bias
-    expected = term(LossInputs(logits=logits, labels=b.labels, token_weights=b.token_weights, num_items=b.num_items))
-    got = term(LossInputs(hidden_states=b.hidden_states, lm_head_weight=b.lm_head_weight, lm_head_bias=b.lm_head_bias,
-                          labels=b.labels, token_weights=b.token_weights, num_items=b.num_items))
-    torch.testing.assert_close(got, expected)
+    for reduction in ("mean", "sequence"):
+        term = build_term({"name": "token_cross_entropy", "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": reduction})
+        logits = b.hidden_states @ b.lm_head_weight.T + b.lm_head_bias
+        counts = {"num_items": b.num_items, "num_sequences": b.num_sequences}
+        expected = term(LossInputs(logits=logits, labels=b.labels, token_weights=b.token_weights, **counts))
+        got = term(LossInputs(hidden_states=b.hidden_states, lm_head_weight=b.lm_head_weight,
+                              lm_head_bias=b.lm_head_bias, labels=b.labels, token_weights=b.token_weights, **counts))
+        torch.testing.assert_close(got, expected)
+        grads = torch.autograd.grad(got, [b.hidden_states, b.lm_head_weight])
+        expected_grads = torch.autograd.grad(expected, [b.hidden_states, b.lm_head_weight])
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e)
 
 
 def test_snapshot_feeds_l2_sp_as_reference():
     model = torch.nn.Linear(2, 2)
     term = build_term({"name": "l2_sp"})
     assert term(LossInputs(model=model, reference_params=snapshot_parameters(model))).item() == 0.0
+
+
+def test_yaml_exponent_floats_are_numbers():
+    """PyYAML reads `1e-3` (no dot) as a string; configs written that way must still work."""
+    yaml = pytest.importorskip("yaml")
+    terms = yaml.safe_load(
+        "- {name: token_cross_entropy, z_loss: 1e-3}\n"
+        "- {name: consistency, weight: {schedule: linear, start: 5e-1, end: 1e-1, total_steps: 10}}\n"
+        "- {name: mse, weight: 2e-1}\n"
+    )
+    assert terms[0]["z_loss"] == "1e-3"  # the YAML 1.1 quirk this guards against
+    loss = build_composite(terms)
+    assert loss.terms[0].options["z_loss"] == 0.001
+    assert loss.weights_at(5) == pytest.approx({"token_cross_entropy": 1.0, "consistency": 0.3, "mse": 0.2})
+    with pytest.raises(UserError, match="option gamma='2': Input should be a valid number"):
+        build_term({"name": "focal", "gamma": "2"})  # other strings are still not numbers

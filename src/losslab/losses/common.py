@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from annotated_types import Ge, Gt, Interval
@@ -98,3 +99,15 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError("shapes must match: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def config_value(value: Any) -> Any:
+    """A config value with exponent-only floats read as numbers: YAML 1.1 (PyYAML) loads
+    ``1e-3`` (no dot) as the STRING ``'1e-3'``; every other value is returned unchanged."""
+    if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+

@@ -71,9 +71,13 @@ def consistency_loss(
     check_choice("divergence", divergence, DIVERGENCES)
     if logits.shape[:-1] != mask.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and mask {tuple(mask.shape)} do not align")
-    log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+    dtype = compute_dtype(logits)
     pairs = mask[..., :-1] & mask[..., 1:]  # (..., T - 1)
-    per_pair = _DIVERGENCES[divergence](log_p[..., :-1, :], log_p[..., 1:, :])
+    # only the P paired positions are upcast and normalised: (P, V) each, not (..., T, V)
+    left = torch.log_softmax(logits[..., :-1, :][pairs].to(dtype), dim=-1)
+    right = torch.log_softmax(logits[..., 1:, :][pairs].to(dtype), dim=-1)
+    values = _DIVERGENCES[divergence](left, right)  # (P,)
+    per_pair = torch.zeros(pairs.shape, dtype=dtype, device=logits.device).masked_scatter(pairs, values)
     return finish(per_pair, pairs, reduction, num_items)
 
 

@@ -21,6 +21,7 @@ from annotated_types import Ge
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from losslab.errors import UserError
+from losslab.losses.common import config_value
 from losslab.losses.composite import CompositeLoss, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
@@ -35,7 +36,7 @@ from losslab.losses.sequence import (
     mse_loss,
     multiclass_hinge_loss,
 )
-from losslab.losses.token import check_token_options, sequence_mean, token_cross_entropy
+from losslab.losses.token import check_token_options, token_cross_entropy
 
 RESERVED_KEYS = ("name", "weight", "label")
 _BATCH_ONLY = frozenset({"num_items"})  # a count that only the batch can know, never a config option
@@ -64,7 +65,6 @@ class TermSpec:
 
     fn: Callable[..., torch.Tensor]
     inputs: Mapping[str, str]
-    summary: str
     reductions: tuple[str, ...] = ("mean", "sum")
     requires: tuple[frozenset[str], ...] | None = None
     compute: Callable[[LossInputs, dict[str, Any]], torch.Tensor] | None = None
@@ -122,14 +122,12 @@ def _token_cross_entropy(inputs: LossInputs, options: dict[str, Any]) -> torch.T
 
     hidden, weight = inputs.hidden_states, inputs.lm_head_weight
     assert hidden is not None and weight is not None
-    if inputs.token_weights is not None:
-        kwargs["token_weights"] = inputs.token_weights.reshape(-1)
-    flat = dict(bias=inputs.lm_head_bias, chunk_size=chunk_size, **kwargs)
-    hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # (N, D), (N,)
-    if reduction != "sequence":
-        return fused_linear_cross_entropy(hidden, weight, flat_labels, reduction=reduction, num_items=count, **flat)
-    per_token = fused_linear_cross_entropy(hidden, weight, flat_labels, reduction="none", **flat)
-    return sequence_mean(per_token.reshape(labels.shape), labels != inputs.ignore_index, count)
+    # (B, T, D) hidden with (B, T) labels: the fused head takes any leading shape, so the
+    # ``sequence`` reduction sees the same sequences as with logits
+    return fused_linear_cross_entropy(
+        hidden, weight, labels, bias=inputs.lm_head_bias, chunk_size=chunk_size,
+        reduction=reduction, num_items=count, **kwargs,
+    )
 
 
 def _check_token_options(options: dict[str, Any]) -> None:
@@ -146,70 +144,48 @@ _CLASSIFICATION = {
 _ITEMS = {"mask": "target_mask?", "weights": "sample_weights?", "num_items": "num_examples?"}
 _CONTEXT = (frozenset({"hidden_states", "labels"}), frozenset({"hidden_states", "context_mask"}))
 
+# Which LossInputs field feeds which argument. Options are the rest of each function's
+# keyword-only arguments; docs/losses.md has the formula and options of every entry.
 LOSSES: dict[str, TermSpec] = {
     "token_cross_entropy": TermSpec(
         token_cross_entropy,
         {"logits": "logits", "labels": "labels", "ignore_index": "ignore_index",
          "token_weights": "token_weights?", "num_items": "num_items?"},
-        "causal-LM cross-entropy per token (smoothing, z-loss, focal, token weights; fused head when logits are absent)",
         reductions=("mean", "sum", "sequence"),
         requires=(frozenset({"labels", "logits"}), frozenset({"labels", "hidden_states", "lm_head_weight"})),
         compute=_token_cross_entropy,
         extra_options={"chunk_size": (Annotated[int, Ge(1)] | None, None)},
         check=_check_token_options,
     ),
-    "cross_entropy": TermSpec(
-        classification_cross_entropy, _CLASSIFICATION, "classification cross-entropy with class weights and label smoothing"
-    ),
-    "focal": TermSpec(focal_loss, _CLASSIFICATION, "multi-class focal loss (alpha, gamma, label smoothing)"),
-    "multiclass_hinge": TermSpec(multiclass_hinge_loss, _CLASSIFICATION, "multi-class hinge, squared or not"),
-    "binary_cross_entropy": TermSpec(
-        binary_cross_entropy, {"logits": "class_logits", "targets": "class_targets", **_ITEMS},
-        "multi-label binary cross-entropy on logits",
-    ),
-    "binary_focal": TermSpec(
-        binary_focal_loss, {"logits": "class_logits", "targets": "class_targets", **_ITEMS},
-        "sigmoid focal loss per label (alpha, gamma)",
-    ),
-    "mse": TermSpec(mse_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}, "mean squared error"),
-    "huber": TermSpec(huber_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}, "Huber loss"),
+    "cross_entropy": TermSpec(classification_cross_entropy, _CLASSIFICATION),
+    "focal": TermSpec(focal_loss, _CLASSIFICATION),
+    "multiclass_hinge": TermSpec(multiclass_hinge_loss, _CLASSIFICATION),
+    "binary_cross_entropy": TermSpec(binary_cross_entropy, {"logits": "class_logits", "targets": "class_targets", **_ITEMS}),
+    "binary_focal": TermSpec(binary_focal_loss, {"logits": "class_logits", "targets": "class_targets", **_ITEMS}),
+    "mse": TermSpec(mse_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}),
+    "huber": TermSpec(huber_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}),
     "bradley_terry": TermSpec(
         bradley_terry_loss,
         {"rewards_chosen": "rewards_chosen", "rewards_rejected": "rewards_rejected", "margin": "margins?", **_ITEMS},
-        "reward-model pairwise loss -log sigmoid(r_c - r_r - margin), optional reward centring",
     ),
     "margin_ranking": TermSpec(
-        margin_ranking_loss, {"scores_1": "rewards_chosen", "scores_2": "rewards_rejected", **_ITEMS},
-        "max(0, margin - (r_chosen - r_rejected))",
+        margin_ranking_loss, {"scores_1": "rewards_chosen", "scores_2": "rewards_rejected", **_ITEMS}
     ),
-    "triplet": TermSpec(
-        triplet_loss, {"anchor": "anchor", "positive": "positive", "negative": "negative", **_ITEMS},
-        "triplet margin loss with a choice of distance",
-    ),
-    "info_nce": TermSpec(
-        info_nce_loss, {"queries": "anchor", "keys": "positive", "negatives": "negative?", **_ITEMS},
-        "InfoNCE / contrastive loss with temperature and in-batch negatives",
-    ),
+    "triplet": TermSpec(triplet_loss, {"anchor": "anchor", "positive": "positive", "negative": "negative", **_ITEMS}),
+    "info_nce": TermSpec(info_nce_loss, {"queries": "anchor", "keys": "positive", "negatives": "negative?", **_ITEMS}),
     "consistency": TermSpec(
-        consistency_loss, {"logits": "logits", "mask": "trained_mask"},
-        "divergence between next-token distributions of adjacent trained positions",
-        requires=(frozenset({"logits", "labels"}),),
+        consistency_loss, {"logits": "logits", "mask": "trained_mask"}, requires=(frozenset({"logits", "labels"}),)
     ),
     "semantic_l2": TermSpec(
-        semantic_l2_loss, {"features": "hidden_states", "context_mask": "resolved_context_mask"},
-        "L2 penalty on pooled context hidden states", requires=_CONTEXT,
+        semantic_l2_loss, {"features": "hidden_states", "context_mask": "resolved_context_mask"}, requires=_CONTEXT
     ),
     "semantic_alignment": TermSpec(
         semantic_alignment_loss,
         {"features": "hidden_states", "context_mask": "resolved_context_mask", "response_mask": "trained_mask"},
-        "1 - cos(pooled response, pooled context hidden states)",
         requires=(frozenset({"hidden_states", "labels"}),),
     ),
-    "l2": TermSpec(l2_penalty, {"params": "model"}, "0.5 * sum theta^2 over chosen parameters", reductions=("sum", "mean")),
-    "l2_sp": TermSpec(
-        l2_sp_penalty, {"params": "model", "reference": "reference_params"},
-        "0.5 * sum (theta - theta_pretrained)^2 over chosen parameters", reductions=("sum", "mean"),
-    ),
+    "l2": TermSpec(l2_penalty, {"params": "model"}, reductions=("sum", "mean")),
+    "l2_sp": TermSpec(l2_sp_penalty, {"params": "model", "reference": "reference_params"}, reductions=("sum", "mean")),
 }
 
 
@@ -246,7 +222,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
     options = {key: opt.default for key, opt in allowed.items()}
     for key, value in given.items():
         try:
-            options[key] = allowed[key].validator.validate_python(value)
+            options[key] = allowed[key].validator.validate_python(config_value(value))
         except ValidationError as exc:
             raise UserError(f"loss {name!r}: option {key}={value!r}: {_validation_message(exc)}", where=where) from None
     if options.get("reduction") not in spec.reductions:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from losslab.errors import UserError
+from losslab.losses.common import config_value
 
 
 def _number(name: str, value: Any) -> float:
@@ -161,7 +162,7 @@ def build_schedule(config: Mapping[str, Any], *, total_steps: int | None = None,
     unknown = sorted(set(config) - set(allowed))
     if unknown:
         raise UserError(f"{kind} schedule: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}", where=where)
-    kwargs = {k: v for k, v in config.items() if k != "schedule"}
+    kwargs = {k: config_value(v) for k, v in config.items() if k != "schedule"}
     if "total_steps" in allowed and "total_steps" not in kwargs and total_steps is not None:
         kwargs["total_steps"] = total_steps
     if "milestones" in kwargs and isinstance(kwargs["milestones"], list):
@@ -182,7 +183,7 @@ def build_weight(value: Any, *, total_steps: int | None = None, where: str | Non
     if isinstance(value, Mapping):
         return build_schedule(value, total_steps=total_steps, where=where)
     try:
-        return _number("weight", value)
+        return _number("weight", config_value(value))
     except TypeError:
         raise UserError(f"must be a number or a schedule {{schedule: ..., start: ...}}; got {value!r}", where=where) from None
 

@@ -10,8 +10,6 @@ zero gradients. Inputs of any float dtype are computed in float32 (float64 stays
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 
@@ -28,11 +26,12 @@ from losslab.losses.common import (
     finish,
     split_targets,
 )
-from losslab.losses.token import check_token_options, token_loss_terms
+from losslab.losses.token import token_loss_terms
 
-def check_focal_options(gamma: float = 2.0, alpha: float | Sequence[float] | torch.Tensor | None = None) -> None:
+def check_focal_options(gamma: float, alpha: float | None = None) -> None:
+    """``gamma >= 0``; a single ``alpha`` (the binary focal loss's) in [0, 1]."""
     check_range("gamma", gamma, 0.0)
-    if isinstance(alpha, (int, float)):
+    if alpha is not None:
         check_range("alpha", alpha, 0.0, 1.0)
 
 
@@ -59,7 +58,7 @@ def classification_cross_entropy(
     ``sum_i w[y_i]`` as ``F.cross_entropy``'s weighted mean does: class weights scale the
     numerator only, like token weights, so micro-batches add up exactly with a plain count.
     """
-    check_token_options(label_smoothing, 0.0, 0.0)
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     mask, safe = split_targets(targets, ignore_index)
     log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
     nll = -log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -95,7 +94,7 @@ def focal_loss(
     ``gamma = 0`` gives the smoothed cross-entropy exactly.
     """
     check_focal_options(gamma)
-    check_token_options(label_smoothing, 0.0, gamma)
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     mask, safe = split_targets(targets, ignore_index)
     x = logits.to(compute_dtype(logits))
     per_item = token_loss_terms(
