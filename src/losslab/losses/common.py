@@ -80,14 +80,13 @@ def split_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tenso
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Raise ``ValueError`` unless ``low <= value <= high`` (bounds optional, inclusive)."""
+    """``TypeError`` unless ``value`` is a number, ``ValueError`` unless ``low <= value <= high``
+    (each bound optional, inclusive)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (
-            f">= {low}" if low is not None else f"<= {high}"
-        )
-        raise ValueError(f"{name} must be {bounds}; got {value}")
+        bounds = [f">= {low}"] * (low is not None) + [f"<= {high}"] * (high is not None)
+        raise ValueError(f"{name} must be {' and '.join(bounds)}; got {value}")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:

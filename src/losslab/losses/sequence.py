@@ -28,6 +28,7 @@ from losslab.losses.common import (
 )
 from losslab.losses.token import token_loss_terms
 
+
 def check_focal_options(gamma: float, alpha: float | None = None) -> None:
     """``gamma >= 0``; a single ``alpha`` (the binary focal loss's) in [0, 1]."""
     check_range("gamma", gamma, 0.0)
