@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", default="end", choices=["end", "start"], help="which end of a sample to drop when it is too long ('end' keeps the start)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad records: stop with an error, or skip and count them")
+    p.add_argument("--role-weight", action="append", default=None, metavar="ROLE=W", help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight")
+    p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="text format: highlight trained tokens with ANSI colours")
     p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect", "inspect"))
 
     for name, what, module in (

@@ -1,0 +1,69 @@
+"""From character regions of a rendered text to per-token labels and weights.
+
+The full text is tokenised once (fast tokenizer, ``return_offsets_mapping``), so the tokens
+trained are exactly the tokens the model sees. A token belongs to the region that contains
+its FIRST character (``region.start <= token.start < region.end``):
+
+- a token that starts in the header and runs into the content is not trained (no header
+  character is ever trained);
+- a token that starts in a trained region and runs past its end is trained whole (the model
+  has to produce its first character; a loss mask can only act on whole tokens).
+
+With the real tokenizer of a template family the boundaries are special tokens, so neither
+case arises; ``losslab inspect`` shows it when it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Region:
+    """Characters ``text[start:end]`` whose tokens get ``weight`` (0: not trained).
+
+    ``message`` is the index of the message the region belongs to (-1: none).
+    """
+
+    start: int
+    end: int
+    weight: float
+    message: int = -1
+
+
+def label_tokens(
+    input_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    regions: Sequence[Region],
+    *,
+    default_weight: float = 0.0,
+) -> tuple[list[int], list[float]]:
+    """``(labels, weights)`` for tokens with character ``offsets``.
+
+    ``labels[i] == input_ids[i]`` where the weight is > 0, else -100; ``weights[i]`` is the
+    weight of the region holding token i's first character (``default_weight`` outside all
+    regions; 0 for zero-width tokens). Regions must not overlap.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+    starts, ends = offs[:, 0], offs[:, 1]
+    weights = np.full(len(ids), float(default_weight), dtype=np.float64)
+    if regions:
+        ordered = sorted((r for r in regions if r.end > r.start), key=lambda r: r.start)
+        r_start = np.array([r.start for r in ordered], dtype=np.int64)
+        r_end = np.array([r.end for r in ordered], dtype=np.int64)
+        r_weight = np.array([r.weight for r in ordered], dtype=np.float64)
+        if len(ordered) > 1 and np.any(r_start[1:] < r_end[:-1]):
+            raise ValueError(f"overlapping regions: {ordered}")
+        k = np.searchsorted(r_start, starts, side="right") - 1  # last region starting at or before
+        inside = (k >= 0) & (starts < r_end[np.maximum(k, 0)])
+        weights[inside] = r_weight[k[inside]]
+    weights[ends <= starts] = 0.0  # zero-width (added special) tokens are never trained
+    labels = np.where(weights > 0, ids, IGNORE_INDEX)
+    weights[labels == IGNORE_INDEX] = 0.0
+    return labels.tolist(), weights.tolist()
