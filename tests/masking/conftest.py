@@ -1,0 +1,94 @@
+"""Shared helpers for the masking tests: the real template families on the SmolLM2 tokenizer.
+
+Each family's control strings are added to a copy of the SmolLM2 tokenizer as special tokens
+(as in that family's real tokenizer), so turn boundaries are token boundaries; Zephyr's
+``<|user|>`` headers stay plain text, as they are in Zephyr's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from losslab.masking.build import MaskedSequence
+from losslab.masking.spans import IGNORE_INDEX
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    file: str | None  # None: the tokenizer's own (SmolLM2) template
+    end_of_turn: str  # what closes an assistant turn
+    special: dict  # tokenizer.add_special_tokens argument
+    system: bool = True  # accepts a system message
+    roles_alternate: bool = False  # raises unless user/assistant alternate
+
+
+FAMILIES = [
+    Family("smollm2", None, "<|im_end|>", {}),
+    Family("chatml_qwen2", "chatml_qwen2.jinja", "<|im_end|>", {}),
+    Family(
+        "llama3", "llama3.jinja", "<|eot_id|>",
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+         "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]},
+    ),
+    Family(
+        "gemma", "gemma.jinja", "<end_of_turn>",
+        {"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+        system=False, roles_alternate=True,
+    ),
+    Family(
+        "mistral", "mistral.jinja", "</s>",
+        {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]},
+        roles_alternate=True,
+    ),
+    Family("zephyr", "zephyr.jinja", "</s>", {"bos_token": "<s>", "eos_token": "</s>"}),
+]
+REASONING = Family(
+    "qwen3_reasoning", "qwen3_reasoning.jinja", "<|im_end|>", {"additional_special_tokens": ["<think>", "</think>"]}
+)
+_TOKENIZERS: dict[str, object] = {}
+
+
+def family_tokenizer(base, family: Family):
+    """A copy of the SmolLM2 tokenizer with the family's special tokens (cached per family)."""
+    if family.name not in _TOKENIZERS:
+        tok = copy.deepcopy(base)
+        if family.special:
+            tok.add_special_tokens(dict(family.special))
+        _TOKENIZERS[family.name] = tok
+    return _TOKENIZERS[family.name]
+
+
+def template_of(family: Family) -> str | None:
+    return None if family.file is None else str(TEMPLATES / family.file)
+
+
+def trained_runs(seq: MaskedSequence) -> list[str]:
+    """The text of each maximal run of trained tokens: from its first token's start to its
+    last token's end (byte tokens of one character share offsets, so no character repeats)."""
+    runs: list[list[int]] = []  # [start, end] per run
+    previous = False
+    for (start, end), label in zip(seq.offsets, seq.labels):
+        trained = label != IGNORE_INDEX
+        if trained and previous:
+            runs[-1][1] = max(runs[-1][1], end)
+        elif trained:
+            runs.append([start, end])
+        previous = trained
+    return [seq.text[a:b] for a, b in runs]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
+
+
+def write_jsonl(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
