@@ -24,7 +24,7 @@ def samples(seed: int = 0) -> list[dict]:
         labels = ids.clone()
         labels[: n // 2] = -100  # a "prompt"
         weights = torch.rand(n, generator=g) + 0.5
-        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "token_weights": weights.tolist()})
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "weights": weights.tolist()})
     return out
 
 
@@ -35,7 +35,7 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     return {
         "input_ids": pad("input_ids", 2, torch.long),
         "labels": pad("labels", -100, torch.long),
-        "token_weights": pad("token_weights", 0.0, torch.float32),
+        "weights": pad("weights", 0.0, torch.float32),
         "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
     }
 
@@ -55,7 +55,7 @@ def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) ->
     total = 0.0
     for mb in micro_batches:
         batch = collate(mb)
-        lf.batch_extras = {"token_weights": batch.pop("token_weights"), "attention_mask": batch["attention_mask"]}
+        lf.batch_extras = {"token_weights": batch.pop("weights"), "attention_mask": batch["attention_mask"]}
         labels = batch.pop("labels")
         kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.long)} if fused else {}
         loss = lf(model(**batch, **kwargs), labels, num_items_in_batch=torch.tensor(total_items))

@@ -11,8 +11,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 
-# Batch keys that losslab's collators add and the model's forward must not see.
-EXTRA_KEYS = ("token_weights",)
+# Batch keys that losslab's collators add and the model's forward must not see -> loss input name.
+EXTRA_KEYS = {"weights": "token_weights"}
 
 
 class LossTermsCallback(TrainerCallback):
@@ -73,7 +73,7 @@ class LosslabTrainer(Trainer):
         custom = getattr(self.loss_func, "compute_loss", None)
         if custom is not None:  # tasks with their own forward (pairs, triplets): call `model`, the wrapped one
             return custom(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        extras = {k: inputs.pop(k) for k in EXTRA_KEYS if k in inputs}
+        extras = {name: inputs.pop(key) for key, name in EXTRA_KEYS.items() if key in inputs}
         if "attention_mask" in inputs:
             extras["attention_mask"] = inputs["attention_mask"]
         self.loss_func.batch_extras = extras

@@ -1,0 +1,165 @@
+"""``causal_lm``: instruction and chat SFT with masks from ``losslab.masking``.
+
+Loss: the composite of ``loss.terms`` on next-token predictions; token cross-entropy runs
+through the fused head (no N x V logits) unless ``loss.fused: false`` or a term needs the
+logits themselves (e.g. ``consistency``), which the summary reports.
+Evaluation per split: exact token loss and perplexity over the trained tokens, and with
+``eval.generate``: BLEU, chrF and distinct-1/2 of greedy replies to held-out prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from losslab.errors import UserError
+from losslab.eval.generation import generation_report
+from losslab.eval.language_model import PerplexityAccumulator
+from losslab.eval.report import namespace
+from losslab.losses.composite import CompositeLoss
+from losslab.data.prepare import resolve_data_path
+from losslab.data.records import iter_raw_records
+from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
+from losslab.masking.render import alpaca_prompt, instruction_messages
+from losslab.models import load_causal_lm, load_tokenizer
+from losslab.train.config import DataConfig, TrainConfig
+from losslab.train.loss_func import CausalLMLossFunc
+from losslab.train.tasks import TaskRun
+
+FUSED_FIELDS = {"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask", "model"}
+
+
+@dataclass
+class GenerationPrompt:
+    """A held-out prompt (token ids ending with the assistant header) and its reference reply."""
+
+    input_ids: list[int]
+    reference: str
+
+
+def mask_config(data: DataConfig) -> MaskConfig:
+    return MaskConfig(mask=data.mask, strategy=data.strategy, mask_prompt=data.mask_prompt,
+                      role_weights=dict(data.role_weights or {}), prompt_style=data.prompt_style,
+                      template=data.template, max_length=data.max_length, truncation=data.truncation,
+                      on_error=data.on_error, kind=data.format)
+
+
+def build(config: TrainConfig) -> TaskRun:
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    data = config.data
+    masks = mask_config(data)
+    splits: dict[str, list[dict]] = {}
+    prompts: dict[str, list[GenerationPrompt]] = {}
+    summary: dict[str, Any] = {}
+    for split in ("train", "validation", "test"):
+        spec = getattr(data, split)
+        if spec is None:
+            continue
+        path = resolve_data_path(spec, split)
+        limit = data.max_train_samples if split == "train" else data.max_eval_samples
+        stats = BuildStats()
+        splits[split] = [_drop_source(s) for s in build_samples(path, tokenizer, masks, stats=stats, limit=limit)]
+        summary[split] = stats.summary()
+        print(f"{split}: {stats.summary()}")
+        if split != "train" and config.eval.generate:
+            prompts[split] = generation_prompts(path, tokenizer, data, config.eval.generation_samples)
+    if not splits.get("train"):
+        raise UserError(f"no training sample left from {data.train}: {summary.get('train')}")
+    model = load_causal_lm(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)
+    eval_collator = PaddedCollator(tokenizer.pad_token_id)
+
+    def make_loss_func(composite: CompositeLoss) -> CausalLMLossFunc:
+        fused = config.loss.fused and not composite.missing_inputs(FUSED_FIELDS)
+        if config.loss.fused and not fused:
+            print("fused loss head off: " + "; ".join(composite.missing_inputs(FUSED_FIELDS)))
+        return CausalLMLossFunc(composite, fused=fused, lm_head=model.get_output_embeddings(), model=model,
+                                reference_params=_reference_params(model, composite))
+
+    def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
+        metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
+        if config.eval.generate and prompts.get(split):
+            metrics.update(generation_metrics(model, tokenizer, prompts[split][: config.eval.generation_samples],
+                                              config.eval.max_new_tokens))
+        return namespace(metrics, split)
+
+    return TaskRun(model=model, tokenizer=tokenizer, train=splits["train"], validation=splits.get("validation"),
+                   test=splits.get("test"), collator=collator, make_loss_func=make_loss_func, evaluate=evaluate,
+                   summary=summary)
+
+
+def _drop_source(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k != "source"}
+
+
+def generation_prompts(path: Path, tokenizer: Any, data: DataConfig, limit: int) -> list[GenerationPrompt]:
+    """Held-out prompts: a chat up to its last assistant turn, or an instruction's prompt."""
+    template: ChatTemplate | None = None
+    out: list[GenerationPrompt] = []
+    for _, raw in iter_raw_records(path):
+        if len(out) >= limit:
+            break
+        if not isinstance(raw, dict):
+            continue
+        if "messages" in raw:
+            messages = raw["messages"]
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+            if not last:
+                continue
+            template = template or ChatTemplate(tokenizer, data.template)
+            text = template.render(messages[:last], add_generation_prompt=True)
+            reference = messages[last]["content"]
+        elif "instruction" in raw:
+            if data.prompt_style == "alpaca":
+                text = alpaca_prompt(raw["instruction"], raw.get("input", ""))
+            else:
+                template = template or ChatTemplate(tokenizer, data.template)
+                text = template.render(instruction_messages(raw["instruction"], raw.get("input", "")), add_generation_prompt=True)
+            reference = raw["output"]
+        else:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_length :]
+        out.append(GenerationPrompt(ids, reference))
+    return out
+
+
+def _reference_params(model: torch.nn.Module, composite: CompositeLoss) -> dict[str, torch.Tensor] | None:
+    if not any(t.name == "l2_sp" for t in composite.terms):
+        return None
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def token_metrics(model: torch.nn.Module, dataset: list[dict], collator: Any, batch_size: int) -> dict[str, float]:
+    """Exact loss and perplexity over every trained next-token target of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    acc = PerplexityAccumulator()
+    device = next(model.parameters()).device
+    for start in range(0, len(dataset), batch_size):
+        batch = collator(dataset[start : start + batch_size])
+        labels = batch.pop("labels").to(device)
+        batch.pop("weights", None)
+        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        acc.update_from_logits(logits[:, :-1].float(), labels[:, 1:])
+    model.train(was_training)
+    return acc.compute()
+
+
+@torch.no_grad()
+def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int) -> dict[str, float]:
+    """Greedy replies to held-out prompts, scored against the reference replies."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hypotheses = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt.input_ids], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        hypotheses.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return generation_report(hypotheses, [p.reference for p in prompts]).to_dict()

@@ -1,0 +1,109 @@
+"""causal_lm end to end on the real Trainer: outputs, logged terms, learning, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from losslab.config import load_config
+from losslab.train.config import TrainConfig
+from losslab.train.run import train
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def tiny_config(tmp_path: Path, **training) -> dict:
+    return {
+        "task": "causal_lm",
+        "model": "builtin:tiny-llama",
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 64,
+                 "max_train_samples": 24, "max_eval_samples": 6},
+        "loss": {"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.05},
+                           {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]},
+        "training": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, **training},
+        "eval": {"splits": ["validation"]},
+    }
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_writes_outputs_logs_terms_and_learns(tmp_path: Path) -> None:
+    config = TrainConfig.model_validate(tiny_config(tmp_path))
+    metrics = train(config)
+    out = Path(config.output_dir)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["terms"][1]["name"] == "consistency"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert saved["validation/n_tokens"] > 0 and saved["validation/perplexity"] > 1
+    steps = [r for r in rows(out / "log.jsonl") if "loss/token_cross_entropy" in r and "eval_loss" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert steps[-1]["loss/token_cross_entropy"] < steps[0]["loss/token_cross_entropy"] - 0.1
+    assert steps[0]["weight/consistency"] == pytest.approx(0.2) and steps[-1]["weight/consistency"] < 0.05
+
+
+def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> None:
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg["loss"]["terms"] = [{"name": "token_cross_entropy"}]
+    from losslab.train.tasks.causal_lm import build
+    from losslab.losses.registry import build_composite
+
+    run = build(TrainConfig.model_validate(cfg))
+    assert run.make_loss_func(build_composite(cfg["loss"]["terms"])).fused
+    with_consistency = build_composite([{"name": "token_cross_entropy"}, {"name": "consistency"}])
+    assert not run.make_loss_func(with_consistency).fused
+    assert "fused loss head off" in capsys.readouterr().out
+
+
+def test_every_causal_example_config_parses() -> None:
+    for path in sorted(EXAMPLES.glob("train_chat*.yaml")):
+        assert load_config(TrainConfig, path).task == "causal_lm"
+
+
+def _cli(config: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `losslab train CONFIG`; its output goes to a file (a full pipe would stall it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = config.with_suffix(f".{time.monotonic_ns()}.log")
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", str(config)], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_metrics(tmp_path: Path) -> None:
+    base = tiny_config(tmp_path, max_steps=6, save_steps=2)
+    configs = {}
+    for name in ("straight", "killed"):
+        cfg = json.loads(json.dumps(base))
+        cfg["output_dir"] = str(tmp_path / name)
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(cfg))
+    straight, log = _cli(configs["straight"])
+    assert straight.wait(timeout=300) == 0, log.read_text()[-2000:]
+
+    proc, _ = _cli(configs["killed"])
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoint-2" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    rerun, log = _cli(configs["killed"])
+    assert rerun.wait(timeout=300) == 0, log.read_text()[-2000:]
+    output = log.read_text()
+    assert "resuming from" in output and "checkpoint-" in output  # not a fresh start
+    a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert b == pytest.approx(a, rel=1e-6)
