@@ -8,9 +8,11 @@ Packing puts several samples in one row. Three things keep it equal to running t
 one by one (tested to float64 precision on SmolLM2):
 
 - ``position_ids`` restart at 0 for every sample;
-- attention stays inside each sample: transformers (>= 4.54, 5.x) turns restarting
-  ``position_ids`` with ``attention_mask=None`` into a block-diagonal causal mask for the
-  sdpa, eager and flex paths (``masking_utils.find_packed_sequence_indices``); flash
+- attention stays inside each sample: transformers (5.x) turns restarting
+  ``position_ids`` with ``attention_mask=None`` AND no KV cache into a block-diagonal causal
+  mask for the sdpa, eager and flex paths (``masking_utils.find_packed_sequence_indices``).
+  A model whose config has ``use_cache=True`` creates a cache even in training, and then
+  silently attends across samples; the batch therefore carries ``use_cache=False``. Flash
   attention gets ``cu_seq_lens_q/k`` and ``max_length_q/k`` (``flash_attn_kwargs=True``);
   a model that supports none of these can be given an explicit 4D additive mask
   (``block_mask_dtype=...``);
@@ -77,8 +79,8 @@ class PaddedCollator:
 class PackedCollator:
     """Concatenate a batch into one row ``(1, N)`` with restarting ``position_ids``.
 
-    Returns ``input_ids``, ``labels`` (first token of each sample -100), ``weights`` and
-    ``position_ids`` and, on request, the flash
+    Returns ``input_ids``, ``labels`` (first token of each sample -100), ``weights``,
+    ``position_ids``, ``use_cache=False`` and, on request, the flash
     attention kwargs or a 4D block-diagonal causal ``attention_mask`` (1, 1, N, N) with 0
     where attention is allowed and the dtype's minimum elsewhere. Without that mask there is
     deliberately no ``attention_mask``: transformers then detects the packing from
@@ -112,6 +114,9 @@ class PackedCollator:
             "labels": torch.tensor([labels], dtype=torch.long),
             "weights": torch.tensor([weights], dtype=torch.float32),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            # transformers only derives the packed mask when no KV cache exists, and a model
+            # whose config says use_cache=True builds one even in training
+            "use_cache": False,
         }
         if self.flash_attn_kwargs:
             cu = torch.zeros(len(lens) + 1, dtype=torch.int32)

@@ -1,16 +1,18 @@
 """From character regions of a rendered text to per-token labels and weights.
 
 The full text is tokenised once (fast tokenizer, ``return_offsets_mapping``), so the tokens
-trained are exactly the tokens the model sees. A token belongs to the region that contains
-its FIRST character (``region.start <= token.start < region.end``):
+trained are exactly the tokens the model sees. A token is trained when ANY of its characters
+lies in a trained region (it then takes that region's weight):
 
-- a token that starts in the header and runs into the content is not trained (no header
-  character is ever trained);
-- a token that starts in a trained region and runs past its end is trained whole (the model
-  has to produce its first character; a loss mask can only act on whole tokens).
+- a token that starts in the header and runs into the content is trained: the model has to
+  produce the content's first characters, and a loss mask acts on whole tokens. Mistral
+  renders ``[/INST] `` + reply, and the reply's first token is `` Hello``, space included;
+  a "first character" rule would never train the first word of any reply;
+- a token that starts in a trained region and runs past its end is trained whole.
 
-With the real tokenizer of a template family the boundaries are special tokens, so neither
-case arises; ``losslab inspect`` shows it when it does.
+With the real tokenizer of a template family the end-of-turn and header markers are
+special tokens, so nothing of the next header is ever trained; ``losslab inspect`` shows
+where a boundary falls inside a token.
 """
 
 from __future__ import annotations
@@ -46,22 +48,24 @@ def label_tokens(
     """``(labels, weights)`` for tokens with character ``offsets``.
 
     ``labels[i] == input_ids[i]`` where the weight is > 0, else -100; ``weights[i]`` is the
-    weight of the region holding token i's first character (``default_weight`` outside all
-    regions; 0 for zero-width tokens). Regions must not overlap.
+    weight of the (last) region that token i overlaps (``default_weight`` if none; 0 for
+    zero-width tokens). Regions must not overlap each other.
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
     starts, ends = offs[:, 0], offs[:, 1]
     weights = np.full(len(ids), float(default_weight), dtype=np.float64)
-    if regions:
-        ordered = sorted((r for r in regions if r.end > r.start), key=lambda r: r.start)
+    ordered = sorted((r for r in regions if r.end > r.start), key=lambda r: r.start)
+    if ordered:
         r_start = np.array([r.start for r in ordered], dtype=np.int64)
         r_end = np.array([r.end for r in ordered], dtype=np.int64)
         r_weight = np.array([r.weight for r in ordered], dtype=np.float64)
-        if len(ordered) > 1 and np.any(r_start[1:] < r_end[:-1]):
+        if np.any(r_start[1:] < r_end[:-1]):
             raise ValueError(f"overlapping regions: {ordered}")
-        k = np.searchsorted(r_start, starts, side="right") - 1  # last region starting at or before
-        inside = (k >= 0) & (starts < r_end[np.maximum(k, 0)])
+        # the last region starting before the token's end; with sorted disjoint regions the
+        # token overlaps some region iff it overlaps this one
+        k = np.searchsorted(r_start, ends, side="left") - 1
+        inside = (k >= 0) & (r_end[np.maximum(k, 0)] > starts)
         weights[inside] = r_weight[k[inside]]
     weights[ends <= starts] = 0.0  # zero-width (added special) tokens are never trained
     labels = np.where(weights > 0, ids, IGNORE_INDEX)
