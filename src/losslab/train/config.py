@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 Task = Literal["causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"]
 
@@ -30,6 +30,12 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training records")
     max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test records")
     on_error: Literal["raise", "skip"] = Field("raise", description="bad records: stop with an error, or skip and count")
+    label_type: Literal["auto", "class", "multi_label", "regression"] = Field(
+        "auto", description="sequence_classification: class (one label per text), multi_label (a list of labels per text), "
+        "regression (a number); auto: a list -> multi_label, a float -> regression, else class (first training record)")
+    label_names: list[str] | None = Field(None, description="sequence/token classification: class or tag names in id order; "
+                                          "default: sorted from the training data ('O' first for tags)")
+    use_margin: bool = Field(True, description="reward_model: pass each pair's `margin` to the loss (e.g. Bradley-Terry with margin) when records have one")
 
 
 class LossConfig(_Section):
@@ -70,6 +76,14 @@ class EvalConfig(_Section):
     generation_samples: int = Field(32, ge=1, description="held-out prompts generated for BLEU/chrF")
 
 
+class EmbeddingConfig(_Section):
+    pooling: Literal["mean", "cls", "last"] = Field("mean", description="embedding: sentence vector = mean of the token states, the first token's, or the last real token's")
+    normalize: bool = Field(True, description="embedding: L2-normalise the sentence vectors")
+    context_turns: int = Field(1, ge=0, description="embedding: previous turns that form a reply's context (0 = all of them)")
+    negatives: bool | None = Field(None, description="embedding: encode an explicit negative per pair (a reply from another conversation); default: when a loss term needs one (triplet)")
+    recall_at: list[PositiveInt] = Field(min_length=1, default_factory=lambda: [1, 5, 10], description="embedding: k of the recall@k metrics")
+
+
 class TrainConfig(_Section):
     task: Task = Field("causal_lm", description="what is trained")
     model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
@@ -81,6 +95,7 @@ class TrainConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -4,6 +4,7 @@ one entry in :data:`TASKS`."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,4 +41,16 @@ def _causal_lm(config: TrainConfig) -> TaskRun:
     return build(config)
 
 
-TASKS: dict[str, Callable[[TrainConfig], TaskRun]] = {"causal_lm": _causal_lm}
+def _lazy(module: str) -> Callable[[TrainConfig], TaskRun]:
+    """``losslab.train.tasks.<module>.build``, imported on first use."""
+
+    def build(config: TrainConfig) -> TaskRun:
+        return importlib.import_module(f"losslab.train.tasks.{module}").build(config)
+
+    return build
+
+
+TASKS: dict[str, Callable[[TrainConfig], TaskRun]] = {
+    "causal_lm": _causal_lm,
+    **{task: _lazy(task) for task in ("sequence_classification", "token_classification", "reward_model", "embedding")},
+}

@@ -1,0 +1,229 @@
+"""``embedding``: a sentence encoder trained on context -> reply pairs from chat records, for
+retrieval (find the reply that fits a context) with in-batch negatives.
+
+Pairs: every assistant turn that has a previous turn gives one pair; its context is the
+previous ``embedding.context_turns`` turns (0 = all of them; system messages left out),
+joined by newlines, and the reply is its text. Pairs are ordered round-robin over the
+conversations (each conversation's first pair, then each one's second, ...), so the first N
+pairs (``data.max_train_samples`` / ``max_eval_samples`` count pairs) come from as many
+different conversations as possible. A context keeps its most recent tokens when cut; a
+reply follows ``data.truncation``. With explicit negatives (``embedding.negatives``, on by
+default when a loss term needs them, e.g. ``triplet``), each pair also gets the reply of a
+random pair from another conversation of the same split (``random.Random(seed)``).
+
+Model: the backbone without a head (``AutoModel``); a text's vector is the mean of its token
+states (``embedding.pooling``: mean | cls | last), L2-normalised when
+``embedding.normalize`` (the MiniLM sentence encoder's recipe). Contexts, replies and
+negatives of a batch go through ONE forward. Loss inputs: ``anchor`` (contexts), ``positive``
+(replies), ``negative`` (N, D): ``info_nce`` (default, temperature 0.05: every other reply of
+the batch, and any negatives, are the negatives) or ``triplet``; ``l2`` / ``l2_sp``.
+
+Evaluation per split: each context is a query against every distinct reply of the split
+(identical replies are one candidate), scored by cosine similarity: ``recall@k`` for k in
+``embedding.recall_at`` and ``mrr`` (pessimistic ties, see docs/metrics.md), plus
+``candidates`` (the number of distinct replies).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from losslab.data.schemas import SCHEMAS
+from losslab.errors import UserError
+from losslab.eval.ranking import retrieval_metrics
+from losslab.eval.report import namespace
+from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.models import load_tokenizer, resolve
+from losslab.train.config import EmbeddingConfig, TrainConfig
+from losslab.train.tasks import TaskRun
+from losslab.train.tasks._common import (
+    TaskLossFunc,
+    collate_texts,
+    describe_split,
+    encode,
+    eval_batch_size,
+    eval_batches,
+    model_inputs,
+    model_kwargs,
+    plan_loss,
+    read_splits,
+    reference_params,
+    sample_limit,
+)
+
+DEFAULT_TERMS = [{"name": "info_nce", "temperature": 0.05}]
+PROVIDES = {"anchor", "positive", "negative", "num_examples"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    conversation: int
+    context: str
+    reply: str
+
+
+def conversation_pairs(messages: Sequence[Any], conversation: int, context_turns: int) -> list[Pair]:
+    """The (context, reply) pairs of one conversation, in order."""
+    turns = [m for m in messages if m.role != "system"]
+    pairs = []
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant" and i > 0:
+            start = max(0, i - context_turns) if context_turns else 0
+            pairs.append(Pair(conversation, "\n".join(t.content for t in turns[start:i]), turn.content))
+    return pairs
+
+
+def round_robin(groups: Sequence[Sequence[Pair]]) -> list[Pair]:
+    """Every group's first item, then every group's second, ..."""
+    out = []
+    for depth in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[depth] for g in groups if depth < len(g))
+    return out
+
+
+def negative_replies(pairs: Sequence[Pair], pool: Sequence[Pair], seed: int) -> list[str]:
+    """For each pair, the reply of a random pair of ``pool`` from another conversation."""
+    if len({p.conversation for p in pool}) < 2:
+        raise UserError("explicit negatives need pairs from at least 2 conversations")
+    rng = random.Random(seed)
+    out = []
+    for pair in pairs:
+        other = pool[rng.randrange(len(pool))]
+        while other.conversation == pair.conversation:
+            other = pool[rng.randrange(len(pool))]
+        out.append(other.reply)
+    return out
+
+
+def pool_states(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str, normalize: bool) -> torch.Tensor:
+    """Sentence vectors (B, D) from token states (B, T, D) of right-padded rows."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    if how == "mean":
+        vectors = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+    elif how == "cls":
+        vectors = hidden[:, 0]
+    else:  # last real token
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1
+        vectors = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return F.normalize(vectors, dim=-1) if normalize else vectors
+
+
+def embed(model: torch.nn.Module, batch: dict[str, Any], options: EmbeddingConfig) -> torch.Tensor:
+    hidden = model(**model_inputs(batch)).last_hidden_state  # (B, T, D)
+    return pool_states(hidden, batch["attention_mask"], options.pooling, options.normalize)
+
+
+@dataclass
+class TripleCollator:
+    """One batch of the B contexts, then the B replies (then the B negatives), ``labels`` (B,)
+    zeros (one trained item per pair) and ``return_loss`` (so the Trainer evaluates a
+    head-less model's loss)."""
+
+    pad_id: int
+    negatives: bool
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        roles = ("anchor", "positive", "negative") if self.negatives else ("anchor", "positive")
+        batch: dict[str, Any] = collate_texts([f[role] for role in roles for f in features], self.pad_id)
+        batch["labels"] = torch.zeros(len(features), dtype=torch.long)
+        batch["return_loss"] = True
+        return batch
+
+
+def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, targets: Sequence[int],
+                     ks: Sequence[int]) -> dict[str, float]:
+    """recall@k and MRR of (Q, D) query vectors against (C, D) candidates by cosine similarity."""
+    sims = F.normalize(queries.double(), dim=-1) @ F.normalize(candidates.double(), dim=-1).T  # (Q, C)
+    return {**retrieval_metrics(sims, torch.tensor(list(targets)), ks=ks), "candidates": int(candidates.shape[0])}
+
+
+@torch.no_grad()
+def embed_texts(model: torch.nn.Module, encodings: list[dict[str, list[int]]], *, pad_id: int, batch_size: int,
+                options: EmbeddingConfig) -> torch.Tensor:
+    """(N, D) vectors of encoded texts, in batches."""
+    features = [{"encoding": e} for e in encodings]
+    collator = partial(_collate_encodings, pad_id=pad_id)
+    return torch.cat([embed(model, batch, options).float().cpu()
+                      for batch in eval_batches(model, features, collator, batch_size)])
+
+
+def _collate_encodings(features: list[dict], *, pad_id: int) -> dict[str, torch.Tensor]:
+    return collate_texts([f["encoding"] for f in features], pad_id)
+
+
+def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id: int, batch_size: int,
+             options: EmbeddingConfig) -> dict[str, float]:
+    """Retrieval metrics of ``split``: every context against every distinct reply."""
+    candidates: dict[tuple[int, ...], int] = {}
+    targets = [candidates.setdefault(tuple(f["positive"]["input_ids"]), len(candidates)) for f in dataset]
+    kwargs = {"pad_id": pad_id, "batch_size": batch_size, "options": options}
+    queries = embed_texts(model, [f["anchor"] for f in dataset], **kwargs)
+    replies = embed_texts(model, [{"input_ids": list(ids)} for ids in candidates], **kwargs)
+    return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
+
+
+def build(config: TrainConfig) -> TaskRun:
+    from transformers import AutoModel
+
+    options = config.embedding
+    plan = plan_loss(config, "embedding", DEFAULT_TERMS, PROVIDES)
+    needs_negative = plan.requires("negative")
+    negatives = needs_negative if options.negatives is None else options.negatives
+    if needs_negative and not negatives:
+        raise UserError("a loss term needs explicit negatives; set embedding.negatives: true", where="embedding.negatives")
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    splits = read_splits(config, SCHEMAS["chat"])
+    reply_drop = "end" if config.data.truncation == "end" else "start"
+    max_length = config.data.max_length
+    datasets: dict[str, list[dict]] = {}
+    lines = []
+    for split, records in splits.items():
+        groups = [conversation_pairs(r.messages, i, options.context_turns) for i, r in enumerate(records.records)]
+        every = round_robin(groups)
+        pairs = every[: sample_limit(config, split)]
+        if not pairs:
+            raise UserError(f"no context -> reply pairs in the {split} records (no assistant turn after another turn)",
+                            where=records.path)
+        features, truncated = [], 0
+        replies = negative_replies(pairs, every, config.seed) if negatives else None
+        for i, pair in enumerate(pairs):
+            anchor, cut_a = encode(tokenizer, pair.context, max_length=max_length, drop="start")
+            positive, cut_p = encode(tokenizer, pair.reply, max_length=max_length, drop=reply_drop)
+            feature = {"anchor": anchor, "positive": positive}
+            if replies is not None:
+                feature["negative"] = encode(tokenizer, replies[i], max_length=max_length, drop=reply_drop)[0]
+            truncated += cut_a or cut_p
+            features.append(feature)
+        datasets[split] = features
+        lines.append(describe_split(split, len(features), records, truncated))
+        print(lines[-1])
+
+    model = AutoModel.from_pretrained(resolve(config.model), **model_kwargs(config))
+    collator = TripleCollator(tokenizer.pad_token_id, negatives)
+
+    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+        n = batch["labels"].shape[0]
+        vectors = embed(model, batch, options)  # (2B or 3B, D)
+        anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
+        out = {"anchor": anchor, "positive": positive}
+        return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None), out
+
+    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
+        composite = plan.composite(configured)
+        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
+
+    summary = {"task": "embedding", "loss": plan.note, "negatives": negatives, "pooling": options.pooling,
+               "data": lines}
+    print(f"loss: {plan.note}; explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
+                   evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
+                                    options=options),
+                   summary=summary)

@@ -1,0 +1,163 @@
+"""``reward_model``: a scalar score of prompt + answer, trained on preference pairs
+``{"prompt": str | messages, "chosen": str, "rejected": str, "margin": float (optional)}``.
+
+The model is a sequence-classification head with one output
+(``AutoModelForSequenceClassification``, ``num_labels=1``). What it reads:
+
+- a tokenizer with a chat template (the decoders): the conversation ``prompt`` (a user
+  message, or the given messages) + the answer as the assistant turn, rendered by the
+  template; the score is read at the last token. A too-long pair loses the start of its
+  prompt first, then the end of its answer.
+- otherwise (encoders): the text pair ``(prompt, answer)`` (``[CLS] prompt [SEP] answer
+  [SEP]`` for BERT, the score read from ``[CLS]``), truncated longest-first.
+
+Chosen and rejected answers of a batch go through ONE forward (2B rows: chosen first).
+Loss inputs: ``rewards_chosen``, ``rewards_rejected`` (N,) and, with ``data.use_margin`` and
+records that have one, ``margins`` (N,) (0 for a record without): ``bradley_terry``
+(default: ``-log sigmoid(r_c - r_r - m)``) or ``margin_ranking``; ``l2`` / ``l2_sp``.
+
+Evaluation per split: ``pairwise_accuracy`` (ties count half), ``reward_margin`` (mean
+``r_c - r_r``), ``reward_chosen``, ``reward_rejected`` and ``loss`` = mean
+``-log sigmoid(r_c - r_r)`` (Bradley-Terry without margin, whatever loss trained the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from losslab.data.schemas import SCHEMAS
+from losslab.errors import UserError
+from losslab.eval.ranking import reward_metrics
+from losslab.eval.report import namespace
+from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.models import load_tokenizer, resolve
+from losslab.train.config import TrainConfig
+from losslab.train.tasks import TaskRun
+from losslab.train.tasks._common import (
+    TaskLossFunc,
+    collate_texts,
+    describe_split,
+    encode,
+    eval_batch_size,
+    eval_batches,
+    model_inputs,
+    model_kwargs,
+    plan_loss,
+    read_splits,
+    reference_params,
+    sample_limit,
+    set_pad_token,
+)
+
+DEFAULT_TERMS = [{"name": "bradley_terry"}]
+PROVIDES = {"rewards_chosen", "rewards_rejected", "margins", "num_examples"}
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    """The prompt as chat messages: a string is one user message."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def encode_answer(tokenizer: Any, prompt: Any, answer: str, max_length: int) -> tuple[dict[str, list[int]], bool]:
+    """The tokens the reward model scores for one (prompt, answer); see the module docstring."""
+    messages = prompt_messages(prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        context = "\n".join(m["content"] for m in messages)
+        return encode(tokenizer, context, answer, max_length=max_length)
+    head = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(head):
+        raise UserError("the chat template does not render the prompt as a prefix of prompt + answer")
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    room = max(0, max_length - len(answer_ids))  # the prompt loses its start first
+    ids = (head_ids[len(head_ids) - room:] if room else []) + answer_ids
+    return {"input_ids": ids[:max_length]}, len(head_ids) + len(answer_ids) > max_length
+
+
+@dataclass
+class PairCollator:
+    """One batch of 2B texts (chosen rows first, then rejected), ``labels`` (B,) zeros (one
+    trained item per pair, for the Trainer's count) and ``margins`` (B,) when present."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_texts([f["chosen"] for f in features] + [f["rejected"] for f in features], self.pad_id)
+        batch["labels"] = torch.zeros(len(features), dtype=torch.long)
+        if any("margin" in f for f in features):
+            batch["margins"] = torch.tensor([f.get("margin", 0.0) for f in features], dtype=torch.float32)
+        return batch
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+    rewards = model(**model_inputs(batch)).logits.squeeze(-1)  # (2B,)
+    n = batch["labels"].shape[0]
+    chosen, rejected = rewards[:n], rewards[n:]
+    return (LossInputs(rewards_chosen=chosen, rewards_rejected=rejected, margins=batch.get("margins")),
+            {"rewards_chosen": chosen, "rewards_rejected": rejected})
+
+
+def scores(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """The metrics of a split from its (N,) rewards."""
+    loss = -F.logsigmoid(chosen.double() - rejected.double()).mean()
+    return {**reward_metrics(chosen.double(), rejected.double()), "loss": float(loss)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: PairCollator,
+             batch_size: int) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``."""
+    chosen, rejected = [], []
+    for batch in eval_batches(model, dataset, collator, batch_size):
+        out = forward(model, batch)[1]
+        chosen.append(out["rewards_chosen"].float().cpu())
+        rejected.append(out["rewards_rejected"].float().cpu())
+    return namespace(scores(torch.cat(chosen), torch.cat(rejected)), split)
+
+
+def build(config: TrainConfig) -> TaskRun:
+    from transformers import AutoModelForSequenceClassification
+
+    plan = plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    splits = read_splits(config, SCHEMAS["preference"])
+    datasets: dict[str, list[dict]] = {}
+    lines = []
+    for split, records in splits.items():
+        features, truncated = [], 0
+        for record in records.records[: sample_limit(config, split)]:
+            chosen, cut_c = encode_answer(tokenizer, record.prompt, record.chosen, config.data.max_length)
+            rejected, cut_r = encode_answer(tokenizer, record.prompt, record.rejected, config.data.max_length)
+            truncated += cut_c or cut_r
+            feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected}
+            if config.data.use_margin and record.margin is not None:
+                feature["margin"] = record.margin
+            features.append(feature)
+        datasets[split] = features
+        lines.append(describe_split(split, len(features), records, truncated))
+        print(lines[-1])
+
+    model = AutoModelForSequenceClassification.from_pretrained(resolve(config.model), num_labels=1,
+                                                               **model_kwargs(config))
+    set_pad_token(model, tokenizer)
+    collator = PairCollator(tokenizer.pad_token_id)
+
+    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
+        composite = plan.composite(configured)
+        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
+
+    margins = "record margins" if any("margin" in f for f in datasets["train"]) else "no margins"
+    summary = {"task": "reward_model", "loss": plan.note, "margins": margins, "data": lines,
+               "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"}
+    print(f"loss: {plan.note} ({margins})")
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
+                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config)), summary=summary)

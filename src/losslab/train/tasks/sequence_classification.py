@@ -1,0 +1,226 @@
+"""``sequence_classification``: one label, a set of labels, or a number per text.
+
+Any backbone with a sequence-classification head (``AutoModelForSequenceClassification``): an
+encoder (``builtin:minilm-l6``, the head reads the pooled first token) or a decoder
+(``builtin:tiny-llama``, ``builtin:smollm2-135m-instruct``: the head reads the last
+non-padding token, so the pad id is set on the model config).
+
+Label types (``data.label_type``; ``auto`` looks at the first training record):
+
+- ``class``: ``{"text": str, "label": str | int}``; ``class_logits`` (N, C) and
+  ``class_targets`` (N,) for ``cross_entropy`` (default), ``focal``, ``multiclass_hinge``.
+  String labels are named classes (sorted, or ``data.label_names``); int labels are class ids.
+- ``multi_label``: ``{"text": str, "label": [str, ...]}``; ``class_logits`` (N, K) and 0/1
+  ``class_targets`` (N, K) for ``binary_cross_entropy`` (default) or ``binary_focal``.
+- ``regression``: ``{"text": str, "label": float}``; one output, ``predictions`` and
+  ``targets`` (N,) for ``mse`` (default) or ``huber``.
+
+``l2`` / ``l2_sp`` terms get the model (and, for ``l2_sp``, its parameters before training).
+
+Evaluation per split: ``class``: accuracy, per-class precision / recall / F1 / support, macro
+and weighted averages, and ``loss`` = mean cross-entropy of the true class;
+``multi_label``: per-label report, micro / macro / weighted, subset accuracy, Hamming loss
+(threshold 0.5 on the sigmoid) and ``loss`` = mean binary cross-entropy per label;
+``regression``: mse, rmse, mae, pearson, spearman.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+
+from losslab.data.prepare import resolve_data_path
+from losslab.data.records import iter_raw_records
+from losslab.data.schemas import SCHEMAS
+from losslab.errors import UserError
+from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
+from losslab.eval.report import namespace
+from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.models import load_tokenizer, resolve
+from losslab.train.config import TrainConfig
+from losslab.train.tasks import TaskRun
+from losslab.train.tasks._common import (
+    TaskLossFunc,
+    collate_texts,
+    describe_split,
+    encode,
+    eval_batch_size,
+    eval_batches,
+    label_id,
+    label_vocabulary,
+    model_inputs,
+    model_kwargs,
+    plan_loss,
+    read_splits,
+    reference_params,
+    sample_limit,
+    set_pad_token,
+)
+
+
+class MultiLabelRecord(BaseModel):
+    """A text with any number of labels (an empty list is a valid "none of them")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: str
+    label: list[str]
+
+
+SCHEMA: dict[str, type[BaseModel]] = {
+    "class": SCHEMAS["classification"],
+    "multi_label": MultiLabelRecord,
+    "regression": SCHEMAS["regression"],
+}
+DEFAULT_TERMS = {
+    "class": [{"name": "cross_entropy"}],
+    "multi_label": [{"name": "binary_cross_entropy"}],
+    "regression": [{"name": "mse"}],
+}
+PROVIDES = {
+    "class": {"class_logits", "class_targets", "num_examples"},
+    "multi_label": {"class_logits", "class_targets", "num_examples"},
+    "regression": {"predictions", "targets", "num_examples"},
+}
+PROBLEM_TYPE = {"class": "single_label_classification", "multi_label": "multi_label_classification",
+                "regression": "regression"}
+
+
+def detect_label_type(config: TrainConfig) -> str:
+    """``data.label_type``, or for ``auto`` the first training record's label: a list ->
+    ``multi_label``, a float -> ``regression``, anything else -> ``class``."""
+    if config.data.label_type != "auto":
+        return config.data.label_type
+    for _source, raw in iter_raw_records(resolve_data_path(config.data.train, "train")):
+        if isinstance(raw, dict) and "label" in raw:
+            label = raw["label"]
+            return "multi_label" if isinstance(label, list) else "regression" if isinstance(label, float) else "class"
+    return "class"
+
+
+def class_names(config: TrainConfig, label_type: str, train_records: list[Any]) -> list[str]:
+    """Class names in id order (none for regression)."""
+    if label_type == "regression":
+        return []
+    if label_type == "multi_label":
+        return label_vocabulary(config.data.label_names, [n for r in train_records for n in r.label])
+    labels = [r.label for r in train_records]
+    if all(isinstance(x, int) for x in labels):  # class ids
+        return config.data.label_names or [str(i) for i in range(max(labels) + 1)]
+    return label_vocabulary(config.data.label_names, [str(x) for x in labels])
+
+
+def target(label_type: str, record: Any, label2id: dict[str, int], source: Any) -> int | float | list[float]:
+    """The ``labels`` entry of one record: a class id, a 0/1 vector or a number."""
+    if label_type == "regression":
+        return float(record.label)
+    if label_type == "multi_label":
+        ids = {label_id(label2id, name, source) for name in record.label}
+        return [1.0 if i in ids else 0.0 for i in range(len(label2id))]
+    if isinstance(record.label, int):
+        if not 0 <= record.label < len(label2id):
+            raise UserError(f"field 'label': class id {record.label} is outside 0..{len(label2id) - 1}", where=str(source))
+        return record.label
+    return label_id(label2id, record.label, source)
+
+
+@dataclass
+class TextCollator:
+    """Padded texts and their ``labels``: (B,) class ids, (B,) numbers or (B, K) 0/1."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_texts([f["encoding"] for f in features], self.pad_id)
+        labels = [f["labels"] for f in features]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float32)
+        return batch
+
+
+def make_forward(label_type: str):
+    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+        logits = model(**model_inputs(batch)).logits  # (B, C), (B, K) or (B, 1)
+        labels = batch["labels"]
+        if label_type == "regression":
+            return LossInputs(predictions=logits.squeeze(-1), targets=labels), {"logits": logits}
+        return LossInputs(class_logits=logits, class_targets=labels), {"logits": logits}
+
+    return forward
+
+
+def scores(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[dict[str, float], PerClassReport | None]:
+    """The metrics of a split from its logits (N, C) and ``labels`` (as in the batches),
+    and the per-class report to print (None for regression)."""
+    logits = logits.double()
+    if label_type == "regression":
+        return regression_metrics(labels.double(), logits[:, 0]), None
+    if label_type == "multi_label":
+        report = multilabel_report(labels.long(), logits, from_logits=True, labels=names)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.double())
+    else:
+        report = classification_report(labels, logits.argmax(-1), labels=names)
+        loss = F.cross_entropy(logits, labels)
+    return {**report.to_dict(), "loss": float(loss)}, report
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TextCollator, batch_size: int,
+             label_type: str, names: list[str]) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the report."""
+    logits, labels = [], []
+    for batch in eval_batches(model, dataset, collator, batch_size):
+        logits.append(model(**model_inputs(batch)).logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    metrics, report = scores(label_type, torch.cat(logits), torch.cat(labels), names)
+    if report is not None:
+        print(f"{split}:\n{report}")
+    return namespace(metrics, split)
+
+
+def build(config: TrainConfig) -> TaskRun:
+    from transformers import AutoModelForSequenceClassification
+
+    label_type = detect_label_type(config)
+    plan = plan_loss(config, f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    splits = read_splits(config, SCHEMA[label_type])
+    names = class_names(config, label_type, splits["train"].records)
+    label2id = {n: i for i, n in enumerate(names)}
+    drop = "end" if config.data.truncation == "end" else "start"
+    datasets: dict[str, list[dict]] = {}
+    lines = []
+    for split, records in splits.items():
+        features, truncated = [], 0
+        limit = sample_limit(config, split)
+        for source, record in list(zip(records.sources, records.records))[:limit]:
+            encoding, cut = encode(tokenizer, record.text, max_length=config.data.max_length, drop=drop)
+            truncated += cut
+            features.append({"encoding": encoding, "labels": target(label_type, record, label2id, source)})
+        datasets[split] = features
+        lines.append(describe_split(split, len(features), records, truncated))
+        print(lines[-1])
+
+    head = {"num_labels": 1} if label_type == "regression" else {
+        "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": label2id}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve(config.model), problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
+    set_pad_token(model, tokenizer)
+    collator = TextCollator(tokenizer.pad_token_id)
+    forward = make_forward(label_type)
+
+    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
+        composite = plan.composite(configured)
+        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
+
+    summary = {"task": "sequence_classification", "label_type": label_type, "labels": names, "loss": plan.note,
+               "data": lines}
+    print(f"loss: {plan.note}")
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
+                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config),
+                                    label_type=label_type, names=names),
+                   summary=summary)

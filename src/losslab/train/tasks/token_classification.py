@@ -1,0 +1,164 @@
+"""``token_classification``: named-entity recognition on ``{"tokens": [...], "tags": [...]}``
+records (BIO or IOBES tags), with a token-classification head
+(``AutoModelForTokenClassification``) on an encoder or decoder backbone.
+
+Label alignment (first-sub-token labelling): the words are tokenised with a fast tokenizer
+(``is_split_into_words``); the FIRST sub-token of each word carries the word's tag id, every
+other sub-token, special token and padding gets ``-100`` (not trained, not scored). A word
+cut off by ``data.max_length``, or one the tokenizer turns into no token at all, has no
+scored position: it is neither trained nor evaluated (the log counts truncated sentences).
+
+Loss inputs: ``logits`` (B, T, C) and ``labels`` (B, T) for ``token_cross_entropy`` (the
+default: mean cross-entropy over the labelled sub-tokens), and the same flattened as
+``class_logits`` (B*T, C) / ``class_targets`` (B*T,) for ``cross_entropy``, ``focal`` or
+``multiclass_hinge``; ``l2`` / ``l2_sp`` as for every task. Tags are ``data.label_names`` or
+the sorted tags of the training data with ``O`` first.
+
+Evaluation per split: the entity-level seqeval report (lenient, conlleval-compatible:
+``f1_micro`` is the headline entity F1, plus per-type and macro / weighted scores),
+``token_accuracy`` over the labelled sub-tokens and ``loss`` = their mean cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from losslab.data.schemas import SCHEMAS
+from losslab.errors import UserError
+from losslab.eval.ner import ids_to_tags, ner_report
+from losslab.eval.report import namespace
+from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.models import load_tokenizer, resolve
+from losslab.train.config import TrainConfig
+from losslab.train.tasks import TaskRun
+from losslab.train.tasks._common import (
+    TaskLossFunc,
+    collate_texts,
+    describe_split,
+    encode,
+    eval_batch_size,
+    eval_batches,
+    label_id,
+    label_vocabulary,
+    model_inputs,
+    model_kwargs,
+    pad,
+    plan_loss,
+    read_splits,
+    reference_params,
+    sample_limit,
+    set_pad_token,
+)
+
+IGNORE = -100
+DEFAULT_TERMS = [{"name": "token_cross_entropy", "weight": 1.0}]
+PROVIDES = {"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items", "num_examples"}
+
+
+def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
+    """Per sub-token: the tag id of its word on the word's first sub-token, else ``-100``
+    (special tokens have word id None)."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(tag_ids[word] if word is not None and word != previous else IGNORE)
+        if word is not None:
+            previous = word
+    return labels
+
+
+@dataclass
+class TokenCollator:
+    """Padded sub-tokens and their ``labels`` (B, T), ``-100`` on padding."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = collate_texts([f["encoding"] for f in features], self.pad_id)
+        batch["labels"] = pad([f["labels"] for f in features], IGNORE, torch.long)
+        return batch
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+    logits = model(**model_inputs(batch)).logits  # (B, T, C)
+    labels = batch["labels"]  # (B, T)
+    inputs = LossInputs(
+        logits=logits, labels=labels, attention_mask=batch["attention_mask"],
+        class_logits=logits.reshape(-1, logits.shape[-1]), class_targets=labels.reshape(-1),
+    )
+    return inputs, {"logits": logits}
+
+
+def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(sum of cross-entropy, correct, scored) over the labelled positions of a batch."""
+    scored = labels != IGNORE
+    nll = F.cross_entropy(logits[scored].double(), labels[scored], reduction="sum")
+    return float(nll), int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TokenCollator, batch_size: int,
+             tags: list[str]) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the report."""
+    y_true: list[list[str]] = []
+    y_pred: list[list[str]] = []
+    nll, correct, scored = 0.0, 0, 0
+    for batch in eval_batches(model, dataset, collator, batch_size):
+        logits = model(**model_inputs(batch)).logits.float()  # (B, T, C)
+        labels = batch["labels"]
+        true, pred = ids_to_tags(logits.argmax(-1).cpu(), labels.cpu(), tags)
+        y_true += true
+        y_pred += pred
+        b_nll, b_correct, b_scored = batch_scores(logits, labels)
+        nll, correct, scored = nll + b_nll, correct + b_correct, scored + b_scored
+    report = ner_report(y_true, y_pred)
+    print(f"{split} (entities):\n{report}")
+    per_token = {"token_accuracy": correct / scored, "loss": nll / scored} if scored else {}
+    return namespace({**report.to_dict(), **per_token}, split)
+
+
+def build(config: TrainConfig) -> TaskRun:
+    from transformers import AutoModelForTokenClassification
+
+    plan = plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"token_classification needs a fast tokenizer (word ids) for {config.model}")
+    splits = read_splits(config, SCHEMAS["ner"])
+    tags = label_vocabulary(config.data.label_names, [t for r in splits["train"].records for t in r.tags], first="O")
+    tag2id = {t: i for i, t in enumerate(tags)}
+    drop = "end" if config.data.truncation == "end" else "start"
+    datasets: dict[str, list[dict]] = {}
+    lines = []
+    for split, records in splits.items():
+        features, truncated = [], 0
+        for source, record in list(zip(records.sources, records.records))[: sample_limit(config, split)]:
+            tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
+            encoding, cut = encode(tokenizer, record.tokens, max_length=config.data.max_length, drop=drop,
+                                   is_split_into_words=True)
+            truncated += cut
+            features.append({"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids)})
+        datasets[split] = features
+        lines.append(describe_split(split, len(features), records, truncated))
+        print(lines[-1])
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        resolve(config.model), num_labels=len(tags), id2label=dict(enumerate(tags)), label2id=tag2id,
+        **model_kwargs(config))
+    set_pad_token(model, tokenizer)
+    collator = TokenCollator(tokenizer.pad_token_id)
+
+    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
+        composite = plan.composite(configured)
+        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
+
+    summary = {"task": "token_classification", "tags": tags, "loss": plan.note, "data": lines}
+    print(f"loss: {plan.note}")
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
+                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags),
+                   summary=summary)

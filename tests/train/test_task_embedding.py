@@ -1,0 +1,91 @@
+"""embedding: context -> reply pairs, explicit negatives, pooling, retrieval metrics by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from losslab.data.schemas import Message
+from losslab.errors import UserError
+from losslab.train.config import EmbeddingConfig
+from losslab.train.tasks.embedding import (
+    TripleCollator,
+    conversation_pairs,
+    evaluate,
+    negative_replies,
+    pool_states,
+    round_robin,
+)
+
+CHAT = [Message(role="system", content="S"), Message(role="user", content="u1"), Message(role="assistant", content="a1"),
+        Message(role="user", content="u2"), Message(role="assistant", content="a2")]
+
+
+def test_pairs_from_a_conversation() -> None:
+    assert [(p.context, p.reply) for p in conversation_pairs(CHAT, 0, context_turns=1)] == [("u1", "a1"), ("u2", "a2")]
+    assert [(p.context, p.reply) for p in conversation_pairs(CHAT, 0, context_turns=2)] == [("u1", "a1"), ("a1\nu2", "a2")]
+    assert [p.context for p in conversation_pairs(CHAT, 0, context_turns=0)] == ["u1", "u1\na1\nu2"]  # system left out
+
+
+def test_round_robin_spreads_the_first_pairs_over_conversations() -> None:
+    groups = [conversation_pairs(CHAT, c, 1) for c in range(3)]
+    assert [(p.conversation, p.reply) for p in round_robin(groups)[:4]] == [(0, "a1"), (1, "a1"), (2, "a1"), (0, "a2")]
+
+
+def test_negatives_come_from_other_conversations_and_a_fixed_seed() -> None:
+    pool = [p for c in range(4) for p in conversation_pairs([*CHAT[:3], Message(role="user", content=f"x{c}"),
+                                                             Message(role="assistant", content=f"r{c}")], c, 1)]
+    first = negative_replies(pool, pool, seed=0)
+    assert first == negative_replies(pool, pool, seed=0)
+    by_reply = {p.reply: p.conversation for p in pool if p.reply.startswith("r")}
+    for pair, negative in zip(pool, first):
+        assert by_reply.get(negative) != pair.conversation
+    with pytest.raises(UserError, match="2 conversations"):
+        negative_replies(pool[:2], pool[:2], seed=0)
+
+
+def test_pooling_ignores_padding() -> None:
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]], [[0.0, 4.0], [9.0, 9.0], [9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert pool_states(hidden, mask, "mean", False).tolist() == [[2.0, 1.0], [0.0, 4.0]]
+    assert pool_states(hidden, mask, "cls", False).tolist() == [[1.0, 0.0], [0.0, 4.0]]
+    assert pool_states(hidden, mask, "last", False).tolist() == [[3.0, 2.0], [0.0, 4.0]]
+    assert torch.linalg.vector_norm(pool_states(hidden, mask, "mean", True), dim=-1).tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_collator_rows_are_contexts_replies_negatives() -> None:
+    features = [{"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [3]}},
+                {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [6]}}]
+    assert TripleCollator(0, negatives=True)(features)["input_ids"].flatten().tolist() == [1, 4, 2, 5, 3, 6]
+    batch = TripleCollator(0, negatives=False)(features)
+    assert batch["input_ids"].flatten().tolist() == [1, 4, 2, 5]
+    assert batch["labels"].tolist() == [0, 0] and batch["return_loss"] is True
+
+
+class TokenVectors(torch.nn.Module):
+    """A stand-in encoder: the state of a token is ``table[token id]``."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SimpleNamespace:
+        return SimpleNamespace(last_hidden_state=self.table[input_ids])
+
+
+def test_retrieval_metrics_by_hand() -> None:
+    # ids: 0 = padding (a wild vector: must not count), 1 = [1, 0], 2 = [0, 1], 3 = [1, 0.1]
+    model = TokenVectors([[-50.0, 80.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.1]])
+    dataset = [
+        {"anchor": {"input_ids": [1]}, "positive": {"input_ids": [3]}},  # best candidate [1, 0]: its reply ranks 2
+        {"anchor": {"input_ids": [2]}, "positive": {"input_ids": [1]}},  # [0, 1]: cos 0 vs 0.0995: rank 2
+        {"anchor": {"input_ids": [1, 2]}, "positive": {"input_ids": [3]}},  # mean [0.5, 0.5]; the same reply as row 0
+    ]
+    options = EmbeddingConfig(recall_at=[1, 2])
+    m = evaluate(model, dataset, "test", pad_id=0, batch_size=2, options=options)
+    assert m["test/candidates"] == 2  # identical replies are one candidate
+    assert m["test/recall@1"] == pytest.approx(1 / 3)
+    assert m["test/recall@2"] == pytest.approx(1.0)
+    assert m["test/mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)

@@ -1,0 +1,87 @@
+"""token_classification: first-sub-token label alignment and the entity report by hand."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from losslab.models import load_tokenizer
+from losslab.train.tasks._common import encode
+from losslab.train.tasks.token_classification import IGNORE, TokenCollator, align_labels, evaluate
+
+TAGS = ["O", "B-PER", "I-PER", "B-LOC"]
+
+
+def test_align_labels_first_sub_token_only() -> None:
+    word_ids = [None, 0, 0, 1, 2, 2, 2, None]
+    assert align_labels(word_ids, [3, 4, 5]) == [IGNORE, 3, IGNORE, 4, 5, IGNORE, IGNORE, IGNORE]
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    return load_tokenizer("builtin:minilm-l6")
+
+
+def test_alignment_on_a_real_tokenizer(bert_tokenizer) -> None:
+    words = ["@paulwalk", "Empire", "State", "rocks"]
+    tags = [0, 3, 2, 0]
+    enc, cut = encode(bert_tokenizer, words, max_length=32, is_split_into_words=True)
+    labels = align_labels(enc.pop("word_ids"), tags)
+    assert not cut
+    assert len(labels) == len(enc["input_ids"])
+    assert [x for x in labels if x != IGNORE] == tags  # every word labelled exactly once, in order
+    first = bert_tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    scored = [tok for tok, x in zip(first, labels) if x != IGNORE]
+    assert scored == ["@", "empire", "state", "rocks"]  # '@paulwalk' -> '@', 'paul', '##walk': the first piece
+
+
+def test_truncation_drops_the_words_that_do_not_fit(bert_tokenizer) -> None:
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    enc, cut = encode(bert_tokenizer, words, max_length=5, is_split_into_words=True)
+    labels = align_labels(enc.pop("word_ids"), list(range(8)))
+    assert cut and len(enc["input_ids"]) == 5
+    assert [x for x in labels if x != IGNORE] == [0, 1, 2]  # [CLS] one two three [SEP]
+
+
+class TokenTable(torch.nn.Module):
+    """A stand-in tagger: the logits at a position are ``table[token id]``."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.tensor(table), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_entity_report_by_hand() -> None:
+    # token id -> predicted tag (logit 2 on it, 0 elsewhere); id 0 = special / padding, 5 = a continuation piece
+    predicted = {0: "O", 1: "B-PER", 2: "I-PER", 3: "O", 4: "B-LOC", 5: "O"}
+    table = [[2.0 if TAGS[c] == predicted[i] else 0.0 for c in range(4)] for i in range(6)]
+    t = {tag: i for i, tag in enumerate(TAGS)}
+    dataset = [
+        # true B-PER I-PER O, predicted the same: PER right
+        {"encoding": {"input_ids": [0, 1, 5, 2, 3, 0]}, "labels": [IGNORE, t["B-PER"], IGNORE, t["I-PER"], t["O"], IGNORE]},
+        # true O O B-LOC, predicted B-LOC O B-PER: LOC missed, a LOC and a PER that are not there
+        {"encoding": {"input_ids": [0, 4, 3, 1, 0]}, "labels": [IGNORE, t["O"], t["O"], t["B-LOC"], IGNORE]},
+    ]
+    m = evaluate(TokenTable(table), dataset, "test", collator=TokenCollator(pad_id=0), batch_size=2, tags=TAGS)
+    assert m["test/precision_micro"] == pytest.approx(1 / 3)  # 1 right of 3 predicted entities
+    assert m["test/recall_micro"] == pytest.approx(1 / 2)  # 1 found of 2 true ones
+    assert m["test/f1_micro"] == pytest.approx(0.4)
+    assert (m["test/precision/PER"], m["test/recall/PER"], m["test/f1/PER"]) == pytest.approx((0.5, 1.0, 2 / 3))
+    assert m["test/f1/LOC"] == 0.0
+    assert m["test/support/LOC"] == 1
+    assert m["test/token_accuracy"] == pytest.approx(4 / 6)
+    z = math.log(math.exp(2) + 3)  # -log p of the predicted class is z - 2, of any other class z
+    assert m["test/loss"] == pytest.approx((4 * (z - 2) + 2 * z) / 6)
+
+
+def test_collator_pads_labels_with_ignore() -> None:
+    batch = TokenCollator(pad_id=9)([{"encoding": {"input_ids": [1, 2, 3]}, "labels": [IGNORE, 1, IGNORE]},
+                                     {"encoding": {"input_ids": [4]}, "labels": [2]}])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["labels"].tolist() == [[IGNORE, 1, IGNORE], [2, IGNORE, IGNORE]]

@@ -1,0 +1,124 @@
+"""End to end through ``losslab.train.run.train`` for sequence_classification,
+token_classification, reward_model and embedding: on the tiny Llama, a fixed batch (as many
+samples as the batch size) for a few steps, the trained term goes down, every term of the
+composite is logged each step, and metrics.json has the task's metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from losslab.eval.report import read_metrics_json
+from losslab.train.config import TrainConfig
+from losslab.train.run import train
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models: one thread is much faster than two on a shared machine (no spin contention)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(tmp_path: Path, task: str, dataset: str, terms: list[dict] | None = None, *, validation: bool = False,
+        **sections: dict) -> tuple[dict, list[dict]]:
+    """Train ``task`` for STEPS steps on one fixed batch of 8; returns metrics.json and the
+    per-step training rows of log.jsonl."""
+    config = {
+        "task": task,
+        "model": "builtin:tiny-llama",
+        "output_dir": str(tmp_path / "run"),
+        "data": {"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
+                 **({"validation": dataset} if validation else {}), **sections.pop("data", {})},
+        "training": {"max_steps": STEPS, "batch_size": 8, "lr": 3e-3, "scheduler": "constant", "save_steps": 100},
+        **sections,
+    }
+    if terms is not None:
+        config["loss"] = {"terms": terms}
+    train(TrainConfig(**config))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    metrics = read_metrics_json(tmp_path / "run" / "metrics.json")
+    return metrics, rows
+
+
+def step_rows(rows: list[dict], term: str) -> list[dict]:
+    steps = [r for r in rows if f"loss/{term}" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    return steps
+
+
+def assert_goes_down(rows: list[dict], term: str) -> None:
+    steps = step_rows(rows, term)
+    assert steps[-1][f"loss/{term}"] < 0.8 * steps[0][f"loss/{term}"], [r[f"loss/{term}"] for r in steps]
+
+
+def test_sequence_classification_focal_with_l2_sp(tmp_path: Path) -> None:
+    terms = [{"name": "focal", "gamma": 2.0}, {"name": "l2_sp", "weight": 0.01, "reduction": "mean"}]
+    metrics, rows = run(tmp_path, "sequence_classification", "builtin:sentiment", terms)
+    assert_goes_down(rows, "focal")
+    for r in step_rows(rows, "l2_sp"):  # every term logged, and the total is their weighted sum
+        assert r["loss"] == pytest.approx(r["loss/focal"] + 0.01 * r["loss/l2_sp"], rel=1e-4)
+    assert step_rows(rows, "l2_sp")[0]["loss/l2_sp"] == 0.0  # at the reference point before the first update
+    assert step_rows(rows, "l2_sp")[-1]["loss/l2_sp"] > 0.0
+    for name in ("accuracy", "f1_macro", "f1_weighted", "loss", "f1/negative", "f1/neutral", "f1/positive",
+                 "support/positive"):
+        assert f"test/{name}" in metrics, name
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0
+    assert sum(metrics[f"test/support/{c}"] for c in ("negative", "neutral", "positive")) == 8
+
+
+def test_sequence_classification_regression_defaults_to_mse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics, rows = run(tmp_path, "sequence_classification", "builtin:sentiment_regression")
+    assert "loss: mse (the sequence_classification (regression) default" in capsys.readouterr().out
+    assert_goes_down(rows, "mse")
+    assert {"test/mse", "test/rmse", "test/mae", "test/pearson", "test/spearman"} <= set(metrics)
+
+
+def test_sequence_classification_multi_label_defaults_to_bce(tmp_path: Path) -> None:
+    texts = ["red apple", "green pear", "red and green", "blue sky", "red car", "green grass", "nothing", "blue red"]
+    data = tmp_path / "multi.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": [c for c in ("red", "green", "blue") if c in t]}) + "\n"
+                            for t in texts))
+    metrics, rows = run(tmp_path, "sequence_classification", str(data))
+    assert_goes_down(rows, "binary_cross_entropy")
+    assert {"test/subset_accuracy", "test/hamming_loss", "test/f1_micro", "test/f1/red", "test/loss"} <= set(metrics)
+
+
+def test_token_classification_ner(tmp_path: Path) -> None:
+    metrics, rows = run(tmp_path, "token_classification", "builtin:ner")
+    assert_goes_down(rows, "token_cross_entropy")
+    assert {"test/f1_micro", "test/precision_micro", "test/recall_micro", "test/token_accuracy", "test/loss"} <= set(metrics)
+
+
+def test_token_classification_focal_on_flattened_tokens(tmp_path: Path) -> None:
+    metrics, rows = run(tmp_path, "token_classification", "builtin:ner", [{"name": "focal", "gamma": 1.0}])
+    assert_goes_down(rows, "focal")
+
+
+def test_reward_model_bradley_terry_logs_train_and_eval_terms(tmp_path: Path) -> None:
+    metrics, rows = run(tmp_path, "reward_model", "builtin:preference", validation=True, data={"max_length": 64})
+    assert_goes_down(rows, "bradley_terry")
+    assert any("eval_loss/bradley_terry" in r for r in rows)
+    for split in ("validation", "test"):
+        assert {f"{split}/pairwise_accuracy", f"{split}/reward_margin", f"{split}/loss"} <= set(metrics)
+
+
+def test_embedding_info_nce(tmp_path: Path) -> None:
+    metrics, rows = run(tmp_path, "embedding", "builtin:chitchat", validation=True)
+    assert_goes_down(rows, "info_nce")
+    assert any("eval_loss/info_nce" in r for r in rows)  # the head-less model still gets an eval loss
+    assert {"test/recall@1", "test/recall@5", "test/recall@10", "test/mrr", "test/candidates"} <= set(metrics)
+
+
+def test_embedding_triplet_gets_explicit_negatives(tmp_path: Path) -> None:
+    metrics, rows = run(tmp_path, "embedding", "builtin:chitchat", [{"name": "triplet", "margin": 0.5}],
+                        embedding={"context_turns": 2, "pooling": "last", "recall_at": [1, 3]})
+    assert_goes_down(rows, "triplet")
+    assert {"test/recall@1", "test/recall@3", "test/mrr"} <= set(metrics)
