@@ -1,0 +1,390 @@
+"""Fused loss head: every token loss of :func:`token_cross_entropy` without the N x V logits.
+
+``fused_linear_cross_entropy(hidden, weight, labels, ...)`` equals
+``token_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (same keyword arguments, same
+result, same gradients) but never holds the logits of more than one chunk of tokens.
+
+How it works (per chunk of ``chunk_size`` trained tokens, ignored tokens dropped first):
+
+1. forward, one vocabulary tile at a time (a tile fits in the CPU cache):
+   ``z = h_c @ W_t.T (+ b_t)``, the tile's row max ``m_t``, then ``z <- exp(z - m_t)`` in place
+   and its row sum; after the last tile ``lse = logsumexp`` follows from the ``(m_t, sum_t)``.
+2. per-row scalars from ``lse``, the target logit ``h . W[y]`` and (label smoothing) the
+   mean logit ``h . mean_v(W_v)``: the loss and the three coefficients of its gradient
+   ``dl/dz = A p - C e_y - B`` (see :func:`_row_terms`);
+3. gradient, tile by tile: ``p_t = exp(z - m_t) * exp(m_t - lse)`` is never formed, the
+   per-row factor ``A exp(m_t - lse)`` is folded into the small operands:
+   ``grad_h_c += diag(s) (E_t @ W_t)`` and ``grad_W_t += E_t.T @ (s * h_c)``.
+   The target term ``-C e_y`` is a gather / ``index_add_`` and the label-smoothing constant
+   ``-B`` is rank one, so no option adds a pass over the chunk's logits.
+
+For ``mean``, ``sum`` and ``sequence`` the reduction is linear, so each token's factor is
+known before the loss: the gradients are computed in the forward pass and only scaled by the
+upstream gradient in backward. For ``none`` the upstream gradient is per token, so the
+forward computes losses only and backward recomputes the chunks (one extra matmul).
+bfloat16/float16 inputs are computed and accumulated in float32 (logits, softmax, weight
+gradient), float64 stays float64. A frozen weight (``requires_grad=False``, the LoRA case)
+skips the weight-gradient matmul entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from losslab.losses.reduction import check_reduction, reduce_loss
+from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options, sequence_mean
+
+# Default chunk: CHUNK_ROWS trained tokens (every chunk re-reads W twice, so fewer rows cost
+# time; at d=576 on a 2-core AMD EPYC, 512 rows run at the speed of the full-size matmuls),
+# but a chunk's logits never take more than the weight gradient or MIN_CHUNK_BYTES, whichever
+# is larger. CPU: vocabulary tiles of about CPU_TILE_BYTES so the in-place softmax runs in
+# cache; CUDA: no tiling.
+CHUNK_ROWS = 512
+MIN_CHUNK_BYTES = 64 * 2**20
+CPU_TILE_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class _Formula:
+    label_smoothing: float
+    z_loss: float
+    focal_gamma: float
+
+
+def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Trained tokens per chunk: ``CHUNK_ROWS``, fewer when the chunk's logits (compute dtype)
+    would exceed both the weight gradient's size and ``MIN_CHUNK_BYTES``."""
+    itemsize = _compute_dtype(dtype).itemsize
+    budget = max(MIN_CHUNK_BYTES, vocab * hidden_size * itemsize)
+    rows = min(CHUNK_ROWS, budget // max(1, vocab * itemsize))
+    return max(1, min(num_rows, rows))
+
+
+def _tile_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    if device.type == "cuda":
+        return vocab
+    cols = CPU_TILE_BYTES // max(1, rows * dtype.itemsize)
+    return max(256, min(vocab, cols - cols % 64 if cols > 64 else cols))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_terms(
+    lse: torch.Tensor, z_target: torch.Tensor, z_mean: torch.Tensor | None, vocab: int, f: _Formula
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and the coefficients of its gradient with respect to the row's logits.
+
+    With ``p = softmax(z)``, ``nll = lse - z_y``, ``smooth = lse - mean_v z_v``,
+    ``base = (1 - eps) nll + eps smooth``, ``pt = exp(-nll)``, ``F = (1 - pt)^gamma``:
+    ``loss = F base + zeta lse^2`` (the formula of :func:`token_loss_terms`) and, using
+    ``d nll = p - e_y``, ``d smooth = p - 1/V``, ``d lse = p``, ``d pt = pt (e_y - p)``:
+
+    ``dloss/dz = A p - C e_y - B`` with
+    ``G = gamma (1 - pt)^(gamma - 1) pt`` (``dF = G (p - e_y)``),
+    ``A = F + G base + 2 zeta lse``, ``C = F (1 - eps) + G base``, ``B = F eps / V``.
+    Returns ``(loss, A, C, B)``; ``B`` is None without label smoothing.
+    """
+    eps, zeta, gamma = f.label_smoothing, f.z_loss, f.focal_gamma
+    nll = lse - z_target
+    if eps:
+        base = (1.0 - eps) * nll + eps * (lse - z_mean)
+    else:
+        base = nll
+    if gamma:
+        pt = torch.exp(-nll)
+        one_minus = (1.0 - pt).clamp(min=0)
+        focal = one_minus.pow(gamma)
+        positive = one_minus > 0
+        g = torch.where(positive, gamma * one_minus.clamp(min=torch.finfo(lse.dtype).tiny).pow(gamma - 1.0) * pt, 0.0)
+        loss = focal * base
+        coef_p = focal + g * base
+        coef_y = focal * (1.0 - eps) + g * base
+        coef_c = focal * (eps / vocab) if eps else None
+    else:
+        loss = base
+        coef_p = torch.ones_like(lse)
+        coef_y = torch.full_like(lse, 1.0 - eps)
+        coef_c = torch.full_like(lse, eps / vocab) if eps else None
+    if zeta:
+        loss = loss + zeta * lse.square()
+        coef_p = coef_p + (2.0 * zeta) * lse
+    return loss, coef_p, coef_y, coef_c
+
+
+@dataclass
+class _HeadGrads:
+    row_loss: torch.Tensor
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def _head_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    formula: _Formula,
+    chunk_size: int | None,
+    *,
+    grad_hidden: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+) -> _HeadGrads:
+    """Row losses of trained rows, and the gradients of ``sum(row_scale * row_loss)``.
+
+    ``hidden`` (n, d) trained rows only, ``targets`` (n,), ``row_scale`` (n,) compute dtype
+    or None for losses only. Gradients are in the compute dtype; ``weight`` / ``bias``
+    gradients are (V, d) / (V,).
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    cdtype = _compute_dtype(hidden.dtype)
+    device = hidden.device
+    want = row_scale is not None
+    grad_hidden, grad_weight, grad_bias = (want and grad_hidden), (want and grad_weight), (want and grad_bias)
+    out = _HeadGrads(row_loss=torch.empty(n, dtype=cdtype, device=device))
+    if grad_hidden:
+        out.hidden = torch.empty(n, d, dtype=cdtype, device=device)
+    if grad_weight:
+        out.weight = torch.zeros(vocab, d, dtype=cdtype, device=device)
+    if grad_bias:
+        out.bias = torch.zeros(vocab, dtype=cdtype, device=device)
+    if n == 0:
+        if grad_hidden:
+            out.hidden.zero_()
+        return out
+
+    w_cast = weight.dtype != cdtype
+    bias_c = bias.to(cdtype) if bias is not None else None
+    smoothing = formula.label_smoothing != 0.0
+    if smoothing:  # mean logit = h . mean_v(W_v) + mean(b); sum_v W_v for the constant term
+        w_sum = weight.sum(dim=0, dtype=cdtype)
+        w_mean = w_sum / vocab
+        b_mean = bias_c.mean() if bias_c is not None else 0.0
+        rank_one_w = torch.zeros(d, dtype=cdtype, device=device)  # sum_n B_n h_n
+        rank_one_b = torch.zeros((), dtype=cdtype, device=device)
+
+    rows = chunk_size or default_chunk_size(n, vocab, d, hidden.dtype)
+    rows = max(1, min(rows, n))
+    tile = _tile_size(rows, vocab, cdtype, device)
+    bounds = [(v0, min(v0 + tile, vocab)) for v0 in range(0, vocab, tile)]
+    storage = torch.empty(rows * vocab, dtype=cdtype, device=device)
+
+    def weight_tile(v0: int, v1: int) -> torch.Tensor:
+        w = weight[v0:v1]
+        return w.to(cdtype) if w_cast else w
+
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        r = e - s
+        h_c = hidden[s:e].to(cdtype)
+        y_c = targets[s:e]
+        tiles = [storage[r * v0 : r * v1].view(r, v1 - v0) for v0, v1 in bounds]
+        maxes = torch.empty(len(bounds), r, dtype=cdtype, device=device)
+        sums = torch.empty(len(bounds), r, dtype=cdtype, device=device)
+        # 1. logits tile by tile; keep exp(z - m_t) in place (r, V) in all
+        for t, ((v0, v1), z) in enumerate(zip(bounds, tiles)):
+            w_t = weight_tile(v0, v1)
+            if bias_c is None:
+                torch.mm(h_c, w_t.T, out=z)
+            else:
+                torch.addmm(bias_c[v0:v1], h_c, w_t.T, out=z)
+            torch.amax(z, dim=1, out=maxes[t])
+            z.sub_(maxes[t].unsqueeze(1)).exp_()
+            torch.sum(z, dim=1, out=sums[t])
+        top = maxes.amax(dim=0)
+        lse = top + (sums * torch.exp(maxes - top)).sum(dim=0).log()  # (r,)
+        # 2. per-row scalars
+        w_y = weight.index_select(0, y_c).to(cdtype)  # (r, d)
+        z_target = torch.linalg.vecdot(h_c, w_y)
+        if bias_c is not None:
+            z_target = z_target + bias_c.index_select(0, y_c)
+        z_mean = h_c @ w_mean + b_mean if smoothing else None
+        loss, coef_p, coef_y, coef_c = _row_terms(lse, z_target, z_mean, vocab, formula)
+        out.row_loss[s:e] = loss
+        if not want:
+            continue
+        scale = row_scale[s:e]
+        coef_p, coef_y = coef_p * scale, coef_y * scale
+        # 3. gradient: dz = A p - C e_y - B, p_t = E_t * exp(m_t - lse)
+        if grad_hidden:
+            g_h = out.hidden[s:e]
+            torch.mul(w_y, (-coef_y).unsqueeze(1), out=g_h)
+            if smoothing:
+                g_h.sub_(torch.outer(coef_c * scale, w_sum))
+        for t, ((v0, v1), z) in enumerate(zip(bounds, tiles)):
+            row_factor = coef_p * torch.exp(maxes[t] - lse)  # (r,)
+            w_t = weight_tile(v0, v1)
+            if grad_hidden:
+                g_h.addcmul_(z @ w_t, row_factor.unsqueeze(1))
+            if grad_weight:
+                out.weight[v0:v1].addmm_(z.T, h_c * row_factor.unsqueeze(1))
+            if grad_bias:  # a cascade sum: closer to the reference than addmv_
+                out.bias[v0:v1].add_(torch.sum(z * row_factor.unsqueeze(1), dim=0))
+        if grad_weight:
+            out.weight.index_add_(0, y_c, h_c * (-coef_y).unsqueeze(1))
+        if grad_bias:
+            out.bias.index_add_(0, y_c, -coef_y)
+        if smoothing:
+            coef_c = coef_c * scale
+            if grad_weight:
+                rank_one_w.add_(coef_c @ h_c)
+            if grad_bias:
+                rank_one_b.add_(coef_c.sum())
+    if want and smoothing:
+        if grad_weight:
+            out.weight.sub_(rank_one_w)
+        if grad_bias:
+            out.bias.sub_(rank_one_b)
+    return out
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """``sum(row_scale * row_loss)`` (scalar) when ``row_scale`` is given, else ``row_loss`` (n,).
+
+    Scalar: the gradients of the sum are computed in forward and handed to autograd in
+    backward, scaled by the upstream gradient (a second backward through a retained graph
+    recomputes them). Vector: forward computes losses only, backward recomputes the chunks
+    with the per-token upstream gradient as ``row_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, row_scale, formula, chunk_size):
+        ctx.formula, ctx.chunk_size = formula, chunk_size
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.scalar = row_scale is not None
+        ctx.save_for_backward(hidden, weight, bias, targets, row_scale)
+        if not ctx.scalar:
+            ctx.grads = None
+            return _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), None).row_loss
+        ctx.grads = _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), row_scale.detach())
+        return (row_scale.detach() * ctx.grads.row_loss).sum()
+
+    @staticmethod
+    def _pass(ctx, inputs: tuple, row_scale: torch.Tensor | None) -> _HeadGrads:
+        hidden, weight, bias, targets = inputs
+        needs = ctx.needs_input_grad
+        return _head_pass(hidden, weight, bias, targets, row_scale, ctx.formula, ctx.chunk_size,
+                          grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        res, ctx.grads = ctx.grads, None  # release: autograd adopts the buffers without a copy
+        *inputs, row_scale = ctx.saved_tensors
+        if ctx.scalar:
+            if res is None:  # second backward through a retained graph
+                res = _FusedLinearCrossEntropy._pass(ctx, inputs, row_scale.detach())
+            grad_scale = grad_out.to(res.row_loss.dtype)
+            unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+            grad_row_scale = res.row_loss * grad_scale if ctx.needs_input_grad[4] else None
+        else:
+            res = _FusedLinearCrossEntropy._pass(ctx, inputs, grad_out.to(_compute_dtype(ctx.dtypes[0])))
+            unit, grad_row_scale = True, None
+        grads = []
+        for g, dtype in zip((res.hidden, res.weight, res.bias), ctx.dtypes):
+            if g is not None:
+                if not unit:
+                    g.mul_(grad_scale)
+                g = g.to(dtype)
+            grads.append(g)
+        del res
+        return grads[0], grads[1], grads[2], None, grad_row_scale, None, None
+
+
+def _reduction_scale(
+    mask: torch.Tensor, reduction: str, num_items: int | float | torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """d(reduced loss)/d(per-token loss), shape of ``mask``: the reductions are linear, so
+    differentiating the reference reduction itself gives each token's exact factor."""
+    with torch.enable_grad():
+        per_token = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
+        if reduction == "sequence":
+            total = sequence_mean(per_token, mask, num_items)
+        else:
+            total = reduce_loss(per_token, mask, reduction, num_items)
+        (scale,) = torch.autograd.grad(total, per_token)
+    return scale
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    focal_gamma: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items: int | float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``token_cross_entropy(hidden @ weight.T + bias, labels, ...)`` without the logits.
+
+    Shapes: ``hidden`` (..., d), ``weight`` (V, d), ``labels`` (...) already aligned with
+    ``hidden`` (shift before calling for next-token prediction), ``bias`` (V,) or None,
+    ``token_weights`` (...) or None. Any leading shape works; ``reduction="sequence"`` takes
+    the last leading dim as the sequence, e.g. ``hidden`` (B, T, d) with ``labels`` (B, T).
+
+    Every keyword argument and reduction means what it means in :func:`token_cross_entropy`
+    (per trained token ``l = w ((1 - p_y)^gamma [(1 - eps)(-log p_y) + eps mean_v(-log p_v)]
+    + z lse^2)``) and the result and gradients are the same, up to float rounding.
+    ``chunk_size``: trained tokens per chunk (default :func:`default_chunk_size`: 512, fewer
+    when the chunk's logits would take more memory than the weight gradient). Ignored tokens are dropped
+    before the matmul and get exactly zero gradient. Computed in float32 for 16-bit inputs
+    (float64 stays float64); gradients come back in the inputs' dtypes. Backward through the
+    same graph twice is not supported for the scalar reductions (the gradients are computed
+    in the forward pass and handed over once).
+    """
+    check_reduction(reduction, TOKEN_REDUCTIONS)
+    check_token_options(label_smoothing, z_loss, focal_gamma)
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., d) and weight (V, d) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias {tuple(bias.shape)} must have shape (V,) = ({weight.shape[0]},)")
+    if token_weights is not None and token_weights.shape != labels.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the shape of labels")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    cdtype = _compute_dtype(hidden.dtype)
+    formula = _Formula(float(label_smoothing), float(z_loss), float(focal_gamma))
+
+    mask = labels != ignore_index
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    keep = mask.reshape(-1).nonzero().squeeze(1)  # (n,) trained rows
+    all_kept = keep.numel() == flat_hidden.shape[0]
+    rows = flat_hidden if all_kept else flat_hidden.index_select(0, keep)
+    targets = labels.reshape(-1).index_select(0, keep)
+    if targets.numel() and (targets.min() < 0 or targets.max() >= weight.shape[0]):
+        raise ValueError(f"labels must be in [0, {weight.shape[0]}) or ignore_index ({ignore_index})")
+    weights = token_weights.to(cdtype) if token_weights is not None else None
+
+    if reduction == "none":
+        row_loss = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, None, formula, chunk_size)
+        per_token = row_loss if all_kept else row_loss.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, row_loss)
+        per_token = per_token.reshape(labels.shape)
+        if weights is None:
+            return per_token
+        return torch.where(mask, per_token * weights, torch.zeros_like(per_token))
+
+    scale = _reduction_scale(mask, reduction, num_items, cdtype)
+    if weights is not None:
+        scale = scale * weights
+    row_scale = scale.reshape(-1)
+    if not all_kept:
+        row_scale = row_scale.index_select(0, keep)
+    return _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, row_scale, formula, chunk_size)
+
+
+__all__ = ["default_chunk_size", "fused_linear_cross_entropy"]
