@@ -2,6 +2,7 @@
 
 from losslab.losses.reduction import reduce_loss
 from losslab.losses.token import sequence_mean, token_cross_entropy
+from losslab.losses.fused import fused_linear_cross_entropy  # noqa: F401  (fused loss head)
 from losslab.losses.composite import CompositeLoss, CompositeOutput, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
