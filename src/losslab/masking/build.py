@@ -23,7 +23,7 @@ from losslab.data.records import SkipLog, Source, describe_validation_error, ite
 from losslab.data.schemas import ChatRecord, InstructionRecord
 from losslab.errors import UserError
 from losslab.masking.policies import MaskPolicy, check_role_weights, message_weight, parse_policy
-from losslab.masking.render import PROMPT_STYLES, ChatTemplate, alpaca_prompt, instruction_messages, tokenizer_adds_bos
+from losslab.masking.render import PROMPT_STYLES, ChatTemplate, ContentSpan, alpaca_prompt, instruction_messages, tokenizer_adds_bos
 from losslab.masking.spans import IGNORE_INDEX, Region, label_tokens
 from losslab.masking.strategy import Strategy, TextSample, parse_strategy, plan_conversation
 from losslab.masking.truncation import check_side, truncation_slice
@@ -112,6 +112,7 @@ class BuildStats:
     skipped: SkipLog = field(default_factory=SkipLog)
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> samples dropped
     strategies: Counter[str] = field(default_factory=Counter)  # concat | expand -> conversations
+    unrendered: Counter[str] = field(default_factory=Counter)  # role -> messages the template left out
 
     @property
     def dropped_samples(self) -> int:
@@ -133,10 +134,14 @@ class BuildStats:
         dropped = f"dropped samples: {self.dropped_samples}"
         if self.dropped:
             dropped += " (" + ", ".join(f"{n} {why}" for why, n in self.dropped.items()) + ")"
-        return (
+        line = (
             f"samples: {self.samples}, tokens: {self.tokens}, trained tokens: {self.trained_tokens}, {dropped}, "
             f"skipped records: {self.skipped.count}, strategy: {self.strategy_report()}"
         )
+        if self.unrendered:
+            lost = ", ".join(f"{n} {role} message{'s' * (n != 1)}" for role, n in sorted(self.unrendered.items()))
+            line += f"; warning: {lost} not rendered by the chat template"
+        return line
 
 
 class MaskBuilder:
@@ -191,7 +196,9 @@ class MaskBuilder:
         regions = [Region(len(prompt), len(text), message_weight("assistant", None, w), 1)]
         if policy is MaskPolicy.ALL:
             regions.insert(0, Region(0, len(prompt), message_weight("user", None, w), 0))
-        return TextSample(text, regions, roles=("user", "assistant"))
+        user = prompt[len(bos):]
+        return TextSample(text, regions, roles=("user", "assistant"), contents=(user, record.output),
+                          spans=(ContentSpan(len(bos), len(prompt)), ContentSpan(len(prompt), len(text))))
 
     def encode(self, record: ChatRecord | InstructionRecord, source: Source,
                stats: BuildStats | None = None) -> list[MaskedSequence]:
@@ -199,6 +206,8 @@ class MaskBuilder:
         samples, strategy = self.plan(record)
         if stats is not None and strategy is not None and isinstance(record, ChatRecord):
             stats.strategies[strategy.value] += 1
+        if stats is not None and samples:
+            _count_unrendered(samples[-1], stats)
         if not samples:
             if stats is not None:
                 stats.dropped["with every trained turn at weight 0"] += 1
@@ -266,6 +275,14 @@ class MaskBuilder:
         if self.config.on_error == "raise":
             raise UserError(message, where=str(source))
         skipped.add(f"{source}: {message}")
+
+
+def _count_unrendered(sample: TextSample, stats: BuildStats) -> None:
+    """Count messages with content that the template did not render at all (Mistral v0.3 drops
+    the system message of a conversation that ends with an assistant turn)."""
+    for span, role, content in zip(sample.spans, sample.roles, sample.contents):
+        if span.start is None and span.end is None and content.strip():
+            stats.unrendered[role] += 1
 
 
 def _first_record(path: str | Path) -> Any:

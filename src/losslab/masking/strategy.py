@@ -59,6 +59,7 @@ class TextSample:
     turn: int | None = None  # the single trained assistant message (expand), else None
     spans: tuple[ContentSpan, ...] = ()  # per message present in the text
     roles: tuple[str, ...] = ()
+    contents: tuple[str, ...] = ()
 
 
 @dataclass
@@ -148,8 +149,7 @@ def _expand_sample(template: ChatTemplate, messages: Sequence[Mapping[str, Any]]
     start = _turn_start(template, messages, i, text, span, floor)
     body_end = span.end if span.end is not None else start
     end = body_end + len(close_text(text[body_end:]))
-    roles = tuple(str(m["role"]) for m in messages)
-    return TextSample(text, [Region(start, end, weight, i)], turn=i, spans=rendered.spans, roles=roles)
+    return TextSample(text, [Region(start, end, weight, i)], turn=i, spans=rendered.spans, **_described(messages))
 
 
 def _concat_sample(
@@ -197,9 +197,12 @@ def _concat_sample(
         end = body_end + len(close_text(tail))
         regions.append(Region(start, end, weights[i], i))
         floor = end
-    regions = _clip(regions)
-    roles = tuple(str(m["role"]) for m in messages)
-    return TextSample(text, regions, default_weight=1.0 if all_messages else 0.0, spans=spans, roles=roles)
+    return TextSample(text, _clip(regions), default_weight=1.0 if all_messages else 0.0, spans=spans,
+                      **_described(messages))
+
+
+def _described(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
+    return {"roles": tuple(str(m["role"]) for m in messages), "contents": tuple(str(m["content"]) for m in messages)}
 
 
 def _clip(regions: list[Region]) -> list[Region]:
