@@ -9,6 +9,7 @@ Evaluation per split: exact token loss and perplexity over the trained tokens, a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from losslab.eval.generation import generation_report
 from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
 from losslab.losses.composite import CompositeLoss
-from losslab.data.prepare import resolve_data_path
+from losslab.data.prepare import resolve_data_path, write_atomic
 from losslab.data.records import iter_raw_records
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
 from losslab.masking.render import alpaca_prompt, instruction_messages
@@ -83,7 +84,8 @@ def build(config: TrainConfig) -> TaskRun:
         metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
         if config.eval.generate and prompts.get(split):
             metrics.update(generation_metrics(model, tokenizer, prompts[split][: config.eval.generation_samples],
-                                              config.eval.max_new_tokens))
+                                              config.eval.max_new_tokens,
+                                              save_to=Path(config.output_dir) / f"generations_{split}.jsonl"))
         return namespace(metrics, split)
 
     return TaskRun(model=model, tokenizer=tokenizer, train=splits["train"], validation=splits.get("validation"),
@@ -150,8 +152,12 @@ def token_metrics(model: torch.nn.Module, dataset: list[dict], collator: Any, ba
 
 
 @torch.no_grad()
-def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int) -> dict[str, float]:
-    """Greedy replies to held-out prompts, scored against the reference replies."""
+def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int,
+                       *, save_to: Path | None = None) -> dict[str, float]:
+    """Greedy replies to held-out prompts, scored against the reference replies.
+
+    ``save_to``: also write one JSON line per prompt (``prompt``, ``reference``, ``hypothesis``),
+    atomically, for paired tests over examples (``losslab compare``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -162,4 +168,7 @@ def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[Gen
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         hypotheses.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
+    if save_to is not None:
+        write_atomic(save_to, "".join(json.dumps({"prompt": tokenizer.decode(p.input_ids), "reference": p.reference, "hypothesis": h},
+                                                 ensure_ascii=False) + "\n" for p, h in zip(prompts, hypotheses)))
     return generation_report(hypotheses, [p.reference for p in prompts]).to_dict()

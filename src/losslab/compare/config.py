@@ -1,0 +1,198 @@
+"""The schema of ``losslab compare`` configs, and resolving a variant x seed into a TrainConfig.
+
+A study is a base training config, named variants (dotted-key overrides of the base, and an
+optional search space to tune on validation), seeds, and the metrics compared with their
+direction. Everything is validated before any run starts: the study itself, and every
+resolved variant x seed training config (errors name file, line and field).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from losslab.config import apply_overrides, load_yaml, validate
+from losslab.errors import UserError
+from losslab.losses.registry import build_composite
+from losslab.train.config import TrainConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(_Section):
+    """One dimension of a search space."""
+
+    type: Literal["float", "int", "categorical"] = Field("float", description="float, int or categorical")
+    low: float | None = Field(None, description="float/int: lower bound")
+    high: float | None = Field(None, description="float/int: upper bound")
+    log: bool = Field(False, description="float/int: sample on a log scale")
+    choices: list[Any] | None = Field(None, description="categorical: the values")
+
+    @model_validator(mode="after")
+    def _check(self) -> Param:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs `choices`")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError("a float/int parameter needs `low` <= `high`")
+        elif self.log and self.low <= 0:
+            raise ValueError("`log: true` needs `low` > 0")
+        return self
+
+
+class Variant(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="variant name (letters, digits, _ . + -): its runs' folder prefix")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key of the base config -> value, e.g. {loss.terms: [...], data.mask: all}")
+    tune: dict[str, Param] = Field(default_factory=dict, description="dotted key -> search space; tuned on validation, the best value then run on every seed")
+
+
+class Metric(_Section):
+    name: str = Field(description="a metrics.json name, e.g. test/bleu, test/accuracy, validation/loss")
+    direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
+
+
+class TuningConfig(_Section):
+    trials: int = Field(8, ge=1, description="Optuna trials per tuned variant")
+    metric: str = Field("validation/loss", description="validation metric the tuning optimises (a metrics.json name)")
+    direction: Literal["max", "min"] = Field("min", description="direction of tuning.metric")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler")
+    pruner: Literal["median", "none"] = Field("median", description="prune trials whose validation curve (eval_loss) is worse than the median")
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)")
+    seed: int | None = Field(None, description="training seed of the tuning trials (default: the first seed)")
+
+
+class StatsConfig(_Section):
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
+    n_bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (CIs over seeds, paired bootstrap over test examples)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the marks in the report")
+
+
+class CompareConfig(_Section):
+    base: dict[str, Any] | None = Field(None, description="the base training config (a `losslab train` mapping; output_dir not needed)")
+    base_config: str | None = Field(None, description="or: path of a `losslab train` YAML (relative to this file)")
+    variants: list[Variant] = Field(min_length=1, description="named variants of the base")
+    baseline: str | None = Field(None, description="variant the others are compared against (default: the first)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds; every variant runs every seed")
+    metrics: list[Metric] = Field(min_length=1, description="metrics compared, with their direction")
+    output_dir: str = Field(description="study folder: runs/, results.json, report.html, tuning.db")
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareConfig:
+        if (self.base is None) == (self.base_config is None):
+            raise ValueError("give exactly one of `base` (a mapping) or `base_config` (a path)")
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        if self.baseline is None:
+            self.baseline = names[0]
+        elif self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not a variant ({', '.join(names)})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds must be distinct")
+        return self
+
+
+class Study:
+    """A validated study: the config, its source (for error messages) and the base mapping."""
+
+    def __init__(self, config: CompareConfig, base: dict[str, Any], *, source: str = "<config>",
+                 lines: dict[tuple[str, ...], int] | None = None) -> None:
+        self.config = config
+        self.base = base
+        self.source = source
+        self.lines = lines or {}
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.config.variants if v.name == name)
+
+    def resolve(self, variant: Variant, seed: int, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The training config mapping of ``variant`` at ``seed`` (``params``: tuned values), without output_dir."""
+        data = set_dotted(copy.deepcopy(self.base), {**variant.overrides, **(params or {})})
+        data["seed"] = seed
+        data.pop("output_dir", None)
+        return data
+
+    def check(self, variant: Variant, seed: int, params: dict[str, Any] | None = None) -> TrainConfig:
+        """Validate a resolved config; errors point at the variant's line in the study file."""
+        data = self.resolve(variant, seed, params)
+        index = self.config.variants.index(variant)
+        line = self.lines.get(("variants", str(index)))
+        where = f"{self.source}:{line}" if line else self.source
+        try:
+            config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
+            build_composite(config.loss.terms, total_steps=1, where=f"{where}: variant {variant.name!r}: loss.terms")
+        except UserError as exc:
+            raise UserError(str(exc)) from None
+        return config
+
+
+def config_hash(data: dict[str, Any]) -> str:
+    """A short stable hash of a resolved training config (output_dir excluded)."""
+    text = json.dumps({k: v for k, v in data.items() if k != "output_dir"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def set_dotted(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Set ``{"a.b.0.c": value}`` entries (list items by index) in place; returns ``data``."""
+    for key, value in values.items():
+        parts = key.split(".")
+        target: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(target, list):
+                if not part.isdigit() or int(part) >= len(target):
+                    raise UserError(f"override {key!r}: {part!r} is not an index of a {len(target)}-item list")
+                if last:
+                    target[int(part)] = copy.deepcopy(value)
+                else:
+                    target = target[int(part)]
+            elif isinstance(target, dict):
+                if last:
+                    target[part] = copy.deepcopy(value)
+                else:
+                    target = target.setdefault(part, {})
+            else:
+                raise UserError(f"override {key!r}: {'.'.join(parts[:i])!r} is a {type(target).__name__}, not a mapping")
+    return data
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Load and validate a study file, then every variant x seed training config (no work yet)."""
+    data, lines = load_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    config = validate(CompareConfig, data, source=str(path), lines=lines)
+    if config.base_config is not None:
+        base_path = (Path(path).parent / config.base_config).resolve()
+        base, _ = load_yaml(base_path)
+    else:
+        base = config.base or {}
+    study = Study(config, base, source=str(path), lines=lines)
+    for variant in config.variants:
+        for seed in config.seeds:
+            trained = study.check(variant, seed)
+        if variant.tune:
+            try:
+                set_dotted(study.resolve(variant, config.seeds[0]), {k: None for k in variant.tune})
+            except UserError as exc:
+                raise UserError(f"variant {variant.name!r}: tune: {exc}", where=str(path)) from None
+        for metric in config.metrics:
+            split = metric.name.split("/", 1)[0]
+            if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:
+                raise UserError(f"metric {metric.name!r}: variant {variant.name!r} does not evaluate the {split} split "
+                                f"(eval.splits: {trained.eval.splits})", where=str(path))
+    return study

@@ -1,0 +1,249 @@
+"""``report.html`` (self-contained) and the Markdown summary of a study.
+
+The page holds: the variants x metrics table (mean, 95% CI, significance marks against the
+baseline), the paired tests, learning curves of every loss term per variant (from each run's
+``log.jsonl``), validation loss curves, the tuning history, and the outputs of every variant
+side by side for a few test prompts. Plots are matplotlib PNGs inlined as ``data:`` URIs;
+everything that comes from data goes through jinja2's autoescape.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from losslab.compare.runner import Run, read_generations, read_log
+from losslab.data.prepare import write_atomic
+from losslab.eval.report import format_markdown_table, format_value
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return format_value(value, digits) if value is not None else "-"
+
+
+def metric_cell(stats: dict[str, Any], paired: dict[str, Any] | None) -> str:
+    """``mean [lo, hi] mark`` for a table cell."""
+    text = f"{_fmt(stats.get('mean'))} [{_fmt(stats.get('ci_low'))}, {_fmt(stats.get('ci_high'))}]"
+    if paired:
+        text += f" {paired['mark']}" if paired.get("mark") else ""
+    return text
+
+
+def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the variants x metrics table."""
+    metrics = [m["name"] for m in results["study"]["metrics"]]
+    header = ["variant", *metrics]
+    rows = []
+    for name, entry in results["variants"].items():
+        row = [name + (" (baseline)" if name == results["study"]["baseline"] else "")]
+        row += [metric_cell(entry["metrics"][m], entry["vs_baseline"].get(m)) for m in metrics]
+        rows.append(row)
+    return header, rows
+
+
+def test_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per variant x metric against the baseline: diffs per seed, p-values."""
+    rows = []
+    for name, entry in results["variants"].items():
+        for metric, t in entry["vs_baseline"].items():
+            ex = t.get("examples")
+            rows.append([
+                name, metric, _fmt(t["mean_diff"]), ", ".join(_fmt(d) for d in t["diffs"]),
+                _fmt(t["p_value"], 3), "better" if t["better"] else "worse or equal", t.get("mark") or "",
+                (f"{_fmt(ex['delta'])} [{_fmt(ex['ci_low'])}, {_fmt(ex['ci_high'])}], p = {_fmt(ex['p_value'], 3)}, "
+                 f"n = {ex['n_examples']}") if ex else "",
+            ])
+    return rows
+
+
+def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -> str:
+    """The table and the paired tests as Markdown (printed at the end of ``losslab compare``)."""
+    study = results["study"]
+    header, rows = table_rows(results)
+    conf = round(study["confidence"] * 100)
+    lines = [f"## losslab compare: {len(results['variants'])} variants x {len(study['seeds'])} seeds",
+             "", f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
+             f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']}).", "",
+             format_markdown_table(header, rows), ""]
+    tests = test_rows(results)
+    if tests:
+        lines += ["Paired differences against the baseline (variant - baseline, per seed):", "",
+                  format_markdown_table(["variant", "metric", "mean diff", "per seed", "p (seeds)", "", "", "test examples"], tests), ""]
+    min_p = 2 / 2 ** len(study["seeds"])
+    if min_p >= study["alpha"]:
+        lines.append(f"Note: with {len(study['seeds'])} seeds the exact sign-flip test cannot go below p = {min_p:.3g}; "
+                     "the test-example bootstrap (BLEU, chrF) is the test with power here.")
+    if report_path is not None:
+        lines.append(f"\nreport: {report_path}")
+    return "\n".join(lines)
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(n_panels: int) -> tuple[Any, list[Any]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels]
+
+
+def curves(runs: list[Run], key_filter: Any, *, title: str) -> str | None:
+    """One panel per logged key matching ``key_filter(row, key)``; a line per run, colour per variant."""
+    series: dict[str, dict[tuple[str, int], tuple[list[float], list[float]]]] = defaultdict(dict)
+    for run in runs:
+        for row in read_log(run.dir):
+            for key, value in row.items():
+                if key_filter(row, key) and isinstance(value, (int, float)):
+                    xs, ys = series[key].setdefault((run.variant, run.seed), ([], []))
+                    xs.append(row.get("step", len(xs)))
+                    ys.append(value)
+    if not series:
+        return None
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    colours = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    fig, axes = _figure(len(series))
+    for ax, (key, lines) in zip(axes, sorted(series.items())):
+        seen = set()
+        for (variant, _seed), (xs, ys) in lines.items():
+            ax.plot(xs, ys, color=colours[variant], alpha=0.8, lw=1.2, label=None if variant in seen else variant)
+            seen.add(variant)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def metric_bars(results: dict[str, Any]) -> str | None:
+    """Mean and CI of every compared metric per variant, seeds as dots."""
+    metrics = [m["name"] for m in results["study"]["metrics"]]
+    names = list(results["variants"])
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        for i, name in enumerate(names):
+            s = results["variants"][name]["metrics"][metric]
+            if s["mean"] is None:
+                continue
+            ax.bar(i, s["mean"], color=f"C{i % 10}", alpha=0.6)
+            ax.errorbar(i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], color="k", capsize=4)
+            seeds = [v for v in s["per_seed"].values() if v is not None]
+            ax.scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def tuning_plot(tuning: dict[str, Any]) -> str | None:
+    """Trial values and best-so-far per tuned variant."""
+    if not tuning:
+        return None
+    fig, axes = _figure(len(tuning))
+    for ax, (name, study) in zip(axes, tuning.items()):
+        done = [t for t in study["trials"] if t["value"] is not None]
+        pruned = [t for t in study["trials"] if t["state"] == "PRUNED"]
+        ax.scatter([t["number"] for t in done], [t["value"] for t in done], s=14, label="complete")
+        if pruned:
+            ax.scatter([t["number"] for t in pruned], [t.get("last_intermediate") for t in pruned], marker="x", color="C3", label="pruned")
+        best, xs, ys = None, [], []
+        for t in done:
+            if best is None or (t["value"] < best if study["direction"] == "min" else t["value"] > best):
+                best = t["value"]
+            xs.append(t["number"])
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="k", lw=1, label="best so far")
+        ax.set_title(f"{name}: {study['metric']}", fontsize=9)
+        ax.set_xlabel("trial", fontsize=8)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def example_table(runs: list[Run], seed: int, limit: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """Test prompts with the reference and every variant's reply (one seed)."""
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    gens = {r.variant: read_generations(r.dir, "test") for r in runs if r.seed == seed}
+    first = next((g for g in gens.values() if g), [])
+    rows = []
+    for i, item in enumerate(first[:limit]):
+        rows.append({"prompt": item["prompt"][-400:], "reference": item["reference"],
+                     "replies": [gens[v][i]["hypothesis"] if i < len(gens.get(v, [])) else "" for v in variants]})
+    return variants, rows
+
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>losslab compare: {{ title }}</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}
+th{background:#f3f3f3}td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
+.up{color:#0a7d2c;font-weight:bold}.down{color:#b3261e;font-weight:bold}
+pre{white-space:pre-wrap;margin:0;font-size:.85em;max-width:28em}img{max-width:100%}.note{color:#555;font-size:.9em}
+</style></head><body>
+<h1>losslab compare: {{ title }}</h1>
+<p class="note">{{ variants|length }} variants x {{ seeds|length }} seeds ({{ seeds|join(", ") }}); baseline <b>{{ baseline }}</b>.
+Cells: mean over seeds [{{ conf }}% percentile-bootstrap CI of the mean]. <span class="up">▲</span>/<span class="down">▼</span>:
+significantly better/worse than the baseline (exact paired sign-flip test over seeds, p &lt; {{ alpha }}).
+{% if min_p >= alpha %}With {{ seeds|length }} seeds that test cannot go below p = {{ "%.3g"|format(min_p) }}, so no seed-level mark is possible;
+for BLEU/chrF the paired bootstrap over test examples below has the power.{% endif %}</p>
+<h2>Results</h2>
+<table id="results"><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr><td>{{ row[0] }}</td>{% for cell in row[1:] %}<td class="num">{{ cell|replace("▲", "")|replace("▼", "") }}{% if "▲" in cell %}<span class="up">▲</span>{% elif "▼" in cell %}<span class="down">▼</span>{% endif %}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% if bars %}<img alt="metrics per variant" src="{{ bars }}">{% endif %}
+{% if tests %}<h2>Against the baseline</h2>
+<table id="tests"><tr><th>variant</th><th>metric</th><th>mean diff</th><th>per seed</th><th>p (seeds)</th><th>direction</th><th></th><th>test examples: paired bootstrap (delta [95% CI], p)</th></tr>
+{% for r in tests %}<tr>{% for c in r %}<td class="num">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+<h2>Variants</h2><table id="variants"><tr><th>variant</th><th>overrides</th><th>tuned</th></tr>
+{% for name, v in variants.items() %}<tr><td>{{ name }}</td><td><pre>{{ v.overrides|tojson(indent=1) }}</pre></td><td><pre>{{ v.tuned|tojson if v.tuned else "" }}</pre></td></tr>{% endfor %}</table>
+{% for title, img in plots %}{% if img %}<h2>{{ title }}</h2><img alt="{{ title }}" src="{{ img }}">{% endif %}{% endfor %}
+{% if examples %}<h2>Example outputs (seed {{ example_seed }})</h2>
+<table id="examples"><tr><th>prompt</th><th>reference</th>{% for v in example_variants %}<th>{{ v }}</th>{% endfor %}</tr>
+{% for e in examples %}<tr><td><pre>{{ e.prompt }}</pre></td><td><pre>{{ e.reference }}</pre></td>{% for r in e.replies %}<td><pre>{{ r }}</pre></td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+</body></html>
+"""
+
+
+def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examples: int = 5) -> str:
+    """The self-contained HTML page."""
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True)
+    study = results["study"]
+    header, rows = table_rows(results)
+    is_term = lambda row, key: "eval_loss" not in row and (key == "loss" or key.startswith("loss/") or key.startswith("weight/"))  # noqa: E731
+    is_eval = lambda row, key: key == "eval_loss" or key.startswith("eval_loss/")  # noqa: E731
+    plots = [("Training loss terms and weights", curves(runs, is_term, title="training: total loss, every term, every weight (a line per seed)")),
+             ("Validation curves", curves(runs, is_eval, title="validation loss during training (a line per seed)")),
+             ("Tuning history", tuning_plot(results.get("tuning") or {}))]
+    variants, example_rows = example_table(runs, study["seeds"][0], examples)
+    return env.from_string(TEMPLATE).render(
+        title=title, variants=results["variants"], seeds=study["seeds"], baseline=study["baseline"],
+        conf=round(study["confidence"] * 100), alpha=study["alpha"], min_p=2 / 2 ** len(study["seeds"]),
+        header=header, rows=rows, tests=test_rows(results), bars=metric_bars(results), plots=plots,
+        examples=example_rows, example_variants=variants, example_seed=study["seeds"][0],
+    )
+
+
+def write_report(results: dict[str, Any], runs: list[Run], path: Path, *, title: str, examples: int = 5) -> Path:
+    write_atomic(path, render_report(results, runs, title=title, examples=examples))
+    return path

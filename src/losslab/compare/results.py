@@ -1,0 +1,118 @@
+"""``results.json``: per variant, per seed metrics, mean, std, CI; paired tests against the baseline.
+
+Layout (keys of ``per_seed`` are seeds as strings, JSON has no integer keys)::
+
+    {"study": {"baseline", "seeds", "metrics": [{"name", "direction"}], "confidence", "alpha", "n_bootstrap"},
+     "variants": {NAME: {"overrides", "tuned", "runs": {SEED: DIR},
+                         "metrics": {METRIC: {"per_seed", "n", "mean", "std", "ci_low", "ci_high"}},
+                         "vs_baseline": {METRIC: {"n", "mean_diff", "diffs", "p_value", "method", "better",
+                                                  "significant", "mark", "examples"?}}}},
+     "tuning": {NAME: {"metric", "direction", "best_params", "best_value", "trials": [...]}}}
+
+``examples`` (BLEU, chrF): the paired bootstrap over test examples pooled over seeds
+(:func:`losslab.eval.generation.paired_bootstrap_generation`). Non-finite numbers are ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from losslab.compare.config import Study
+from losslab.compare.runner import Run, read_generations
+from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
+from losslab.data.prepare import write_atomic
+
+EXAMPLE_METRICS = {"bleu", "chrf"}
+
+
+def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The results.json mapping of finished ``runs``."""
+    cfg = study.config
+    by = {(r.variant, r.seed): r for r in runs}
+    out: dict[str, Any] = {
+        "study": {"baseline": cfg.baseline, "seeds": cfg.seeds, "metrics": [m.model_dump() for m in cfg.metrics],
+                  "confidence": cfg.stats.confidence, "alpha": cfg.stats.alpha, "n_bootstrap": cfg.stats.n_bootstrap},
+        "variants": {},
+        "tuning": tuning or {},
+    }
+    for variant in cfg.variants:
+        entry: dict[str, Any] = {
+            "overrides": variant.overrides,
+            "tuned": (tuning or {}).get(variant.name, {}).get("best_params"),
+            "runs": {str(s): str(by[variant.name, s].dir) for s in cfg.seeds},
+            "metrics": {},
+            "vs_baseline": {},
+        }
+        for metric in cfg.metrics:
+            values = {s: _number(by[variant.name, s].metrics.get(metric.name)) for s in cfg.seeds}
+            summary = summarize(list(values.values()), confidence=cfg.stats.confidence, n_bootstrap=cfg.stats.n_bootstrap)
+            entry["metrics"][metric.name] = {"per_seed": {str(s): v for s, v in values.items()}, **summary.to_dict()}
+            if variant.name != cfg.baseline:
+                entry["vs_baseline"][metric.name] = _paired(study, by, variant.name, metric.name, metric.direction)
+        out["variants"][variant.name] = entry
+    return _finite(out)
+
+
+def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: str, direction: str) -> dict[str, Any]:
+    cfg = study.config
+    diffs = [_diff(by[variant, s].metrics.get(metric), by[cfg.baseline, s].metrics.get(metric)) for s in cfg.seeds]
+    test = sign_flip_test(diffs)
+    better = improvement(test.mean_diff, direction)
+    result: dict[str, Any] = {**test.to_dict(), "better": better > 0,
+                              "significant": bool(test.p_value < cfg.stats.alpha),
+                              "mark": significance_mark(test.p_value, better, cfg.stats.alpha)}
+    split, _, name = metric.partition("/")
+    if name in EXAMPLE_METRICS:
+        examples = example_bootstrap(study, by, variant, split, name)
+        if examples:
+            result["examples"] = examples
+    return result
+
+
+def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str) -> dict[str, Any] | None:
+    """Paired bootstrap of a corpus metric over the split's examples, pooled over seeds."""
+    from losslab.eval.generation import paired_bootstrap_generation
+
+    cfg = study.config
+    hyps_a: list[str] = []
+    hyps_b: list[str] = []
+    refs: list[str] = []
+    for seed in cfg.seeds:
+        base = read_generations(by[cfg.baseline, seed].dir, split)
+        other = read_generations(by[variant, seed].dir, split)
+        if not base or len(base) != len(other):
+            return None
+        hyps_a += [g["hypothesis"] for g in base]
+        hyps_b += [g["hypothesis"] for g in other]
+        refs += [g["reference"] for g in base]
+    result = paired_bootstrap_generation(hyps_a, hyps_b, refs, metric=metric, n_samples=cfg.stats.n_bootstrap, seed=0)
+    return {**result.to_dict(), "n_examples": len(refs), "pooled_seeds": len(cfg.seeds),
+            "significant": bool(result.p_value < cfg.stats.alpha)}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    a, b = _number(a), _number(b)
+    return None if a is None or b is None else a - b
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN and infinities by None everywhere (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_results(results: dict[str, Any], path: Path) -> Path:
+    write_atomic(path, json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return path

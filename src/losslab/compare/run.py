@@ -1,0 +1,40 @@
+"""``losslab compare STUDY.yaml``: validate, tune (if asked), run variants x seeds, write results and report.
+
+Order: the whole study is validated first (every variant x seed config); then the tuned
+variants' Optuna studies run on the validation split; then every variant x seed runs
+(finished runs are skipped); then ``results.json``, ``report.html`` and a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from losslab.compare.config import Study, load_study
+from losslab.compare.report import markdown_summary, write_report
+from losslab.compare.results import analyze, write_results
+from losslab.compare.runner import execute, plan
+
+
+def compare(study: Study) -> dict:
+    """Run the study end to end; returns the results mapping."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    tuning = {}
+    if any(v.tune for v in study.config.variants):
+        from losslab.compare.tuning import tune_all
+
+        tuning = tune_all(study)
+    tuned = {name: t["best_params"] for name, t in tuning.items()}
+    runs = execute(plan(study, tuned))
+    results = analyze(study, runs, tuning)
+    write_results(results, study.out / "results.json")
+    report = write_report(results, runs, study.out / "report.html", title=Path(study.source).stem,
+                          examples=study.config.examples)
+    print()
+    print(markdown_summary(results, report.resolve()))
+    return results
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    compare(load_study(args.config, args.overrides))
+    return 0

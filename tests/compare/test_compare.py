@@ -1,0 +1,183 @@
+"""A tiny study end to end: results.json, resume after an interruption, report.html, config errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from losslab.compare import runner
+from losslab.compare.config import load_study
+from losslab.compare.run import compare
+from losslab.errors import UserError
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EVIL = "<script>alert('x')</script>"
+
+
+def study_dict(out: Path) -> dict:
+    return {
+        "output_dir": str(out),
+        "base": {
+            "task": "causal_lm",
+            "model": "builtin:tiny-llama",
+            "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "test": "builtin:chatterbot",
+                     "max_length": 64, "max_train_samples": 16, "max_eval_samples": 4},
+            "training": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "eval_steps": 2},
+            "eval": {"generate": True, "generation_samples": 3, "max_new_tokens": 6},
+        },
+        "variants": [
+            {"name": "ce"},
+            {"name": "ce_consistency", "overrides": {"loss.terms": [
+                {"name": "token_cross_entropy"},
+                {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}}]}},
+        ],
+        "seeds": [0, 1],
+        "metrics": [{"name": "validation/loss", "direction": "min"}, {"name": "test/bleu"}, {"name": "test/distinct_1"}],
+        "stats": {"n_bootstrap": 200},
+    }
+
+
+def write_study(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict, list[tuple[str, int]]]:
+    tmp = tmp_path_factory.mktemp("study")
+    study = load_study(write_study(tmp, study_dict(tmp / "out")))
+    calls: list[tuple[str, int]] = []
+    real = runner.train_run
+    runner.train_run = lambda config: calls.append((config["output_dir"], config["seed"])) or real(config)
+    try:
+        results = compare(study)
+    finally:
+        runner.train_run = real
+    return tmp, results, calls
+
+
+def test_results_json_has_every_variant_seed_and_ci(finished) -> None:
+    tmp, results, calls = finished
+    assert len(calls) == 4
+    saved = json.loads((tmp / "out" / "results.json").read_text())
+    assert saved == results
+    assert saved["study"]["baseline"] == "ce" and saved["study"]["seeds"] == [0, 1]
+    assert set(saved["variants"]) == {"ce", "ce_consistency"}
+    for name, entry in saved["variants"].items():
+        assert set(entry["runs"]) == {"0", "1"}
+        for run_dir in entry["runs"].values():
+            assert Path(run_dir).name.startswith(f"{name}__seed") and (Path(run_dir) / "metrics.json").is_file()
+        for metric in ("validation/loss", "test/bleu", "test/distinct_1"):
+            m = entry["metrics"][metric]
+            assert set(m["per_seed"]) == {"0", "1"} and all(v is not None for v in m["per_seed"].values())
+            assert m["n"] == 2 and m["ci_low"] <= m["mean"] <= m["ci_high"]
+    paired = saved["variants"]["ce_consistency"]["vs_baseline"]
+    assert set(paired) == {"validation/loss", "test/bleu", "test/distinct_1"}
+    assert paired["validation/loss"]["method"] == "exact sign-flip permutation"
+    assert paired["validation/loss"]["p_value"] >= 0.5  # two seeds: p >= 2/4
+    assert paired["test/bleu"]["examples"]["n_examples"] == 6  # 3 test prompts x 2 seeds, paired
+    assert "vs_baseline" in saved["variants"]["ce"] and not saved["variants"]["ce"]["vs_baseline"]
+    gens = (Path(saved["variants"]["ce"]["runs"]["0"]) / "generations_test.jsonl").read_text().splitlines()
+    assert len(gens) == 3 and set(json.loads(gens[0])) == {"prompt", "reference", "hypothesis"}
+
+
+def test_rerun_only_reruns_unfinished_runs(finished, capsys) -> None:
+    tmp, results, _ = finished
+    out = tmp / "out"
+    interrupted = Path(results["variants"]["ce_consistency"]["runs"]["1"])
+    (interrupted / "metrics.json").unlink()  # as if killed before the end
+    calls: list[str] = []
+    real = runner.train_run
+    runner.train_run = lambda config: calls.append(config["output_dir"]) or real(config)
+    try:
+        again = compare(load_study(tmp / "study.yaml"))
+    finally:
+        runner.train_run = real
+    assert calls == [str(interrupted)]
+    assert "4 runs, 3 already finished, 1 to run" in capsys.readouterr().out
+    assert again["variants"]["ce"] == results["variants"]["ce"]
+    # a changed variant is a new config: new hash, new folder, the old results are not reused
+    data = study_dict(out)
+    data["variants"][1]["overrides"]["training.lr"] = 1e-3
+    (tmp / "changed").mkdir()
+    changed = runner.plan(load_study(write_study(tmp / "changed", data)))
+    assert [r.done for r in changed] == [True, True, False, False]
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[str] = []
+        self.images: list[str] = []
+        self.scripts = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append(attrs.get("id", ""))
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "script":
+            self.scripts += 1
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_report_is_self_contained_with_tables_plots_and_escaped_text(finished) -> None:
+    tmp, results, _ = finished
+    from losslab.compare.report import render_report
+
+    runs = [runner.Run(v, int(s), {}, Path(d)) for v, e in results["variants"].items() for s, d in e["runs"].items()]
+    # plant dataset text with markup in a generation record: it must come out escaped
+    gen = Path(results["variants"]["ce"]["runs"]["0"]) / "generations_test.jsonl"
+    evil_dir = tmp / "evil"
+    shutil.copytree(gen.parent, evil_dir, ignore=shutil.ignore_patterns("checkpoint-*", "model"))
+    rows = [json.loads(line) for line in (evil_dir / gen.name).read_text().splitlines()]
+    rows[0]["reference"] = EVIL
+    (evil_dir / gen.name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs[0] = runner.Run("ce", 0, {}, evil_dir)
+    html = render_report(results, runs, title="tiny & <study>")
+    page = _Page()
+    page.feed(html)
+    assert {"results", "tests", "variants", "examples"} <= set(page.tables)
+    assert len(page.images) >= 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert all(base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG" for src in page.images)
+    assert page.scripts == 0 and EVIL not in html and "&lt;script&gt;" in html
+    assert EVIL in "".join(page.text)  # shown as text
+    assert "http://" not in html and "https://" not in html  # nothing fetched from elsewhere
+    assert (tmp / "out" / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
+    data = study_dict(tmp_path / "out")
+    data["baseline"] = "nope"
+    with pytest.raises(UserError, match=r"study\.yaml.*baseline 'nope' is not a variant"):
+        load_study(write_study(tmp_path, data))
+    data = study_dict(tmp_path / "out")
+    data["variants"][1]["overrides"]["training.lrr"] = 1
+    with pytest.raises(UserError, match=r"study\.yaml:\d+ \(variant 'ce_consistency'\).*training\.lrr"):
+        load_study(write_study(tmp_path, data))
+    data = study_dict(tmp_path / "out")
+    data["variants"][1]["overrides"]["loss.terms"] = [{"name": "no_such_loss"}]
+    with pytest.raises(UserError, match="no_such_loss"):
+        load_study(write_study(tmp_path, data))
+    data = study_dict(tmp_path / "out")
+    data["metrics"] = [{"name": "test/bleu", "direction": "up"}]
+    with pytest.raises(UserError, match=r"study\.yaml:\d+: field 'metrics\.0\.direction'"):
+        load_study(write_study(tmp_path, data))
+
+
+def test_example_studies_parse() -> None:
+    paths = sorted(EXAMPLES.glob("compare_*.yaml"))
+    for path in paths:
+        study = load_study(path)
+        assert study.config.baseline in [v.name for v in study.config.variants]
