@@ -3,17 +3,15 @@
 A chat template is rendered once with the real contents; the spans of the contents in that
 text come from a second render in which every content is wrapped in invisible markers
 (private-use characters that no tokenizer sees, because they are removed again):
-
-    lead + OPEN_i + core + CLOSE_i + trail        (core = content.strip())
-
-The markers sit inside the content's own leading/trailing whitespace, so a template that
-trims the content (``content | trim``) trims the same characters with or without markers.
-The marked render, with the markers removed, must equal the real render; then the marker
-positions are exact character offsets in the text the model will see. Where a template
-treats marked content differently (it branches on the exact content) the messages are
-marked one at a time; a message whose marker the template drops (a reasoning template
-cutting ``<think>...</think>`` out of the content drops the OPEN marker with it) gets
-``None`` for the lost side, and the caller falls back to the generation-prompt rule.
+``OPEN_i + content + CLOSE_i``. The marked render, with the markers removed, must equal the
+real render; then the marker positions are exact character offsets in the text the model
+will see. A template that trims contents (``content | trim``) would keep whitespace that sits
+between the markers, so the equality fails and the markers go INSIDE the whitespace instead
+(``lead + OPEN_i + core + CLOSE_i + trail``), where trimming removes the same characters as
+in the real render. Where a template branches on the exact content, the messages are marked
+one at a time. A message whose marker the template drops (a reasoning template cutting
+``<think>...</think>`` out of the content drops the OPEN marker with it) gets ``None`` for
+the lost side, and the caller falls back to the generation-prompt rule.
 """
 
 from __future__ import annotations
@@ -29,14 +27,11 @@ from losslab.errors import UserError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# Candidate marker alphabets (OPEN start, OPEN end, CLOSE start, CLOSE end); the first whose
-# characters occur in no content of the conversation (and not in the template) is used.
-_MARKER_SETS: tuple[tuple[str, str, str, str], ...] = (
-    ("\ue000", "\ue001", "\ue002", "\ue003"),
-    ("\U000f0000", "\U000f0001", "\U000f0002", "\U000f0003"),
-    ("\U00100000", "\U00100001", "\U00100002", "\U00100003"),
-    ("\ue0f0", "\ue0f1", "\ue0f2", "\ue0f3"),
-)
+# Marker characters (OPEN start, OPEN end, CLOSE start, CLOSE end): private-use code points;
+# when a conversation or the template contains any of them, others from the supplementary
+# private-use planes are picked that it does not contain.
+_MARKERS = ("\ue000", "\ue001", "\ue002", "\ue003")
+_SPARE_MARKERS = range(0xF0000, 0x10FFFE)
 
 
 @dataclass(frozen=True)
@@ -120,30 +115,38 @@ class ChatTemplate:
             text = self.render(messages)
         contents = [str(m["content"]) for m in messages]
         marks = _pick_markers(contents, self.source)
-        spans = _marked_spans(self, messages, range(len(messages)), marks, text)
+        everything = range(len(messages))
+        spans = _marked_spans(self, messages, everything, marks, text, inner=False)
+        if spans is None:  # the template trims contents: markers inside the whitespace
+            spans = _marked_spans(self, messages, everything, marks, text, inner=True)
         if spans is None:  # the template reacts to the markers: mark one message at a time
             spans = {}
-            for i in range(len(messages)):
-                one = _marked_spans(self, messages, (i,), marks, text)
-                if one is not None:
-                    spans.update(one)
-        return Rendered(text, tuple(spans.get(i, ContentSpan(None, None)) for i in range(len(messages))))
+            for i in everything:
+                one = _marked_spans(self, messages, (i,), marks, text, inner=False)
+                one = one if one is not None else _marked_spans(self, messages, (i,), marks, text, inner=True)
+                spans.update(one or {})
+        return Rendered(text, tuple(spans.get(i, ContentSpan(None, None)) for i in everything))
 
 
 def _pick_markers(contents: Sequence[str], template: str) -> tuple[str, str, str, str]:
-    for marks in _MARKER_SETS:
-        if not any(ch in c for c in (*contents, template) for ch in marks):
-            return marks
-    raise UserError("every marker character candidate occurs in this conversation; cannot locate message spans")
+    texts = (*contents, template)
+    if not any(ch in t for t in texts for ch in _MARKERS):
+        return _MARKERS
+    used = set().union(*map(set, texts))
+    spare = (chr(c) for c in _SPARE_MARKERS if chr(c) not in used)
+    return next(spare), next(spare), next(spare), next(spare)
 
 
-def _split_ws(content: str) -> tuple[str, str, str]:
+def _wrap(content: str, i: int, marks: tuple[str, str, str, str], *, inner: bool) -> str:
+    o1, o2, c1, c2 = marks
+    if not inner:
+        return f"{o1}{i}{o2}{content}{c1}{i}{c2}"
     core = content.strip()
-    if not core:
-        return content, "", ""
+    if not core:  # whitespace only: a trimming template renders nothing of it
+        return f"{content}{o1}{i}{o2}{c1}{i}{c2}"
     lead = content[: len(content) - len(content.lstrip())]
     trail = content[len(content.rstrip()) :]
-    return lead, core, trail
+    return f"{lead}{o1}{i}{o2}{core}{c1}{i}{c2}{trail}"
 
 
 def _marked_spans(
@@ -152,17 +155,17 @@ def _marked_spans(
     which: Sequence[int] | range,
     marks: tuple[str, str, str, str],
     text: str,
+    *,
+    inner: bool,
 ) -> dict[int, ContentSpan] | None:
-    """Spans of the messages in ``which`` via one marked render; ``None`` if it changes the text."""
+    """Spans of the messages in ``which`` from one marked render; ``None`` if the marked render,
+    markers removed, is not ``text`` (the template reacts to the markers)."""
     o1, o2, c1, c2 = marks
-    marked = []
     chosen = set(which)
-    for i, m in enumerate(messages):
-        content = str(m["content"])
-        if i in chosen:
-            lead, core, trail = _split_ws(content)
-            content = f"{lead}{o1}{i}{o2}{core}{c1}{i}{c2}{trail}"
-        marked.append({"role": m["role"], "content": content})
+    marked = [
+        {"role": m["role"], "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else m["content"]}
+        for i, m in enumerate(messages)
+    ]
     rendered = template.render(marked)
     pattern = re.compile(f"{re.escape(o1)}(\\d+){re.escape(o2)}|{re.escape(c1)}(\\d+){re.escape(c2)}")
     pieces: list[str] = []
@@ -183,14 +186,9 @@ def _marked_spans(
         return None
     spans = {}
     for i in chosen:
-        lead, _, trail = _split_ws(str(messages[i]["content"]))
         start, end = opens.get(i), closes.get(i)
         if start is not None and end is not None and end < start:
             start = end = None
-        if start is not None and lead and text[start - len(lead) : start] == lead:
-            start -= len(lead)  # the template kept the content's leading whitespace
-        if end is not None and trail and text[end : end + len(trail)] == trail:
-            end += len(trail)
         spans[i] = ContentSpan(start, end)
     return spans
 
