@@ -138,6 +138,10 @@ def test_no_crash_on_any_template(tokenizer, family, messages, strategy) -> None
         assert "no assistant turn" in str(exc) or "the chat template" in str(exc)
         return
     for seq in seqs:
+        # the tokens are exactly those of the text tokenised on its own (expand cuts prefixes
+        # out of one tokenisation where that is exact)
+        alone = tok(seq.text, add_special_tokens=False, return_offsets_mapping=True)
+        assert seq.input_ids == alone["input_ids"] and seq.offsets == [tuple(o) for o in alone["offset_mapping"]]
         assert len(seq.input_ids) == len(seq.labels) == len(seq.weights) == len(seq.offsets)
         assert seq.trained > 0
         assert all(lab in (IGNORE_INDEX, tok_id) for lab, tok_id in zip(seq.labels, seq.input_ids))

@@ -158,6 +158,11 @@ class MaskBuilder:
         self.config = config or MaskConfig()
         self.strategy = parse_strategy(self.config.strategy)
         self._template: ChatTemplate | None = None
+        # added tokens a text can be cut before without changing the tokens before them (one
+        # that strips whitespace on its left would take the preceding text's whitespace)
+        self._boundaries = {
+            i for i, tok in tokenizer.added_tokens_decoder.items() if not getattr(tok, "lstrip", False)
+        }
 
     @property
     def template(self) -> ChatTemplate:
@@ -212,9 +217,8 @@ class MaskBuilder:
             if stats is not None:
                 stats.dropped["with every trained turn at weight 0"] += 1
             return []
-        enc = self.tokenizer([s.text for s in samples], add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for sample, ids, offsets in zip(samples, enc["input_ids"], enc["offset_mapping"]):
+        for sample, (ids, offsets) in zip(samples, self._tokenize([s.text for s in samples])):
             labels, weights = label_tokens(ids, offsets, sample.regions, default_weight=sample.default_weight)
             cut = truncation_slice(len(ids), self.config.max_length, self.config.truncation)
             seq = MaskedSequence(list(ids[cut]), labels[cut], weights[cut], source, sample.text,
@@ -227,6 +231,32 @@ class MaskBuilder:
                 continue
             out.append(seq)
         return out
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``(input_ids, offsets)`` per text, each as if tokenised alone.
+
+        Expanded samples of a prefix-stable conversation are prefixes of the longest one. A
+        fast tokenizer splits the text at added tokens (``<|im_start|>``...) before anything
+        else and tokenises the pieces between them independently, so a prefix that ends
+        where an added token starts has exactly the tokens of the longest text up to it:
+        one tokenisation serves them all. Any other text is tokenised on its own.
+        """
+        out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+        longest = max(texts, key=len)
+        if len(texts) > 1 and all(longest.startswith(t) for t in texts):
+            enc = self.tokenizer(longest, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            cut_at = {start: k for k, ((start, _), tok) in enumerate(zip(offsets, ids)) if tok in self._boundaries}
+            cut_at[len(longest)] = len(ids)
+            for j, text in enumerate(texts):
+                if len(text) in cut_at:
+                    k = cut_at[len(text)]
+                    out[j] = (ids[:k], offsets[:k])
+        rest = [j for j in range(len(texts)) if j not in out]
+        if rest:
+            enc = self.tokenizer([texts[j] for j in rest], add_special_tokens=False, return_offsets_mapping=True)
+            out.update(zip(rest, zip(enc["input_ids"], enc["offset_mapping"])))
+        return [out[j] for j in range(len(texts))]
 
     # -- many records -----------------------------------------------------------------------
 

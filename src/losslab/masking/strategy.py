@@ -124,9 +124,18 @@ def plan_conversation(
     prefixes = {i: template.render(messages[: i + 1]) for i in trained}
     stable = all(prefixes[last].startswith(prefixes[i]) for i in trained[:-1])
     use_concat = strategy is Strategy.CONCAT or (strategy is Strategy.AUTO and stable)
-    if use_concat:
-        sample = _concat_sample(template, messages[: last + 1], trained, prefixes, weights, all_messages=False)
-        return Plan([sample], Strategy.CONCAT, stable)
+    if use_concat or stable:
+        whole = _concat_sample(template, messages[: last + 1], trained, prefixes, weights, all_messages=False)
+        if use_concat:
+            return Plan([whole], Strategy.CONCAT, stable)
+        # prefix-stable: every expanded sample is a prefix of the whole text, with the same turn
+        # region (the same spans, the same end-of-turn rule), so it is cut from the whole
+        samples = [
+            TextSample(prefixes[i], [region], turn=i, spans=whole.spans[: i + 1], roles=whole.roles[: i + 1],
+                       contents=whole.contents[: i + 1])
+            for i, region in zip(trained, whole.regions)
+        ]
+        return Plan(samples, Strategy.EXPAND, stable)
     samples = [_expand_sample(template, messages[: i + 1], prefixes[i], weights[i]) for i in trained]
     return Plan(samples, Strategy.EXPAND, stable)
 

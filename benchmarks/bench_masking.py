@@ -1,0 +1,130 @@
+"""Mask building speed (conversations per second on one core) and the tokens that `expand`
+processes compared with `concat`, on a real multi-turn set: the Chit-Chat Challenge dialogues
+of the PyPI package ``chitchat-dataset`` (7168 human conversations, ~19 turns each).
+
+    .venv/bin/python benchmarks/bench_masking.py                    # every conversation, 3 rounds
+    .venv/bin/python benchmarks/bench_masking.py --limit 500 --rounds 1 --json out.json
+
+Each dialogue is converted on the fly: every run of consecutive utterances of one speaker
+becomes one message (utterances joined by newlines), the first speaker is the user and the
+other the assistant. The tokenizer and chat template are SmolLM2's (``--tokenizer``). One
+process, one core (CPU affinity, one torch and one tokenizers thread). Speed is reported for
+the fastest of ``--rounds`` rounds (the one least disturbed by other processes); token
+counts do not depend on the round.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the Rust tokenizer's thread pool
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from losslab.data.records import Source  # noqa: E402
+from losslab.data.schemas import ChatRecord  # noqa: E402
+from losslab.masking import BuildStats, MaskBuilder, MaskConfig  # noqa: E402
+from losslab.models import load_tokenizer, package_dir  # noqa: E402
+
+
+def chitchat_conversations(limit: int | None = None) -> list[ChatRecord]:
+    """The chit-chat dialogues as alternating user/assistant chat records."""
+    path = package_dir("chitchat_dataset", "chitchat-dataset") / "dataset.json"
+    raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    records = []
+    for conversation in raw.values():
+        messages: list[dict[str, str]] = []
+        speakers: list[str] = []
+        for group in conversation["messages"]:
+            text = "\n".join(u["text"] for u in group if u.get("text"))
+            if not group or not text:
+                continue
+            if speakers and group[0]["sender"] == speakers[-1]:
+                messages[-1]["content"] += "\n" + text  # the same speaker again: one message
+                continue
+            speakers.append(group[0]["sender"])
+            messages.append({"role": "user" if len(messages) % 2 == 0 else "assistant", "content": text})
+        if any(m["role"] == "assistant" for m in messages):
+            records.append(ChatRecord.model_validate({"messages": messages}))
+        if limit is not None and len(records) >= limit:
+            break
+    return records
+
+
+def run(builder: MaskBuilder, records: list[ChatRecord]) -> tuple[float, BuildStats]:
+    stats = BuildStats(strategy=builder.strategy.value)
+    start = time.perf_counter()
+    for i, record in enumerate(records, 1):
+        for seq in builder.encode(record, Source("chitchat", i), stats):
+            stats.samples += 1
+            stats.tokens += len(seq.input_ids)
+            stats.trained_tokens += seq.trained
+        stats.records += 1
+    return time.perf_counter() - start, stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    import torch
+
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(args.tokenizer)
+    records = chitchat_conversations(args.limit)
+    turns = sum(len(r.messages) for r in records)
+    print(f"{len(records)} conversations, {turns} messages ({turns / len(records):.1f} per conversation)",
+          file=sys.stderr)
+
+    results: dict[str, Any] = {"conversations": len(records), "messages": turns, "strategies": {}}
+    for strategy in ("concat", "expand", "auto"):
+        builder = MaskBuilder(tokenizer, MaskConfig(strategy=strategy))
+        best = None
+        for r in range(args.rounds):
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            seconds, stats = run(builder, records)
+            print(f"  {strategy:6s} round {r + 1}: {len(records) / seconds:8.1f} conversations/s "
+                  f"(load average {load})", file=sys.stderr, flush=True)
+            if best is None or seconds < best[0]:
+                best = (seconds, stats, load)
+        seconds, stats, load = best  # type: ignore[misc]
+        results["strategies"][strategy] = {
+            "conversations_per_second": len(records) / seconds,
+            "seconds": seconds,
+            "samples": stats.samples,
+            "tokens": stats.tokens,
+            "trained_tokens": stats.trained_tokens,
+            "chosen": dict(stats.strategies),
+            "load_average": load,
+        }
+    concat, expand = results["strategies"]["concat"], results["strategies"]["expand"]
+    results["expand_over_concat_tokens"] = expand["tokens"] / concat["tokens"]
+
+    print("| strategy | conversations/s (1 core) | samples | tokens processed | trained tokens |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results["strategies"].items():
+        chosen = f" ({', '.join(f'{k}: {v}' for k, v in r['chosen'].items())})" if name == "auto" else ""
+        print(f"| {name}{chosen} | {r['conversations_per_second']:.0f} | {r['samples']} | {r['tokens']} | "
+              f"{r['trained_tokens']} |")
+    print(f"\nexpand processes {results['expand_over_concat_tokens']:.2f}x the tokens of concat "
+          f"for the same {concat['trained_tokens']} trained tokens")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
