@@ -89,6 +89,19 @@ def tokenizer(smollm2_tokenizer):
     return smollm2_tokenizer
 
 
+@pytest.fixture
+def cached_tokenizer(monkeypatch, tokenizer):
+    """`losslab inspect` runs without loading the SmolLM2 tokenizer again for every call."""
+    import losslab.models
+
+    real = losslab.models.load_tokenizer
+
+    def load(name: str, **kwargs):
+        return tokenizer if name == "builtin:smollm2-135m-instruct" else real(name, **kwargs)
+
+    monkeypatch.setattr(losslab.models, "load_tokenizer", load)
+
+
 def write_jsonl(path: Path, *lines: str) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

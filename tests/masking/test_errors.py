@@ -75,6 +75,7 @@ def test_in_memory_records_and_kinds(tokenizer) -> None:
         MaskConfig(strategy="both")
 
 
+@pytest.mark.usefixtures("cached_tokenizer")
 def test_cli_reports_the_line_and_exits_2(tmp_path: Path, capsys) -> None:
     path = write_jsonl(tmp_path / "data.jsonl", GOOD, BAD[0][0])
     assert main(["inspect", str(path)]) == 2

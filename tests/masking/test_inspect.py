@@ -6,10 +6,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from losslab.cli import main
 from losslab.masking.spans import IGNORE_INDEX
 
 from .conftest import TEMPLATES, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("cached_tokenizer")
 
 RECORD = {
     "messages": [

@@ -158,6 +158,7 @@ class MaskBuilder:
         self.config = config or MaskConfig()
         self.strategy = parse_strategy(self.config.strategy)
         self._template: ChatTemplate | None = None
+        self._bos: str | None = None  # the BOS text the alpaca style puts in front (once known)
         # added tokens a text can be cut before without changing the tokens before them (one
         # that strips whitespace on its left would take the preceding text's whitespace)
         self._boundaries = {
@@ -194,7 +195,9 @@ class MaskBuilder:
         tok = self.tokenizer
         if tok.eos_token is None:
             raise UserError("the alpaca prompt style needs a tokenizer with an EOS token")
-        bos = tok.bos_token if tokenizer_adds_bos(tok) else ""
+        if self._bos is None:
+            self._bos = tok.bos_token if tokenizer_adds_bos(tok) else ""
+        bos = self._bos
         prompt = bos + alpaca_prompt(record.instruction, record.input)
         text = prompt + record.output + tok.eos_token
         w = self.config.role_weights

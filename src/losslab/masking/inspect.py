@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import itertools
 import json
 import os
 import sys
@@ -29,26 +30,19 @@ WEIGHT = "\x1b[33m"  # yellow
 RESET = "\x1b[0m"
 
 
-def runs(seq: MaskedSequence) -> Iterator[tuple[str, bool, float]]:
-    """``(text, trained, weight)`` for maximal runs of tokens with the same mask and weight.
-
-    Token texts come from the character offsets, so a character split over several byte
-    tokens is shown once, with the first of them.
-    """
+def pieces(seq: MaskedSequence) -> Iterator[tuple[str, int, bool, float]]:
+    """``(text, token id, trained, weight)`` per token; the text comes from the character
+    offsets, so a character split over several byte tokens is shown once, with the first."""
     cursor = seq.offsets[0][0] if seq.offsets else 0
-    current: tuple[bool, float] | None = None
-    parts: list[str] = []
-    for (start, end), label, weight in zip(seq.offsets, seq.labels, seq.weights):
-        piece = seq.text[max(start, cursor) : end] if end > cursor else ""
+    for tok, (start, end), label, weight in zip(seq.input_ids, seq.offsets, seq.labels, seq.weights):
+        yield (seq.text[max(start, cursor) : end] if end > cursor else ""), tok, label != IGNORE_INDEX, weight
         cursor = max(cursor, end)
-        key = (label != IGNORE_INDEX, weight)
-        if key != current and parts:
-            yield "".join(parts), current[0], current[1]  # type: ignore[index]
-            parts = []
-        current = key
-        parts.append(piece)
-    if parts and current is not None:
-        yield "".join(parts), current[0], current[1]
+
+
+def runs(seq: MaskedSequence) -> Iterator[tuple[str, bool, float]]:
+    """``(text, trained, weight)`` for maximal runs of tokens with the same mask and weight."""
+    for (trained, weight), group in itertools.groupby(pieces(seq), key=lambda p: (p[2], p[3])):
+        yield "".join(p[0] for p in group), trained, weight
 
 
 def _header(seq: MaskedSequence) -> str:
@@ -91,11 +85,9 @@ def format_html(seqs: Iterable[MaskedSequence], stats: BuildStats, *, title: str
     body.append("<p>Trained tokens are green, darker for a larger weight; hover a token for its id and weight.</p>")
     for seq in seqs:
         body.append(f"<h2>{html.escape(_header(seq))}</h2><pre>")
-        cursor = seq.offsets[0][0] if seq.offsets else 0
-        for tok, (start, end), label, weight in zip(seq.input_ids, seq.offsets, seq.labels, seq.weights):
-            piece = html.escape(seq.text[max(start, cursor) : end] if end > cursor else "")
-            cursor = max(cursor, end)
-            if label == IGNORE_INDEX:
+        for text, tok, trained, weight in pieces(seq):
+            piece = html.escape(text)
+            if not trained:
                 body.append(f'<span class="u" title="token {tok}: not trained">{piece}</span>')
             else:
                 alpha = 0.2 + 0.8 * min(weight / top, 1.0)

@@ -26,7 +26,7 @@ every trained token, so their per-token losses are equal), else ``expand``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -69,7 +69,6 @@ class Plan:
     samples: list[TextSample]
     strategy: Strategy
     prefix_stable: bool | None = None  # None: not checked (policy `all`, or nothing trained)
-    notes: list[str] = field(default_factory=list)
 
 
 def common_prefix_len(a: str, b: str) -> int:
@@ -119,7 +118,7 @@ def plan_conversation(
     ]
     if not trained:
         chosen = Strategy.CONCAT if strategy is Strategy.AUTO else strategy
-        return Plan([], chosen, notes=["every trained turn has weight 0"])
+        return Plan([], chosen)  # every trained turn has weight 0
     last = trained[-1]
     prefixes = {i: template.render(messages[: i + 1]) for i in trained}
     stable = all(prefixes[last].startswith(prefixes[i]) for i in trained[:-1])
