@@ -181,3 +181,50 @@ def test_example_studies_parse() -> None:
     for path in paths:
         study = load_study(path)
         assert study.config.baseline in [v.name for v in study.config.variants]
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which("chromium-headless-shell"), shutil.which("chromium")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
+def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
+    import subprocess
+
+    tmp, _, _ = finished
+    html = (tmp / "out" / "report.html").read_text()
+    # a probe copy: after load, write what the browser rendered (tables, decoded images) into the DOM
+    probe = html.replace("</body>", "<script>window.onload = () => { document.body.setAttribute('data-probe', JSON.stringify({"
+                         "tables: document.querySelectorAll('table').length, "
+                         "images: [...document.images].map(i => i.complete ? i.naturalWidth : 0)})); };</script></body>")
+    (tmp_path / "probe.html").write_text(probe)
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+            "--window-size=1280,2400", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*base, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=90)
+    found = json.loads(__import__("html").unescape(dom.stdout.split('data-probe="', 1)[1].split('"', 1)[0]))
+    assert found["tables"] >= 4 and len(found["images"]) >= 3 and min(found["images"]) > 100
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, f"--screenshot={shot}", (tmp / "out" / "report.html").as_uri()], capture_output=True, timeout=90)
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+    shutil.copy(shot, tmp / "out" / "report.png")
+
+
+def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Path) -> None:
+    data = study_dict(tmp_path / "out")
+    data["base"]["training"]["max_steps"] = 2
+    data["base"]["eval"] = {"splits": ["validation"]}
+    data["metrics"] = [{"name": "validation/loss", "direction": "min"}]
+    data["variants"][1]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
+    data["tuning"] = {"trials": 2}
+    path = write_study(tmp_path, data)
+    results = compare(load_study(path))
+    tuning = results["tuning"]["ce_consistency"]
+    assert len(tuning["trials"]) == 2 and (tmp_path / "out" / "tuning.db").is_file()
+    best = tuning["best_params"]["loss.terms.1.weight.start"]
+    assert 0.1 <= best <= 0.7 and results["variants"]["ce_consistency"]["tuned"] == tuning["best_params"]
+    run_dir = Path(results["variants"]["ce_consistency"]["runs"]["1"])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["terms"][1]["weight"]["start"] == pytest.approx(best)
+    # more trials: the study resumes from the stored two
+    data["tuning"]["trials"] = 3
+    again = compare(load_study(write_study(tmp_path, data)))
+    assert [t["number"] for t in again["tuning"]["ce_consistency"]["trials"]] == [0, 1, 2]

@@ -1,0 +1,94 @@
+"""Tune a variant's declared loss weights / schedule parameters on the validation split (Optuna).
+
+Each tuned variant gets an Optuna study (TPE by default, seeded) in ``tuning.storage``
+(default ``sqlite:///OUTPUT_DIR/tuning.db``), named after the variant and a hash of its
+resolved config and search space, so rerunning resumes it: finished trials (complete or
+pruned) count towards ``tuning.trials`` and are not repeated. A trial trains the variant with
+the sampled values at ``tuning.seed`` in ``OUTPUT_DIR/tuning/<variant>/trial<k>__<hash>/``
+and returns ``tuning.metric`` (a validation metric of its metrics.json).
+
+Pruning (``tuning.pruner: median``): each trial's validation loss curve (the ``eval_loss``
+lines of its log.jsonl) is reported step by step to Optuna's median pruner, and a trial
+whose curve falls below the median of earlier trials at the same step is recorded as pruned
+(TPE then treats it as bad). ``losslab.train.run.train`` has no callback hook yet, so the
+check runs when the trial's training ends: pruning shapes the search but does not yet save
+the rest of a bad trial's training time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from losslab.compare.config import Param, Study, Variant, config_hash
+from losslab.compare.runner import read_log, train_run
+from losslab.errors import UserError
+from losslab.eval.report import read_metrics_json
+
+
+def suggest(trial: Any, key: str, param: Param) -> Any:
+    if param.type == "categorical":
+        return trial.suggest_categorical(key, param.choices)
+    if param.type == "int":
+        return trial.suggest_int(key, int(param.low), int(param.high), log=param.log)
+    return trial.suggest_float(key, param.low, param.high, log=param.log)
+
+
+def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
+    """Run (or resume) the variant's Optuna study; returns its history and best values."""
+    import optuna
+
+    cfg = study.config
+    t = cfg.tuning
+    seed = cfg.seeds[0] if t.seed is None else t.seed
+    storage = t.storage or f"sqlite:///{(study.out / 'tuning.db').resolve()}"
+    space = {k: p.model_dump() for k, p in variant.tune.items()}
+    name = f"{variant.name}__{config_hash({'base': study.resolve(variant, seed), 'space': space, 'metric': t.metric})}"
+    sampler = optuna.samplers.TPESampler(seed=0) if t.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if t.pruner == "median" else optuna.pruners.NopPruner()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ostudy = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                 direction="maximize" if t.direction == "max" else "minimize", load_if_exists=True)
+    finished = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+
+    def objective(trial: Any) -> float:
+        params = {key: suggest(trial, key, p) for key, p in variant.tune.items()}
+        data = study.resolve(variant, seed, params)
+        folder = study.out / "tuning" / variant.name / f"trial{trial.number}__{config_hash(data)}"
+        print(f"\ntuning {variant.name}: trial {trial.number + 1}/{t.trials} {params} -> {folder}", flush=True)
+        if not (folder / "metrics.json").is_file():
+            train_run({**data, "output_dir": str(folder)})
+        for row in read_log(folder):
+            if "eval_loss" in row:
+                trial.report(float(row["eval_loss"]), int(row.get("step", 0)))
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+        metrics = read_metrics_json(folder / "metrics.json")
+        if metrics.get(t.metric) is None:
+            raise UserError(f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
+                            f"(available: {', '.join(k for k in metrics if k.startswith('validation/'))})")
+        return float(metrics[t.metric])
+
+    left = t.trials - sum(tr.state in finished for tr in ostudy.trials)
+    if left > 0:
+        ostudy.optimize(objective, n_trials=left, catch=())
+    complete = [tr for tr in ostudy.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UserError(f"tuning {variant.name!r}: no trial completed (all {len(ostudy.trials)} pruned or failed)")
+    return {
+        "study_name": name, "storage": storage, "metric": t.metric, "direction": t.direction, "seed": seed,
+        "best_params": dict(ostudy.best_params), "best_value": ostudy.best_value,
+        "trials": [{"number": tr.number, "state": tr.state.name, "value": tr.value, "params": dict(tr.params),
+                    "last_intermediate": (tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None)}
+                   for tr in ostudy.trials],
+    }
+
+
+def tune_all(study: Study) -> dict[str, dict[str, Any]]:
+    """Tune every variant that declares a search space; variant name -> :func:`tune_variant` result."""
+    out = {}
+    for variant in study.config.variants:
+        if variant.tune:
+            out[variant.name] = tune_variant(study, variant)
+            print(f"tuned {variant.name}: best {out[variant.name]['best_params']} "
+                  f"({study.config.tuning.metric} = {out[variant.name]['best_value']:.4g})")
+    return out
