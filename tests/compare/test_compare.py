@@ -228,3 +228,13 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     data["tuning"]["trials"] = 3
     again = compare(load_study(write_study(tmp_path, data)))
     assert [t["number"] for t in again["tuning"]["ce_consistency"]["trials"]] == [0, 1, 2]
+
+
+def test_search_space_is_checked_before_any_work(tmp_path: Path) -> None:
+    data = study_dict(tmp_path / "out")
+    data["variants"][1]["tune"] = {"loss.terms.1.weight.strat": {"low": 0.1, "high": 0.7}}
+    with pytest.raises(UserError, match=r"variant 'ce_consistency'"):
+        load_study(write_study(tmp_path, data))
+    data["variants"][1]["tune"] = {"loss.terms.1.weight.start": {"low": 0.7, "high": 0.1}}
+    with pytest.raises(UserError, match=r"low.*<= .*high"):
+        load_study(write_study(tmp_path, data))

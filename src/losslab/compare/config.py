@@ -133,12 +133,17 @@ class Study:
         index = self.config.variants.index(variant)
         line = self.lines.get(("variants", str(index)))
         where = f"{self.source}:{line}" if line else self.source
-        try:
-            config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
-            build_composite(config.loss.terms, total_steps=1, where=f"{where}: variant {variant.name!r}: loss.terms")
-        except UserError as exc:
-            raise UserError(str(exc)) from None
+        config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
+        build_composite(config.loss.terms, total_steps=1, where=f"{where}: variant {variant.name!r}: loss.terms")
         return config
+
+
+def corner(param: Param, bound: str) -> Any:
+    """The ``low`` or ``high`` end of a parameter (first / last choice of a categorical)."""
+    if param.type == "categorical":
+        return param.choices[0 if bound == "low" else -1]
+    value = getattr(param, bound)
+    return int(value) if param.type == "int" else value
 
 
 def config_hash(data: dict[str, Any]) -> str:
@@ -185,11 +190,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     for variant in config.variants:
         for seed in config.seeds:
             trained = study.check(variant, seed)
-        if variant.tune:
-            try:
-                set_dotted(study.resolve(variant, config.seeds[0]), {k: None for k in variant.tune})
-            except UserError as exc:
-                raise UserError(f"variant {variant.name!r}: tune: {exc}", where=str(path)) from None
+        for bound in ("low", "high"):  # the search space's corners must make valid configs too
+            if variant.tune:
+                study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})
         for metric in config.metrics:
             split = metric.name.split("/", 1)[0]
             if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:
