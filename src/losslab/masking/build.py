@@ -314,7 +314,7 @@ def _count_unrendered(sample: TextSample, stats: BuildStats) -> None:
     """Count messages with content that the template did not render at all (Mistral v0.3 drops
     the system message of a conversation that ends with an assistant turn)."""
     for span, role, content in zip(sample.spans, sample.roles, sample.contents):
-        if span.start is None and span.end is None and content.strip():
+        if span.start is None and span.end is None and content.strip() and content.strip() not in sample.text:
             stats.unrendered[role] += 1
 
 

@@ -94,7 +94,7 @@ class ChatTemplate:
             source = load_template(template)
         self.source: str = source
         self._compiled = _compile(source)
-        self._variables = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        self._variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as apply_chat_template
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for ``messages`` (roles and contents only)."""
@@ -166,7 +166,10 @@ def _marked_spans(
         {"role": m["role"], "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else m["content"]}
         for i, m in enumerate(messages)
     ]
-    rendered = template.render(marked)
+    try:
+        rendered = template.render(marked)
+    except UserError:  # the template refuses the marked contents: as good as a different text
+        return None
     pattern = re.compile(f"{re.escape(o1)}(\\d+){re.escape(o2)}|{re.escape(c1)}(\\d+){re.escape(c2)}")
     pieces: list[str] = []
     opens: dict[int, int] = {}

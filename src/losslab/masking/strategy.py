@@ -3,10 +3,12 @@
 Trained region of assistant turn ``i`` in a rendered text (character offsets):
 
 - start: where its content starts (marker render, :mod:`losslab.masking.render`). If the
-  template rewrote the beginning of the content (a reasoning template moving ``<think>``),
-  the start is where the text leaves the generation prompt: the common prefix of the text
-  and ``render(messages[:i], add_generation_prompt=True)``, i.e. everything the model
-  would have to generate after the prompt it is given at inference.
+  template rewrote the beginning of the content (a reasoning template moving ``<think>``)
+  or refused the marked content, the start is where the text leaves the generation prompt:
+  the common prefix of the text and ``render(messages[:i], add_generation_prompt=True)``,
+  i.e. everything the model would have to generate after the prompt it is given at
+  inference; a template without a generation prompt gives the header through a probe reply
+  (``messages[:i] + [assistant "x"]``).
 - end of turn ("close"): the text the template emits after the content both in this
   rendering and when the conversation ENDS at turn ``i`` (the common prefix of the two
   tails), with trailing whitespace removed unless it is all there is. That is
@@ -141,10 +143,18 @@ def plan_conversation(
 
 def _turn_start(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i: int, text: str,
                 span: ContentSpan, floor: int) -> int:
-    """Where assistant turn i's trained text starts (content start, else generation-prompt rule)."""
+    """Where assistant turn i's trained text starts: its content's start, else (the template
+    rewrote or refused the content) the end of the turn's header: with a generation prompt,
+    where the text leaves it; without one, where the template puts a probe reply."""
     if span.start is not None:
         return span.start
+    before = template.render(messages[:i])
     prompt = template.render(messages[:i], add_generation_prompt=True)
+    if prompt == before:  # no generation prompt: find the header by rendering a probe reply
+        probe = template.render_with_spans([*messages[:i], {"role": "assistant", "content": "x"}])
+        header_end = probe.spans[i].start
+        if header_end is not None:
+            prompt = probe.text[:header_end]
     return max(floor, common_prefix_len(text, prompt))
 
 

@@ -1,0 +1,50 @@
+"""Finding content spans: outer markers, markers inside whitespace for trimming templates,
+one message at a time for templates that branch on the content, lost markers."""
+
+from __future__ import annotations
+
+from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig
+from losslab.masking.render import ChatTemplate, ContentSpan
+
+BRANCHING = (
+    "{% for m in messages %}<{{ m['role'] }}>"
+    "{% if m['content'] == 'skip me' %}{% elif m['content'] | length > 40 %}{{ raise_exception('too long') }}"
+    "{% else %}{{ m['content'] }}{% endif %}</{{ m['role'] }}>\n{% endfor %}"
+)
+TRIMMING = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | trim }}[end]{% endfor %}"
+
+
+def test_spans_with_a_plain_template(tokenizer) -> None:
+    template = ChatTemplate(tokenizer, TRIMMING.replace(" | trim", ""))
+    messages = [{"role": "user", "content": " a "}, {"role": "assistant", "content": "\n"}]
+    rendered = template.render_with_spans(messages)
+    assert rendered.text == "[user] a [end][assistant]\n[end]"
+    assert [rendered.text[s.start : s.end] for s in rendered.spans] == [" a ", "\n"]
+
+
+def test_spans_with_a_trimming_template(tokenizer) -> None:
+    template = ChatTemplate(tokenizer, TRIMMING)
+    messages = [{"role": "user", "content": " a "}, {"role": "assistant", "content": "\n\n"}]
+    rendered = template.render_with_spans(messages)
+    assert rendered.text == "[user]a[end][assistant][end]"
+    assert rendered.spans == (ContentSpan(6, 7), ContentSpan(23, 23))
+
+
+def test_a_template_that_branches_on_the_content(tokenizer) -> None:
+    template = ChatTemplate(tokenizer, BRANCHING)
+    messages = [
+        {"role": "user", "content": "skip me"},  # rendered as nothing: not found
+        {"role": "assistant", "content": "x" * 38},  # refused with markers: they make it "too long"
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "bye"},
+    ]
+    rendered = template.render_with_spans(messages)
+    assert rendered.spans[:2] == (ContentSpan(None, None), ContentSpan(None, None))
+    assert [rendered.text[s.start : s.end] for s in rendered.spans[2:]] == ["q", "bye"]
+    # message 2's turn is still found: the template has no generation prompt, so the header
+    # comes from a probe reply, and the end of turn from the conversation ending there
+    stats = BuildStats()
+    (seq,) = MaskBuilder(tokenizer, MaskConfig(template=BRANCHING)).iter_sequences([{"messages": messages}], stats)
+    trained = "".join(seq.text[s:e] for (s, e), lab in zip(seq.offsets, seq.labels) if lab != -100)
+    assert trained == "x" * 38 + "</assistant>" + "bye</assistant>"
+    assert stats.unrendered == {"user": 1}
