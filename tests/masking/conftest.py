@@ -26,7 +26,6 @@ class Family:
     end_of_turn: str  # what closes an assistant turn
     special: dict  # tokenizer.add_special_tokens argument
     system: bool = True  # accepts a system message
-    roles_alternate: bool = False  # raises unless user/assistant alternate
 
 
 FAMILIES = [
@@ -40,12 +39,11 @@ FAMILIES = [
     Family(
         "gemma", "gemma.jinja", "<end_of_turn>",
         {"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
-        system=False, roles_alternate=True,
+        system=False,
     ),
     Family(
         "mistral", "mistral.jinja", "</s>",
         {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]},
-        roles_alternate=True,
     ),
     Family("zephyr", "zephyr.jinja", "</s>", {"bos_token": "<s>", "eos_token": "</s>"}),
 ]

@@ -179,3 +179,18 @@ def test_policy_all_weights_roles_and_keeps_template_text_at_one(tokenizer) -> N
     (seq,) = MaskBuilder(tokenizer, config).iter_sequences([{"messages": messages}])
     weights = {seq.text[s:e]: w for (s, e), w in zip(seq.offsets, seq.weights)}
     assert weights["question"] == 0.25 and weights["answer"] == 1.0 and weights["<|im_start|>"] == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES[1:], ids=lambda f: f.name)
+def test_control_strings_as_plain_text(tokenizer, family) -> None:
+    """On the bare SmolLM2 tokenizer the families' control strings are ordinary text, so BPE
+    may merge a turn's edge with its neighbour ("|><|"): the run then holds the whole turn
+    plus the rest of the edge token, never more."""
+    builder = MaskBuilder(tokenizer, MaskConfig(template=template_of(family)))
+    (seq,) = builder.iter_sequences([{"messages": conversation(family)}])
+    end = family.end_of_turn.replace("</s>", tokenizer.eos_token)  # Mistral, Zephyr: the eos_token variable
+    replies = [m["content"] + end for m in TURNS if m["role"] == "assistant"]
+    runs = decoded_runs(tokenizer, seq)
+    assert len(runs) == len(replies)
+    for run, reply in zip(runs, replies):
+        assert reply in run and len(run) - len(reply) <= 2, (run, reply)
