@@ -212,9 +212,11 @@ def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
 def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Path) -> None:
     data = study_dict(tmp_path / "out")
     data["base"]["training"]["max_steps"] = 2
+    data["seeds"] = [0, 1]
+    data["variants"] = data["variants"][1:]  # the tuned variant alone (it is its own baseline)
     data["base"]["eval"] = {"splits": ["validation"]}
     data["metrics"] = [{"name": "validation/loss", "direction": "min"}]
-    data["variants"][1]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
+    data["variants"][0]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
     data["tuning"] = {"trials": 2}
     path = write_study(tmp_path, data)
     results = compare(load_study(path))
