@@ -13,6 +13,7 @@ import base64
 import io
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def _figure(n_panels: int) -> tuple[Any, list[Any]]:
     return fig, flat[:n_panels]
 
 
-def curves(runs: list[Run], key_filter: Any, *, title: str) -> str | None:
+def curves(runs: list[Run], key_filter: Callable[[dict[str, Any], str], bool], *, title: str) -> str | None:
     """One panel per logged key matching ``key_filter(row, key)``; a line per run, colour per variant."""
     series: dict[str, dict[tuple[str, int], tuple[list[float], list[float]]]] = defaultdict(dict)
     for run in runs:
@@ -223,6 +224,14 @@ for BLEU/chrF the paired bootstrap over test examples below has the power.{% end
 """
 
 
+def _is_train_term(row: dict[str, Any], key: str) -> bool:
+    return "eval_loss" not in row and (key == "loss" or key.startswith(("loss/", "weight/")))
+
+
+def _is_eval_term(row: dict[str, Any], key: str) -> bool:
+    return key == "eval_loss" or key.startswith("eval_loss/")
+
+
 def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examples: int = 5) -> str:
     """The self-contained HTML page."""
     import jinja2
@@ -230,10 +239,8 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
     env = jinja2.Environment(autoescape=True)
     study = results["study"]
     header, rows = table_rows(results)
-    is_term = lambda row, key: "eval_loss" not in row and (key == "loss" or key.startswith("loss/") or key.startswith("weight/"))  # noqa: E731
-    is_eval = lambda row, key: key == "eval_loss" or key.startswith("eval_loss/")  # noqa: E731
-    plots = [("Training loss terms and weights", curves(runs, is_term, title="training: total loss, every term, every weight (a line per seed)")),
-             ("Validation curves", curves(runs, is_eval, title="validation loss during training (a line per seed)")),
+    plots = [("Training loss terms and weights", curves(runs, _is_train_term, title="training: total loss, every term, every weight (a line per seed)")),
+             ("Validation curves", curves(runs, _is_eval_term, title="validation loss during training (a line per seed)")),
              ("Tuning history", tuning_plot(results.get("tuning") or {}))]
     variants, example_rows = example_table(runs, study["seeds"][0], examples)
     return env.from_string(TEMPLATE).render(
