@@ -1,7 +1,8 @@
 """End to end through ``losslab.train.run.train`` for sequence_classification,
 token_classification, reward_model and embedding: on the tiny Llama, a fixed batch (as many
 samples as the batch size) for a few steps, the trained term goes down, every term of the
-composite is logged each step, and metrics.json has the task's metrics."""
+composite is logged each step, and metrics.json has the task's metrics. Then each task's
+example config parses and runs with tiny step counts given as ``--set`` overrides."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from losslab.config import load_config
 from losslab.eval.report import read_metrics_json
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
 STEPS = 6
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +125,28 @@ def test_embedding_triplet_gets_explicit_negatives(tmp_path: Path) -> None:
                         embedding={"context_turns": 2, "pooling": "last", "recall_at": [1, 3]})
     assert_goes_down(rows, "triplet")
     assert {"test/recall@1", "test/recall@3", "test/mrr"} <= set(metrics)
+
+
+# example -> (task, a metric its metrics.json must have for both evaluated splits)
+EXAMPLE_CASES = {
+    "train_sentiment_classification.yaml": ("sequence_classification", "f1_macro"),
+    "train_ner.yaml": ("token_classification", "f1_micro"),
+    "train_reward_model.yaml": ("reward_model", "pairwise_accuracy"),
+    "train_embedding.yaml": ("embedding", "mrr"),
+}
+TINY = ["training.max_steps=2", "training.batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=8",
+        "data.max_length=32"]
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLE_CASES))
+def test_example_parses_and_runs(name: str, tmp_path: Path) -> None:
+    task, metric = EXAMPLE_CASES[name]
+    full = load_config(TrainConfig, EXAMPLES / name)
+    assert full.task == task
+    assert full.data.validation and full.data.test
+    config = load_config(TrainConfig, EXAMPLES / name, [*TINY, f"output_dir={tmp_path}"])
+    metrics = train(config)
+    assert metrics["train/steps"] == 2
+    assert read_metrics_json(tmp_path / "metrics.json") == pytest.approx(metrics, nan_ok=True)
+    assert {f"validation/{metric}", f"test/{metric}"} <= set(metrics)
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -26,6 +26,7 @@ from losslab.losses.composite import CompositeLoss, LossInputs
 from losslab.losses.registry import build_composite
 from losslab.train.config import LossConfig, TrainConfig
 from losslab.train.loss_func import TermAverager
+from losslab.train.tasks import TaskRun
 
 SPLITS = ("train", "validation", "test")
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -73,6 +74,36 @@ def read_splits(config: TrainConfig, schema: type[BaseModel]) -> dict[str, Split
 
 def sample_limit(config: TrainConfig, split: str) -> int | None:
     return config.data.max_train_samples if split == "train" else config.data.max_eval_samples
+
+
+SplitEncoder = Callable[[str, SplitRecords], tuple[list[dict], int]]
+
+
+def per_record(config: TrainConfig, encode_record: Callable[[Source, Any], tuple[dict, bool]]) -> SplitEncoder:
+    """A split encoder for tasks with one sample per record: ``encode_record(source, record)
+    -> (feature, truncated)`` on the first ``max_*_samples`` records."""
+
+    def encode_split(split: str, records: SplitRecords) -> tuple[list[dict], int]:
+        features, truncated = [], 0
+        for source, record in list(zip(records.sources, records.records))[: sample_limit(config, split)]:
+            feature, cut = encode_record(source, record)
+            features.append(feature)
+            truncated += cut
+        return features, truncated
+
+    return encode_split
+
+
+def encode_splits(splits: dict[str, SplitRecords], encode_split: SplitEncoder) -> tuple[dict[str, list[dict]], list[str]]:
+    """The samples of every split (``encode_split(split, records) -> (features, truncated)``)
+    and one printed log line per split."""
+    datasets, lines = {}, []
+    for split, records in splits.items():
+        features, truncated = encode_split(split, records)
+        datasets[split] = features
+        lines.append(describe_split(split, len(features), records, truncated))
+        print(lines[-1])
+    return datasets, lines
 
 
 def describe_split(split: str, n_samples: int, records: SplitRecords, truncated: int) -> str:
@@ -216,8 +247,6 @@ class TaskLossFunc:
     ``compute_loss_func``).
     """
 
-    fused = False
-
     def __init__(self, composite: CompositeLoss, forward: Forward, *, model: torch.nn.Module,
                  reference_params: dict[str, torch.Tensor] | None = None) -> None:
         self.composite = composite
@@ -241,6 +270,21 @@ class TaskLossFunc:
         if num_items_in_batch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             loss = loss * torch.distributed.get_world_size()
         return (loss, outputs) if return_outputs else loss
+
+
+def task_run(*, model: torch.nn.Module, tokenizer: Any, datasets: dict[str, list[dict]], collator: Callable,
+             plan: LossPlan, forward: Forward, evaluate: Callable, summary: dict[str, Any]) -> TaskRun:
+    """The :class:`TaskRun` of an encoder-style task; its loss is a :class:`TaskLossFunc`
+    over ``forward`` with the composite ``plan`` chooses."""
+
+    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
+        composite = plan.composite(configured)
+        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
+
+    print(f"loss: {plan.note}")
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func, evaluate=evaluate,
+                   summary={**summary, "loss": plan.note})
 
 
 def label_vocabulary(config_names: list[str] | None, found: Sequence[str], *, first: str | None = None) -> list[str]:

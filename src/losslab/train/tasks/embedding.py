@@ -39,23 +39,23 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ranking import retrieval_metrics
 from losslab.eval.report import namespace
-from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.losses.composite import LossInputs
 from losslab.models import load_tokenizer, resolve
 from losslab.train.config import EmbeddingConfig, TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
-    TaskLossFunc,
+    SplitRecords,
     collate_texts,
-    describe_split,
     encode,
+    encode_splits,
     eval_batch_size,
     eval_batches,
     model_inputs,
     model_kwargs,
     plan_loss,
     read_splits,
-    reference_params,
     sample_limit,
+    task_run,
 )
 
 DEFAULT_TERMS = [{"name": "info_nce", "temperature": 0.05}]
@@ -180,19 +180,16 @@ def build(config: TrainConfig) -> TaskRun:
         raise UserError("a loss term needs explicit negatives; set embedding.negatives: true", where="embedding.negatives")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMAS["chat"])
-    reply_drop = "end" if config.data.truncation == "end" else "start"
-    max_length = config.data.max_length
-    datasets: dict[str, list[dict]] = {}
-    lines = []
-    for split, records in splits.items():
-        groups = [conversation_pairs(r.messages, i, options.context_turns) for i, r in enumerate(records.records)]
-        every = round_robin(groups)
+    max_length, reply_drop = config.data.max_length, config.data.truncation
+
+    def encode_split(split: str, records: SplitRecords) -> tuple[list[dict], int]:
+        every = round_robin([conversation_pairs(r.messages, i, options.context_turns) for i, r in enumerate(records.records)])
         pairs = every[: sample_limit(config, split)]
         if not pairs:
             raise UserError(f"no context -> reply pairs in the {split} records (no assistant turn after another turn)",
                             where=records.path)
-        features, truncated = [], 0
         replies = negative_replies(pairs, every, config.seed) if negatives else None
+        features, truncated = [], 0
         for i, pair in enumerate(pairs):
             anchor, cut_a = encode(tokenizer, pair.context, max_length=max_length, drop="start")
             positive, cut_p = encode(tokenizer, pair.reply, max_length=max_length, drop=reply_drop)
@@ -201,10 +198,9 @@ def build(config: TrainConfig) -> TaskRun:
                 feature["negative"] = encode(tokenizer, replies[i], max_length=max_length, drop=reply_drop)[0]
             truncated += cut_a or cut_p
             features.append(feature)
-        datasets[split] = features
-        lines.append(describe_split(split, len(features), records, truncated))
-        print(lines[-1])
+        return features, truncated
 
+    datasets, lines = encode_splits(splits, encode_split)
     model = AutoModel.from_pretrained(resolve(config.model), **model_kwargs(config))
     collator = TripleCollator(tokenizer.pad_token_id, negatives)
 
@@ -215,15 +211,8 @@ def build(config: TrainConfig) -> TaskRun:
         out = {"anchor": anchor, "positive": positive}
         return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None), out
 
-    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
-        composite = plan.composite(configured)
-        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
-
-    summary = {"task": "embedding", "loss": plan.note, "negatives": negatives, "pooling": options.pooling,
-               "data": lines}
-    print(f"loss: {plan.note}; explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
-                   evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
-                                    options=options),
-                   summary=summary)
+    print(f"explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
+    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+                    evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
+                                     options=options),
+                    summary={"task": "embedding", "negatives": negatives, "pooling": options.pooling, "data": lines})

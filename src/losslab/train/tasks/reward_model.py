@@ -34,24 +34,23 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ranking import reward_metrics
 from losslab.eval.report import namespace
-from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.losses.composite import LossInputs
 from losslab.models import load_tokenizer, resolve
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
-    TaskLossFunc,
     collate_texts,
-    describe_split,
     encode,
+    encode_splits,
     eval_batch_size,
     eval_batches,
     model_inputs,
     model_kwargs,
+    per_record,
     plan_loss,
     read_splits,
-    reference_params,
-    sample_limit,
     set_pad_token,
+    task_run,
 )
 
 DEFAULT_TERMS = [{"name": "bradley_terry"}]
@@ -129,35 +128,24 @@ def build(config: TrainConfig) -> TaskRun:
     plan = plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMAS["preference"])
-    datasets: dict[str, list[dict]] = {}
-    lines = []
-    for split, records in splits.items():
-        features, truncated = [], 0
-        for record in records.records[: sample_limit(config, split)]:
-            chosen, cut_c = encode_answer(tokenizer, record.prompt, record.chosen, config.data.max_length)
-            rejected, cut_r = encode_answer(tokenizer, record.prompt, record.rejected, config.data.max_length)
-            truncated += cut_c or cut_r
-            feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected}
-            if config.data.use_margin and record.margin is not None:
-                feature["margin"] = record.margin
-            features.append(feature)
-        datasets[split] = features
-        lines.append(describe_split(split, len(features), records, truncated))
-        print(lines[-1])
 
+    def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
+        chosen, cut_c = encode_answer(tokenizer, record.prompt, record.chosen, config.data.max_length)
+        rejected, cut_r = encode_answer(tokenizer, record.prompt, record.rejected, config.data.max_length)
+        feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected}
+        if config.data.use_margin and record.margin is not None:
+            feature["margin"] = record.margin
+        return feature, cut_c or cut_r
+
+    datasets, lines = encode_splits(splits, per_record(config, encode_record))
     model = AutoModelForSequenceClassification.from_pretrained(resolve(config.model), num_labels=1,
                                                                **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = PairCollator(tokenizer.pad_token_id)
 
-    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
-        composite = plan.composite(configured)
-        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
-
     margins = "record margins" if any("margin" in f for f in datasets["train"]) else "no margins"
-    summary = {"task": "reward_model", "loss": plan.note, "margins": margins, "data": lines,
-               "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"}
-    print(f"loss: {plan.note} ({margins})")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
-                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config)), summary=summary)
+    print(f"margins: {margins}")
+    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config)),
+                    summary={"task": "reward_model", "margins": margins, "data": lines,
+                             "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"})

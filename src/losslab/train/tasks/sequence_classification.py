@@ -40,26 +40,25 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
 from losslab.eval.report import namespace
-from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.losses.composite import LossInputs
 from losslab.models import load_tokenizer, resolve
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
-    TaskLossFunc,
     collate_texts,
-    describe_split,
     encode,
+    encode_splits,
     eval_batch_size,
     eval_batches,
     label_id,
     label_vocabulary,
     model_inputs,
     model_kwargs,
+    per_record,
     plan_loss,
     read_splits,
-    reference_params,
-    sample_limit,
     set_pad_token,
+    task_run,
 )
 
 
@@ -190,37 +189,20 @@ def build(config: TrainConfig) -> TaskRun:
     splits = read_splits(config, SCHEMA[label_type])
     names = class_names(config, label_type, splits["train"].records)
     label2id = {n: i for i, n in enumerate(names)}
-    drop = "end" if config.data.truncation == "end" else "start"
-    datasets: dict[str, list[dict]] = {}
-    lines = []
-    for split, records in splits.items():
-        features, truncated = [], 0
-        limit = sample_limit(config, split)
-        for source, record in list(zip(records.sources, records.records))[:limit]:
-            encoding, cut = encode(tokenizer, record.text, max_length=config.data.max_length, drop=drop)
-            truncated += cut
-            features.append({"encoding": encoding, "labels": target(label_type, record, label2id, source)})
-        datasets[split] = features
-        lines.append(describe_split(split, len(features), records, truncated))
-        print(lines[-1])
 
+    def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
+        encoding, cut = encode(tokenizer, record.text, max_length=config.data.max_length, drop=config.data.truncation)
+        return {"encoding": encoding, "labels": target(label_type, record, label2id, source)}, cut
+
+    datasets, lines = encode_splits(splits, per_record(config, encode_record))
     head = {"num_labels": 1} if label_type == "regression" else {
         "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": label2id}
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve(config.model), problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = TextCollator(tokenizer.pad_token_id)
-    forward = make_forward(label_type)
-
-    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
-        composite = plan.composite(configured)
-        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
-
-    summary = {"task": "sequence_classification", "label_type": label_type, "labels": names, "loss": plan.note,
-               "data": lines}
-    print(f"loss: {plan.note}")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
-                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config),
-                                    label_type=label_type, names=names),
-                   summary=summary)
+    return task_run(
+        model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=make_forward(label_type),
+        evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), label_type=label_type,
+                         names=names),
+        summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines})

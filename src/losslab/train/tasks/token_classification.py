@@ -32,15 +32,14 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ner import ids_to_tags, ner_report
 from losslab.eval.report import namespace
-from losslab.losses.composite import CompositeLoss, LossInputs
+from losslab.losses.composite import LossInputs
 from losslab.models import load_tokenizer, resolve
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
-    TaskLossFunc,
     collate_texts,
-    describe_split,
     encode,
+    encode_splits,
     eval_batch_size,
     eval_batches,
     label_id,
@@ -48,11 +47,11 @@ from losslab.train.tasks._common import (
     model_inputs,
     model_kwargs,
     pad,
+    per_record,
     plan_loss,
     read_splits,
-    reference_params,
-    sample_limit,
     set_pad_token,
+    task_run,
 )
 
 IGNORE = -100
@@ -131,34 +130,20 @@ def build(config: TrainConfig) -> TaskRun:
     splits = read_splits(config, SCHEMAS["ner"])
     tags = label_vocabulary(config.data.label_names, [t for r in splits["train"].records for t in r.tags], first="O")
     tag2id = {t: i for i, t in enumerate(tags)}
-    drop = "end" if config.data.truncation == "end" else "start"
-    datasets: dict[str, list[dict]] = {}
-    lines = []
-    for split, records in splits.items():
-        features, truncated = [], 0
-        for source, record in list(zip(records.sources, records.records))[: sample_limit(config, split)]:
-            tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
-            encoding, cut = encode(tokenizer, record.tokens, max_length=config.data.max_length, drop=drop,
-                                   is_split_into_words=True)
-            truncated += cut
-            features.append({"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids)})
-        datasets[split] = features
-        lines.append(describe_split(split, len(features), records, truncated))
-        print(lines[-1])
 
+    def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
+        tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
+        encoding, cut = encode(tokenizer, record.tokens, max_length=config.data.max_length, drop=config.data.truncation,
+                               is_split_into_words=True)
+        return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids)}, cut
+
+    datasets, lines = encode_splits(splits, per_record(config, encode_record))
     model = AutoModelForTokenClassification.from_pretrained(
         resolve(config.model), num_labels=len(tags), id2label=dict(enumerate(tags)), label2id=tag2id,
         **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = TokenCollator(tokenizer.pad_token_id)
 
-    def make_loss_func(configured: CompositeLoss) -> TaskLossFunc:
-        composite = plan.composite(configured)
-        return TaskLossFunc(composite, forward, model=model, reference_params=reference_params(model, composite))
-
-    summary = {"task": "token_classification", "tags": tags, "loss": plan.note, "data": lines}
-    print(f"loss: {plan.note}")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, make_loss_func=make_loss_func,
-                   evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags),
-                   summary=summary)
+    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags),
+                    summary={"task": "token_classification", "tags": tags, "data": lines})
