@@ -13,7 +13,8 @@ import torch
 from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.tasks._common import plan_loss
-from losslab.train.tasks.sequence_classification import PROVIDES, TextCollator, detect_label_type, evaluate
+from losslab.data.records import Source
+from losslab.train.tasks.sequence_classification import PROVIDES, TextCollator, detect_label_type, evaluate, target
 
 
 class FirstTokenHead(torch.nn.Module):
@@ -110,3 +111,11 @@ def test_default_loss_and_terms_that_need_other_inputs() -> None:
     for terms, needs in (([{"name": "bradley_terry"}], "rewards_chosen"), ([{"name": "mse"}], "predictions")):
         with pytest.raises(UserError, match=f"{terms[0]['name']}.*needs.*{needs}"):  # before any model is loaded
             plan_loss(config("unused", terms), "sequence_classification", [{"name": "cross_entropy"}], PROVIDES["class"])
+
+
+def test_unknown_labels_name_the_record() -> None:
+    with pytest.raises(UserError, match=r"^val.jsonl:3: field 'label': unknown label 'maybe'"):
+        target("class", SimpleNamespace(label="maybe"), {"no": 0, "yes": 1}, Source("val.jsonl", 3))
+    with pytest.raises(UserError, match=r"^val.jsonl:4: .*class id 2 is outside 0..1"):
+        target("class", SimpleNamespace(label=2), {"no": 0, "yes": 1}, Source("val.jsonl", 4))
+    assert target("multi_label", SimpleNamespace(label=["yes"]), {"no": 0, "yes": 1}, Source("f", 1)) == [0.0, 1.0]

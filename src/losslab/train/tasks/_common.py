@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from losslab.data.prepare import resolve_data_path
+from losslab.data.prepare import SPLITS, resolve_data_path
 from losslab.data.records import SkipLog, Source, load_records
 from losslab.errors import UserError
 from losslab.losses.composite import CompositeLoss, LossInputs
@@ -28,7 +28,6 @@ from losslab.train.config import LossConfig, TrainConfig
 from losslab.train.loss_func import TermAverager
 from losslab.train.tasks import TaskRun
 
-SPLITS = ("train", "validation", "test")
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 REGULARISER_FIELDS = frozenset({"model", "reference_params"})
 
@@ -160,9 +159,9 @@ def collate_texts(encodings: Sequence[dict[str, list[int]]], pad_id: int) -> dic
     return batch
 
 
-def model_inputs(batch: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The forward arguments of an encoder or decoder (ids, mask, token types) from a batch."""
-    return {k: batch[prefix + k] for k in MODEL_KEYS if prefix + k in batch}
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 def eval_batches(model: torch.nn.Module, dataset: Sequence[dict], collator: Callable[[list[dict]], dict[str, Any]],
