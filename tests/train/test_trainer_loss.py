@@ -84,11 +84,14 @@ def test_fused_equals_logits_path() -> None:
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
 
 
-def test_trainer_logs_every_term_and_advances_schedules(tmp_path) -> None:
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trainer_logs_every_term_and_advances_schedules(tmp_path, grad_accum: int) -> None:
+    """Under accumulation too, the logged loss is the weighted sum of the logged terms."""
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama")
     lf = CausalLMLossFunc(build_composite(TERMS), fused=False, model=model)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4,
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2 // grad_accum,
+                             gradient_accumulation_steps=grad_accum, max_steps=4,
                              learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
                              remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
     trainer = LosslabTrainer(model=model, args=args, train_dataset=samples() * 2, data_collator=collate,

@@ -110,6 +110,10 @@ class LossTerm:
     compute: Callable[[LossInputs], torch.Tensor]
     requires: tuple[frozenset[str], ...] = (frozenset(),)
     options: dict[str, Any] = field(default_factory=dict)
+    batch_additive: bool = False
+    """True when the term is a sum over batch items divided by a count the batch is given
+    (``num_items``): its values over micro-batches and processes add up to the whole batch's.
+    Other terms (per-batch means, regularisers) are scaled by ``per_batch_scale``."""
 
     def missing(self, present: set[str]) -> str | None:
         """None when ``present`` satisfies the term, else a sentence saying what it needs."""
@@ -173,18 +177,24 @@ class CompositeLoss:
     def weights_at(self, step: int) -> dict[str, float]:
         return {t.label: weight_at(t.weight, step) for t in self.terms}
 
-    def __call__(self, inputs: LossInputs, step: int = 0) -> CompositeOutput:
+    def __call__(self, inputs: LossInputs, step: int = 0, per_batch_scale: float = 1.0) -> CompositeOutput:
+        """Evaluate every term. ``per_batch_scale`` multiplies the terms that are not
+        ``batch_additive``: a trainer that sums micro-batch losses over ``k`` accumulation steps
+        and ``p`` processes passes ``1 / (k p)``, so such a term counts once per optimizer step,
+        like the token losses normalised by the global ``num_items``. ``values`` are the terms'
+        (scaled) shares of this call, so they add up over the micro-batches of a step."""
         self.check_inputs(inputs)
         weights = self.weights_at(step)
         values: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
         for term in self.terms:
             w = weights[term.label]
+            scale = 1.0 if term.batch_additive else per_batch_scale
             if w == 0:
                 with torch.no_grad():
-                    values[term.label] = term(inputs)
+                    values[term.label] = term(inputs) * scale
                 continue
-            values[term.label] = value = term(inputs)
+            values[term.label] = value = term(inputs) * scale
             total = w * value if total is None else total + w * value
         if total is None:  # every weight is 0 now: a zero that backward() accepts (and ignores)
             total = torch.zeros((), device=next(iter(values.values())).device, requires_grad=True)

@@ -239,6 +239,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
     if not isinstance(label, str) or not label:
         raise UserError(f"loss {name!r}: label must be a non-empty string; got {label!r}", where=where)
     weight = build_weight(config.get("weight", 1.0), total_steps=total_steps, where=f"{where or name}: weight")
+    counted = "num_items" in spec.inputs and options.get("reduction") in ("mean", "sum")
     return LossTerm(
         label=label,
         name=name,
@@ -246,6 +247,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
         compute=lambda inputs: spec(inputs, options),
         requires=spec.required_inputs(),
         options=options,
+        batch_additive=counted,
     )
 
 

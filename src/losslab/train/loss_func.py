@@ -24,30 +24,44 @@ from losslab.losses.composite import CompositeLoss, CompositeOutput, LossInputs
 
 
 class TermAverager:
-    """Running sums of every term's value between two log lines (exact means per log line)."""
+    """Every term's value between two log lines, exact under accumulation and several processes.
+
+    Training: the composite's values are each micro-batch's share of its optimizer step
+    (see ``CompositeLoss(per_batch_scale=...)``), so they are summed within a step (``group``),
+    summed over processes, and averaged over the steps since the last log line.
+    Evaluation (``group=None``): each batch is its own group, averaged over batches and processes.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.groups: set[Any] = set()
+        self.calls = 0
         self.weights: dict[str, float] = {}
-        self.non_finite = 0
 
-    def add(self, out: CompositeOutput) -> None:
-        self.count += 1
+    def add(self, out: CompositeOutput, group: Any = None) -> None:
+        self.calls += 1
+        self.groups.add(group if group is not None else ("call", self.calls))
         for label, value in out.values.items():
-            v = float(value.detach())
-            if not math.isfinite(v):
-                self.non_finite += 1
-            self.sums[label] = self.sums.get(label, 0.0) + v
+            self.sums[label] = self.sums.get(label, 0.0) + float(value.detach())
         self.weights = dict(out.weights)
 
-    def pop(self, prefix: str = "") -> dict[str, float]:
-        """Means since the last pop as ``{prefix}loss/LABEL`` and ``{prefix}weight/LABEL``."""
-        if not self.count:
+    def pop(self, prefix: str = "", *, shares: bool = True) -> dict[str, float]:
+        """Means since the last pop as ``{prefix}loss/LABEL`` and ``{prefix}weight/LABEL``.
+        Collective under ``torch.distributed``: call it on every process."""
+        labels = sorted(self.sums)
+        totals = [self.sums[k] for k in labels]
+        groups = float(len(self.groups))
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and labels:
+            t = torch.tensor([*totals, groups], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            totals = t[:-1].tolist()
+            if not shares:  # evaluation: every process's batches are whole; average over all of them
+                groups = float(t[-1])
+        self.sums, self.groups, self.calls = {}, set(), 0
+        if not groups:
             return {}
-        logs = {f"{prefix}loss/{k}": v / self.count for k, v in self.sums.items()}
+        logs = {f"{prefix}loss/{k}": v / groups for k, v in zip(labels, totals)}
         logs.update({f"{prefix}weight/{k}": w for k, w in self.weights.items()})
-        self.sums, self.count = {}, 0
         return logs
 
 
@@ -80,6 +94,7 @@ class CausalLMLossFunc:
         self.model = model
         self.reference_params = reference_params
         self.step = 0
+        self.per_batch_scale = 1.0  # 1 / (accumulation steps x processes), set by LossTermsCallback
         self.batch_extras: dict[str, torch.Tensor] = {}
         self.train_terms = TermAverager()
         self.eval_terms = TermAverager()
@@ -109,8 +124,12 @@ class CausalLMLossFunc:
         )
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        out = self.composite(self.inputs(outputs, labels, num_items_in_batch), self.step)
-        self.last = out
         training = self.model.training if self.model is not None else torch.is_grad_enabled()
-        (self.train_terms if training else self.eval_terms).add(out)
+        scale = self.per_batch_scale if training and num_items_in_batch is not None else 1.0
+        out = self.composite(self.inputs(outputs, labels, num_items_in_batch), self.step, scale)
+        self.last = out
+        if training:
+            self.train_terms.add(out, group=self.step)
+        else:
+            self.eval_terms.add(out)
         return out.total

@@ -27,13 +27,18 @@ class LossTermsCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.loss_func.step = state.global_step
+        # the Trainer sums micro-batch losses over accumulation steps and, when the loss is
+        # normalised by num_items_in_batch, over processes: per-batch terms get this share
+        self.loss_func.per_batch_scale = 1.0 / (args.gradient_accumulation_steps * args.world_size)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
         if logs is None:
             return
         prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        terms = self.loss_func.eval_terms if prefix else self.loss_func.train_terms
-        logs.update(terms.pop(prefix))
+        if prefix:
+            logs.update(self.loss_func.eval_terms.pop(prefix, shares=False))
+        else:
+            logs.update(self.loss_func.train_terms.pop(prefix))
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})
 

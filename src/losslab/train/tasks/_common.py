@@ -253,6 +253,7 @@ class TaskLossFunc:
         self.model = model
         self.reference_params = reference_params
         self.step = 0
+        self.per_batch_scale = 1.0  # 1 / (accumulation steps x processes), set by LossTermsCallback
         self.train_terms = TermAverager()
         self.eval_terms = TermAverager()
 
@@ -263,8 +264,12 @@ class TaskLossFunc:
         loss_inputs.num_items = num_items_in_batch  # the same for token-level terms (token_classification)
         loss_inputs.model = self.model
         loss_inputs.reference_params = self.reference_params
-        out = self.composite(loss_inputs, self.step)
-        (self.train_terms if model.training else self.eval_terms).add(out)
+        scale = self.per_batch_scale if model.training and num_items_in_batch is not None else 1.0
+        out = self.composite(loss_inputs, self.step, scale)
+        if model.training:
+            self.train_terms.add(out, group=self.step)
+        else:
+            self.eval_terms.add(out)
         loss = out.total
         if num_items_in_batch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             loss = loss * torch.distributed.get_world_size()
