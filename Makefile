@@ -1,5 +1,5 @@
 # losslab: the two commands of the README.
-#   make demo   create .venv, install, run the quickstart on the embedded model and data
+#   make demo   create .venv, install, run a short loss comparison on the embedded model and data
 #   make test   create .venv, install with test extras, run the test suite
 # Both work on a fresh machine with only Python and pip, offline except for the package index.
 
@@ -33,7 +33,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(PY) examples/quickstart.py --out $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/losslab compare examples/compare_demo.yaml --set output_dir=$(DEMO_OUT)
 
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
