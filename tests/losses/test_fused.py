@@ -148,7 +148,8 @@ def test_no_bias_and_flat_rows() -> None:
 
 def test_tiles_smaller_than_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several vocabulary tiles per chunk (the online logsumexp across tiles), ragged last tile."""
-    monkeypatch.setattr(fused_module, "CPU_TILE_BYTES", 2048)  # 2048 B / (8 rows * 4 B) = 64 columns
+    monkeypatch.setattr(fused_module, "CPU_TILE_BYTES", 2048)  # 8 rows x 300 x 4 B: 5 tiles of 64 columns
+    assert fused_module._tile_size(8, 300, torch.float32, torch.device("cpu")) == 64
     case = make_case(vocab=300, weights=True)
     for reduction in ("mean", "none"):
         assert_same(case, reduction=reduction, chunk_size=8, label_smoothing=0.1, focal_gamma=2.0, z_loss=1e-3)
@@ -246,6 +247,17 @@ def test_empty_mask_gives_zero_loss_and_gradient(reduction: str) -> None:
     out.sum().backward()
     for x in leaves(case):
         assert x.grad is not None and torch.isfinite(x.grad).all() and (x.grad == 0).all()
+
+
+def test_works_without_autograd() -> None:
+    """Evaluation loops call the loss under no_grad or inference_mode."""
+    case = make_case(weights=True)
+    want = {r: reference(case, reduction=r, num_items=50).detach() for r in REDUCTIONS}
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            for reduction in REDUCTIONS:
+                got = fused(case, reduction=reduction, num_items=50, chunk_size=64)
+                torch.testing.assert_close(got, want[reduction], rtol=RTOL, atol=ATOL)
 
 
 def test_ignore_index_other_than_default() -> None:

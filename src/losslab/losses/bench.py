@@ -349,7 +349,7 @@ def run_bench_loss_head(args: argparse.Namespace) -> int:
         tokens=args.tokens, hidden=args.hidden, vocab=args.vocab, ignored_fractions=tuple(fractions),
         options=options, methods=methods, repeats=args.repeats, warmup=getattr(args, "warmup", 1),
         device=args.device, dtype=args.dtype,
-        progress=None if args.json else (lambda line: print(line, file=sys.stderr, flush=True)),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps(report, indent=1) if args.json else format_table(report))
     return 0

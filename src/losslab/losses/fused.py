@@ -6,7 +6,7 @@ result, same gradients) but never holds the logits of more than one chunk of tok
 
 How it works (per chunk of ``chunk_size`` trained tokens, ignored tokens dropped first):
 
-1. forward, one vocabulary tile at a time (a tile fits in the CPU cache):
+1. forward, one vocabulary tile at a time (tiles bound the float32 copy of a 16-bit weight):
    ``z = h_c @ W_t.T (+ b_t)``, the tile's row max ``m_t``, then ``z <- exp(z - m_t)`` in place
    and its row sum; after the last tile ``lse = logsumexp`` follows from the ``(m_t, sum_t)``.
 2. per-row scalars from ``lse``, the target logit ``h . W[y]`` and (label smoothing) the
@@ -33,17 +33,19 @@ from dataclasses import dataclass
 
 import torch
 
-from losslab.losses.reduction import check_reduction, reduce_loss
-from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options, sequence_mean
+from losslab.losses.reduction import check_reduction
+from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options
 
 # Default chunk: CHUNK_ROWS trained tokens (every chunk re-reads W twice, so fewer rows cost
 # time; at d=576 on a 2-core AMD EPYC, 512 rows run at the speed of the full-size matmuls),
 # but a chunk's logits never take more than the weight gradient or MIN_CHUNK_BYTES, whichever
-# is larger. CPU: vocabulary tiles of about CPU_TILE_BYTES so the in-place softmax runs in
-# cache; CUDA: no tiling.
+# is larger. CPU: vocabulary tiles of at most CPU_TILE_BYTES of chunk logits. Small tiles
+# (a few MB, in cache) measured no faster than whole rows on that CPU, and every tile adds a
+# dozen parallel regions (thread barriers), which stall on a CPU shared with other processes;
+# so tiles are large and mainly bound the float32 copy of a 16-bit weight tile. CUDA: no tiling.
 CHUNK_ROWS = 512
 MIN_CHUNK_BYTES = 64 * 2**20
-CPU_TILE_BYTES = 4 * 2**20
+CPU_TILE_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch
 def _tile_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     if device.type == "cuda":
         return vocab
-    cols = CPU_TILE_BYTES // max(1, rows * dtype.itemsize)
-    return max(256, min(vocab, cols - cols % 64 if cols > 64 else cols))
+    cols = -(-vocab // -(-(rows * vocab * dtype.itemsize) // CPU_TILE_BYTES))  # equal tiles
+    return max(64, min(vocab, cols))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -301,16 +303,20 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def _reduction_scale(
     mask: torch.Tensor, reduction: str, num_items: int | float | torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """d(reduced loss)/d(per-token loss), shape of ``mask``: the reductions are linear, so
-    differentiating the reference reduction itself gives each token's exact factor."""
-    with torch.enable_grad():
-        per_token = torch.zeros(mask.shape, dtype=dtype, device=mask.device, requires_grad=True)
-        if reduction == "sequence":
-            total = sequence_mean(per_token, mask, num_items)
-        else:
-            total = reduce_loss(per_token, mask, reduction, num_items)
-        (scale,) = torch.autograd.grad(total, per_token)
-    return scale
+    """d(reduced loss)/d(per-token loss), shape of ``mask``: every reduction of
+    :func:`token_cross_entropy` is linear in the per-token losses, with these factors
+    (``reduce_loss`` and ``sequence_mean`` written as weights; the tests hold them equal)."""
+    def count(value, default):
+        n = default if value is None else value
+        return torch.as_tensor(n, dtype=dtype, device=mask.device).clamp(min=1)
+
+    trained = mask.to(dtype)
+    if reduction == "sum":
+        return trained
+    if reduction == "mean":
+        return trained / count(num_items, mask.sum())
+    per_sequence = mask.sum(dim=-1, keepdim=True)  # sequence: mean per sequence, then over sequences
+    return trained / per_sequence.clamp(min=1).to(dtype) / count(num_items, (per_sequence > 0).sum())
 
 
 def fused_linear_cross_entropy(
