@@ -386,3 +386,63 @@ def test_cuda_masks_and_bfloat16() -> None:
     out.backward()
     assert out.dtype == torch.float32 and case["weight"].grad.dtype == torch.bfloat16
     assert torch.isfinite(case["hidden"].grad.float()).all()
+
+
+# --- the benchmark behind `losslab bench loss-head` ----------------------------------------------
+
+
+def test_bench_case_runs_every_method_in_process() -> None:
+    from losslab.losses.bench import run_case
+
+    spec = {"tokens": 64, "hidden": 16, "vocab": 128, "ignored_fraction": 0.5, "repeats": 1, "warmup": 0,
+            "device": "cpu", "dtype": "float32"}
+    for method in ("plain", "torch_chunked", "losslab"):
+        for option in ("plain", "focal", "token_weights"):
+            result = run_case({**spec, "method": method, "option": option})
+            if method == "torch_chunked" and option == "focal":
+                assert result["supported"] is False
+                continue
+            assert result["supported"] and result["time_s"] > 0 and result["peak_mb"] >= 0
+
+
+def test_bench_ratios_and_acceptance_checks() -> None:
+    from losslab.losses.bench import compare, format_markdown, format_table
+
+    def row(method, option, frac, t, mb):
+        return {"method": method, "option": option, "ignored_fraction": frac, "supported": True,
+                "time_s": t, "cpu_s": t, "peak_mb": mb}
+
+    results = [row("plain", "plain", 0.0, 10.0, 2000.0), row("torch_chunked", "plain", 0.0, 20.0, 300.0),
+               row("losslab", "plain", 0.0, 5.0, 250.0), row("losslab", "plain", 0.5, 2.5, 240.0),
+               row("plain", "plain", 0.5, 8.0, 2000.0), row("plain", "focal", 0.0, 12.0, 3000.0),
+               row("losslab", "focal", 0.0, 6.0, 250.0),
+               {"method": "torch_chunked", "option": "focal", "ignored_fraction": 0.0, "supported": False}]
+    rows, checks = compare(results)
+    ours = next(r for r in rows if (r["method"], r["option"], r["ignored_fraction"]) == ("losslab", "plain", 0.0))
+    assert ours["time_vs_plain"] == 0.5 and ours["memory_vs_plain"] == 0.125
+    assert ours["time_vs_torch_chunked"] == 0.25 and ours["memory_vs_torch_chunked"] == pytest.approx(250 / 300)
+    got = {(c["target"], c["where"]): (round(c["value"], 3), c["met"]) for c in checks}
+    assert got[("time_vs_plain", "plain, ignored 0")] == (0.5, True)
+    assert got[("half_ignored_vs_all_valid", "plain, ignored 0.5 vs 0")] == (0.5, True)
+    assert got[("option_time_cost", "focal vs plain, ignored 0")] == (1.2, False)
+    report = {"config": {"tokens": 1, "hidden": 1, "vocab": 1, "dtype": "float32", "device": "cpu", "threads": 1,
+                         "repeats": 1, "warmup": 0}, "results": rows, "acceptance": checks}
+    assert "n/a" in format_table(report) and "MISS" in format_table(report)
+    assert "| focal | 0 | 12.00 s, 3,000 MB | n/a | 6.00 s, 250 MB | 0.50 / 0.08 | - |" in format_markdown(report)
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_each_case_in_a_subprocess() -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "losslab.cli", "bench", "loss-head", "--tokens", "64", "--hidden", "16", "--vocab",
+         "256", "--ignored-fraction", "0.5", "--repeats", "1", "--options", "plain", "z_loss", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert len(report["results"]) == 2 * 2 * 3  # fractions x options x methods
+    assert any(c["target"] == "half_ignored_vs_all_valid" for c in report["acceptance"])
