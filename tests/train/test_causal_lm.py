@@ -66,6 +66,38 @@ def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> 
     assert "fused loss head off" in capsys.readouterr().out
 
 
+def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
+    """Feature terms ask the model for hidden states (with or without logits) and match the
+    loss functions applied to the model's own last hidden states."""
+    import torch
+
+    from losslab.losses.dialogue import semantic_alignment_loss
+    from losslab.losses.registry import build_composite
+    from losslab.train.tasks.causal_lm import build
+    from losslab.train.trainer import LosslabTrainer
+
+    cfg = tiny_config(tmp_path, max_steps=1)
+    run = build(TrainConfig.model_validate(cfg))
+    for terms in ([{"name": "token_cross_entropy"}, {"name": "semantic_alignment", "weight": 0.5}],
+                  [{"name": "token_cross_entropy"}, {"name": "consistency", "weight": 0.3},
+                   {"name": "semantic_alignment", "weight": 0.2}]):
+        loss_func = run.make_loss_func(build_composite(terms))
+        assert loss_func.hidden_states
+        trainer = LosslabTrainer(model=run.model, loss_func=loss_func)
+        batch = run.collator(run.train[:3])
+        total = trainer.compute_loss(run.model, dict(batch))
+        with torch.no_grad():
+            hidden = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states[-1][:, :-1]
+        labels = batch["labels"][:, 1:]
+        trained = labels != -100
+        context = batch["attention_mask"][:, 1:].bool() & ~trained
+        expected = semantic_alignment_loss(hidden, context, trained)
+        got = loss_func.last.values["semantic_alignment"]
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(total) and got > 0
+
+
 def test_every_causal_example_config_parses() -> None:
     for path in sorted(EXAMPLES.glob("train_chat*.yaml")):
         assert load_config(TrainConfig, path).task == "causal_lm"

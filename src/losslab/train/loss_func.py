@@ -73,6 +73,9 @@ class CausalLMLossFunc:
     ``output_hidden_states=True`` and no logits (``logits_to_keep`` an empty index tensor, which
     :class:`~losslab.train.trainer.LosslabTrainer` does), and ``lm_head`` gives the LM head weight:
     token cross-entropy then runs through the fused head without the N x V logits.
+    ``hidden_states=True`` (terms on features, e.g. ``semantic_alignment``): the model is also
+    called with ``output_hidden_states=True``; ``LossInputs.hidden_states`` are the last layer's,
+    shifted like the logits (position t, which predicts token t + 1).
     Extra per-batch tensors (``token_weights`` (B, T), unshifted) are set by the trainer in
     :attr:`batch_extras` before each call.
     """
@@ -85,11 +88,13 @@ class CausalLMLossFunc:
         lm_head: torch.nn.Module | None = None,
         model: torch.nn.Module | None = None,
         reference_params: dict[str, torch.Tensor] | None = None,
+        hidden_states: bool = False,
     ) -> None:
         if fused and lm_head is None:
             raise ValueError("fused=True needs the model's LM head (model.get_output_embeddings())")
         self.composite = composite
         self.fused = fused
+        self.hidden_states = fused or hidden_states  # ask the model for output_hidden_states
         self.lm_head = lm_head
         self.model = model
         self.reference_params = reference_params

@@ -87,4 +87,6 @@ class LosslabTrainer(Trainer):
             device = ids.device if ids is not None else None
             inputs = {**inputs, "output_hidden_states": True,
                       "logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
+        elif getattr(self.loss_func, "hidden_states", False):
+            inputs = {**inputs, "output_hidden_states": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

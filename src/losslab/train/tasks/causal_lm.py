@@ -30,7 +30,9 @@ from losslab.train.config import DataConfig, TrainConfig
 from losslab.train.loss_func import CausalLMLossFunc
 from losslab.train.tasks import TaskRun
 
-FUSED_FIELDS = {"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask", "model"}
+FUSED_FIELDS = {"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask", "model",
+                "reference_params"}
+LOGIT_FIELDS = {"labels", "logits", "num_items", "token_weights", "attention_mask", "model", "reference_params"}
 
 
 @dataclass
@@ -77,8 +79,10 @@ def build(config: TrainConfig) -> TaskRun:
         fused = config.loss.fused and not composite.missing_inputs(FUSED_FIELDS)
         if config.loss.fused and not fused:
             print("fused loss head off: " + "; ".join(composite.missing_inputs(FUSED_FIELDS)))
+        hidden = bool(composite.missing_inputs(LOGIT_FIELDS))
+        composite.check_inputs(LOGIT_FIELDS | {"hidden_states"})
         return CausalLMLossFunc(composite, fused=fused, lm_head=model.get_output_embeddings(), model=model,
-                                reference_params=_reference_params(model, composite))
+                                reference_params=_reference_params(model, composite), hidden_states=hidden)
 
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
         metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
