@@ -98,6 +98,22 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
         assert torch.isfinite(total) and got > 0
 
 
+def test_batched_greedy_replies_equal_one_at_a_time() -> None:
+    """Left-padded batches give each prompt the reply it gets alone, in prompt order."""
+    import torch
+
+    from losslab.models import load_causal_lm, load_tokenizer
+    from losslab.train.tasks.causal_lm import greedy_replies
+
+    tokenizer = load_tokenizer("builtin:tiny-llama")
+    model = load_causal_lm("builtin:tiny-llama", dtype="float32")
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 2000, (n,)).tolist() for n in (5, 17, 9, 2, 30, 9, 12)]
+    alone = [greedy_replies(model, tokenizer, [p], 8)[0] for p in prompts]
+    assert greedy_replies(model, tokenizer, prompts, 8, batch_size=3) == alone
+    assert len(set(alone)) > 1
+
+
 def test_every_causal_example_config_parses() -> None:
     for path in sorted(EXAMPLES.glob("train_chat*.yaml")):
         assert load_config(TrainConfig, path).task == "causal_lm"

@@ -156,22 +156,42 @@ def token_metrics(model: torch.nn.Module, dataset: list[dict], collator: Any, ba
 
 
 @torch.no_grad()
+def greedy_replies(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                   *, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded without special tokens, in prompt order.
+
+    Prompts of similar length are generated together, left-padded (the model sees the attention
+    mask, so a reply is the one it would get alone, up to float rounding)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        group = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for row, i in enumerate(group):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]) :] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        for row, i in enumerate(group):
+            replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return [replies[i] for i in range(len(prompts))]
+
+
 def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int,
-                       *, save_to: Path | None = None) -> dict[str, float]:
+                       *, save_to: Path | None = None, batch_size: int = 16) -> dict[str, float]:
     """Greedy replies to held-out prompts, scored against the reference replies.
 
     ``save_to``: also write one JSON line per prompt (``prompt``, ``reference``, ``hypothesis``),
     atomically, for paired tests over examples (``losslab compare``)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    hypotheses = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt.input_ids], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        hypotheses.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    model.train(was_training)
+    hypotheses = greedy_replies(model, tokenizer, [p.input_ids for p in prompts], max_new_tokens,
+                                batch_size=batch_size)
     if save_to is not None:
         write_atomic(save_to, "".join(json.dumps({"prompt": tokenizer.decode(p.input_ids), "reference": p.reference, "hypothesis": h},
                                                  ensure_ascii=False) + "\n" for p, h in zip(prompts, hypotheses)))
