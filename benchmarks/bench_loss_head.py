@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from losslab.losses.bench import bench_loss_head, format_markdown, format_table
+from losslab.losses.bench import OPTIONS, bench_loss_head, format_markdown, format_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ignored-fraction", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--out-name", default=None, help="file stem under --out-dir (default loss_head_<device>)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== V={vocab}, round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
             report = bench_loss_head(
                 tokens=args.tokens, hidden=args.hidden, vocab=vocab,
-                ignored_fractions=(0.0, args.ignored_fraction), repeats=args.repeats,
+                ignored_fractions=(0.0, args.ignored_fraction), options=tuple(args.options), repeats=args.repeats,
                 device=args.device, dtype=args.dtype,
                 progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
             )
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         everything.append({"vocab": vocab, "rounds": rounds, "chosen_round": rounds.index(best)})
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"loss_head_{args.device.split(':')[0]}"
+    stem = args.out_dir / (args.out_name or f"loss_head_{args.device.split(':')[0]}")
     command = "python benchmarks/bench_loss_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "runs": everything}, indent=1) + "\n")
     md = [f"# Loss-head benchmark ({args.device})", "", f"Command: `{command.strip()}` "
