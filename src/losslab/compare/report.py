@@ -46,19 +46,38 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def test_rows(results: dict[str, Any]) -> list[list[str]]:
-    """One row per variant x metric against the baseline: diffs per seed, p-values."""
+TEST_HEADER = ["variant", "metric", "mean diff", "per seed", "p (seeds)", "vs baseline",
+               "test examples: delta [95% CI], p, n"]
+
+
+def verdict(paired: dict[str, Any]) -> str:
+    """``better``, ``worse`` or ``equal`` in the metric's direction, with the significance mark."""
+    if paired.get("mean_diff") is None:
+        return "-"
+    word = "better" if paired["better"] else "equal" if paired["mean_diff"] == 0 else "worse"
+    return f"{word} {paired['mark']}" if paired.get("mark") else word
+
+
+def examples_cell(ex: dict[str, Any] | None) -> str:
+    """The paired bootstrap over test examples: ``delta [lo, hi], p = ..., n = ...`` ('-' when none)."""
+    if not ex:
+        return "-"
+    return (f"{_fmt(ex['delta'])} [{_fmt(ex['ci_low'])}, {_fmt(ex['ci_high'])}], p = {_fmt(ex['p_value'], 3)}, "
+            f"n = {ex['n_examples']}")
+
+
+def test_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per variant x metric against the baseline): mean and per-seed
+    differences, the seed-level p-value, the verdict with its mark, and the test-example
+    bootstrap; that last column only when some metric has one."""
     rows = []
     for name, entry in results["variants"].items():
         for metric, t in entry["vs_baseline"].items():
-            ex = t.get("examples")
-            rows.append([
-                name, metric, _fmt(t["mean_diff"]), ", ".join(_fmt(d) for d in t["diffs"]),
-                _fmt(t["p_value"], 3), "better" if t["better"] else "worse or equal", t.get("mark") or "",
-                (f"{_fmt(ex['delta'])} [{_fmt(ex['ci_low'])}, {_fmt(ex['ci_high'])}], p = {_fmt(ex['p_value'], 3)}, "
-                 f"n = {ex['n_examples']}") if ex else "",
-            ])
-    return rows
+            rows.append([name, metric, _fmt(t["mean_diff"]), ", ".join(_fmt(d) for d in t["diffs"]),
+                         _fmt(t["p_value"], 3), verdict(t), examples_cell(t.get("examples"))])
+    if all(r[-1] == "-" for r in rows):
+        return TEST_HEADER[:-1], [r[:-1] for r in rows]
+    return list(TEST_HEADER), rows
 
 
 def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -> str:
@@ -70,14 +89,14 @@ def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -
              "", f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
              f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']}).", "",
              format_markdown_table(header, rows), ""]
-    tests = test_rows(results)
+    test_header, tests = test_rows(results)
     if tests:
         lines += ["Paired differences against the baseline (variant - baseline, per seed):", "",
-                  format_markdown_table(["variant", "metric", "mean diff", "per seed", "p (seeds)", "", "", "test examples"], tests), ""]
+                  format_markdown_table(test_header, tests), ""]
     min_p = 2 / 2 ** len(study["seeds"])
     if min_p >= study["alpha"]:
         lines.append(f"Note: with {len(study['seeds'])} seeds the exact sign-flip test cannot go below p = {min_p:.3g}; "
-                     "the test-example bootstrap (BLEU, chrF) is the test with power here.")
+                     "the paired bootstrap over test examples is the test with power here.")
     if report_path is not None:
         lines.append(f"\nreport: {report_path}")
     return "\n".join(lines)
@@ -205,14 +224,14 @@ pre{white-space:pre-wrap;margin:0;font-size:.85em;max-width:28em}img{max-width:1
 Cells: mean over seeds [{{ conf }}% percentile-bootstrap CI of the mean]. <span class="up">▲</span>/<span class="down">▼</span>:
 significantly better/worse than the baseline (exact paired sign-flip test over seeds, p &lt; {{ alpha }}).
 {% if min_p >= alpha %}With {{ seeds|length }} seeds that test cannot go below p = {{ "%.3g"|format(min_p) }}, so no seed-level mark is possible;
-for BLEU/chrF the paired bootstrap over test examples below has the power.{% endif %}</p>
+the paired bootstrap over test examples below (generation and classification metrics) has the power.{% endif %}</p>
 <h2>Results</h2>
 <table id="results"><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr><td>{{ row[0] }}</td>{% for cell in row[1:] %}<td class="num">{{ cell|replace("▲", "")|replace("▼", "") }}{% if "▲" in cell %}<span class="up">▲</span>{% elif "▼" in cell %}<span class="down">▼</span>{% endif %}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% if bars %}<img alt="metrics per variant" src="{{ bars }}">{% endif %}
 {% if tests %}<h2>Against the baseline</h2>
-<table id="tests"><tr><th>variant</th><th>metric</th><th>mean diff</th><th>per seed</th><th>p (seeds)</th><th>direction</th><th></th><th>test examples: paired bootstrap (delta [95% CI], p)</th></tr>
+<table id="tests"><tr>{% for h in test_header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for r in tests %}<tr>{% for c in r %}<td class="num">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 <h2>Variants</h2><table id="variants"><tr><th>variant</th><th>overrides</th><th>tuned</th></tr>
 {% for name, v in variants.items() %}<tr><td>{{ name }}</td><td><pre>{{ v.overrides|tojson(indent=1) }}</pre></td><td><pre>{{ v.tuned|tojson if v.tuned else "" }}</pre></td></tr>{% endfor %}</table>
@@ -243,10 +262,11 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
              ("Validation curves", curves(runs, _is_eval_term, title="validation loss during training (a line per seed)")),
              ("Tuning history", tuning_plot(results.get("tuning") or {}))]
     variants, example_rows = example_table(runs, study["seeds"][0], examples)
+    test_header, tests = test_rows(results)
     return env.from_string(TEMPLATE).render(
         title=title, variants=results["variants"], seeds=study["seeds"], baseline=study["baseline"],
         conf=round(study["confidence"] * 100), alpha=study["alpha"], min_p=2 / 2 ** len(study["seeds"]),
-        header=header, rows=rows, tests=test_rows(results), bars=metric_bars(results), plots=plots,
+        header=header, rows=rows, test_header=test_header, tests=tests, bars=metric_bars(results), plots=plots,
         examples=example_rows, example_variants=variants, example_seed=study["seeds"][0],
     )
 
