@@ -54,6 +54,8 @@ def test_train_writes_outputs_logs_terms_and_learns(tmp_path: Path) -> None:
 
 
 def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> None:
+    import torch
+
     cfg = tiny_config(tmp_path, max_steps=1)
     cfg["loss"]["terms"] = [{"name": "token_cross_entropy"}]
     from losslab.train.tasks.causal_lm import build
@@ -64,6 +66,11 @@ def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> 
     with_consistency = build_composite([{"name": "token_cross_entropy"}, {"name": "consistency"}])
     assert not run.make_loss_func(with_consistency).fused
     assert "fused loss head off" in capsys.readouterr().out
+    assert run.make_loss_func(with_consistency).reference_params is None
+    anchored = run.make_loss_func(build_composite([{"name": "token_cross_entropy"}, {"name": "l2_sp", "weight": 0.01}]))
+    assert anchored.fused and anchored.reference_params is not None  # the l2_sp anchor: the weights before training
+    for name, p in run.model.named_parameters():
+        assert torch.equal(anchored.reference_params[name], p) and anchored.reference_params[name] is not p
 
 
 def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
 from losslab.train.loss_func import CausalLMLossFunc
 from losslab.train.tasks import TaskRun
+from losslab.train.tasks._common import reference_params
 
 FUSED_FIELDS = {"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask", "model",
                 "reference_params"}
@@ -82,7 +83,7 @@ def build(config: TrainConfig) -> TaskRun:
         hidden = bool(composite.missing_inputs(LOGIT_FIELDS))
         composite.check_inputs(LOGIT_FIELDS | {"hidden_states"})
         return CausalLMLossFunc(composite, fused=fused, lm_head=model.get_output_embeddings(), model=model,
-                                reference_params=_reference_params(model, composite), hidden_states=hidden)
+                                reference_params=reference_params(model, composite), hidden_states=hidden)
 
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
         metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
@@ -130,12 +131,6 @@ def generation_prompts(path: Path, tokenizer: Any, data: DataConfig, limit: int)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_length :]
         out.append(GenerationPrompt(ids, reference))
     return out
-
-
-def _reference_params(model: torch.nn.Module, composite: CompositeLoss) -> dict[str, torch.Tensor] | None:
-    if not any(t.name == "l2_sp" for t in composite.terms):
-        return None
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 @torch.no_grad()
