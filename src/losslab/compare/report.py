@@ -119,7 +119,7 @@ def _figure(n_panels: int) -> tuple[Any, list[Any]]:
 
     cols = min(3, n_panels)
     rows = math.ceil(n_panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, layout="constrained")
     flat = list(axes.ravel())
     for ax in flat[n_panels:]:
         ax.set_visible(False)
