@@ -30,6 +30,8 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training records")
     max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test records")
     on_error: Literal["raise", "skip"] = Field("raise", description="bad records: stop with an error, or skip and count")
+    num_proc: int = Field(1, ge=1, description="causal_lm: build the samples (template, tokens, masks) in N processes "
+                          "through datasets.map, cached under $LOSSLAB_CACHE/prepared; 1 = in this process, no cache")
     label_type: Literal["auto", "class", "multi_label", "regression"] = Field(
         "auto", description="sequence_classification: class (one label per text), multi_label (a list of labels per text), "
         "regression (a number); auto: a list -> multi_label, a float -> regression, else class (first training record)")
@@ -74,6 +76,7 @@ class EvalConfig(_Section):
     generate: bool = Field(False, description="causal_lm: generate replies and score BLEU, chrF, distinct-1/2")
     max_new_tokens: int = Field(48, ge=1, description="generation length for BLEU/chrF")
     generation_samples: int = Field(32, ge=1, description="held-out prompts generated for BLEU/chrF")
+    mask: str | None = Field(None, description="causal_lm: mask policy of the validation/test loss and perplexity (default: data.mask); fix it, e.g. assistant, to compare variants that train on different masks")
 
 
 class EmbeddingConfig(_Section):
@@ -101,4 +104,6 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if self.training.max_steps == 0 or self.training.max_steps < -1:
             raise ValueError("training.max_steps must be -1 (use epochs) or >= 1")
+        if self.data.num_proc > 1 and self.task != "causal_lm":
+            raise ValueError(f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process")
         return self

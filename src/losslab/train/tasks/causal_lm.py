@@ -10,7 +10,7 @@ Evaluation per split: exact token loss and perplexity over the trained tokens, a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from losslab.losses.composite import CompositeLoss
 from losslab.data.prepare import resolve_data_path, write_atomic
 from losslab.data.records import iter_raw_records
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
+from losslab.masking.parallel import build_samples_parallel
 from losslab.masking.render import alpaca_prompt, instruction_messages
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
@@ -55,6 +56,7 @@ def build(config: TrainConfig) -> TaskRun:
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = config.data
     masks = mask_config(data)
+    eval_masks = replace(masks, mask=config.eval.mask) if config.eval.mask is not None else masks
     splits: dict[str, list[dict]] = {}
     prompts: dict[str, list[GenerationPrompt]] = {}
     summary: dict[str, Any] = {}
@@ -65,7 +67,12 @@ def build(config: TrainConfig) -> TaskRun:
         path = resolve_data_path(spec, split)
         limit = data.max_train_samples if split == "train" else data.max_eval_samples
         stats = BuildStats()
-        splits[split] = [_drop_source(s) for s in build_samples(path, tokenizer, masks, stats=stats, limit=limit)]
+        split_masks = masks if split == "train" else eval_masks
+        if data.num_proc > 1:
+            built = build_samples_parallel(path, tokenizer, split_masks, num_proc=data.num_proc, stats=stats, limit=limit)
+        else:
+            built = build_samples(path, tokenizer, split_masks, stats=stats, limit=limit)
+        splits[split] = [_drop_source(s) for s in built]
         summary[split] = stats.summary()
         print(f"{split}: {stats.summary()}")
         if split != "train" and config.eval.generate:

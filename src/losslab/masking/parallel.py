@@ -1,0 +1,233 @@
+"""Building training samples from a records file in several processes, cached on disk.
+
+``build_samples_parallel(path, tokenizer, config, num_proc=4)`` returns what
+:func:`~losslab.masking.build.build_samples` returns for the same file, in the same order,
+with the same :class:`BuildStats` (samples, tokens, dropped, skipped messages, strategies)
+and the same :class:`UserError` for a bad record (``file:line``, field), whichever worker
+met it. How:
+
+1. the main process reads the raw records (JSON parsing stays here, so a line number is
+   never lost) into an in-memory ``datasets.Dataset``;
+2. ``Dataset.map(num_proc=...)`` validates and encodes each record in a worker and returns
+   its sequences, its error message (if any) and its share of the statistics;
+3. the main process walks the results in file order and applies ``on_error``, the sample
+   limit and the statistics exactly as the single-process loop does.
+
+The per-record results of step 2 are saved (Arrow, ``Dataset.save_to_disk``) under
+``cache_dir()/prepared/FINGERPRINT``; the fingerprint covers the file's bytes, the tokenizer
+(vocabulary, merges, special tokens, chat template), the mask config and the sample limit, so
+a second run with the same inputs skips steps 1-2 and any change rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from losslab.data.records import Source, _BadJson, describe_validation_error, iter_raw_records
+from losslab.errors import UserError
+from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, _first_record, _schema
+from losslab.masking.spans import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+CACHE_FORMAT = 1  # bump when the cached columns or their meaning change
+_SKIP_HINT = " (set on_error: skip to skip such records)"
+
+
+def build_samples_parallel(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase | str,
+    config: MaskConfig | None = None,
+    *,
+    num_proc: int = 2,
+    stats: BuildStats | None = None,
+    limit: int | None = None,
+    cache: Path | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """:func:`~losslab.masking.build.build_samples` for a records file, in ``num_proc`` processes.
+
+    ``cache``: the directory for prepared data (default :func:`prepared_dir`). Returns the same
+    samples (dicts: ``input_ids``, ``labels``, ``weights``, ``source``) in the same order.
+    """
+    from datasets import Dataset
+
+    if num_proc < 1:
+        raise UserError(f"num_proc must be >= 1; got {num_proc}")
+    builder = MaskBuilder(tokenizer, config)
+    stats = stats if stats is not None else BuildStats()
+    stats.strategy = builder.strategy.value
+    path = Path(path)
+    schema = _schema(builder.config.kind, _first_record(path))
+    target = (cache or prepared_dir()) / fingerprint(path, builder, schema.__name__, limit)
+    if (target / "dataset_info.json").is_file():
+        results = Dataset.load_from_disk(str(target))
+    else:
+        rows = _raw_rows(path, schema, limit)
+        results = Dataset.from_dict(rows).map(
+            _encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if len(rows["line"]) > 1 else None,
+            fn_kwargs={"builder": builder, "schema": schema, "file": str(path)},
+            remove_columns=["raw", "bad"], features=_features(), new_fingerprint=target.name,
+            desc=f"masking {path.name}",
+        )
+        _save(results, target)
+    return _assemble(results, str(path), builder.config.on_error, stats, limit)
+
+
+def prepared_dir() -> Path:
+    """Where prepared data are cached: ``cache_dir()/prepared`` (``$LOSSLAB_CACHE``, else ``~/.cache/losslab``)."""
+    from losslab.models import cache_dir
+
+    return cache_dir() / "prepared"
+
+
+def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None) -> str:
+    """A hash of everything the built samples depend on."""
+    h = hashlib.sha256()
+
+    def add(part: Any) -> None:
+        data = part if isinstance(part, bytes) else json.dumps(part, sort_keys=True, default=str).encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+
+    from losslab import __version__
+
+    tok = builder.tokenizer
+    cfg = asdict(builder.config)
+    template = cfg.get("template")
+    if template and len(template) < 4096 and Path(template).is_file():
+        cfg["template"] = Path(template).read_text(encoding="utf-8")
+    add([CACHE_FORMAT, __version__, schema, limit, cfg, type(tok).__name__])
+    add(tok.backend_tokenizer.to_str())
+    add([getattr(tok, "chat_template", None), tok.special_tokens_map, tok.bos_token_id, tok.eos_token_id,
+         getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)])
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any]]:
+    """One row per raw record: its line, its JSON text (or the parse error). With ``limit``,
+    the rows stop before the first valid record after the ``limit``-th, where the
+    single-process loop stops (bad records before it are still reported)."""
+    rows: dict[str, list[Any]] = {"line": [], "raw": [], "bad": []}
+    valid = 0
+    for source, raw in iter_raw_records(path):
+        message = raw.message if isinstance(raw, _BadJson) else None
+        if limit is not None and message is None and isinstance(raw, dict) and _is_valid(schema, raw):
+            if valid >= limit:
+                break
+            valid += 1
+        rows["line"].append(source.line)
+        rows["raw"].append(None if message is not None else json.dumps(raw, ensure_ascii=False))
+        rows["bad"].append(message)
+    return rows
+
+
+def _is_valid(schema: type, raw: dict) -> bool:
+    try:
+        schema.model_validate(raw)
+        return True
+    except ValidationError:
+        return False
+
+
+def _features() -> Any:
+    from datasets import Features, List, Value
+
+    ints = List(List(Value("int64")))
+    return Features({
+        "line": Value("int64"), "valid": Value("bool"), "error": Value("string"),
+        "input_ids": ints, "labels": ints, "weights": List(List(Value("float64"))),
+        "strategies": List(Value("string")), "unrendered": List(Value("string")), "dropped": List(Value("string")),
+    })
+
+
+def _encode_batch(batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: type, file: str) -> dict[str, list[Any]]:
+    """Validate and encode a batch of raw records (runs in a worker)."""
+    out: dict[str, list[Any]] = {k: [] for k in _features() if k != "line"}
+    for line, raw, bad in zip(batch["line"], batch["raw"], batch["bad"]):
+        source = Source(file, line)
+        stats = BuildStats()
+        valid, error, sequences = False, bad, []
+        if raw is not None:
+            value = json.loads(raw)
+            if not isinstance(value, dict):
+                error = f"expected a JSON object, got {type(value).__name__}"
+            else:
+                try:
+                    record = schema.model_validate(value)
+                    valid = True
+                except ValidationError as exc:
+                    error = describe_validation_error(exc)
+        if valid:
+            try:
+                sequences = builder.encode(record, source, stats)
+            except UserError as exc:
+                error = str(exc)
+        out["valid"].append(valid)
+        out["error"].append(error)
+        out["input_ids"].append([s.input_ids for s in sequences])
+        out["labels"].append([s.labels for s in sequences])
+        out["weights"].append([s.weights for s in sequences])
+        out["strategies"].append(list(stats.strategies.elements()))
+        out["unrendered"].append(list(stats.unrendered.elements()))
+        out["dropped"].append(list(stats.dropped.elements()))
+    return {"line": list(batch["line"]), **out}
+
+
+def _save(results: Dataset, target: Path) -> None:
+    """Save atomically: a concurrent process (another rank) either wins or finds it done."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        results.save_to_disk(str(tmp))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "dataset_info.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, limit: int | None) -> list[dict[str, Any]]:
+    """The single-process loop of :meth:`MaskBuilder.iter_sequences` over per-record results."""
+    samples: list[dict[str, Any]] = []
+    n = 0
+    for row in results:
+        source = Source(file, row["line"])
+        if not row["valid"]:
+            if on_error == "raise":
+                raise UserError(row["error"] + _SKIP_HINT, where=str(source))
+            stats.skipped.add(f"{source}: {row['error']}")
+            continue
+        if limit is not None and n >= limit:
+            break
+        n += 1
+        stats.strategies.update(row["strategies"])
+        stats.unrendered.update(row["unrendered"])
+        stats.dropped.update(row["dropped"])
+        if row["error"] is not None:
+            if on_error == "raise":
+                raise UserError(row["error"] + _SKIP_HINT, where=str(source))
+            stats.skipped.add(f"{source}: {row['error']}")
+            continue
+        stats.records += 1
+        for ids, labels, weights in zip(row["input_ids"], row["labels"], row["weights"]):
+            stats.samples += 1
+            stats.tokens += len(ids)
+            stats.trained_tokens += sum(1 for label in labels if label != IGNORE_INDEX)
+            samples.append({"input_ids": ids, "labels": labels, "weights": weights,
+                            "source": {"file": file, "line": row["line"]}})
+    return samples

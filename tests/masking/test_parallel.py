@@ -1,0 +1,115 @@
+"""build_samples_parallel (datasets.map, num_proc=2, cached) == build_samples (one process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from losslab.errors import UserError
+from losslab.masking import parallel
+from losslab.masking.build import BuildStats, MaskConfig, build_samples
+from losslab.masking.parallel import build_samples_parallel
+
+
+def chat(*turns: str) -> dict:
+    roles = ["user", "assistant"] * len(turns)
+    return {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns)]}
+
+
+def write_records(path: Path) -> Path:
+    lines = [
+        json.dumps(chat("hi", "hello there", "how are you?", "fine, thanks")),
+        '{"messages": [ broken',  # invalid JSON (main process)
+        json.dumps(chat("one turn", "one reply")),
+        json.dumps({"messages": [{"role": "user", "content": "no reply"}]}),  # UserError in a worker (encode)
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # validation error (worker)
+        json.dumps([1, 2]),  # not an object
+        "",
+        json.dumps({"messages": [{"role": "system", "content": "be brief"}, *chat("q", "a " * 40)["messages"]]}),
+        json.dumps(chat("last", "reply <b>", "more", "")),  # empty last reply
+    ] + [json.dumps(chat(f"question {i}", f"answer {i} " * (i % 7 + 1))) for i in range(12)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def reference(path: Path, tokenizer, config: MaskConfig, limit: int | None = None) -> tuple[list[dict], BuildStats]:
+    stats = BuildStats()
+    return build_samples(path, tokenizer, config, stats=stats, limit=limit), stats
+
+
+@pytest.mark.parametrize(("strategy", "limit"), [("concat", None), ("expand", None), ("expand", 1), ("concat", 3), ("expand", 9)])
+def test_same_samples_masks_and_counts_as_one_process(tmp_path, smollm2_tokenizer, strategy, limit):
+    path = write_records(tmp_path / "train.jsonl")
+    config = MaskConfig(on_error="skip", strategy=strategy, max_length=48)
+    want, want_stats = reference(path, smollm2_tokenizer, config, limit)
+    stats = BuildStats()
+    got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, stats=stats, limit=limit,
+                                 cache=tmp_path / "cache", batch_size=4)
+    assert got == want
+    assert stats.summary() == want_stats.summary()
+    assert stats.skipped == want_stats.skipped  # same count and same messages (file:line), same order
+    assert want_stats.skipped.count == {1: 1}.get(limit, 4)  # lines 2, 4 (a worker), 5, 6; limit 1 stops at line 3
+
+
+def test_bad_record_in_a_worker_raises_the_same_user_error(tmp_path, smollm2_tokenizer):
+    path = write_records(tmp_path / "train.jsonl")
+    lines = path.read_text().splitlines()
+    del lines[1]  # without the broken JSON, the first error is the user-only chat: found in a worker
+    path.write_text("\n".join(lines) + "\n")
+    config = MaskConfig()
+    with pytest.raises(UserError) as want:
+        build_samples(path, smollm2_tokenizer, config)
+    with pytest.raises(UserError) as got:
+        build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache", batch_size=2)
+    assert str(got.value) == str(want.value)
+    assert f"{path}:3:" in str(got.value) and "no assistant turn" in str(got.value)
+
+
+def test_second_run_reuses_the_cache_and_a_changed_input_rebuilds(tmp_path, smollm2_tokenizer, monkeypatch):
+    path = write_records(tmp_path / "train.jsonl")
+    config = MaskConfig(on_error="skip")
+    first = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again despite the cache")
+
+    monkeypatch.setattr(parallel, "_encode_batch", fail)
+    stats = BuildStats()
+    assert build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache",
+                                  stats=stats) == first
+    assert stats.summary() == reference(path, smollm2_tokenizer, config)[1].summary()
+    with pytest.raises(AssertionError, match="encoded again"):  # another mask config: another fingerprint
+        build_samples_parallel(path, smollm2_tokenizer, MaskConfig(on_error="skip", max_length=16), num_proc=1,
+                               cache=tmp_path / "cache")
+    with path.open("a") as fh:  # another file content: another fingerprint
+        fh.write(json.dumps(chat("new", "record")) + "\n")
+    with pytest.raises(AssertionError, match="encoded again"):
+        build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=tmp_path / "cache")
+
+
+def test_causal_lm_data_num_proc_gives_the_same_training_data(tmp_path, monkeypatch):
+    from losslab.train.config import TrainConfig
+    from losslab.train.tasks import causal_lm
+
+    monkeypatch.setattr(parallel, "prepared_dir", lambda: tmp_path / "prepared")
+    cfg = {"task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(tmp_path / "run"),
+           "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 64,
+                    "max_train_samples": 20, "max_eval_samples": 5}}
+    one = causal_lm.build(TrainConfig.model_validate(cfg))
+    cfg["data"]["num_proc"] = 2
+    two = causal_lm.build(TrainConfig.model_validate(cfg))
+    assert two.train == one.train and two.validation == one.validation and two.summary == one.summary
+    assert len(list((tmp_path / "prepared").iterdir())) == 2  # train and validation
+
+
+def test_num_proc_is_refused_for_tasks_that_do_not_use_it(tmp_path):
+    from losslab.config import load_config
+    from losslab.train.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("task: sequence_classification\noutput_dir: out\ndata:\n  train: builtin:sentiment\n  num_proc: 2\n")
+    with pytest.raises(UserError, match="num_proc > 1 is for causal_lm"):
+        load_config(TrainConfig, path)
