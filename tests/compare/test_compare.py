@@ -240,3 +240,37 @@ def test_search_space_is_checked_before_any_work(tmp_path: Path) -> None:
     data["variants"][1]["tune"] = {"loss.terms.1.weight.start": {"low": 0.7, "high": 0.1}}
     with pytest.raises(UserError, match=r"low.*<= .*high"):
         load_study(write_study(tmp_path, data))
+
+
+def test_pruning_stops_a_clearly_worse_trial_at_its_first_evaluation(tmp_path: Path) -> None:
+    import optuna
+
+    from losslab.compare.tuning import study_name, tune_variant
+
+    data = study_dict(tmp_path / "out")
+    data["base"]["training"].update(max_steps=4, eval_steps=2)
+    data["base"]["eval"] = {"splits": ["validation"]}
+    data["seeds"] = [0]
+    data["variants"] = [{"name": "ce", "tune": {"training.lr": {"type": "categorical", "choices": [3e-3, 1e-9]}}}]
+    data["metrics"] = [{"name": "validation/loss", "direction": "min"}]
+    data["tuning"] = {"trials": 3, "pruner": "median"}
+    study = load_study(write_study(tmp_path, data))
+    study.out.mkdir(parents=True)
+    # two trials that learn, then one that cannot (lr 1e-9): the median pruner (2 startup trials) must stop it
+    planted = optuna.create_study(study_name=study_name(study, study.config.variants[0]),
+                                  storage=f"sqlite:///{(study.out / 'tuning.db').resolve()}")
+    for lr in (3e-3, 3e-3, 1e-9):
+        planted.enqueue_trial({"training.lr": lr})
+    tuning = tune_variant(study, study.config.variants[0])
+    states = [(t["params"]["training.lr"], t["state"], t["last_step"]) for t in tuning["trials"]]
+    assert states == [(3e-3, "COMPLETE", 4), (3e-3, "COMPLETE", 4), (1e-9, "PRUNED", 2)]
+    stored = optuna.load_study(study_name=tuning["study_name"], storage=tuning["storage"]).trials
+    assert [t.state for t in stored] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
+    # the reported values are the tuning metric itself: the completed trials' last report is their final metric
+    assert stored[0].intermediate_values[4] == pytest.approx(stored[0].value)
+    assert stored[2].intermediate_values[2] > stored[0].intermediate_values[2]
+    pruned_dir = next((study.out / "tuning" / "ce").glob("trial2__*"))
+    assert not (pruned_dir / "metrics.json").exists()  # stopped before the end: no final evaluation
+    assert max(row["step"] for row in runner.read_log(pruned_dir)) == 2
+    done_dir = next((study.out / "tuning" / "ce").glob("trial0__*"))
+    assert json.loads((done_dir / "metrics.json").read_text())["train/steps"] == 4

@@ -63,7 +63,7 @@ class TuningConfig(_Section):
     metric: str = Field("validation/loss", description="validation metric the tuning optimises (a metrics.json name)")
     direction: Literal["max", "min"] = Field("min", description="direction of tuning.metric")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler")
-    pruner: Literal["median", "none"] = Field("median", description="prune trials whose validation curve (eval_loss) is worse than the median")
+    pruner: Literal["median", "none"] = Field("median", description="stop a trial at an evaluation where tuning.metric is worse than the median of earlier trials at that step")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)")
     seed: int | None = Field(None, description="training seed of the tuning trials (default: the first seed)")
 

@@ -48,12 +48,12 @@ def plan(study: Study, tuned: dict[str, dict[str, Any]] | None = None) -> list[R
     return runs
 
 
-def train_run(config: dict[str, Any]) -> dict[str, float]:
-    """Train one resolved config (a seam for tests)."""
+def train_run(config: dict[str, Any], on_evaluate: Any = None) -> dict[str, float]:
+    """Train one resolved config (a seam for tests); ``on_evaluate``: see :mod:`losslab.train.hooks`."""
     from losslab.train.config import TrainConfig
     from losslab.train.run import train
 
-    return train(TrainConfig.model_validate(config))
+    return train(TrainConfig.model_validate(config), on_evaluate=on_evaluate)
 
 
 def execute(runs: list[Run]) -> list[Run]:

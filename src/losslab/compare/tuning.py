@@ -7,20 +7,23 @@ pruned) count towards ``tuning.trials`` and are not repeated. A trial trains the
 the sampled values at ``tuning.seed`` in ``OUTPUT_DIR/tuning/<variant>/trial<k>__<hash>/``
 and returns ``tuning.metric`` (a validation metric of its metrics.json).
 
-Pruning (``tuning.pruner: median``): each trial's validation loss curve (the ``eval_loss``
-lines of its log.jsonl) is reported step by step to Optuna's median pruner, and a trial
-whose curve falls below the median of earlier trials at the same step is recorded as pruned
-(TPE then treats it as bad). ``losslab.train.run.train`` has no callback hook yet, so the
-check runs when the trial's training ends: pruning shapes the search but does not yet save
-the rest of a bad trial's training time.
+Pruning (``tuning.pruner: median``): at every evaluation during a trial's training
+(``training.eval_steps``, or each epoch) the trial computes ``tuning.metric`` on the
+validation split (the task's own evaluation, the same number as in metrics.json) and
+reports it to Optuna's median pruner (:mod:`losslab.train.hooks`); once two trials have
+completed, a trial whose value is worse than the median of earlier trials at the same step
+stops there (no final evaluation, no metrics.json) and is recorded as pruned, which TPE
+treats as bad. Each report costs one validation evaluation (with generation when
+``eval.generate`` is on), so set ``eval_steps`` to a few evaluations per trial.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from losslab.compare.config import Param, Study, Variant, config_hash
-from losslab.compare.runner import read_log, train_run
+from losslab.compare.runner import train_run
 from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
 
@@ -33,6 +36,14 @@ def suggest(trial: Any, key: str, param: Param) -> Any:
     return trial.suggest_float(key, param.low, param.high, log=param.log)
 
 
+def study_name(study: Study, variant: Variant) -> str:
+    """The Optuna study name of a tuned variant: its name and a hash of its config, space and metric."""
+    t = study.config.tuning
+    seed = study.config.seeds[0] if t.seed is None else t.seed
+    space = {k: p.model_dump() for k, p in variant.tune.items()}
+    return f"{variant.name}__{config_hash({'base': study.resolve(variant, seed), 'space': space, 'metric': t.metric})}"
+
+
 def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     """Run (or resume) the variant's Optuna study; returns its history and best values."""
     import optuna
@@ -41,8 +52,7 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     t = cfg.tuning
     seed = cfg.seeds[0] if t.seed is None else t.seed
     storage = t.storage or f"sqlite:///{(study.out / 'tuning.db').resolve()}"
-    space = {k: p.model_dump() for k, p in variant.tune.items()}
-    name = f"{variant.name}__{config_hash({'base': study.resolve(variant, seed), 'space': space, 'metric': t.metric})}"
+    name = study_name(study, variant)
     sampler = optuna.samplers.TPESampler(seed=0) if t.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if t.pruner == "median" else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -55,13 +65,18 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
         data = study.resolve(variant, seed, params)
         folder = study.out / "tuning" / variant.name / f"trial{trial.number}__{config_hash(data)}"
         print(f"\ntuning {variant.name}: trial {trial.number + 1}/{t.trials} {params} -> {folder}", flush=True)
+
+        def report(step: int, validation_metrics: Any) -> None:
+            value = validation_metrics().get(t.metric)
+            if value is None or not math.isfinite(value):
+                return
+            trial.report(float(value), step)
+            if trial.should_prune():
+                print(f"tuning {variant.name}: trial {trial.number + 1} pruned at step {step} ({t.metric} = {value:.4g})", flush=True)
+                raise optuna.TrialPruned(f"step {step}: {t.metric} = {value:.4g}")
+
         if not (folder / "metrics.json").is_file():
-            train_run({**data, "output_dir": str(folder)})
-        for row in read_log(folder):
-            if "eval_loss" in row:
-                trial.report(float(row["eval_loss"]), int(row.get("step", 0)))
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
+            train_run({**data, "output_dir": str(folder)}, on_evaluate=report if t.pruner != "none" else None)
         metrics = read_metrics_json(folder / "metrics.json")
         if metrics.get(t.metric) is None:
             raise UserError(f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
@@ -78,7 +93,8 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
         "study_name": name, "storage": storage, "metric": t.metric, "direction": t.direction, "seed": seed,
         "best_params": dict(ostudy.best_params), "best_value": ostudy.best_value,
         "trials": [{"number": tr.number, "state": tr.state.name, "value": tr.value, "params": dict(tr.params),
-                    "last_intermediate": (tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None)}
+                    "last_intermediate": (tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None),
+                    "last_step": max(tr.intermediate_values) if tr.intermediate_values else None}
                    for tr in ostudy.trials],
     }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -23,6 +23,9 @@ from losslab.eval.report import format_metrics_table, write_metrics_json
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TASKS, TaskRun
+
+if TYPE_CHECKING:
+    from losslab.train.hooks import EvaluationHook
 
 
 def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
@@ -69,11 +72,15 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
     )
 
 
-def train(config: TrainConfig) -> dict[str, float]:
-    """Run one training config end to end; returns the final metrics."""
+def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> dict[str, float]:
+    """Run one training config end to end; returns the final metrics.
+
+    ``on_evaluate(step, validation_metrics)``: called after each evaluation during training
+    (see :mod:`losslab.train.hooks`); it may raise to stop the run (Optuna pruning)."""
     from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
+    from losslab.train.hooks import EvaluationHookCallback
     from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
     out = Path(config.output_dir)
@@ -88,6 +95,8 @@ def train(config: TrainConfig) -> dict[str, float]:
     callbacks = [LossTermsCallback(loss_func), JsonlLogCallback(out / "log.jsonl")]
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
+    if on_evaluate is not None and has_eval:
+        callbacks.append(EvaluationHookCallback(on_evaluate, lambda: run.evaluate(trainer.model, run.validation, "validation")))
     trainer = LosslabTrainer(
         model=run.model,
         args=args,
