@@ -183,11 +183,15 @@ def test_example_studies_parse() -> None:
         assert study.config.baseline in [v.name for v in study.config.variants]
 
 
+CHROMIUM_NAMES = ("chromium-headless-shell", "chromium", "chrome-headless-shell", "chromium-browser", "google-chrome")
+
+
 def _chromium() -> str | None:
-    return next((p for p in (shutil.which("chromium-headless-shell"), shutil.which("chromium")) if p), None)
+    """A headless-capable Chromium on PATH (.ci/run installs Debian's chromium-headless-shell)."""
+    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell; .ci/run does)")
 def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
     import subprocess
 
