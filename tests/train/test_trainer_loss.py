@@ -46,12 +46,27 @@ TERMS = [
 ]
 
 
+def sparse_samples() -> list[dict]:
+    """Uneven samples where some rows have no trained next-token target: one fully masked,
+    one trained only at position 0 (nothing left after the shift)."""
+    out = samples(1)
+    out[1]["labels"] = [-100] * len(out[1]["labels"])
+    out[2]["labels"] = [out[2]["input_ids"][0]] + [-100] * (len(out[2]["labels"]) - 1)
+    return out
+
+
+def trained_rows(data: list[dict]) -> int:
+    return sum(any(x != -100 for x in s["labels"][1:]) for s in data)
+
+
 def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) -> tuple[float, list[torch.Tensor]]:
     if fused:
         pytest.importorskip("losslab.losses.fused")
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
     lf = CausalLMLossFunc(build_composite(terms), fused=fused, lm_head=model.get_output_embeddings(), model=model)
     total_items = sum(sum(1 for x in s["labels"][1:] if x != -100) for mb in micro_batches for s in mb)
+    lf.num_sequences = trained_rows([s for mb in micro_batches for s in mb])  # what LosslabTrainer counts
+    model.train()  # num_sequences is a training-step count (no dropout in the tiny model)
     total = 0.0
     for mb in micro_batches:
         batch = collate(mb)
@@ -64,15 +79,70 @@ def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) ->
     return total, [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sequence"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_accumulation_1x4_equals_4x1(fused: bool) -> None:
-    terms = TERMS[:1]  # token CE: the only term defined as a sum over tokens
-    data = samples()
+def test_accumulation_1x4_equals_4x1(fused: bool, reduction: str) -> None:
+    terms = [{**TERMS[0], "reduction": reduction}]  # token CE: the term defined as a sum over tokens (or rows)
+    data = samples() if reduction == "mean" else sparse_samples()
     loss_a, grads_a = loss_and_grads([data], fused, terms)
     loss_b, grads_b = loss_and_grads([[s] for s in data], fused, terms)
     assert loss_a == pytest.approx(loss_b, rel=1e-10)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path) -> tuple[float, list[torch.Tensor], CausalLMLossFunc]:
+    """One optimizer step of the real Trainer over ``data``: the logged loss, the gradients
+    before the update, and the loss function (with the ``num_sequences`` the Trainer gave it)."""
+    from transformers import TrainerCallback
+
+    grads: list[torch.Tensor] = []
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads.extend(p.grad.clone() for p in model.parameters())
+
+    torch.manual_seed(0)
+    model = load_causal_lm("builtin:tiny-llama", dtype="float64")
+    lf = CausalLMLossFunc(build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused,
+                          lm_head=model.get_output_embeddings(), model=model)
+    args = TrainingArguments(output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"), per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
+                             logging_steps=1, report_to=[], save_strategy="no", remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = LosslabTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss_func=lf,
+                             callbacks=[LossTermsCallback(lf), Grads()])
+    trainer.train()
+    loss = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+    return loss, grads, lf
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_trainer_sequence_reduction_accumulation_invariant(fused: bool, tmp_path) -> None:
+    """``sequence`` reduction on the real Trainer: batch 1 x 4 accumulation and 2 x 2 equal 4 x 1
+    (loss and gradients), and the loss is the mean over the rows with a trained target of each
+    row's mean token loss, computed here by hand (a per-micro-batch mean would give 2/4 of it)."""
+    data = sparse_samples()
+    assert trained_rows(data) == 2
+    loss_ref, grads_ref, lf = first_step(data, 4, 1, fused, tmp_path)
+    assert int(lf.num_sequences) == 2
+    model = load_causal_lm("builtin:tiny-llama", dtype="float64")
+    batch = collate(data)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    per_token = per_token * batch["weights"][:, 1:]  # the collator's token weights reach the loss
+    rows = (labels != -100).any(dim=-1)
+    by_hand = (per_token.sum(-1)[rows] / (labels != -100).sum(-1)[rows]).mean()
+    assert loss_ref == pytest.approx(float(by_hand), rel=1e-5)
+    for batch_size, grad_accum in [(1, 4), (2, 2)]:
+        loss, grads, lf = first_step(data, batch_size, grad_accum, fused, tmp_path)
+        assert int(lf.num_sequences) == 2
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        assert len(grads) == len(grads_ref)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_fused_equals_logits_path() -> None:

@@ -114,6 +114,9 @@ class LossTerm:
     """True when the term is a sum over batch items divided by a count the batch is given
     (``num_items``): its values over micro-batches and processes add up to the whole batch's.
     Other terms (per-batch means, regularisers) are scaled by ``per_batch_scale``."""
+    count_field: str | None = None
+    """A :class:`LossInputs` count this term divides by when the batch carries it (e.g.
+    ``num_sequences`` for the ``sequence`` reduction): given, the term is batch additive too."""
 
     def missing(self, present: set[str]) -> str | None:
         """None when ``present`` satisfies the term, else a sentence saying what it needs."""
@@ -189,7 +192,8 @@ class CompositeLoss:
         total: torch.Tensor | None = None
         for term in self.terms:
             w = weights[term.label]
-            scale = 1.0 if term.batch_additive else per_batch_scale
+            additive = term.batch_additive or (term.count_field is not None and getattr(inputs, term.count_field) is not None)
+            scale = 1.0 if additive else per_batch_scale
             if w == 0:
                 with torch.no_grad():
                     values[term.label] = term(inputs) * scale

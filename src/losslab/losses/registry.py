@@ -248,6 +248,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
         requires=spec.required_inputs(),
         options=options,
         batch_additive=counted,
+        count_field="num_sequences" if options.get("reduction") == "sequence" else None,  # read by _token_cross_entropy
     )
 
 

@@ -10,7 +10,11 @@ The Trainer passes ``num_items_in_batch``: the number of trained next-token targ
 whole accumulated batch, summed over processes. Each micro-batch's token loss is then
 ``sum / num_items_in_batch``, so accumulating 4 micro-batches equals one batch 4 times larger
 and several processes equal one (the Trainer multiplies by the number of processes because
-DDP averages gradients).
+DDP averages gradients). The ``sequence`` reduction also needs the number of sequences with a
+trained target in the whole step (:attr:`CausalLMLossFunc.num_sequences`), which
+:class:`~losslab.train.trainer.LosslabTrainer` counts; a plain Trainer does not, and the
+``sequence`` reduction then averages each micro-batch's sequences (exact only when every
+micro-batch has as many).
 """
 
 from __future__ import annotations
@@ -100,12 +104,14 @@ class CausalLMLossFunc:
         self.reference_params = reference_params
         self.step = 0
         self.per_batch_scale = 1.0  # 1 / (accumulation steps x processes), set by LossTermsCallback
+        self.num_sequences: Any = None  # sequences with a trained target in the optimizer step, set by LosslabTrainer
         self.batch_extras: dict[str, torch.Tensor] = {}
         self.train_terms = TermAverager()
         self.eval_terms = TermAverager()
         self.last: CompositeOutput | None = None
 
-    def inputs(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> LossInputs:
+    def inputs(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None,
+               num_sequences: Any = None) -> LossInputs:
         """Build the shifted :class:`LossInputs` of one batch."""
         shift_labels = labels[:, 1:]
         extras = self.batch_extras
@@ -120,6 +126,7 @@ class CausalLMLossFunc:
             labels=shift_labels,
             token_weights=weights[:, 1:] if weights is not None else None,
             num_items=num_items_in_batch,
+            num_sequences=num_sequences,
             hidden_states=hidden,
             lm_head_weight=head.weight if (self.fused and head is not None) else None,
             lm_head_bias=getattr(head, "bias", None) if self.fused else None,
@@ -130,8 +137,10 @@ class CausalLMLossFunc:
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         training = self.model.training if self.model is not None else torch.is_grad_enabled()
-        scale = self.per_batch_scale if training and num_items_in_batch is not None else 1.0
-        out = self.composite(self.inputs(outputs, labels, num_items_in_batch), self.step, scale)
+        counted = training and num_items_in_batch is not None
+        scale = self.per_batch_scale if counted else 1.0
+        sequences = self.num_sequences if counted else None  # without it, `sequence` is a per-batch mean
+        out = self.composite(self.inputs(outputs, labels, num_items_in_batch, sequences), self.step, scale)
         self.last = out
         if training:
             self.train_terms.add(out, group=self.step)

@@ -73,6 +73,26 @@ class LosslabTrainer(Trainer):
         super().__init__(*args, compute_loss_func=loss_func, **kwargs)
         self.loss_func = loss_func
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step and ``num_items_in_batch``; also gives the loss
+        function ``num_sequences``: the rows with a trained target in the step, over every process
+        (the ``sequence`` reduction's exact denominator under accumulation and DDP)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if hasattr(self.loss_func, "num_sequences"):
+            self.loss_func.num_sequences = self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
+        return batch_samples, num_items_in_batch
+
+    def _count_sequences(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Rows of ``labels`` (shifted like ``num_items_in_batch``) with a target that is not -100."""
+        rows = [b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"]
+                for b in batch_samples if isinstance(b.get("labels", b.get("shift_labels")), torch.Tensor)]
+        if not rows or any(r.dim() < 2 for r in rows):
+            return None
+        count = sum(r.ne(-100).any(dim=-1).sum() for r in rows).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return count
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         custom = getattr(self.loss_func, "compute_loss", None)

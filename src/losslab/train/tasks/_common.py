@@ -254,6 +254,7 @@ class TaskLossFunc:
         self.reference_params = reference_params
         self.step = 0
         self.per_batch_scale = 1.0  # 1 / (accumulation steps x processes), set by LossTermsCallback
+        self.num_sequences: Any = None  # rows with a trained token in the optimizer step, set by LosslabTrainer
         self.train_terms = TermAverager()
         self.eval_terms = TermAverager()
 
@@ -262,6 +263,8 @@ class TaskLossFunc:
         loss_inputs, outputs = self.forward(model, inputs)
         loss_inputs.num_examples = num_items_in_batch  # the global count of trained items
         loss_inputs.num_items = num_items_in_batch  # the same for token-level terms (token_classification)
+        if model.training and num_items_in_batch is not None:
+            loss_inputs.num_sequences = self.num_sequences  # token terms with the `sequence` reduction
         loss_inputs.model = self.model
         loss_inputs.reference_params = self.reference_params
         scale = self.per_batch_scale if model.training and num_items_in_batch is not None else 1.0
