@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -124,8 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"losslab: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("losslab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"losslab: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        if args.command in ("train", "compare"):
+            command = shlex.join(["losslab", *(sys.argv[1:] if argv is None else argv)])
+            print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
         return 130
 
 

@@ -2,8 +2,9 @@
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``checkpoint-*`` (safetensors, for
 resume), ``model/`` (final weights, safetensors), ``log.jsonl`` (every loss term per step),
-``metrics.json`` (final evaluation). Rerunning the same command resumes from the last
-checkpoint.
+``metrics.json`` (final evaluation; written last, so its presence means the run finished).
+Rerunning the same command resumes from the last complete checkpoint (see
+:mod:`losslab.train.guard`: incomplete checkpoints, non-finite steps, SIGINT).
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     ``on_evaluate(step, validation_metrics)``: called after each evaluation during training
     (see :mod:`losslab.train.hooks`); it may raise to stop the run (Optuna pruning)."""
     from transformers import EarlyStoppingCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from losslab.train.hooks import EvaluationHookCallback
+    from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_sigint
     from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
     out = Path(config.output_dir)
@@ -106,13 +107,23 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         processing_class=run.tokenizer,
         loss_func=loss_func,
         callbacks=callbacks,
+        max_nonfinite_steps=config.training.max_nonfinite_steps,
     )
-    last = get_last_checkpoint(str(out)) if any(out.glob("checkpoint-*")) else None
+    last = last_complete_checkpoint(out)  # a checkpoint whose save was killed is ignored, then deleted
+    if trainer.is_world_process_zero():
+        for path in remove_incomplete_checkpoints(out):
+            print(f"removed incomplete checkpoint {path}")
+        keep_log_rows(out / "log.jsonl", last)
     if last:
         print(f"resuming from {last}")
-    trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(out / "model"))
-    metrics: dict[str, float] = {"train/steps": float(trainer.state.global_step)}
+    with stop_on_sigint(trainer):
+        trainer.train(resume_from_checkpoint=last)
+    if trainer.stopping:
+        raise Interrupted(f"stopped after step {trainer.state.global_step}, checkpoint saved in "
+                          f"{out / f'checkpoint-{trainer.state.global_step}'}")
+    trainer.save_model_atomic(out / "model")
+    metrics: dict[str, float] = {"train/steps": float(trainer.state.global_step),
+                                 "train/nonfinite_steps": float(len(trainer.nonfinite_steps))}
     for split in config.eval.splits:
         dataset = run.validation if split == "validation" else run.test
         if dataset is not None and len(dataset):

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from losslab.train.guard import StepGuard
+
 
 # Batch keys that losslab's collators add and the model's forward must not see -> loss input name.
 EXTRA_KEYS = {"weights": "token_weights"}
@@ -59,7 +61,7 @@ class JsonlLogCallback(TrainerCallback):
             os.fsync(fh.fileno())
 
 
-class LosslabTrainer(Trainer):
+class LosslabTrainer(StepGuard, Trainer):
     """``Trainer`` that feeds losslab's extra batch fields (token weights) to the loss function
     and, with the fused head, asks the model for hidden states instead of logits.
 
@@ -67,7 +69,11 @@ class LosslabTrainer(Trainer):
     :class:`CausalLMLossFunc`), or an object with its own
     ``compute_loss(model, inputs, return_outputs, num_items_in_batch)`` for tasks whose forward
     is not ``model(**inputs)`` (reward pairs, embeddings). Either way it needs ``step``,
-    ``train_terms`` and ``eval_terms`` (see :class:`LossTermsCallback`)."""
+    ``train_terms`` and ``eval_terms`` (see :class:`LossTermsCallback`).
+
+    :class:`~losslab.train.guard.StepGuard` adds the numerics and fault handling: non-finite
+    steps skipped and counted (``max_nonfinite_steps=``), checkpoints with a completion marker,
+    stop on request (``stop_requested``)."""
 
     def __init__(self, *args: Any, loss_func: Any, **kwargs: Any) -> None:
         super().__init__(*args, compute_loss_func=loss_func, **kwargs)

@@ -1,0 +1,326 @@
+"""Numerics and faults on the ``transformers.Trainer``: non-finite steps, complete checkpoints, SIGINT.
+
+:class:`StepGuard` is a mixin for a ``Trainer`` subclass
+(:class:`~losslab.train.trainer.LosslabTrainer` uses it):
+
+- **Non-finite steps.** Each optimizer step, the micro-batch losses and the gradient norm are
+  checked; when any is NaN or infinite (on any process: the flag is all-reduced, so every
+  process takes the same decision) the gradients are dropped (``set_to_none``) before
+  ``optimizer.step()``, which then changes neither the parameters nor the optimizer state.
+  The step still counts (data consumed, ``global_step`` and the learning-rate schedule move
+  on). The steps are counted and logged; at ``max_nonfinite_steps`` such steps the run stops
+  with :class:`TrainingDiverged`. A checkpoint or model whose weights are non-finite is never
+  written.
+- **Complete checkpoints.** ``transformers`` writes ``checkpoint-N`` in place and its
+  ``get_last_checkpoint`` picks the highest N, finished or not: a kill during a save leaves a
+  folder that resume picks and then fails on (or loads half of). Here a checkpoint is
+  complete only once :data:`COMPLETE_MARKER` is written into it, last, after every file is
+  fsynced and every process is done; older checkpoints are rotated out only after that (their
+  marker removed first). :func:`last_complete_checkpoint` ignores unmarked folders and
+  :func:`remove_incomplete_checkpoints` deletes them before a resume.
+  (A temporary folder renamed into place would need the Trainer to save elsewhere than
+  ``output_dir/checkpoint-N``, which it does not allow without re-implementing its save.)
+- **SIGINT.** :func:`stop_on_sigint` turns the first Ctrl-C into a request: the Trainer
+  finishes the current optimizer step, saves a checkpoint and stops (all processes agree,
+  through the same all-reduce); a second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from losslab.data.prepare import write_atomic
+from losslab.errors import UserError
+
+COMPLETE_MARKER = "losslab_checkpoint.json"
+"""Written last into ``checkpoint-N``: ``{"step": N, "nonfinite_steps": [...]}``."""
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite steps, or non-finite weights: the run stops (CLI exit status 2)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT after saving a checkpoint; rerunning the command resumes it."""
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoints(output_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-N`` folder, complete or not, by step."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def is_complete(checkpoint: str | os.PathLike[str]) -> bool:
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The complete checkpoint with the highest step (None when there is none)."""
+    done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
+    return str(done[-1]) if done else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike[str]) -> list[str]:
+    """Delete the ``checkpoint-N`` folders a killed save left unfinished; returns their paths.
+    Call it on one process only, before training."""
+    removed = []
+    for _, path in checkpoints(output_dir):
+        if not is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def read_marker(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` (and the folder entries) to disk."""
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def mark_complete(checkpoint: Path, info: dict[str, Any]) -> None:
+    """Flush ``checkpoint`` and write its marker (temp file + rename), then flush the folder."""
+    _fsync_tree(checkpoint)
+    write_atomic(checkpoint / COMPLETE_MARKER, json.dumps(info) + "\n")
+    _fsync_tree(checkpoint)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike[str], keep: int | None, protect: str | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond ``keep`` (the newest one and ``protect``,
+    the best model's, always stay). Each loses its marker first, so a kill during the deletion
+    leaves an incomplete folder, never a half-deleted one that looks complete."""
+    if not keep or keep <= 0:
+        return
+    done = [p for _, p in checkpoints(output_dir) if is_complete(p)]
+    protected = {done[-1].resolve()} if done else set()
+    if protect:
+        protected.add(Path(protect).resolve())
+    excess = len(done) - max(keep, len(protected))
+    for path in done:
+        if excess <= 0:
+            break
+        if path.resolve() in protected:
+            continue
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        excess -= 1
+
+
+def keep_log_rows(log: str | os.PathLike[str], checkpoint: str | None) -> None:
+    """Make ``log.jsonl`` hold exactly the rows written before ``checkpoint`` was saved (its
+    ``trainer_state.json`` log history has one entry per row), or none for a fresh start:
+    rows of steps a killed run did after its last checkpoint, and a torn last line, go.
+    Rewritten with a temp file + rename."""
+    path = Path(log)
+    if not path.is_file():
+        return
+    keep = 0
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        keep = len(state.get("log_history", []))
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines()[:keep]:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        rows.append(line + "\n")
+    write_atomic(path, "".join(rows))
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def any_process(flags: torch.Tensor) -> list[bool]:
+    """Element-wise OR of a vector of flags over every process (one all-reduce)."""
+    flags = flags.float()
+    if _distributed():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter is finite on every process."""
+    bad = any(not bool(torch.isfinite(p.detach()).all()) for p in model.parameters())
+    device = next(model.parameters()).device
+    return not any_process(torch.tensor([bad], device=device))[0]
+
+
+# ---- the Trainer mixin ------------------------------------------------------------------------
+
+
+class _StopAfterStep(TrainerCallback):
+    """Saves and stops at the end of a step when every process agreed on a stop request."""
+
+    def __init__(self, trainer: StepGuard) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.trainer.stopping:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class StepGuard:
+    """Mixin for a ``transformers.Trainer`` subclass: skips and counts non-finite optimizer
+    steps, writes checkpoints with a completion marker, stops cleanly on request (SIGINT).
+    See the module docstring. ``max_nonfinite_steps``: the run stops at the N-th skipped step.
+
+    Attributes: ``nonfinite_steps`` (the skipped steps, 1-based like the log's ``step``; kept
+    across resume in the checkpoint marker), ``stop_requested`` (set it, e.g. from a signal
+    handler, to stop after the current step), ``stopping`` (True once every process agreed).
+    """
+
+    def __init__(self, *args: Any, max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
+        if max_nonfinite_steps < 1:
+            raise ValueError("max_nonfinite_steps must be >= 1")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps: list[int] = []
+        self.stop_requested = False
+        self.stopping = False
+        self._loss_nonfinite: torch.Tensor | None = None
+        super().__init__(*args, **kwargs)
+        self.add_callback(_StopAfterStep(self))  # type: ignore[attr-defined]
+
+    # The Trainer calls training_step per micro-batch, then _get_grad_norm once per optimizer
+    # step, right before optimizer.step(): the place to decide.
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
+        return loss
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+        device = self.args.device  # type: ignore[attr-defined]
+        bad = ~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32, device=device)).reshape(())
+        if self._loss_nonfinite is not None:
+            bad = bad | self._loss_nonfinite.to(device)
+        self._loss_nonfinite = None
+        nonfinite, stop = any_process(torch.stack([bad, torch.tensor(self.stop_requested, device=device)]))
+        self.stopping = self.stopping or stop
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # step() then skips every parameter
+            self._count_nonfinite()
+        return grad_norm
+
+    def _count_nonfinite(self) -> None:
+        state = self.state  # type: ignore[attr-defined]
+        step = state.global_step + 1
+        self.nonfinite_steps.append(step)
+        n, limit = len(self.nonfinite_steps), self.max_nonfinite_steps
+        if state.is_world_process_zero:
+            print(f"step {step}: non-finite loss or gradient; update skipped ({n} of at most {limit})", flush=True)
+        if n >= limit:
+            last = last_complete_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {n} steps had a non-finite loss or gradient "
+                f"(steps {', '.join(map(str, self.nonfinite_steps))}; no update was applied at those steps). "
+                f"Last good checkpoint: {last or 'none'}. Lower training.lr, set training.max_grad_norm, "
+                f"use dtype float32, or raise the limit", where="training.max_nonfinite_steps")
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs or "train_loss" in logs:
+            logs["nonfinite_steps"] = len(self.nonfinite_steps)
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        state, args = self.state, self.args  # type: ignore[attr-defined]
+        if not weights_finite(self.model):  # type: ignore[attr-defined]
+            raise TrainingDiverged(
+                f"the weights are non-finite at step {state.global_step}: checkpoint not saved; last good checkpoint: "
+                f"{last_complete_checkpoint(args.output_dir) or 'none'}", where="training")
+        limit = args.save_total_limit
+        args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        finally:
+            args.save_total_limit = limit
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{state.global_step}"  # type: ignore[attr-defined]
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every process wrote its part (RNG states)
+        if args.should_save:
+            mark_complete(folder, {"step": state.global_step, "nonfinite_steps": self.nonfinite_steps})
+            rotate_checkpoints(folder.parent, limit, state.best_model_checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint,
+        and a named checkpoint must be complete."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)  # type: ignore[attr-defined]
+            if resume_from_checkpoint is None:
+                raise UserError(f"no complete checkpoint to resume from in {self.args.output_dir}")  # type: ignore[attr-defined]
+        if resume_from_checkpoint:
+            if not is_complete(resume_from_checkpoint):
+                raise UserError(f"checkpoint {resume_from_checkpoint} is incomplete (no {COMPLETE_MARKER}: its save was "
+                                "interrupted); delete it to resume from the one before")
+            self.nonfinite_steps = list(read_marker(resume_from_checkpoint).get("nonfinite_steps", []))
+        return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
+
+    def save_model_atomic(self, output_dir: str | os.PathLike[str]) -> None:
+        """``save_model`` into a temporary folder next to ``output_dir``, then renamed into place
+        (non-finite weights are refused)."""
+        target = Path(output_dir)
+        if not weights_finite(self.model):  # type: ignore[attr-defined]
+            raise TrainingDiverged("the final weights are non-finite: model not saved", where="training")
+        tmp = target.with_name(f".{target.name}.tmp")
+        if self.is_world_process_zero():  # type: ignore[attr-defined]
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+        self.save_model(str(tmp))  # type: ignore[attr-defined]
+        self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
+        if self.is_world_process_zero():  # type: ignore[attr-defined]
+            _fsync_tree(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def stop_on_sigint(trainer: StepGuard) -> Iterator[None]:
+    """Within the block, the first SIGINT asks ``trainer`` to stop after the current step (with
+    a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Outside the main thread
+    this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        trainer.stop_requested = True
+        print("\nlosslab: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,195 @@
+"""Numerics and faults on the real Trainer: non-finite steps skipped and counted, the stop
+after the limit, batches with no trained token, incomplete checkpoints, log repair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from losslab import cli
+from losslab.losses.registry import build_composite
+from losslab.train import run as train_run
+from losslab.train.config import TrainConfig
+from losslab.train.guard import (COMPLETE_MARKER, keep_log_rows, last_complete_checkpoint, read_marker,
+                                 remove_incomplete_checkpoints, rotate_checkpoints)
+from losslab.train.tasks.causal_lm import build
+from losslab.train.trainer import LosslabTrainer
+
+BATCH = 4
+
+
+def config(out: Path, **training) -> dict:
+    return {
+        "task": "causal_lm",
+        "model": "builtin:tiny-llama",
+        "output_dir": str(out),
+        "data": {"train": "builtin:chatterbot", "max_length": 48, "max_train_samples": 24},
+        "loss": {"terms": [{"name": "token_cross_entropy"}]},
+        "training": {"max_steps": 6, "batch_size": BATCH, "lr": 3e-3, "scheduler": "constant", "save_steps": 2,
+                     **training},
+        "eval": {"splits": []},
+    }
+
+
+@pytest.fixture
+def sequential(monkeypatch):
+    """Batches in data order, so a run without some batches is a plain reference."""
+    real = train_run.training_arguments
+
+    def arguments(*args, **kwargs):
+        a = real(*args, **kwargs)
+        a.train_sampling_strategy = "sequential"
+        return a
+
+    monkeypatch.setattr(train_run, "training_arguments", arguments)
+
+
+def inject(monkeypatch, nan_loss: set[int] = frozenset(), nan_grad: set[int] = frozenset()) -> None:
+    """At these optimizer steps (1-based, as logged) the loss is NaN, or the loss is finite and
+    one gradient is NaN (d sqrt(x)/dx at 0 is inf, times 0)."""
+    real = LosslabTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = real(self, model, inputs, return_outputs, num_items_in_batch)
+        step = self.state.global_step + 1
+        if model.training and step in nan_loss:
+            loss = loss * float("nan")
+        if model.training and step in nan_grad:
+            loss = loss + torch.sqrt(next(model.parameters()).sum() * 0.0)
+        return loss
+
+    monkeypatch.setattr(LosslabTrainer, "compute_loss", compute_loss)
+
+
+def without_batches(monkeypatch, steps: set[int]) -> None:
+    """The causal_lm task minus the samples of these optimizer steps."""
+    def task(cfg):
+        run = build(cfg)
+        run.train = [f for i, f in enumerate(run.train) if i // BATCH + 1 not in steps]
+        return run
+
+    monkeypatch.setitem(train_run.TASKS, "causal_lm", task)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path: Path, sequential, monkeypatch, capsys) -> None:
+    with monkeypatch.context() as m:
+        without_batches(m, {3, 5})
+        reference = train_run.train(TrainConfig.model_validate(config(tmp_path / "ref", max_steps=4)))
+    inject(monkeypatch, nan_loss={3}, nan_grad={5})
+    metrics = train_run.train(TrainConfig.model_validate(config(tmp_path / "nan")))
+
+    # the skipped steps changed nothing: the weights are those of a run without their batches
+    got, want = weights(tmp_path / "nan"), weights(tmp_path / "ref")
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert metrics["train/nonfinite_steps"] == 2 and metrics["train/steps"] == 6 and reference["train/steps"] == 4
+    assert json.loads((tmp_path / "nan" / "metrics.json").read_text())["train/nonfinite_steps"] == 2
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss or gradient; update skipped (1 of at most 5)" in out
+    assert "step 5: non-finite loss or gradient; update skipped (2 of at most 5)" in out
+    logged = {r["step"]: r for r in rows(tmp_path / "nan" / "log.jsonl") if "loss" in r}
+    assert [logged[s]["nonfinite_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 2, 2]
+    # complete checkpoints only, the count kept in their marker for resume
+    assert last_complete_checkpoint(tmp_path / "nan") == str(tmp_path / "nan" / "checkpoint-6")
+    assert read_marker(tmp_path / "nan" / "checkpoint-6") == {"step": 6, "nonfinite_steps": [3, 5]}
+    assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_run_stops_at_the_limit_with_a_message_and_exit_status_2(tmp_path: Path, sequential, monkeypatch, capsys) -> None:
+    with monkeypatch.context() as m:
+        without_batches(m, {3})
+        train_run.train(TrainConfig.model_validate(config(tmp_path / "ref", max_steps=3, save_steps=3)))
+    inject(monkeypatch, nan_loss={3, 5}, nan_grad={6})
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path / "nan", max_nonfinite_steps=2)))
+    capsys.readouterr()
+    assert cli.main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "training.max_nonfinite_steps: training stopped at step 5: 2 steps had a non-finite loss or gradient" in err
+    assert f"Last good checkpoint: {tmp_path / 'nan' / 'checkpoint-4'}" in err and "Traceback" not in err
+    out = tmp_path / "nan"
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+    # the last good checkpoint is intact: step 4 = 3 good updates, as the reference's end
+    kept = load_file(str(out / "checkpoint-4" / "model.safetensors"))
+    for name, tensor in weights(tmp_path / "ref").items():
+        torch.testing.assert_close(kept[name], tensor, rtol=0, atol=0, msg=name)
+    assert read_marker(out / "checkpoint-4")["nonfinite_steps"] == [3]
+
+
+def test_batches_without_trained_tokens_give_zero_loss_and_no_update(tmp_path: Path, monkeypatch) -> None:
+    """Every label -100: loss 0, gradient 0 (AdamW's first step then moves nothing), not a
+    non-finite step."""
+    def task(cfg):
+        run = build(cfg)
+        for f in run.train:
+            f["labels"] = [-100] * len(f["labels"])
+        return run
+
+    monkeypatch.setitem(train_run.TASKS, "causal_lm", task)
+    cfg = config(tmp_path / "masked", max_steps=1)
+    metrics = train_run.train(TrainConfig.model_validate(cfg))
+    initial = build(TrainConfig.model_validate(cfg)).model.state_dict()
+    for name, tensor in weights(tmp_path / "masked").items():
+        torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0, msg=name)
+    step = next(r for r in rows(tmp_path / "masked" / "log.jsonl") if "loss" in r)
+    assert step["loss"] == 0.0 and step["grad_norm"] == 0.0 and metrics["train/nonfinite_steps"] == 0
+
+
+def checkpoint(root: Path, step: int, *, complete: bool, log_rows: int = 0) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{}] * log_rows}))
+    if complete:
+        (folder / COMPLETE_MARKER).write_text(json.dumps({"step": step, "nonfinite_steps": []}))
+    return folder
+
+
+def test_incomplete_checkpoints_are_ignored_removed_and_rotated_last(tmp_path: Path) -> None:
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
+        checkpoint(tmp_path, step, complete=complete)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert sorted(remove_incomplete_checkpoints(tmp_path)) == [str(tmp_path / "checkpoint-10"), str(tmp_path / "checkpoint-6")]
+    checkpoint(tmp_path, 6, complete=True)
+    checkpoint(tmp_path, 8, complete=True)
+    rotate_checkpoints(tmp_path, keep=2, protect=str(tmp_path / "checkpoint-2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-8"]
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_log_keeps_the_rows_written_before_the_resumed_checkpoint(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    keep_log_rows(log, str(checkpoint(tmp_path, 3, complete=True, log_rows=3)))
+    assert rows(log) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    keep_log_rows(log, None)  # a fresh start
+    assert log.read_text() == ""
+
+
+def test_resume_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    from losslab.errors import UserError
+
+    cfg = TrainConfig.model_validate(config(tmp_path / "run", max_steps=1))
+    task = build(cfg)
+    trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
+                             train_dataset=task.train, data_collator=task.collator,
+                             loss_func=task.make_loss_func(build_composite(cfg.loss.terms)))
+    folder = checkpoint(tmp_path / "run", 1, complete=False)
+    with pytest.raises(UserError, match="incomplete"):
+        trainer.train(resume_from_checkpoint=str(folder))
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
