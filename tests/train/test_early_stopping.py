@@ -1,0 +1,73 @@
+"""Early stopping on a real short run: training stops at the evaluation where the validation
+metric has not improved for ``early_stopping_patience`` evaluations in a row, before
+``max_steps``, and the best checkpoint (not the last) is the model that is saved and evaluated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from losslab.train.config import TrainConfig
+from losslab.train.run import train
+
+MAX_STEPS = 30
+PATIENCE = 2
+
+
+def expected_stop(series: list[tuple[int, float]], patience: int) -> tuple[int, int, float]:
+    """(stop step, best step, best value) of a lower-is-better series by the early-stopping rule:
+    stop at the ``patience``-th evaluation in a row that is not strictly better than the best."""
+    best_step, best = series[0]
+    misses = 0
+    for step, value in series[1:]:
+        if value < best:
+            best_step, best, misses = step, value, 0
+        else:
+            misses += 1
+            if misses == patience:
+                return step, best_step, best
+    raise AssertionError(f"the run never stopped improving: {series}")
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_path: Path) -> None:
+    # lr 3e-2 on 8 fixed samples: the validation loss falls, bounces and then rises (overshoot/overfit)
+    out = tmp_path / "run"
+    config = TrainConfig(**{
+        "task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(out),
+        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 48,
+                 "max_train_samples": 8, "max_eval_samples": 8},
+        "loss": {"terms": [{"name": "token_cross_entropy"}]},
+        "training": {"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant",
+                     "eval_steps": 1, "early_stopping_patience": PATIENCE},
+        "eval": {"splits": ["validation"]},
+    })
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = train(config)
+    finally:
+        torch.set_num_threads(before)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    series = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert [s for s, _ in series] == list(range(1, len(series) + 1))  # one evaluation per step
+    stop, best_step, best = expected_stop(series, PATIENCE)
+    assert stop < MAX_STEPS and best_step < stop  # it stopped early, and the best is not the last
+    assert series[-1][0] == stop and metrics["train/steps"] == stop  # no step after the stopping evaluation
+
+    state = json.loads((out / f"checkpoint-{stop}" / "trainer_state.json").read_text())
+    assert state["best_metric"] == pytest.approx(best, rel=1e-9)
+    assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best_step}"
+    # load_best_model_at_end: the saved model is the best checkpoint's weights, and the final
+    # validation loss (exact token CE over the same 8 samples, one eval batch) is the best one
+    best_weights = load_file(out / f"checkpoint-{best_step}" / "model.safetensors")
+    final_weights = load_file(out / "model" / "model.safetensors")
+    last_weights = load_file(out / f"checkpoint-{stop}" / "model.safetensors")
+    assert best_weights.keys() == final_weights.keys()
+    assert all(torch.equal(best_weights[k], final_weights[k]) for k in best_weights)
+    assert not all(torch.equal(last_weights[k], final_weights[k]) for k in last_weights)
+    assert metrics["validation/loss"] == pytest.approx(best, rel=1e-5)
+    assert metrics["validation/loss"] != pytest.approx(series[-1][1], rel=1e-3)
