@@ -19,9 +19,11 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from losslab.errors import UserError
 
@@ -182,7 +184,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> PreTrainedT
     """Load the (fast) tokenizer for a model name; a causal-LM tokenizer gets a pad token."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
+    with _loading(name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -193,6 +196,33 @@ def load_causal_lm(name: str, *, dtype: str = "float32", trust_remote_code: bool
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        resolve(name), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
-    )
+    return load_model(AutoModelForCausalLM, name, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+
+
+def load_model(auto_class: Any, name: str, **kwargs: Any) -> PreTrainedModel:
+    """``auto_class.from_pretrained(resolve(name), **kwargs)`` from safetensors weights only.
+
+    Pickle-based weights (``pytorch_model.bin``) can run code when loaded, so a model without
+    safetensors weights is refused; so is a model that ships its own code (``auto_map``)
+    unless ``trust_remote_code=True``. Both as a :class:`UserError` saying what to do.
+    """
+    with _loading(name):
+        return auto_class.from_pretrained(resolve(name), use_safetensors=True, **kwargs)
+
+
+@contextmanager
+def _loading(name: str) -> Iterator[None]:
+    """Turn transformers' refusals (remote code, no safetensors weights) into :class:`UserError`."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UserError(f"model {name!r} ships its own Python code (auto_map in its config); losslab does not run "
+                        "it unless the config sets trust_remote_code: true (read the code first)") from None
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise
+        raise UserError(f"model {name!r} has no safetensors weights (model.safetensors); losslab does not load "
+                        "pickle-based weights such as pytorch_model.bin, which can run code when loaded. Convert "
+                        "them once where you trust the file: model.save_pretrained(dir) writes safetensors") from None

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from losslab.config import apply_overrides, load_yaml, validate
 from losslab.errors import UserError
@@ -51,6 +51,13 @@ class Variant(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="variant name (letters, digits, _ . + -): its runs' folder prefix")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key of the base config -> value, e.g. {loss.terms: [...], data.mask: all}")
     tune: dict[str, Param] = Field(default_factory=dict, description="dotted key -> search space; tuned on validation, the best value then run on every seed")
+
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, name: str) -> str:
+        if set(name) == {"."}:
+            raise ValueError("a variant name cannot be only dots (it names folders under output_dir)")
+        return name
 
 
 class Metric(_Section):
@@ -176,11 +183,28 @@ def set_dotted(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _check_storage(config: CompareConfig, path: str | Path, lines: dict[tuple[str, ...], int]) -> None:
+    """An SQLite tuning storage is a file losslab writes: it must lie inside output_dir."""
+    storage = config.tuning.storage
+    if storage is None or not storage.startswith("sqlite:"):
+        return
+    name = storage.split(":///", 1)[-1]
+    if name in ("", ":memory:"):
+        return
+    file = Path(name).expanduser().resolve()
+    if not file.is_relative_to(Path(config.output_dir).expanduser().resolve()):
+        line = lines.get(("tuning", "storage"))
+        raise UserError(f"field 'tuning.storage': the SQLite file {str(file)!r} is outside output_dir "
+                        f"({config.output_dir!r}); losslab writes only inside output_dir (or use a database server URL)",
+                        where=f"{path}:{line}" if line else str(path))
+
+
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """Load and validate a study file, then every variant x seed training config (no work yet)."""
     data, lines = load_yaml(path)
     data = apply_overrides(data, overrides or [])
     config = validate(CompareConfig, data, source=str(path), lines=lines)
+    _check_storage(config, path, lines)
     if config.base_config is not None:
         base_path = (Path(path).parent / config.base_config).resolve()
         base, _ = load_yaml(base_path)

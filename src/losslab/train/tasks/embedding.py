@@ -40,7 +40,7 @@ from losslab.errors import UserError
 from losslab.eval.ranking import retrieval_metrics
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
-from losslab.models import load_tokenizer, resolve
+from losslab.models import load_model, load_tokenizer
 from losslab.train.config import EmbeddingConfig, TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
@@ -201,7 +201,7 @@ def build(config: TrainConfig) -> TaskRun:
         return features, truncated
 
     datasets, lines = encode_splits(splits, encode_split)
-    model = AutoModel.from_pretrained(resolve(config.model), **model_kwargs(config))
+    model = load_model(AutoModel, config.model, **model_kwargs(config))
     collator = TripleCollator(tokenizer.pad_token_id, negatives)
 
     def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:

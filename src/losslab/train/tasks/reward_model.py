@@ -35,7 +35,7 @@ from losslab.errors import UserError
 from losslab.eval.ranking import reward_metrics
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
-from losslab.models import load_tokenizer, resolve
+from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
@@ -138,8 +138,7 @@ def build(config: TrainConfig) -> TaskRun:
         return feature, cut_c or cut_r
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
-    model = AutoModelForSequenceClassification.from_pretrained(resolve(config.model), num_labels=1,
-                                                               **model_kwargs(config))
+    model = load_model(AutoModelForSequenceClassification, config.model, num_labels=1, **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = PairCollator(tokenizer.pad_token_id)
 

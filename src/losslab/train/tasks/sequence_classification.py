@@ -41,7 +41,7 @@ from losslab.errors import UserError
 from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
-from losslab.models import load_tokenizer, resolve
+from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
@@ -197,8 +197,8 @@ def build(config: TrainConfig) -> TaskRun:
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
     head = {"num_labels": 1} if label_type == "regression" else {
         "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": label2id}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve(config.model), problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
+    model = load_model(
+        AutoModelForSequenceClassification, config.model, problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = TextCollator(tokenizer.pad_token_id)
     return task_run(

@@ -33,7 +33,7 @@ from losslab.errors import UserError
 from losslab.eval.ner import ids_to_tags, ner_report
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
-from losslab.models import load_tokenizer, resolve
+from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
@@ -138,8 +138,8 @@ def build(config: TrainConfig) -> TaskRun:
         return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids)}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
-    model = AutoModelForTokenClassification.from_pretrained(
-        resolve(config.model), num_labels=len(tags), id2label=dict(enumerate(tags)), label2id=tag2id,
+    model = load_model(
+        AutoModelForTokenClassification, config.model, num_labels=len(tags), id2label=dict(enumerate(tags)), label2id=tag2id,
         **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = TokenCollator(tokenizer.pad_token_id)
