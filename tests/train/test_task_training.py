@@ -51,6 +51,21 @@ def run(tmp_path: Path, task: str, dataset: str, terms: list[dict] | None = None
     return metrics, rows
 
 
+def assert_predictions_give_the_metrics(tmp_path: Path, metrics: dict, names: tuple[str, ...], n: int = 8) -> list[dict]:
+    """predictions_test.jsonl has one record per test example, and the metrics recomputed from
+    it (the statistics ``losslab compare`` bootstraps) are the ones in metrics.json."""
+    from losslab.compare.examples import class_names, example_stats, read_predictions
+
+    rows = read_predictions(tmp_path / "run", "test")
+    assert len(rows) == n
+    classes = class_names(metrics, "test", rows) if isinstance(rows[0].get("gold"), str) else []
+    for name in names:
+        stats, score = example_stats(name, rows, classes)
+        assert stats.shape[0] == n
+        assert score(stats.sum(axis=0)) == pytest.approx(metrics[f"test/{name}"], abs=1e-9), name
+    return rows
+
+
 def step_rows(rows: list[dict], term: str) -> list[dict]:
     steps = [r for r in rows if f"loss/{term}" in r]
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
@@ -75,6 +90,13 @@ def test_sequence_classification_focal_with_l2_sp(tmp_path: Path) -> None:
         assert f"test/{name}" in metrics, name
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert sum(metrics[f"test/support/{c}"] for c in ("negative", "neutral", "positive")) == 8
+    preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("accuracy", "f1_macro", "f1_weighted", "f1/neutral"))
+    assert set(preds[0]) == {"text", "gold", "predicted", "score"} and 1 / 3 <= preds[0]["score"] <= 1
+    from losslab.data.prepare import resolve_data_path
+
+    test_texts = [json.loads(line)["text"] for line in
+                  resolve_data_path("builtin:sentiment", "test").read_text().splitlines()[:8]]
+    assert [p["text"] for p in preds] == test_texts
 
 
 def test_sequence_classification_regression_defaults_to_mse(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -82,6 +104,7 @@ def test_sequence_classification_regression_defaults_to_mse(tmp_path: Path, caps
     assert "loss: mse (the sequence_classification (regression) default" in capsys.readouterr().out
     assert_goes_down(rows, "mse")
     assert {"test/mse", "test/rmse", "test/mae", "test/pearson", "test/spearman"} <= set(metrics)
+    assert_predictions_give_the_metrics(tmp_path, metrics, ("mse", "rmse", "mae"))
 
 
 def test_sequence_classification_multi_label_defaults_to_bce(tmp_path: Path) -> None:
@@ -98,6 +121,8 @@ def test_token_classification_ner(tmp_path: Path) -> None:
     metrics, rows = run(tmp_path, "token_classification", "builtin:ner")
     assert_goes_down(rows, "token_cross_entropy")
     assert {"test/f1_micro", "test/precision_micro", "test/recall_micro", "test/token_accuracy", "test/loss"} <= set(metrics)
+    preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("f1_micro", "precision_micro", "recall_micro", "token_accuracy"))
+    assert all(len(p["gold"]) == len(p["predicted"]) <= len(p["tokens"]) for p in preds)
 
 
 def test_token_classification_focal_on_flattened_tokens(tmp_path: Path) -> None:
@@ -111,6 +136,8 @@ def test_reward_model_bradley_terry_logs_train_and_eval_terms(tmp_path: Path) ->
     assert any("eval_loss/bradley_terry" in r for r in rows)
     for split in ("validation", "test"):
         assert {f"{split}/pairwise_accuracy", f"{split}/reward_margin", f"{split}/loss"} <= set(metrics)
+    preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("pairwise_accuracy", "reward_margin"))
+    assert all(p["prompt"] and p["chosen"] and p["rejected"] for p in preds)
 
 
 def test_embedding_info_nce(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from losslab.compare.examples import display, read_predictions
 from losslab.compare.runner import Run, read_generations, read_log
 from losslab.data.prepare import write_atomic
 from losslab.eval.report import format_markdown_table, format_value
@@ -199,14 +200,23 @@ def tuning_plot(tuning: dict[str, Any]) -> str | None:
 
 
 def example_table(runs: list[Run], seed: int, limit: int) -> tuple[list[str], list[dict[str, Any]]]:
-    """Test prompts with the reference and every variant's reply (one seed)."""
+    """Test inputs with the reference and every variant's output (one seed): the generations
+    of generation tasks, else the saved predictions (:func:`losslab.compare.examples.display`)."""
     variants = list(dict.fromkeys(r.variant for r in runs))
-    gens = {r.variant: read_generations(r.dir, "test") for r in runs if r.seed == seed}
-    first = next((g for g in gens.values() if g), [])
+    outputs: dict[str, list[tuple[str, str, str]]] = {}
+    for r in runs:
+        if r.seed != seed:
+            continue
+        gens = read_generations(r.dir, "test")
+        if gens:
+            outputs[r.variant] = [(g["prompt"], g["reference"], g["hypothesis"]) for g in gens]
+        else:
+            outputs[r.variant] = [display(row) for row in read_predictions(r.dir, "test")]
+    first = next((o for o in outputs.values() if o), [])
     rows = []
-    for i, item in enumerate(first[:limit]):
-        rows.append({"prompt": item["prompt"][-400:], "reference": item["reference"],
-                     "replies": [gens[v][i]["hypothesis"] if i < len(gens.get(v, [])) else "" for v in variants]})
+    for i, (prompt, reference, _) in enumerate(first[:limit]):
+        rows.append({"prompt": prompt[-400:], "reference": reference,
+                     "replies": [outputs[v][i][2] if i < len(outputs.get(v, [])) else "" for v in variants]})
     return variants, rows
 
 
@@ -236,7 +246,7 @@ the paired bootstrap over test examples below (generation and classification met
 <h2>Variants</h2><table id="variants"><tr><th>variant</th><th>overrides</th><th>tuned</th></tr>
 {% for name, v in variants.items() %}<tr><td>{{ name }}</td><td><pre>{{ v.overrides|tojson(indent=1) }}</pre></td><td><pre>{{ v.tuned|tojson if v.tuned else "" }}</pre></td></tr>{% endfor %}</table>
 {% for title, img in plots %}{% if img %}<h2>{{ title }}</h2><img alt="{{ title }}" src="{{ img }}">{% endif %}{% endfor %}
-{% if examples %}<h2>Example outputs (seed {{ example_seed }})</h2>
+{% if examples %}<h2>Example outputs on the test split (seed {{ example_seed }})</h2>
 <table id="examples"><tr><th>prompt</th><th>reference</th>{% for v in example_variants %}<th>{{ v }}</th>{% endfor %}</tr>
 {% for e in examples %}<tr><td><pre>{{ e.prompt }}</pre></td><td><pre>{{ e.reference }}</pre></td>{% for r in e.replies %}<td><pre>{{ r }}</pre></td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 </body></html>

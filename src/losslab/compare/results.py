@@ -9,8 +9,10 @@ Layout (keys of ``per_seed`` are seeds as strings, JSON has no integer keys)::
                                                   "significant", "mark", "examples"?}}}},
      "tuning": {NAME: {"metric", "direction", "best_params", "best_value", "trials": [...]}}}
 
-``examples`` (BLEU, chrF): the paired bootstrap over test examples pooled over seeds
-(:func:`losslab.eval.generation.paired_bootstrap_generation`). Non-finite numbers are ``null``.
+``examples``: the paired bootstrap over test examples pooled over seeds, for BLEU and chrF
+(:func:`losslab.eval.generation.paired_bootstrap_generation`) and for the classification-style
+metrics that the runs' per-example predictions allow (accuracy, macro / weighted F1, NER entity
+F1, pairwise accuracy, ...: :mod:`losslab.compare.examples`). Non-finite numbers are ``null``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from losslab.compare.config import Study
+from losslab.compare.examples import class_names, example_stats, kind, read_predictions
 from losslab.compare.runner import Run, read_generations
 from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
 from losslab.data.prepare import write_atomic
@@ -65,10 +70,10 @@ def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: 
                               "significant": bool(test.p_value < cfg.stats.alpha),
                               "mark": significance_mark(test.p_value, better, cfg.stats.alpha)}
     split, _, name = metric.partition("/")
-    if name in EXAMPLE_METRICS:
-        examples = example_bootstrap(study, by, variant, split, name)
-        if examples:
-            result["examples"] = examples
+    examples = (example_bootstrap(study, by, variant, split, name) if name in EXAMPLE_METRICS
+                else prediction_bootstrap(study, by, variant, split, name))
+    if examples:
+        result["examples"] = examples
     return result
 
 
@@ -90,6 +95,43 @@ def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str
         refs += [g["reference"] for g in base]
     result = paired_bootstrap_generation(hyps_a, hyps_b, refs, metric=metric, n_samples=cfg.stats.n_bootstrap, seed=0)
     return {**result.to_dict(), "n_examples": len(refs), "pooled_seeds": len(cfg.seeds),
+            "significant": bool(result.p_value < cfg.stats.alpha)}
+
+
+def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str,
+                         metric: str) -> dict[str, Any] | None:
+    """Paired bootstrap of a classification-style metric over the split's saved predictions,
+    pooled over seeds (example i of seed s of the variant paired with the same of the
+    baseline); None when a run has no predictions or the metric is not built from per-example
+    statistics (:func:`losslab.compare.examples.example_stats`)."""
+    from losslab.eval.bootstrap import paired_bootstrap
+
+    cfg = study.config
+    pairs = []
+    for seed in cfg.seeds:
+        base_run, other_run = by[cfg.baseline, seed], by[variant, seed]
+        base, other = read_predictions(base_run.dir, split), read_predictions(other_run.dir, split)
+        if not base or len(base) != len(other) or kind(base) != kind(other):
+            return None
+        pairs.append((base, other, base_run.metrics, other_run.metrics))
+    names: list[str] = []
+    if kind(pairs[0][0]) == "class":  # one class list for every run, so the statistics line up
+        for base, other, base_metrics, other_metrics in pairs:
+            for rows, metrics in ((base, base_metrics), (other, other_metrics)):
+                names += [n for n in class_names(metrics, split, rows) if n not in names]
+    stats_a, stats_b = [], []
+    score_fn = None
+    for base, other, _, _ in pairs:
+        a, b = example_stats(metric, base, names), example_stats(metric, other, names)
+        if a is None or b is None:
+            return None
+        stats_a.append(a[0])
+        stats_b.append(b[0])
+        score_fn = a[1]
+    result = paired_bootstrap(np.concatenate(stats_a), np.concatenate(stats_b), score_fn,
+                              n_samples=cfg.stats.n_bootstrap, seed=0)
+    n = sum(len(s) for s in stats_a)
+    return {**result.to_dict(), "n_examples": n, "pooled_seeds": len(cfg.seeds),
             "significant": bool(result.p_value < cfg.stats.alpha)}
 
 

@@ -18,7 +18,8 @@ records that have one, ``margins`` (N,) (0 for a record without): ``bradley_terr
 
 Evaluation per split: ``pairwise_accuracy`` (ties count half), ``reward_margin`` (mean
 ``r_c - r_r``), ``reward_chosen``, ``reward_rejected`` and ``loss`` = mean
-``-log sigmoid(r_c - r_r)`` (Bradley-Terry without margin, whatever loss trained the model).
+``-log sigmoid(r_c - r_r)`` (Bradley-Terry without margin, whatever loss trained the model);
+both rewards of every pair go to ``predictions_<split>.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ranking import reward_metrics
 from losslab.eval.report import namespace
+from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
@@ -112,14 +114,20 @@ def scores(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: PairCollator,
-             batch_size: int) -> dict[str, float]:
-    """The metrics of ``split`` (see the module docstring), named ``split/metric``."""
+             batch_size: int, output_dir: str | None = None) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``; writes
+    the rewards into ``output_dir`` (when given)."""
     chosen, rejected = [], []
     for batch in eval_batches(model, dataset, collator, batch_size):
         out = forward(model, batch)[1]
         chosen.append(out["rewards_chosen"].float().cpu())
         rejected.append(out["rewards_rejected"].float().cpu())
-    return namespace(scores(torch.cat(chosen), torch.cat(rejected)), split)
+    chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
+    save_predictions(output_dir, split, [
+        {"prompt": f.get("prompt_text"), "chosen": f.get("chosen_text"), "rejected": f.get("rejected_text"),
+         "reward_chosen": c, "reward_rejected": r}
+        for f, c, r in zip(dataset, chosen_all.tolist(), rejected_all.tolist())])
+    return namespace(scores(chosen_all, rejected_all), split)
 
 
 def build(config: TrainConfig) -> TaskRun:
@@ -132,7 +140,10 @@ def build(config: TrainConfig) -> TaskRun:
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         chosen, cut_c = encode_answer(tokenizer, record.prompt, record.chosen, config.data.max_length)
         rejected, cut_r = encode_answer(tokenizer, record.prompt, record.rejected, config.data.max_length)
-        feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected}
+        feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected, "chosen_text": record.chosen,
+                                   "rejected_text": record.rejected,
+                                   "prompt_text": "\n".join(f"{m['role']}: {m['content']}" for m in prompt_messages(record.prompt))
+                                   if not isinstance(record.prompt, str) else record.prompt}
         if config.data.use_margin and record.margin is not None:
             feature["margin"] = record.margin
         return feature, cut_c or cut_r
@@ -145,6 +156,6 @@ def build(config: TrainConfig) -> TaskRun:
     margins = "record margins" if any("margin" in f for f in datasets["train"]) else "no margins"
     print(f"margins: {margins}")
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
-                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config)),
+                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), output_dir=config.output_dir),
                     summary={"task": "reward_model", "margins": margins, "data": lines,
                              "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"})

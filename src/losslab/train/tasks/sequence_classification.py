@@ -17,7 +17,8 @@ Label types (``data.label_type``; ``auto`` looks at the first training record):
 
 ``l2`` / ``l2_sp`` terms get the model (and, for ``l2_sp``, its parameters before training).
 
-Evaluation per split: ``class``: accuracy, per-class precision / recall / F1 / support, macro
+Evaluation per split (predictions per example in ``predictions_<split>.jsonl``, see
+:mod:`losslab.train.tasks._predictions`): ``class``: accuracy, per-class precision / recall / F1 / support, macro
 and weighted averages, and ``loss`` = mean cross-entropy of the true class;
 ``multi_label``: per-label report, micro / macro / weighted, subset accuracy, Hamming loss
 (threshold 0.5 on the sigmoid) and ``loss`` = mean binary cross-entropy per label;
@@ -40,6 +41,7 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
 from losslab.eval.report import namespace
+from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
@@ -166,15 +168,33 @@ def scores(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: l
     return {**report.to_dict(), "loss": float(loss)}, report
 
 
+def prediction_rows(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str],
+                    texts: list[str | None]) -> list[dict[str, Any]]:
+    """One record per example from the split's logits (N, C) and ``labels`` (as in the batches):
+    ``text``, ``gold``, ``predicted`` (and ``score`` for ``class``)."""
+    if label_type == "regression":
+        return [{"text": t, "gold": g, "predicted": p} for t, g, p in zip(texts, labels.tolist(), logits[:, 0].tolist())]
+    if label_type == "multi_label":  # threshold 0.5 on the sigmoid
+        return [{"text": t, "gold": [n for n, y in zip(names, g) if y > 0.5], "predicted": [n for n, y in zip(names, p) if y]}
+                for t, g, p in zip(texts, labels.tolist(), (logits > 0).tolist())]
+    score, pred = logits.double().softmax(-1).max(-1)
+    return [{"text": t, "gold": names[g], "predicted": names[p], "score": round(s, 6)}
+            for t, g, p, s in zip(texts, labels.tolist(), pred.tolist(), score.tolist())]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TextCollator, batch_size: int,
-             label_type: str, names: list[str]) -> dict[str, float]:
-    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the report."""
+             label_type: str, names: list[str], output_dir: str | None = None) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the
+    report and writes the predictions into ``output_dir`` (when given)."""
     logits, labels = [], []
     for batch in eval_batches(model, dataset, collator, batch_size):
         logits.append(model(**model_inputs(batch)).logits.float().cpu())
         labels.append(batch["labels"].cpu())
-    metrics, report = scores(label_type, torch.cat(logits), torch.cat(labels), names)
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    save_predictions(output_dir, split, prediction_rows(label_type, logits_all, labels_all, names,
+                                                        [f.get("text") for f in dataset]))
+    metrics, report = scores(label_type, logits_all, labels_all, names)
     if report is not None:
         print(f"{split}:\n{report}")
     return namespace(metrics, split)
@@ -192,7 +212,7 @@ def build(config: TrainConfig) -> TaskRun:
 
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         encoding, cut = encode(tokenizer, record.text, max_length=config.data.max_length, drop=config.data.truncation)
-        return {"encoding": encoding, "labels": target(label_type, record, label2id, source)}, cut
+        return {"encoding": encoding, "labels": target(label_type, record, label2id, source), "text": record.text}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
     head = {"num_labels": 1} if label_type == "regression" else {
@@ -204,5 +224,5 @@ def build(config: TrainConfig) -> TaskRun:
     return task_run(
         model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=make_forward(label_type),
         evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), label_type=label_type,
-                         names=names),
+                         names=names, output_dir=config.output_dir),
         summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines})

@@ -16,7 +16,8 @@ the sorted tags of the training data with ``O`` first.
 
 Evaluation per split: the entity-level seqeval report (lenient, conlleval-compatible:
 ``f1_micro`` is the headline entity F1, plus per-type and macro / weighted scores),
-``token_accuracy`` over the labelled sub-tokens and ``loss`` = their mean cross-entropy.
+``token_accuracy`` over the labelled sub-tokens and ``loss`` = their mean cross-entropy; the
+gold and predicted tag of every scored word per sentence go to ``predictions_<split>.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ner import ids_to_tags, ner_report
 from losslab.eval.report import namespace
+from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
@@ -101,8 +103,9 @@ def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TokenCollator, batch_size: int,
-             tags: list[str]) -> dict[str, float]:
-    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the report."""
+             tags: list[str], output_dir: str | None = None) -> dict[str, float]:
+    """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the
+    report and writes the predictions into ``output_dir`` (when given)."""
     y_true: list[list[str]] = []
     y_pred: list[list[str]] = []
     nll, correct, scored = 0.0, 0, 0
@@ -114,6 +117,8 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
         y_pred += pred
         b_nll, b_correct, b_scored = batch_scores(logits, labels)
         nll, correct, scored = nll + b_nll, correct + b_correct, scored + b_scored
+    save_predictions(output_dir, split, [{"tokens": f.get("tokens"), "gold": t, "predicted": p}
+                                         for f, t, p in zip(dataset, y_true, y_pred)])
     report = ner_report(y_true, y_pred)
     print(f"{split} (entities):\n{report}")
     per_token = {"token_accuracy": correct / scored, "loss": nll / scored} if scored else {}
@@ -135,7 +140,7 @@ def build(config: TrainConfig) -> TaskRun:
         tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
         encoding, cut = encode(tokenizer, record.tokens, max_length=config.data.max_length, drop=config.data.truncation,
                                is_split_into_words=True)
-        return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids)}, cut
+        return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids), "tokens": list(record.tokens)}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
     model = load_model(
@@ -145,5 +150,6 @@ def build(config: TrainConfig) -> TaskRun:
     collator = TokenCollator(tokenizer.pad_token_id)
 
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
-                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags),
+                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags,
+                                     output_dir=config.output_dir),
                     summary={"task": "token_classification", "tags": tags, "data": lines})

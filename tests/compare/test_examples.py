@@ -1,0 +1,117 @@
+"""Classification studies: the paired bootstrap over test examples from the runs' saved
+predictions, and their outputs side by side in the report (runs fabricated, no training)."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from losslab.compare.config import load_study
+from losslab.compare.report import markdown_summary, render_report
+from losslab.compare.results import analyze
+from losslab.compare.runner import Run
+from losslab.eval.classification import classification_report
+from losslab.eval.report import namespace, write_metrics_json
+
+NAMES = ["negative", "neutral", "positive"]
+N = 60
+EVIL = "<b>bold</b> & text"
+
+
+def predictions(seed: int, flips: int) -> list[dict]:
+    """N texts; the baseline is right on every third example, a variant on ``flips`` more."""
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 3, N)
+    pred = np.where(np.arange(N) % 3 == 0, gold, (gold + 1) % 3)
+    wrong = [i for i in range(N) if pred[i] != gold[i]]
+    pred[wrong[:flips]] = gold[wrong[:flips]]
+    return [{"text": EVIL if i == 0 else f"text {seed}-{i}", "gold": NAMES[g], "predicted": NAMES[p], "score": 0.5}
+            for i, (g, p) in enumerate(zip(gold, pred))]
+
+
+def fabricate(tmp_path: Path) -> tuple[object, list[Run]]:
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "base": {"task": "sequence_classification", "model": "builtin:minilm-l6",
+                 "data": {"train": "builtin:sentiment", "test": "builtin:sentiment"}},
+        "variants": [{"name": "ce"}, {"name": "same", "overrides": {"training.lr": 1e-4}},
+                     {"name": "better", "overrides": {"training.lr": 2e-4}}],
+        "seeds": [0, 1],
+        "metrics": [{"name": "test/accuracy"}, {"name": "test/f1_macro"}, {"name": "test/loss", "direction": "min"}],
+        "stats": {"n_bootstrap": 500},
+    }))
+    study = load_study(study_file)
+    runs = []
+    for variant, flips in (("ce", 0), ("same", 0), ("better", 20)):
+        for seed in (0, 1):
+            folder = tmp_path / "runs" / f"{variant}{seed}"
+            folder.mkdir(parents=True)
+            rows = predictions(seed, flips)
+            (folder / "predictions_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            report = classification_report([r["gold"] for r in rows], [r["predicted"] for r in rows], labels=NAMES)
+            write_metrics_json(namespace({**report.to_dict(), "loss": 1.0 - flips / 100 + seed / 10}, "test"),
+                               folder / "metrics.json")
+            runs.append(Run(variant, seed, {}, folder).load())
+    return study, runs
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory) -> tuple[dict, list[Run]]:
+    study, runs = fabricate(tmp_path_factory.mktemp("cls"))
+    return analyze(study, runs), runs
+
+
+def test_identical_predictions_give_p_1_and_a_planted_gain_is_significant(analysed) -> None:
+    results, runs = analysed
+    same = results["variants"]["same"]["vs_baseline"]["test/accuracy"]["examples"]
+    assert same["delta"] == 0.0 and same["p_value"] == 1.0 and same["n_examples"] == 2 * N
+    better = results["variants"]["better"]["vs_baseline"]
+    acc = better["test/accuracy"]["examples"]
+    # pooled over both seeds: the baseline is right on 20 of 60 per seed, the variant on 40
+    assert acc["score_a"] == pytest.approx(1 / 3) and acc["score_b"] == pytest.approx(2 / 3)
+    assert acc["delta"] == pytest.approx(1 / 3) and acc["ci_low"] > 0 and acc["p_value"] < 0.01 and acc["significant"]
+    pooled_base = [r for run in runs if run.variant == "ce" for r in
+                   map(json.loads, (run.dir / "predictions_test.jsonl").read_text().splitlines())]
+    f1 = classification_report([r["gold"] for r in pooled_base], [r["predicted"] for r in pooled_base], labels=NAMES)
+    assert better["test/f1_macro"]["examples"]["score_a"] == pytest.approx(f1.to_dict()["f1_macro"])
+    assert better["test/f1_macro"]["examples"]["p_value"] < 0.01
+    assert "examples" not in better["test/loss"]  # not a per-example statistic
+
+
+def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
+    results, runs = analysed
+    summary = markdown_summary(results)
+    assert "| better | test/accuracy | 0.3333 | 0.3333, 0.3333 | 0.500 | better | 0.3333 [" in summary
+    html = render_report(results, runs, title="cls", examples=3)
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.rows = None, []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag == "table":
+                self.table = dict(attrs).get("id")
+            elif tag == "tr" and self.table == "examples":
+                self.rows.append([])
+
+        def handle_data(self, data: str) -> None:
+            if self.table == "examples" and self.rows and data.strip():
+                self.rows[-1].append(data.strip())
+
+    page = Cells()
+    page.feed(html)
+    header, first, *rest = page.rows
+    assert header == ["prompt", "reference", "ce", "same", "better"]
+    rows0 = predictions(0, 0)
+    better0 = predictions(0, 20)
+    expected = lambda r: r["predicted"] + " (0.50)" + ("" if r["predicted"] == r["gold"] else " ✗")  # noqa: E731
+    assert first == [EVIL, rows0[0]["gold"], expected(rows0[0]), expected(rows0[0]), expected(better0[0])]
+    assert len(rest) == 2 and rest[0][0] == "text 0-1"
+    assert EVIL not in html  # escaped
