@@ -69,6 +69,10 @@ class TrainingConfig(_Section):
     greater_is_better: bool = Field(False, description="direction of metric_for_best_model")
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 mixed precision: auto = where the device supports it (not on CPU)")
     dataloader_workers: int = Field(0, ge=0, description="data loader worker processes")
+    fsdp: bool = Field(False, description="shard parameters, gradients and optimizer state over the processes (PyTorch FSDP, "
+                       "through the Trainer); run with torchrun or accelerate launch (docs/reliability.md#scale-out)")
+    fsdp_config: dict[str, Any] | None = Field(None, description="the Trainer's fsdp_config (e.g. {version: 2, "
+                                               "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}); used with fsdp: true")
     max_nonfinite_steps: int = Field(5, ge=1, description="optimizer steps with a NaN/inf loss or gradient are skipped "
                                      "(no update) and counted; the run stops at the N-th (1 = at the first), keeping its last checkpoint")
 

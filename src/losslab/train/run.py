@@ -66,6 +66,8 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
+        fsdp=True if t.fsdp else None,
+        fsdp_config=dict(t.fsdp_config or {}) if t.fsdp else None,
         prediction_loss_only=True,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
