@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 Task = Literal["causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"]
 
@@ -73,8 +74,19 @@ class TrainingConfig(_Section):
                        "through the Trainer); run with torchrun or accelerate launch (docs/reliability.md#scale-out)")
     fsdp_config: dict[str, Any] | None = Field(None, description="the Trainer's fsdp_config (e.g. {version: 2, "
                                                "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}); used with fsdp: true")
+    report_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="loggers besides log.jsonl: tensorboard (every loss term, weight, learning rate "
+        "and eval metric as a scalar; event files in output_dir/runs/; needs `pip install tensorboard`)")
     max_nonfinite_steps: int = Field(5, ge=1, description="optimizer steps with a NaN/inf loss or gradient are skipped "
                                      "(no update) and counted; the run stops at the N-th (1 = at the first), keeping its last checkpoint")
+
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, loggers: list[str]) -> list[str]:
+        if "tensorboard" in loggers and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard is not installed (pip install tensorboard)")
+        return loggers
 
 
 class EvalConfig(_Section):

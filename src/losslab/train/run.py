@@ -63,7 +63,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
         greater_is_better=t.greater_is_better if has_eval else None,
         logging_steps=t.logging_steps,
         bf16=bf16,
-        report_to=[],
+        report_to=list(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         fsdp=True if t.fsdp else None,

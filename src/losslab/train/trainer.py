@@ -78,6 +78,9 @@ class LosslabTrainer(StepGuard, Trainer):
     def __init__(self, *args: Any, loss_func: Any, **kwargs: Any) -> None:
         super().__init__(*args, compute_loss_func=loss_func, **kwargs)
         self.loss_func = loss_func
+        # the Trainer puts report_to loggers (TensorBoard) before the given callbacks: the terms
+        # must be in the log line before any logger reads it (a stable sort keeps the rest in order)
+        self.callback_handler.callbacks.sort(key=lambda cb: not isinstance(cb, LossTermsCallback))
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step and ``num_items_in_batch``; also gives the loss
