@@ -205,7 +205,9 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
     """The single-process loop of :meth:`MaskBuilder.iter_sequences` over per-record results."""
     samples: list[dict[str, Any]] = []
     n = 0
-    for row in results:
+    columns = results.to_dict()  # one Arrow -> Python conversion per column (rows one by one are slower)
+    for values in zip(*columns.values()):
+        row = dict(zip(columns, values))
         source = Source(file, row["line"])
         if not row["valid"]:
             if on_error == "raise":
