@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -195,7 +200,7 @@ def _chromium() -> str | None:
 def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
     import subprocess
 
-    tmp, _, _ = finished
+    tmp, results, _ = finished
     html = (tmp / "out" / "report.html").read_text()
     # a probe copy: after load, write what the browser rendered (tables, decoded images) into the DOM
     probe = html.replace("</body>", "<script>window.onload = () => { document.body.setAttribute('data-probe', JSON.stringify({"
@@ -278,3 +283,45 @@ def test_pruning_stops_a_clearly_worse_trial_at_its_first_evaluation(tmp_path: P
     assert max(row["step"] for row in runner.read_log(pruned_dir)) == 2
     done_dir = next((study.out / "tuning" / "ce").glob("trial0__*"))
     assert json.loads((done_dir / "metrics.json").read_text())["train/steps"] == 4
+
+
+def _compare_cli(study: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `losslab compare STUDY` in a subprocess (output to a file)."""
+    log = study.with_suffix(f".{time.monotonic_ns()}.log")
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "compare", str(study)],
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+    return proc, log
+
+
+def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, "the study ended before the awaited point"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _without_dir(results: dict, out: Path) -> dict:
+    """``results`` with the study's output_dir replaced by one name (run folders name it)."""
+    return json.loads(json.dumps(results).replace(str(out), "OUT"))
+
+
+def test_sigkills_then_rerun_give_the_same_results(finished, tmp_path: Path) -> None:
+    """SIGKILL while the first run writes a checkpoint, then once two runs are finished; the
+    rerun's results.json equals the uninterrupted study's (the fixture)."""
+    tmp, results, _ = finished
+    out = tmp_path / "out"
+    study = write_study(tmp_path, study_dict(out))
+    runs = out / "runs"
+    proc, _ = _compare_cli(study)
+    _kill_when(proc, lambda: any(runs.glob("*/checkpoint-2")))
+    proc, _ = _compare_cli(study)
+    _kill_when(proc, lambda: len(list(runs.glob("*/metrics.json"))) >= 2)
+    assert not (out / "results.json").exists()
+    proc, log = _compare_cli(study)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
+    assert "already finished" in log.read_text()
+    assert _without_dir(json.loads((out / "results.json").read_text()), out) == _without_dir(results, tmp / "out")
