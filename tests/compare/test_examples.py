@@ -108,7 +108,7 @@ def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
     page = Cells()
     page.feed(html)
     header, first, *rest = page.rows
-    assert header == ["prompt", "reference", "ce", "same", "better"]
+    assert header == ["input", "reference", "ce", "same", "better"]
     rows0 = predictions(0, 0)
     better0 = predictions(0, 20)
     expected = lambda r: r["predicted"] + " (0.50)" + ("" if r["predicted"] == r["gold"] else " ✗")  # noqa: E731

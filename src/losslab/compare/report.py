@@ -247,7 +247,7 @@ the paired bootstrap over test examples below (generation and classification met
 {% for name, v in variants.items() %}<tr><td>{{ name }}</td><td><pre>{{ v.overrides|tojson(indent=1) }}</pre></td><td><pre>{{ v.tuned|tojson if v.tuned else "" }}</pre></td></tr>{% endfor %}</table>
 {% for title, img in plots %}{% if img %}<h2>{{ title }}</h2><img alt="{{ title }}" src="{{ img }}">{% endif %}{% endfor %}
 {% if examples %}<h2>Example outputs on the test split (seed {{ example_seed }})</h2>
-<table id="examples"><tr><th>prompt</th><th>reference</th>{% for v in example_variants %}<th>{{ v }}</th>{% endfor %}</tr>
+<table id="examples"><tr><th>input</th><th>reference</th>{% for v in example_variants %}<th>{{ v }}</th>{% endfor %}</tr>
 {% for e in examples %}<tr><td><pre>{{ e.prompt }}</pre></td><td><pre>{{ e.reference }}</pre></td>{% for r in e.replies %}<td><pre>{{ r }}</pre></td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 </body></html>
 """
