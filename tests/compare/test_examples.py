@@ -115,3 +115,31 @@ def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
     assert first == [EVIL, rows0[0]["gold"], expected(rows0[0]), expected(rows0[0]), expected(better0[0])]
     assert len(rest) == 2 and rest[0][0] == "text 0-1"
     assert EVIL not in html  # escaped
+
+
+def test_ner_and_reward_statistics_and_display_by_hand() -> None:
+    from losslab.compare.examples import display, example_stats
+
+    ner = [{"tokens": ["John", "Smith", "in", "Paris"], "gold": ["B-PER", "I-PER", "O", "B-LOC"],
+            "predicted": ["B-PER", "I-PER", "O", "B-PER"]},
+           {"tokens": ["hi"], "gold": ["O"], "predicted": ["B-LOC"]}]
+    stats, score = example_stats("f1_micro", ner, [])
+    assert stats.tolist() == [[1, 2, 2, 3, 4], [0, 1, 0, 0, 1]]  # tp, predicted, true entities, right / scored words
+    assert score(stats.sum(axis=0)) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+    assert example_stats("token_accuracy", ner, [])[1](stats.sum(axis=0)) == pytest.approx(3 / 5)
+    assert example_stats("f1/PER", ner, []) is None  # per-type NER scores: not bootstrapped
+    assert display(ner[0]) == ("John Smith in Paris", "John/B-PER Smith/I-PER in Paris/B-LOC",
+                               "John/B-PER Smith/I-PER in Paris/B-PER")
+    pairs = [{"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 1.0, "reward_rejected": 0.5},
+             {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 0.0},
+             {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 2.0}]
+    stats, score = example_stats("pairwise_accuracy", pairs, [])
+    assert score(stats.sum(axis=0)) == pytest.approx(1.5 / 3)  # a tie counts half
+    stats, score = example_stats("reward_margin", pairs, [])
+    assert score(stats.sum(axis=0)) == pytest.approx(-1.5 / 3)
+    assert display(pairs[2])[1:] == ("chosen > rejected", "0.000 vs 2.000 (wrong)")
+    multi = [{"text": "t", "gold": ["red"], "predicted": []}]
+    assert example_stats("f1_micro", multi, []) is None and display(multi[0]) == ("t", "red", "(none)")
+    classes = [{"text": "t", "gold": "a", "predicted": "b", "score": 0.7}]
+    assert example_stats("loss", classes, ["a", "b"]) is None
+    assert display(classes[0]) == ("t", "a", "b (0.70) ✗")
