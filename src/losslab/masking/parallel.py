@@ -103,6 +103,7 @@ def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None
 
     tok = builder.tokenizer
     cfg = asdict(builder.config)
+    cfg.pop("on_error")  # applied when the results are read, not cached
     template = cfg.get("template")
     if template and len(template) < 4096 and Path(template).is_file():
         cfg["template"] = Path(template).read_text(encoding="utf-8")
