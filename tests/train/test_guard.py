@@ -193,3 +193,16 @@ def test_resume_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
         trainer.train(resume_from_checkpoint=str(folder))
     with pytest.raises(UserError, match="no complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_from_the_final_checkpoint_does_no_extra_step(tmp_path: Path) -> None:
+    """A run killed during its final evaluation resumes from checkpoint-3 (= max_steps, mid-epoch):
+    no fourth step (Trainer 5.24 alone would run one), the same weights and metrics."""
+    cfg = TrainConfig.model_validate(config(tmp_path / "run", max_steps=3, save_steps=3))
+    first = train_run.train(cfg)
+    before = weights(tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").unlink()
+    again = train_run.train(cfg)
+    assert again == first and again["train/steps"] == 3
+    for name, tensor in weights(tmp_path / "run").items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)

@@ -213,6 +213,15 @@ class StepGuard:
         super().__init__(*args, **kwargs)
         self.add_callback(_StopAfterStep(self))  # type: ignore[attr-defined]
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        # Resumed from a checkpoint at max_steps in mid-epoch (a run killed during its final
+        # evaluation), Trainer 5.24 would run one step more than max_steps: none is left.
+        state = self.state  # type: ignore[attr-defined]
+        if 0 < state.max_steps <= state.global_step:
+            self.control.should_training_stop = True  # type: ignore[attr-defined]
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+
     # The Trainer calls training_step per micro-batch, then _get_grad_norm once per optimizer
     # step, right before optimizer.step(): the place to decide.
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
