@@ -106,6 +106,25 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
         assert torch.isfinite(total) and got > 0
 
 
+def test_eval_mask_fixes_the_evaluated_tokens(tmp_path: Path) -> None:
+    """eval.mask: validation/test are masked by it, training by data.mask (comparable perplexity
+    across variants that train on different masks)."""
+    from losslab.train.tasks.causal_lm import build
+
+    def labels(run) -> list[list[int]]:
+        return [s["labels"] for s in run.validation]
+
+    cfg = tiny_config(tmp_path, max_steps=1)
+    cfg["data"]["mask"] = "assistant"
+    assistant = build(TrainConfig.model_validate(cfg))
+    cfg["data"]["mask"] = "all"
+    trained_on_all = build(TrainConfig.model_validate(cfg))
+    cfg["eval"]["mask"] = "assistant"
+    fixed = build(TrainConfig.model_validate(cfg))
+    assert labels(fixed) == labels(assistant) != labels(trained_on_all)
+    assert [s["labels"] for s in fixed.train] == [s["labels"] for s in trained_on_all.train]
+
+
 def test_batched_greedy_replies_equal_one_at_a_time() -> None:
     """Left-padded batches give each prompt the reply it gets alone, in prompt order."""
     import torch
