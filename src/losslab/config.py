@@ -23,6 +23,8 @@ def _line_index(node: yaml.Node, path: tuple[str, ...] = ()) -> dict[tuple[str, 
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             sub = (*path, str(key.value))
+            if sub in lines:  # safe_load keeps the last silently: almost always a mistake
+                raise DuplicateKey(".".join(sub), lines[sub], key.start_mark.line + 1)
             lines[sub] = key.start_mark.line + 1
             lines.update({k: v for k, v in _line_index(value, sub).items() if k != sub})
     elif isinstance(node, yaml.SequenceNode):
@@ -31,12 +33,22 @@ def _line_index(node: yaml.Node, path: tuple[str, ...] = ()) -> dict[tuple[str, 
     return lines
 
 
+class DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, again: int) -> None:
+        self.key, self.first, self.again = key, first, again
+
+
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """Safe-load a YAML mapping; returns it and the line of every key path."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 (byte {exc.start + 1}); save the config as UTF-8", where=f"{path}:{line}") from None
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -46,7 +58,10 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
         raise UserError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
     if not isinstance(data, dict):
         raise UserError("a config must be a YAML mapping of keys to values", where=str(path))
-    return data, (_line_index(node) if node is not None else {})
+    try:
+        return data, (_line_index(node) if node is not None else {})
+    except DuplicateKey as dup:
+        raise UserError(f"field {dup.key!r}: key given twice (also on line {dup.first})", where=f"{path}:{dup.again}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -89,7 +104,7 @@ def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[
             line = _nearest_line(lines or {}, loc)
             where = f"{source}:{line}" if line else source
             field = ".".join(loc) or "(top level)"
-            msg = err["msg"]
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; `losslab train --help` and docs/training.md list the keys)"
             problems.append(f"{where}: field {field!r}: {msg}")

@@ -23,7 +23,7 @@ from losslab.train.config import TrainConfig
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Param(_Section):
@@ -207,6 +207,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     _check_storage(config, path, lines)
     if config.base_config is not None:
         base_path = (Path(path).parent / config.base_config).resolve()
+        if not base_path.is_file():
+            line = lines.get(("base_config",))
+            raise UserError(f"field 'base_config': config file not found: {base_path}",
+                            where=f"{path}:{line}" if line else str(path))
         base, _ = load_yaml(base_path)
     else:
         base = config.base or {}

@@ -107,7 +107,7 @@ def resolve_data_path(spec: str, split: str = "train") -> Path:
         return data_dir() / name / f"{split}.jsonl"
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"data file not found: {spec}")
+        raise UserError(f"field 'data.{split}': data file not found: {spec}")
     return path
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,31 +28,67 @@ class Source:
 
 @dataclass
 class SkipLog:
-    """Counts records skipped under ``on_error: skip``, keeping the first messages."""
+    """Counts records skipped under ``on_error: skip``, keeping the first ``limit`` messages
+    (``file:line: reason``)."""
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    limit: int = 1000
 
     def add(self, message: str) -> None:
         self.count += 1
-        if len(self.examples) < 20:
+        if len(self.examples) < self.limit:
             self.examples.append(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"count": n, "records": ["file:line: reason", ...]}`` (the first ``limit`` of them)."""
+        return {"count": self.count, "records": list(self.examples)}
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``field.path: message``."""
-    parts = []
+    """One entry per field: ``field 'path': message`` (the alternatives of a union joined by "or")."""
+    problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "record"
-        parts.append(f"field {loc!r}: {err['msg']}")
-    return "; ".join(parts)
+        # a union (``str | int``) adds its member types to the path: drop them
+        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or _FIELD.fullmatch(p)) or "record"
+        message = err["msg"].removeprefix("Value error, ")
+        if message not in problems.setdefault(loc, []):
+            problems[loc].append(message)
+    return "; ".join(f"field {loc!r}: {' or '.join(msgs)}" for loc, msgs in problems.items())
+
+
+_FIELD = re.compile(r"(?!(?:str|int|float|bool)$)[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` for data: NaN, Infinity and numbers that overflow to inf are errors (not
+    JSON, and they would train on NaN); so is nesting too deep to parse. Raises ``ValueError``
+    with a message for the user."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON ({name} is not a JSON number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"invalid JSON (number {text[:40]} is too large for a float)")
+    return value
 
 
 def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
     """Yield ``(source, parsed JSON value)`` for each record of a .jsonl/.json/.csv/.parquet file.
 
     JSON Lines are parsed here (so a bad line is reported with its number); other formats go
-    through ``datasets`` and are numbered by record index (1-based).
+    through ``datasets`` and are numbered by record index (1-based). A UTF-8 byte-order mark
+    at the start of a JSON file is accepted.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,42 +98,61 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
         with path.open("rb") as fh:  # split on b"\n" only: "\r" or U+2028 inside a string is data
             for lineno, raw_line in enumerate(fh, 1):
                 try:
-                    line = raw_line.decode("utf-8")
+                    line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     yield Source(str(path), lineno), _BadJson(f"not UTF-8 (byte {exc.start + 1})")
                     continue
                 if not line.strip():
                     continue
                 try:
-                    yield Source(str(path), lineno), json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield Source(str(path), lineno), _BadJson(f"invalid JSON ({exc.msg} at column {exc.colno})")
+                    yield Source(str(path), lineno), parse_json(line)
+                except ValueError as exc:
+                    yield Source(str(path), lineno), _BadJson(str(exc))
         return
     if suffix == ".json":
-        with path.open(encoding="utf-8") as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"invalid JSON ({exc.msg})", where=f"{path}:{exc.lineno}") from None
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise UserError(f"not UTF-8 (byte {exc.start + 1})", where=f"{path}:{line}") from None
+        try:
+            data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"invalid JSON ({exc.msg})", where=f"{path}:{exc.lineno}") from None
+        except RecursionError:
+            raise UserError("invalid JSON (nested too deeply)", where=str(path)) from None
+        except ValueError as exc:
+            raise UserError(str(exc), where=str(path)) from None
         if not isinstance(data, list):
             raise UserError("a .json data file must hold a list of records", where=str(path))
         for i, rec in enumerate(data, 1):
             yield Source(str(path), i), rec
         return
     if suffix in (".csv", ".parquet"):
-        import datasets
-
-        ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
-        for i, rec in enumerate(ds, 1):
-            yield Source(str(path), i), rec
+        yield from _iter_table(path, suffix[1:])
         return
     raise UserError(f"unsupported data file type {suffix!r}; use .jsonl, .json, .csv or .parquet", where=str(path))
 
 
+def _iter_table(path: Path, kind: str) -> Iterator[tuple[Source, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as exc:  # pyarrow / datasets errors: a malformed or empty file
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        raise UserError(f"cannot read this {kind} file: {type(cause).__name__}: {str(cause)[:300]}", where=str(path)) from None
+    for i, rec in enumerate(ds, 1):
+        yield Source(str(path), i), rec
+
+
 def _looks_like_jsonl(path: Path) -> bool:
-    with path.open(encoding="utf-8") as fh:
-        head = fh.read(1).strip()
-    return head == "{"
+    with path.open("rb") as fh:
+        head = fh.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head[:1] == b"{"
 
 
 class _BadJson:

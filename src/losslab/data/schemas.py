@@ -6,21 +6,35 @@ field name or a wrong type is reported instead of silently trained on.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
+def _valid_unicode(text: str) -> str:
+    # JSON lets "\ud800" through as a lone surrogate: not text, and tokenizers fail on it later
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text (a lone surrogate {text[exc.start]!r} at character {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+"""A string that is valid Unicode (no lone surrogates); control characters are kept as data."""
+
+
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # non-finite numbers (NaN, inf: from CSV/parquet or Python records) would train on NaN
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class Message(_Record):
     role: Role
-    content: str
+    content: Text
     weight: float | None = Field(default=None, ge=0)
 
     @field_validator("weight", mode="before")
@@ -34,26 +48,26 @@ class ChatRecord(_Record):
 
 
 class InstructionRecord(_Record):
-    instruction: str
-    input: str = ""
-    output: str
+    instruction: Text
+    input: Text = ""
+    output: Text
 
 
 class ClassificationRecord(_Record):
-    text: str
-    label: str | int
+    text: Text
+    label: Text | int
 
 
 class RegressionRecord(_Record):
     """Classification-style text with a real-valued target (e.g. a mean sentiment rating)."""
 
-    text: str
+    text: Text
     label: float
 
 
 class NerRecord(_Record):
-    tokens: list[str] = Field(min_length=1)
-    tags: list[str] = Field(min_length=1)
+    tokens: list[Text] = Field(min_length=1)
+    tags: list[Text] = Field(min_length=1)
 
     @field_validator("tags")
     @classmethod
@@ -65,15 +79,22 @@ class NerRecord(_Record):
 
 
 class PreferenceRecord(_Record):
-    prompt: str | list[Message]
-    chosen: str
-    rejected: str
+    prompt: Text | Annotated[list[Message], Field(min_length=1)]
+    chosen: Text
+    rejected: Text
     margin: float | None = None
 
     @field_validator("margin", mode="before")
     @classmethod
     def _int_margin(cls, v: object) -> object:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("rejected")
+    @classmethod
+    def _different(cls, rejected: str, info: object) -> str:
+        if getattr(info, "data", {}).get("chosen") == rejected:  # no preference: nothing to learn but noise
+            raise ValueError("the same text as 'chosen' (a pair needs two different answers)")
+        return rejected
 
 
 SCHEMAS: dict[str, type[_Record]] = {

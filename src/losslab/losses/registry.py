@@ -208,7 +208,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
     if not isinstance(config, Mapping):
         raise UserError(f"a loss term must be a mapping {{name: ..., weight: ...}}; got {config!r}", where=where)
     name = config.get("name")
-    if name not in LOSSES:
+    if not isinstance(name, str) or name not in LOSSES:  # (a mapping as name is unhashable)
         raise UserError(f"unknown loss {name!r}; allowed: {', '.join(LOSSES)}", where=where)
     spec = LOSSES[name]
     allowed = spec.options()

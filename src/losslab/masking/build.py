@@ -111,6 +111,7 @@ class BuildStats:
     trained_tokens: int = 0
     skipped: SkipLog = field(default_factory=SkipLog)
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> samples dropped
+    dropped_log: SkipLog = field(default_factory=SkipLog)  # "file:line: sample dropped (reason)"
     strategies: Counter[str] = field(default_factory=Counter)  # concat | expand -> conversations
     unrendered: Counter[str] = field(default_factory=Counter)  # role -> messages the template left out
 
@@ -219,6 +220,7 @@ class MaskBuilder:
         if not samples:
             if stats is not None:
                 stats.dropped["with every trained turn at weight 0"] += 1
+                stats.dropped_log.add(f"{source}: sample dropped (every trained turn at weight 0)")
             return []
         out = []
         for sample, (ids, offsets) in zip(samples, self._tokenize([s.text for s in samples])):
@@ -231,6 +233,7 @@ class MaskBuilder:
                     why = "with no trained token left after truncation" if len(ids) > len(seq.input_ids) else \
                         "with no trained token"
                     stats.dropped[why] += 1
+                    stats.dropped_log.add(f"{source}: sample dropped ({why.removeprefix('with ')})")
                 continue
             out.append(seq)
         return out
@@ -287,7 +290,7 @@ class MaskBuilder:
 
     def _records(self, data: str | Path | Iterable[Any], skipped: SkipLog) -> Iterator[tuple[Source, BaseModel]]:
         if isinstance(data, (str, Path)):
-            schema = _schema(self.config.kind, _first_record(data))
+            schema = file_schema(self.config.kind, data)
             yield from load_records(data, schema, on_error=self.config.on_error, skipped=skipped)
             return
         for i, item in enumerate(data, 1):
@@ -318,11 +321,27 @@ def _count_unrendered(sample: TextSample, stats: BuildStats) -> None:
             stats.unrendered[role] += 1
 
 
-def _first_record(path: str | Path) -> Any:
-    for _, raw in iter_raw_records(path):
+def _first_record(path: str | Path) -> tuple[Source | None, Any]:
+    """The first record that shows its kind (has ``messages`` or ``instruction``), else the
+    first mapping, else ``(None, None)``."""
+    first: tuple[Source | None, Any] = (None, None)
+    for source, raw in iter_raw_records(path):
         if isinstance(raw, Mapping):
-            return raw
-    return None
+            if "messages" in raw or "instruction" in raw:
+                return source, raw
+            if first[0] is None:
+                first = (source, raw)
+    return first
+
+
+def file_schema(kind: str, path: str | Path) -> type[ChatRecord] | type[InstructionRecord]:
+    """The record schema of a file: ``kind``, or for ``auto`` its first record's fields
+    (an error names the record it could not tell)."""
+    source, first = _first_record(path) if kind == "auto" else (None, None)
+    try:
+        return _schema(kind, first)
+    except UserError as exc:
+        raise UserError(str(exc), where=str(source) if source else str(path)) from None
 
 
 def _schema(kind: str, record: Any) -> type[ChatRecord] | type[InstructionRecord]:

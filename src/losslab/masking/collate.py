@@ -40,6 +40,20 @@ def _weights(sample: Sample) -> list[float]:
     return [0.0 if label == IGNORE_INDEX else 1.0 for label in sample["labels"]]
 
 
+def _check(samples: Sequence[Sample]) -> None:
+    """``labels`` (and ``weights``) must have one entry per input id: a shorter list would be
+    broadcast over the row (or misalign a packed row) without any error from torch."""
+    if not samples:
+        raise ValueError("empty batch")
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        for key in ("labels", "weights"):
+            if key in s and s[key] is not None and len(s[key]) != n:
+                src = s.get("source")
+                where = f"{src['file']}:{src['line']}" if isinstance(src, Mapping) and "file" in src else f"sample {i} of the batch"
+                raise UserError(f"field {key!r}: {len(s[key])} entries for {n} input_ids", where=where)
+
+
 class PaddedCollator:
     """Pad a batch to its longest sample (optionally a multiple of ``pad_to_multiple_of``).
 
@@ -56,8 +70,7 @@ class PaddedCollator:
         self.padding_side = padding_side
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        if not samples:
-            raise ValueError("empty batch")
+        _check(samples)
         longest = max(len(s["input_ids"]) for s in samples)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -92,8 +105,7 @@ class PackedCollator:
         self.block_mask_dtype = block_mask_dtype
 
     def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
-        if not samples:
-            raise ValueError("empty batch")
+        _check(samples)
         ids: list[int] = []
         labels: list[int] = []
         weights: list[float] = []
@@ -121,7 +133,8 @@ class PackedCollator:
         if self.flash_attn_kwargs:
             cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
+            longest = max(lens, default=0)
+            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if self.block_mask_dtype is not None:
             out["attention_mask"] = block_causal_mask(lens, self.block_mask_dtype)
         return out

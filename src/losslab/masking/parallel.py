@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from losslab.data.records import Source, _BadJson, describe_validation_error, iter_raw_records
 from losslab.errors import UserError
-from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, _first_record, _schema
+from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, file_schema
 from losslab.masking.spans import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def build_samples_parallel(
     stats = stats if stats is not None else BuildStats()
     stats.strategy = builder.strategy.value
     path = Path(path)
-    schema = _schema(builder.config.kind, _first_record(path))
+    schema = file_schema(builder.config.kind, path)
     target = (cache or prepared_dir()) / fingerprint(path, builder, schema.__name__, limit)
     if (target / "dataset_info.json").is_file():
         results = Dataset.load_from_disk(str(target))
@@ -130,7 +130,7 @@ def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any
                 break
             valid += 1
         rows["line"].append(source.line)
-        rows["raw"].append(None if message is not None else json.dumps(raw, ensure_ascii=False))
+        rows["raw"].append(None if message is not None else json.dumps(raw))  # ASCII: a lone surrogate stays an escape
         rows["bad"].append(message)
     return rows
 
@@ -221,6 +221,8 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
         stats.strategies.update(row["strategies"])
         stats.unrendered.update(row["unrendered"])
         stats.dropped.update(row["dropped"])
+        for why in row["dropped"]:
+            stats.dropped_log.add(f"{source}: sample dropped ({why.removeprefix('with ')})")
         if row["error"] is not None:
             if on_error == "raise":
                 raise UserError(row["error"] + _SKIP_HINT, where=str(source))

@@ -11,7 +11,7 @@ Task = Literal["causal_lm", "sequence_classification", "token_classification", "
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf lr or epochs is never meant
 
 
 class DataConfig(_Section):
@@ -25,7 +25,7 @@ class DataConfig(_Section):
     strategy: Literal["auto", "concat", "expand"] = Field("auto", description="multi-turn strategy")
     role_weights: dict[str, float] | None = Field(None, description="per-role loss weights, e.g. {assistant: 1.0, tool: 0.5}")
     template: str | None = Field(None, description="Jinja chat template file to use instead of the tokenizer's own")
-    max_length: int = Field(512, ge=8, description="truncate samples to this many tokens")
+    max_length: int = Field(512, ge=8, le=1 << 24, description="truncate samples to this many tokens")
     truncation: Literal["end", "start"] = Field("end", description="which end of a too-long sample is dropped")
     packing: bool = Field(False, description="pack several samples per row (padding-free)")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training records")
@@ -81,6 +81,13 @@ class TrainingConfig(_Section):
                                      "(no update) and counted; the run stops at the N-th (1 = at the first), keeping its last checkpoint")
 
 
+    @field_validator("warmup")
+    @classmethod
+    def _warmup(cls, warmup: float) -> float:
+        if warmup >= 1 and warmup != int(warmup):
+            raise ValueError(f"warmup is a fraction of all steps (< 1) or a whole number of steps (>= 1); got {warmup}")
+        return warmup
+
     @field_validator("report_to")
     @classmethod
     def _installed(cls, loggers: list[str]) -> list[str]:
@@ -109,7 +116,7 @@ class TrainConfig(_Section):
     task: Task = Field("causal_lm", description="what is trained")
     model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
     output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
-    seed: int = Field(0, description="random seed (model init of new heads, data order, dropout)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
     dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights dtype")
     data: DataConfig

@@ -10,6 +10,7 @@ Rerunning the same command resumes from the last complete checkpoint (see
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ import torch
 import yaml
 
 from losslab.config import load_config
-from losslab.data.prepare import write_atomic
+from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, write_atomic
 from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table, write_metrics_json
 from losslab.losses.registry import build_composite
@@ -116,6 +117,8 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         for path in remove_incomplete_checkpoints(out):
             print(f"removed incomplete checkpoint {path}")
         keep_log_rows(out / "log.jsonl", last)
+    if trainer.is_world_process_zero():
+        write_summary(out, run.summary)
     if last:
         print(f"resuming from {last}")
     with stop_on_sigint(trainer):
@@ -131,8 +134,23 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         if dataset is not None and len(dataset):
             metrics.update(run.evaluate(trainer.model, dataset, split))
     if trainer.is_world_process_zero():
+        write_summary(out, {**run.summary, "steps": trainer.state.global_step,
+                            "nonfinite_steps": list(trainer.nonfinite_steps)}, quiet=True)
         write_metrics_json(metrics, out / "metrics.json")
     return metrics
+
+
+def write_summary(out: Path, summary: dict[str, Any], *, quiet: bool = False) -> Path:
+    """Write the run summary (the task's data lines, and per split the bad records skipped
+    and the samples dropped, each ``file:line: reason``) to ``out/summary.json`` atomically;
+    print where it is and how many records were skipped."""
+    path = out / "summary.json"
+    write_atomic(path, json.dumps(summary, indent=2, default=str) + "\n")
+    if not quiet:
+        counts = {split: v["count"] for split, v in summary.get("skipped", {}).items() if v["count"]}
+        skipped = ", ".join(f"{split} {n}" for split, n in counts.items())
+        print(f"run summary: {path}" + (f" (bad records skipped: {skipped}; listed there)" if skipped else ""))
+    return path
 
 
 def total_steps(config: TrainConfig, n_train: int) -> int:
@@ -149,7 +167,11 @@ def run_train(args: argparse.Namespace) -> int:
     if config.task not in TASKS:
         raise UserError(f"task {config.task!r} is not available yet; available: {', '.join(TASKS)}")
     build_composite(config.loss.terms, total_steps=1, where=f"{args.config}: loss.terms")  # fail before any work
+    for split in SPLITS:
+        spec = getattr(config.data, split)
+        if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
+            raise UserError(f"field 'data.{split}': data file not found: {spec}", where=str(args.config))
     metrics = train(config)
     print(format_metrics_table(metrics))
-    print(f"outputs: {config.output_dir} (metrics.json, log.jsonl, model/)")
+    print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
     return 0

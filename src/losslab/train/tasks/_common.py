@@ -71,6 +71,11 @@ def read_splits(config: TrainConfig, schema: type[BaseModel]) -> dict[str, Split
     return {s: r for s in SPLITS if (r := read_split(config, s, schema)) is not None}
 
 
+def skipped_records(splits: dict[str, SplitRecords]) -> dict[str, dict[str, Any]]:
+    """Per split: how many bad records ``on_error: skip`` skipped and which (``file:line: reason``)."""
+    return {split: records.skipped.to_dict() for split, records in splits.items()}
+
+
 def sample_limit(config: TrainConfig, split: str) -> int | None:
     return config.data.max_train_samples if split == "train" else config.data.max_eval_samples
 

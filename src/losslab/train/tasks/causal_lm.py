@@ -59,7 +59,7 @@ def build(config: TrainConfig) -> TaskRun:
     eval_masks = replace(masks, mask=config.eval.mask) if config.eval.mask is not None else masks
     splits: dict[str, list[dict]] = {}
     prompts: dict[str, list[GenerationPrompt]] = {}
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {"task": "causal_lm", "skipped": {}, "dropped": {}}
     for split in ("train", "validation", "test"):
         spec = getattr(data, split)
         if spec is None:
@@ -74,6 +74,8 @@ def build(config: TrainConfig) -> TaskRun:
             built = build_samples(path, tokenizer, split_masks, stats=stats, limit=limit)
         splits[split] = [_drop_source(s) for s in built]
         summary[split] = stats.summary()
+        summary["skipped"][split] = stats.skipped.to_dict()
+        summary["dropped"][split] = stats.dropped_log.to_dict()
         print(f"{split}: {stats.summary()}")
         if split != "train" and config.eval.generate:
             prompts[split] = generation_prompts(path, tokenizer, data, config.eval.generation_samples)

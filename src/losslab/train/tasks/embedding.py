@@ -54,6 +54,7 @@ from losslab.train.tasks._common import (
     model_kwargs,
     plan_loss,
     read_splits,
+    skipped_records,
     sample_limit,
     task_run,
 )
@@ -215,4 +216,4 @@ def build(config: TrainConfig) -> TaskRun:
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
                     evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
                                      options=options),
-                    summary={"task": "embedding", "negatives": negatives, "pooling": options.pooling, "data": lines})
+                    summary={"task": "embedding", "negatives": negatives, "pooling": options.pooling, "data": lines, "skipped": skipped_records(splits)})

@@ -51,6 +51,7 @@ from losslab.train.tasks._common import (
     per_record,
     plan_loss,
     read_splits,
+    skipped_records,
     set_pad_token,
     task_run,
 )
@@ -157,5 +158,5 @@ def build(config: TrainConfig) -> TaskRun:
     print(f"margins: {margins}")
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
                     evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), output_dir=config.output_dir),
-                    summary={"task": "reward_model", "margins": margins, "data": lines,
+                    summary={"task": "reward_model", "margins": margins, "data": lines, "skipped": skipped_records(splits),
                              "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"})

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 
 from losslab.data.prepare import resolve_data_path
 from losslab.data.records import iter_raw_records
-from losslab.data.schemas import SCHEMAS
+from losslab.data.schemas import SCHEMAS, Text
 from losslab.errors import UserError
 from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
 from losslab.eval.report import namespace
@@ -59,6 +59,7 @@ from losslab.train.tasks._common import (
     per_record,
     plan_loss,
     read_splits,
+    skipped_records,
     set_pad_token,
     task_run,
 )
@@ -68,8 +69,8 @@ class MultiLabelRecord(BaseModel):
     """A text with any number of labels (an empty list is a valid "none of them")."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    text: str
-    label: list[str]
+    text: Text
+    label: list[Text]
 
 
 SCHEMA: dict[str, type[BaseModel]] = {
@@ -225,4 +226,4 @@ def build(config: TrainConfig) -> TaskRun:
         model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=make_forward(label_type),
         evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), label_type=label_type,
                          names=names, output_dir=config.output_dir),
-        summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines})
+        summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines, "skipped": skipped_records(splits)})

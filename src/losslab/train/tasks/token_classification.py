@@ -52,6 +52,7 @@ from losslab.train.tasks._common import (
     per_record,
     plan_loss,
     read_splits,
+    skipped_records,
     set_pad_token,
     task_run,
 )
@@ -152,4 +153,4 @@ def build(config: TrainConfig) -> TaskRun:
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
                     evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags,
                                      output_dir=config.output_dir),
-                    summary={"task": "token_classification", "tags": tags, "data": lines})
+                    summary={"task": "token_classification", "tags": tags, "data": lines, "skipped": skipped_records(splits)})
