@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from losslab.data.records import read_utf8
 from losslab.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
@@ -43,12 +44,7 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 (byte {exc.start + 1}); save the config as UTF-8", where=f"{path}:{line}") from None
+    text = read_utf8(path, "; save the config as UTF-8")
     try:
         data = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)

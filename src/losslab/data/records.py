@@ -83,6 +83,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def read_utf8(path: Path, advice: str = "") -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); otherwise a ``UserError``
+    naming the line and byte, followed by ``advice``."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 (byte {exc.start + 1}){advice}", where=f"{path}:{line}") from None
+
+
 def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
     """Yield ``(source, parsed JSON value)`` for each record of a .jsonl/.json/.csv/.parquet file.
 
@@ -110,12 +121,7 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
                     yield Source(str(path), lineno), _BadJson(str(exc))
         return
     if suffix == ".json":
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise UserError(f"not UTF-8 (byte {exc.start + 1})", where=f"{path}:{line}") from None
+        text = read_utf8(path)
         try:
             data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
         except json.JSONDecodeError as exc:

@@ -117,7 +117,6 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         for path in remove_incomplete_checkpoints(out):
             print(f"removed incomplete checkpoint {path}")
         keep_log_rows(out / "log.jsonl", last)
-    if trainer.is_world_process_zero():
         write_summary(out, run.summary)
     if last:
         print(f"resuming from {last}")
