@@ -325,3 +325,48 @@ def test_sigkills_then_rerun_give_the_same_results(finished, tmp_path: Path) -> 
     assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
     assert "already finished" in log.read_text()
     assert _without_dir(json.loads((out / "results.json").read_text()), out) == _without_dir(results, tmp / "out")
+
+
+@pytest.mark.slow
+def test_many_random_sigkills_then_rerun_give_the_same_results(tmp_path: Path) -> None:
+    """Series of three SIGKILLs of `losslab compare` (the first aimed at a checkpoint save, then
+    at random times), then a rerun to the end. Prints the figures quoted in docs/reliability.md."""
+    import random
+
+    straight_out = tmp_path / "straight" / "out"
+    (tmp_path / "straight").mkdir()
+    proc, log = _compare_cli(write_study(tmp_path / "straight", study_dict(straight_out)))
+    started = time.monotonic()
+    assert proc.wait(timeout=900) == 0, log.read_text()[-2000:]
+    duration = time.monotonic() - started
+    expected = _without_dir(json.loads((straight_out / "results.json").read_text()), straight_out)
+    rng = random.Random(int(os.environ.get("LOSSLAB_KILL_SEED", "0")))
+    series, kills_per_series = int(os.environ.get("LOSSLAB_KILL_SERIES", "3")), 3
+    kills = during_save = identical = 0
+    for k in range(series):
+        (tmp_path / f"killed{k}").mkdir()
+        out = tmp_path / f"killed{k}" / "out"
+        study = write_study(tmp_path / f"killed{k}", study_dict(out))
+        for i in range(kills_per_series):
+            proc, _ = _compare_cli(study)
+            launched = time.time()
+            if i == 0:  # aim at a checkpoint save: a folder this process made, not yet marked complete
+                def saving() -> bool:
+                    return any(p.stat().st_mtime >= launched and not (p / "losslab_checkpoint.json").is_file()
+                               for p in out.glob("runs/*/checkpoint-*"))
+                while not saving() and proc.poll() is None:
+                    time.sleep(0.002)
+            else:
+                time.sleep(rng.uniform(0.5, 0.6 * duration))  # each rerun has less left to do
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            kills += 1
+            during_save += any(not (p / "losslab_checkpoint.json").is_file() for p in out.glob("runs/*/checkpoint-*"))
+        proc, log = _compare_cli(study)
+        assert proc.wait(timeout=900) == 0, log.read_text()[-2000:]
+        identical += _without_dir(json.loads((out / "results.json").read_text()), out) == expected
+    print(f"\ncompare kill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
+          f"{identical}/{series} reruns with identical results.json")
+    assert identical == series
