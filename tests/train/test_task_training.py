@@ -156,6 +156,7 @@ def test_embedding_triplet_gets_explicit_negatives(tmp_path: Path) -> None:
 
 # example -> (task, a metric its metrics.json must have for both evaluated splits)
 EXAMPLE_CASES = {
+    "train_chat_sft.yaml": ("causal_lm", "bleu"),
     "train_sentiment_classification.yaml": ("sequence_classification", "f1_macro"),
     "train_ner.yaml": ("token_classification", "f1_micro"),
     "train_reward_model.yaml": ("reward_model", "pairwise_accuracy"),
@@ -171,7 +172,8 @@ def test_example_parses_and_runs(name: str, tmp_path: Path) -> None:
     full = load_config(TrainConfig, EXAMPLES / name)
     assert full.task == task
     assert full.data.validation and full.data.test
-    config = load_config(TrainConfig, EXAMPLES / name, [*TINY, f"output_dir={tmp_path}"])
+    tiny = [*TINY, "data.max_length=128", "eval.generation_samples=2", "eval.max_new_tokens=4"] if task == "causal_lm" else TINY
+    config = load_config(TrainConfig, EXAMPLES / name, [*tiny, f"output_dir={tmp_path}"])
     metrics = train(config)
     assert metrics["train/steps"] == 2
     assert read_metrics_json(tmp_path / "metrics.json") == pytest.approx(metrics, nan_ok=True)
