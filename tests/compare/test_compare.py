@@ -79,6 +79,8 @@ def test_results_json_has_every_variant_seed_and_ci(finished) -> None:
         assert set(entry["runs"]) == {"0", "1"}
         for run_dir in entry["runs"].values():
             assert Path(run_dir).name.startswith(f"{name}__seed") and (Path(run_dir) / "metrics.json").is_file()
+            # finished: the checkpoints (model + optimizer state) are gone, the model stays
+            assert not list(Path(run_dir).glob("checkpoint-*")) and (Path(run_dir) / "model" / "model.safetensors").is_file()
         for metric in ("validation/loss", "test/bleu", "test/distinct_1"):
             m = entry["metrics"][metric]
             assert set(m["per_seed"]) == {"0", "1"} and all(v is not None for v in m["per_seed"].values())
@@ -283,6 +285,37 @@ def test_pruning_stops_a_clearly_worse_trial_at_its_first_evaluation(tmp_path: P
     assert max(row["step"] for row in runner.read_log(pruned_dir)) == 2
     done_dir = next((study.out / "tuning" / "ce").glob("trial0__*"))
     assert json.loads((done_dir / "metrics.json").read_text())["train/steps"] == 4
+    assert not list((study.out / "tuning" / "ce").glob("trial*/checkpoint-*"))  # ended trials keep no checkpoint
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_runs_lose_their_checkpoints_unless_kept(tmp_path: Path, monkeypatch, keep: bool) -> None:
+    data = study_dict(tmp_path / "out")
+    data["keep_checkpoints"] = keep
+    runs = runner.plan(load_study(write_study(tmp_path, data)))
+
+    def fake_train(config: dict) -> None:
+        out = Path(config["output_dir"])
+        for step in (2, 3):
+            (out / f"checkpoint-{step}").mkdir()
+            (out / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"x")
+        (out / "metrics.json").write_text(json.dumps({"train/steps": 3}))
+
+    monkeypatch.setattr(runner, "train_run", fake_train)
+    # the first run finished in an earlier attempt that was killed before it could tidy up
+    runs[0].dir.mkdir(parents=True)
+    fake_train(runs[0].config)
+    # the second was interrupted: its checkpoint is what a rerun resumes from, so it must survive until it ends
+    unfinished = runs[1].dir / "checkpoint-1"
+    unfinished.mkdir(parents=True)
+    (runs[0].dir / ".deleting-checkpoint-1").mkdir()  # a deletion that was killed half-way
+    seen = []
+    monkeypatch.setattr(runner, "train_run", lambda config: seen.append(unfinished.is_dir()) or fake_train(config))
+    runner.execute(runs, keep_checkpoints=keep)
+    assert seen[0] is True
+    left = sorted(p.name for r in runs for p in r.dir.glob("checkpoint-*"))
+    assert left == (sorted(["checkpoint-1"] + ["checkpoint-2", "checkpoint-3"] * len(runs)) if keep else [])
+    assert bool(list(runs[0].dir.glob(".deleting-*"))) == keep  # with keep_checkpoints nothing is deleted
 
 
 def _compare_cli(study: Path) -> tuple[subprocess.Popen, Path]:

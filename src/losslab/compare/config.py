@@ -92,6 +92,8 @@ class CompareConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
+    keep_checkpoints: bool = Field(False, description="keep the checkpoint-* folders of finished runs and tuning trials "
+                                   "(default: deleted once a run has its metrics.json or a trial has ended; model/ is kept)")
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:

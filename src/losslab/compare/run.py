@@ -25,7 +25,7 @@ def compare(study: Study) -> dict:
 
         tuning = tune_all(study)
     tuned = {name: t["best_params"] for name, t in tuning.items()}
-    runs = execute(plan(study, tuned))
+    runs = execute(plan(study, tuned), keep_checkpoints=study.config.keep_checkpoints)
     results = analyze(study, runs, tuning)
     write_results(results, study.out / "results.json")
     report = write_report(results, runs, study.out / "report.html", title=Path(study.source).stem,

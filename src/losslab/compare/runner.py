@@ -4,11 +4,14 @@ Each run lives in ``OUTPUT_DIR/runs/<variant>__seed<k>__<hash>/`` where ``hash``
 its resolved training config: a run whose ``metrics.json`` exists is finished and is not run
 again; an unfinished one resumes from its last checkpoint (``losslab train`` does that). A
 changed variant gets a new hash, hence a new folder, so stale results are never reused.
+Once a run is finished its ``checkpoint-*`` folders (model, optimizer state: several times the
+model's size each) are deleted unless ``keep_checkpoints: true``; ``model/`` stays.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +59,20 @@ def train_run(config: dict[str, Any], on_evaluate: Any = None) -> dict[str, floa
     return train(TrainConfig.model_validate(config), on_evaluate=on_evaluate)
 
 
-def execute(runs: list[Run]) -> list[Run]:
-    """Train the unfinished runs one after the other; every run comes back with its metrics."""
+def drop_checkpoints(run_dir: Path) -> None:
+    """Delete the ``checkpoint-*`` folders of a run that needs no resume any more. Each is first
+    renamed (atomic), so a kill mid-way never leaves a half-deleted folder named like a checkpoint;
+    what such a kill leaves is deleted by the next call."""
+    for path in sorted(run_dir.glob("checkpoint-*")):
+        if path.is_dir():
+            path.rename(run_dir / f".deleting-{path.name}")
+    for path in sorted(run_dir.glob(".deleting-checkpoint-*")):
+        shutil.rmtree(path)
+
+
+def execute(runs: list[Run], keep_checkpoints: bool = False) -> list[Run]:
+    """Train the unfinished runs one after the other; every run comes back with its metrics.
+    Finished runs lose their checkpoints unless ``keep_checkpoints``."""
     todo = [r for r in runs if not r.done]
     print(f"losslab compare: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
     started = time.monotonic()
@@ -66,8 +81,13 @@ def execute(runs: list[Run]) -> list[Run]:
               + eta(started, i - 1, len(todo)), flush=True)
         run.dir.mkdir(parents=True, exist_ok=True)
         train_run(run.config)
+        if not keep_checkpoints:
+            drop_checkpoints(run.dir)
     if todo:
         print(f"[{progress_bar(len(todo), len(todo))}] {len(todo)} runs in {time.monotonic() - started:.0f} s", flush=True)
+    if not keep_checkpoints:  # also those left by a run killed after its metrics.json
+        for run in runs:
+            drop_checkpoints(run.dir)
     return [r.load() for r in runs]
 
 

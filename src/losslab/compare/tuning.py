@@ -5,7 +5,9 @@ Each tuned variant gets an Optuna study (TPE by default, seeded) in ``tuning.sto
 resolved config and search space, so rerunning resumes it: finished trials (complete or
 pruned) count towards ``tuning.trials`` and are not repeated. A trial trains the variant with
 the sampled values at ``tuning.seed`` in ``OUTPUT_DIR/tuning/<variant>/trial<k>__<hash>/``
-and returns ``tuning.metric`` (a validation metric of its metrics.json).
+and returns ``tuning.metric`` (a validation metric of its metrics.json). A trial that has
+ended (complete, pruned or interrupted: a rerun starts new trials) loses its checkpoints
+unless ``keep_checkpoints: true``.
 
 Pruning (``tuning.pruner: median``): at every evaluation during a trial's training
 (``training.eval_steps``, or each epoch) the trial computes ``tuning.metric`` on the
@@ -23,7 +25,7 @@ import math
 from typing import Any
 
 from losslab.compare.config import Param, Study, Variant, config_hash
-from losslab.compare.runner import train_run
+from losslab.compare.runner import drop_checkpoints, train_run
 from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
 
@@ -76,7 +78,11 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
                 raise optuna.TrialPruned(f"step {step}: {t.metric} = {value:.4g}")
 
         if not (folder / "metrics.json").is_file():
-            train_run({**data, "output_dir": str(folder)}, on_evaluate=report if t.pruner != "none" else None)
+            try:
+                train_run({**data, "output_dir": str(folder)}, on_evaluate=report if t.pruner != "none" else None)
+            finally:  # an ended trial is never resumed (a rerun starts new trials)
+                if not cfg.keep_checkpoints:
+                    drop_checkpoints(folder)
         metrics = read_metrics_json(folder / "metrics.json")
         if metrics.get(t.metric) is None:
             raise UserError(f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
@@ -86,6 +92,9 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     left = t.trials - sum(tr.state in finished for tr in ostudy.trials)
     if left > 0:
         ostudy.optimize(objective, n_trials=left, catch=())
+    if not cfg.keep_checkpoints:  # also those of trials killed in an earlier attempt
+        for folder in (study.out / "tuning" / variant.name).glob("trial*"):
+            drop_checkpoints(folder)
     complete = [tr for tr in ostudy.trials if tr.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise UserError(f"tuning {variant.name!r}: no trial completed (all {len(ostudy.trials)} pruned or failed)")
