@@ -119,6 +119,8 @@ RECORD_CASES: list[tuple[str, str, str]] = [
     ("regression", _raw_field("regression", "label", "Infinity"), "Infinity"),
     ("regression", _raw_field("regression", "label", "-1e999"), "too large"),
     ("preference", _raw_field("preference", "margin", "NaN"), "NaN"),
+    ("preference", _raw_field("preference", "margin", "9" * 400), "'margin': number 999"),
+    ("chat", json.dumps(CHAT).replace('"hello"}', '"hello", "weight": ' + "9" * 400 + "}"), "'messages.1.weight': number 999"),
     ("chat", json.dumps(CHAT).replace('"hello"}', '"hello", "weight": 1e400}'), "too large"),
     # lone surrogates (JSON escapes that are not text)
     *[(s, _raw_field(s, f, SURROGATE), f"'{f}'") for s, f in
@@ -130,6 +132,12 @@ RECORD_CASES: list[tuple[str, str, str]] = [
     ("ner", _with("ner", tags=["O"]), "1 tags for 2 tokens"),
     ("ner", _with("ner", tags=["O", "O", "O"]), "3 tags for 2 tokens"),
     ("preference", _with("preference", chosen="same", rejected="same"), "'rejected'"),
+    # unknown keys are named as written, however they look (pandas' index column, non-ASCII, a type's name)
+    ("instruction", json.dumps({**GOOD["instruction"], "Unnamed: 0": 3}), "field 'Unnamed: 0': Extra inputs"),
+    ("instruction", json.dumps({**GOOD["instruction"], "größe": 3}), "field 'größe': Extra inputs"),
+    ("classification", json.dumps({**GOOD["classification"], "str": 3}), "field 'str': Extra inputs"),
+    ("chat", json.dumps({"messages": [{"role": "user", "content": "x", "tool-call": {}}]}),
+     "field 'messages.0.tool-call': Extra inputs"),
 ]
 RECORD_IDS = [f"{s}-{i}" for i, (s, _, _) in enumerate(RECORD_CASES)]
 
@@ -181,6 +189,20 @@ def test_odd_but_valid_text_is_kept(tmp_path: Path, text: str) -> None:
     path.write_text(json.dumps({"text": text, "label": "pos"}) + "\n", encoding="utf-8")
     ((_, record),) = load_records(path, SCHEMAS["classification"])
     assert record.text == text
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_invalid_utf8_after_a_byte_order_mark_is_placed_in_the_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"bom{suffix}"
+    raw = b"\xef\xbb\xbf" + (b'{"text": "caf\xe9", "label": "x"}' if suffix == ".jsonl" else b'[\n{"text": "caf\xe9"}]')
+    path.write_bytes(raw)
+    line, byte = (1, raw.index(b"\xe9") + 1) if suffix == ".jsonl" else (2, raw.index(b"\xe9") + 1)
+    with pytest.raises(UserError, match=rf"bom{suffix}:{line}: not UTF-8 \(byte {byte}\)"):
+        list(load_records(path, SCHEMAS["classification"]))
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"\xef\xbb\xbfa: 1\n\xff\n")
+    with pytest.raises(UserError, match=r"c.yaml:2: not UTF-8 \(byte 9\)"):
+        load_yaml(config)
 
 
 def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
@@ -510,6 +532,15 @@ def test_bad_train_config_exits_2_naming_file_line_field(tmp_path: Path, capsys,
     assert f"{path}:{line}:" in err if line else str(path) in err, err
     assert field in err, err
     assert not (tmp_path / "out").exists()  # nothing written, nothing trained
+
+
+@pytest.mark.parametrize("model", ["someone/not-a-model", "./no/such/dir"])
+def test_a_model_that_cannot_be_found_exits_2(tmp_path: Path, capsys, monkeypatch, model: str) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _config(tmp_path, "").read_text().replace("builtin:tiny-llama", model)
+    (tmp_path / "c.yaml").write_text(path)
+    code, err = _run_cli(["train", str(tmp_path / "c.yaml")], capsys)
+    assert code == 2 and f"model {model!r} could not be loaded" in err and "builtin:tiny-llama" in err, err
 
 
 def test_set_override_errors_name_the_field(tmp_path: Path, capsys, no_model) -> None:

@@ -212,7 +212,8 @@ def load_model(auto_class: Any, name: str, **kwargs: Any) -> PreTrainedModel:
 
 @contextmanager
 def _loading(name: str) -> Iterator[None]:
-    """Turn transformers' refusals (remote code, no safetensors weights) into :class:`UserError`."""
+    """Turn transformers' refusals (remote code, no safetensors weights, a model it cannot find)
+    into :class:`UserError`."""
     try:
         yield
     except ValueError as exc:
@@ -222,7 +223,10 @@ def _loading(name: str) -> Iterator[None]:
                         "it unless the config sets trust_remote_code: true (read the code first)") from None
     except OSError as exc:
         if "safetensors" not in str(exc):
-            raise
+            known = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            raise UserError(f"model {name!r} could not be loaded: {str(exc).splitlines()[0]} Give one of {known}, "
+                            "a local model directory, or a hub id on a machine that can reach the hub "
+                            "(it is cached after the first download)") from None
         raise UserError(f"model {name!r} has no safetensors weights (model.safetensors); losslab does not load "
                         "pickle-based weights such as pytorch_model.bin, which can run code when loaded. Convert "
                         "them once where you trust the file: model.save_pretrained(dir) writes safetensors") from None

@@ -113,3 +113,33 @@ def test_num_proc_is_refused_for_tasks_that_do_not_use_it(tmp_path):
     path.write_text("task: sequence_classification\noutput_dir: out\ndata:\n  train: builtin:sentiment\n  num_proc: 2\n")
     with pytest.raises(UserError, match="num_proc > 1 is for causal_lm"):
         load_config(TrainConfig, path)
+
+
+def test_parquet_values_json_cannot_hold_are_judged_like_one_process(tmp_path, smollm2_tokenizer):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    created = [datetime.datetime(2024, 1, 1), datetime.datetime(2024, 1, 2)]
+    pq.write_table(pa.table({"instruction": ["say hi", "say bye"], "output": ["hi", "bye"], "created": created}), path)
+    config = MaskConfig(on_error="skip")
+    want_samples, want = reference(path, smollm2_tokenizer, config)
+    stats = BuildStats()
+    got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache", stats=stats)
+    assert got == want_samples == [] and stats.summary() == want.summary()
+    assert stats.skipped.examples == [f"{path}:1: field 'created': Extra inputs are not permitted",
+                                      f"{path}:2: field 'created': Extra inputs are not permitted"]
+
+
+def test_a_template_file_is_fingerprinted_by_its_contents_also_under_home(tmp_path, smollm2_tokenizer, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = write_records(tmp_path / "train.jsonl")
+    template = tmp_path / "t.jinja"
+    for tag in ("A", "B"):  # same path, edited file: the second build must not reuse the first's cache
+        template.write_text("{% for m in messages %}" + tag + "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+        config = MaskConfig(template="~/t.jinja", on_error="skip")
+        got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=tmp_path / "cache")
+        assert got == reference(path, smollm2_tokenizer, config)[0]
+        assert smollm2_tokenizer.decode(got[0]["input_ids"]).startswith(f"{tag}user")

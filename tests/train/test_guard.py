@@ -206,3 +206,34 @@ def test_resume_from_the_final_checkpoint_does_no_extra_step(tmp_path: Path) -> 
     assert again == first and again["train/steps"] == 3
     for name, tensor in weights(tmp_path / "run").items():
         torch.testing.assert_close(tensor, before[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("interrupt", [True, False])
+def test_save_total_limit_1_with_a_best_model_keeps_what_a_rerun_needs(tmp_path: Path, interrupt: bool) -> None:
+    """At save_total_limit 1 the Trainer's end of training deletes every checkpoint but the best.
+    After Ctrl-C the newest checkpoint is the resume point and must stay; after a normal end only
+    the best stays (as in the Trainer), and the others are deleted marker first."""
+    import os
+    import signal
+
+    from losslab.train.guard import Interrupted
+
+    data = config(tmp_path / "out", max_steps=5, save_steps=None, eval_steps=1, save_total_limit=1,
+                  early_stopping_patience=100, greater_is_better=True)  # the loss falls, so the "best" is step 1
+    data["data"]["validation"] = "builtin:chatterbot"
+    data["data"]["max_eval_samples"] = 8
+    cfg = TrainConfig.model_validate(data)
+
+    def hook(step: int, metrics) -> None:
+        if interrupt and step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "out"
+    if interrupt:
+        with pytest.raises(Interrupted, match="checkpoint saved in .*checkpoint-4"):
+            train_run.train(cfg, on_evaluate=hook)
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
+        assert last_complete_checkpoint(out) == str(out / "checkpoint-4")
+    else:
+        train_run.train(cfg, on_evaluate=hook)
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +49,23 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One entry per field: ``field 'path': message`` (the alternatives of a union joined by "or")."""
     problems: dict[str, list[str]] = {}
     for err in exc.errors():
-        # a union (``str | int``) adds its member types to the path: drop them
-        loc = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or _FIELD.fullmatch(p)) or "record"
+        # a union (``str | int``) adds its member types to the path: drop them, but never the
+        # name of an unknown key, whatever it looks like (``Unnamed: 0``, ``größe``, ``str``)
+        *parents, last = err["loc"] or ("record",)
+        kept = [p for p in parents if not _union_member(p)]
+        if err["type"] == "extra_forbidden" or not _union_member(last):
+            kept.append(last)
+        loc = ".".join(str(p) for p in kept) or "record"
         message = err["msg"].removeprefix("Value error, ")
         if message not in problems.setdefault(loc, []):
             problems[loc].append(message)
     return "; ".join(f"field {loc!r}: {' or '.join(msgs)}" for loc, msgs in problems.items())
 
 
-_FIELD = re.compile(r"(?!(?:str|int|float|bool)$)[A-Za-z_][A-Za-z0-9_]*")
+def _union_member(part: int | str) -> bool:
+    """Whether a ``loc`` part is pydantic's name of a union member (``str``, ``list[str]``,
+    ``function-after[...]``) rather than a field name or an index."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "bytes", "none"} or "[" in part)
 
 
 def parse_json(text: str) -> Any:
@@ -90,8 +98,9 @@ def read_utf8(path: Path, advice: str = "") -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 (byte {exc.start + 1}){advice}", where=f"{path}:{line}") from None
+        start = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
+        line = raw[:start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 (byte {start + 1}){advice}", where=f"{path}:{line}") from None
 
 
 def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
@@ -111,7 +120,8 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
                 try:
                     line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    yield Source(str(path), lineno), _BadJson(f"not UTF-8 (byte {exc.start + 1})")
+                    bom = 3 if lineno == 1 and raw_line.startswith(codecs.BOM_UTF8) else 0  # counted after it
+                    yield Source(str(path), lineno), _BadJson(f"not UTF-8 (byte {exc.start + bom + 1})")
                     continue
                 if not line.strip():
                     continue

@@ -32,6 +32,16 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _int_as_float(v: object) -> object:
+    """A JSON integer as a float (a bool stays a bool, to be refused); too large: a ``ValueError``."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        return v
+    try:
+        return float(v)
+    except OverflowError:
+        raise ValueError(f"number {str(v)[:20]}... is too large for a float") from None
+
+
 class Message(_Record):
     role: Role
     content: Text
@@ -40,7 +50,7 @@ class Message(_Record):
     @field_validator("weight", mode="before")
     @classmethod
     def _int_weight(cls, v: object) -> object:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        return _int_as_float(v)
 
 
 class ChatRecord(_Record):
@@ -87,7 +97,7 @@ class PreferenceRecord(_Record):
     @field_validator("margin", mode="before")
     @classmethod
     def _int_margin(cls, v: object) -> object:
-        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        return _int_as_float(v)
 
     @field_validator("rejected")
     @classmethod

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from losslab.data.records import Source, _BadJson, describe_validation_error, iter_raw_records
 from losslab.errors import UserError
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, file_schema
+from losslab.masking.render import load_template
 from losslab.masking.spans import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -104,9 +105,8 @@ def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None
     tok = builder.tokenizer
     cfg = asdict(builder.config)
     cfg.pop("on_error")  # applied when the results are read, not cached
-    template = cfg.get("template")
-    if template and len(template) < 4096 and Path(template).is_file():
-        cfg["template"] = Path(template).read_text(encoding="utf-8")
+    if cfg.get("template"):  # the text, whether given inline or as a file (contents, not its name)
+        cfg["template"] = load_template(cfg["template"])
     add([CACHE_FORMAT, __version__, schema, limit, cfg, type(tok).__name__])
     add(tok.backend_tokenizer.to_str())
     add([getattr(tok, "chat_template", None), tok.special_tokens_map, tok.bos_token_id, tok.eos_token_id,
@@ -125,22 +125,32 @@ def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any
     valid = 0
     for source, raw in iter_raw_records(path):
         message = raw.message if isinstance(raw, _BadJson) else None
-        if limit is not None and message is None and isinstance(raw, dict) and _is_valid(schema, raw):
+        if limit is not None and message is None and _validation_message(schema, raw) is None:
             if valid >= limit:
                 break
             valid += 1
+        text = None
+        if message is None:
+            try:
+                text = json.dumps(raw)  # ASCII: a lone surrogate stays an escape
+            except TypeError:  # a csv/parquet value JSON cannot hold (a timestamp, bytes): judged here
+                message = _validation_message(schema, raw)
+                text = None if message else json.dumps(raw, default=str)
         rows["line"].append(source.line)
-        rows["raw"].append(None if message is not None else json.dumps(raw))  # ASCII: a lone surrogate stays an escape
+        rows["raw"].append(text)
         rows["bad"].append(message)
     return rows
 
 
-def _is_valid(schema: type, raw: dict) -> bool:
+def _validation_message(schema: type, raw: Any) -> str | None:
+    """What the workers would say about ``raw`` (None: valid)."""
+    if not isinstance(raw, dict):
+        return f"expected a JSON object, got {type(raw).__name__}"
     try:
         schema.model_validate(raw)
-        return True
-    except ValidationError:
-        return False
+        return None
+    except ValidationError as exc:
+        return describe_validation_error(exc)
 
 
 def _features() -> Any:

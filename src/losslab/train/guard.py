@@ -282,6 +282,25 @@ class StepGuard:
             mark_complete(folder, {"step": state.global_step, "nonfinite_steps": self.nonfinite_steps})
             rotate_checkpoints(folder.parent, limit, state.best_model_checkpoint)
 
+    def _finalize_training(self, trial: Any, *rest: Any, **kwargs: Any) -> Any:
+        """The Trainer's end of training. At ``save_total_limit: 1`` with a best model it deletes
+        every checkpoint but the best one: after Ctrl-C that would delete the checkpoint a rerun
+        resumes from, so then nothing is deleted; otherwise each loses its marker first."""
+        args, state = self.args, self.state  # type: ignore[attr-defined]
+        limit = args.save_total_limit
+        args.save_total_limit = None
+        try:
+            result = super()._finalize_training(trial, *rest, **kwargs)  # type: ignore[misc]
+        finally:
+            args.save_total_limit = limit
+        best = state.best_model_checkpoint
+        if limit == 1 and best and args.should_save and not self.stopping:
+            for _, path in checkpoints(self._get_output_dir(trial=trial)):  # type: ignore[attr-defined]
+                if path.resolve() != Path(best).resolve():
+                    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+                    shutil.rmtree(path, ignore_errors=True)
+        return result
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint,
         and a named checkpoint must be complete."""
