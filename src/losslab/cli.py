@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -126,10 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"losslab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 speaks for every process
+            return 130
         print(f"losslab: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         if args.command in ("train", "compare"):
             command = shlex.join(["losslab", *(sys.argv[1:] if argv is None else argv)])
-            print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
+            if "LOCAL_RANK" in os.environ:
+                print("losslab: to resume, run the same launch command again (torchrun / accelerate launch ...)",
+                      file=sys.stderr)
+            else:
+                print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
         return 130
 
 

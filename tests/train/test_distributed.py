@@ -58,3 +58,47 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     # vs one process) moves an update by up to a few 1e-6; 1e-5 is 1% of one step at lr 1e-3.
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ctrl_c_under_torchrun_saves_a_checkpoint_and_a_rerun_ends_with_the_same_weights(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches torchrun and both workers, and torchrun forwards it to them
+    again: the workers must take the two as one request, agree on a step, save it and stop."""
+    import signal
+    import time
+
+    torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    data = config(tmp_path / "out", batch_size=2)
+    data["training"].update(max_steps=120, save_steps=5, lr=1e-3)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "losslab.cli", "train", "c.yaml"]
+    out = tmp_path / "out"
+    with (tmp_path / "stopped.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not (out / "checkpoint-5" / "losslab_checkpoint.json").is_file():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+        proc.wait(timeout=120)
+    text = (tmp_path / "stopped.log").read_text()
+    assert proc.returncode != 0 and "stopping after this step with a checkpoint" in text, text[-3000:]
+    assert "src/losslab" not in text, text[-3000:]  # no traceback from a worker (torchrun's own agent prints one)
+    assert text.count("losslab: to resume, run the same launch command again") == 1, text[-3000:]  # rank 0 only
+    assert not (out / "metrics.json").exists()
+    from losslab.train.guard import last_complete_checkpoint
+
+    last = last_complete_checkpoint(out)
+    stopped_at = int(Path(last).name.split("-")[1])
+    assert 5 <= stopped_at < 120, text[-3000:]
+    assert f"stopped after step {stopped_at}, checkpoint saved in {last}" in text, text[-3000:]  # saved at the stop
+    run(cmd, tmp_path)  # the same command: resumes and finishes
+    straight = tmp_path / "straight"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({**data, "output_dir": str(straight)}))
+    run([*cmd[:-1], "s.yaml"], tmp_path)
+    assert [r["loss"] for r in steps(out)][-3:] == pytest.approx([r["loss"] for r in steps(straight)][-3:], rel=1e-5)
+    wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -237,3 +237,24 @@ def test_save_total_limit_1_with_a_best_model_keeps_what_a_rerun_needs(tmp_path:
     else:
         train_run.train(cfg, on_evaluate=hook)
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_a_stop_signal_forwarded_by_a_launcher_is_one_request(monkeypatch) -> None:
+    import os
+    import signal
+
+    from losslab.train import guard
+
+    class Fake:
+        stop_requested = False
+
+    trainer = Fake()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with guard.stop_on_signals(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher's forward, a moment later: the same request
+        monkeypatch.setattr(guard, "REPEAT_AFTER_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):  # asked again later: stop at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -1,4 +1,4 @@
-"""Numerics and faults on the ``transformers.Trainer``: non-finite steps, complete checkpoints, SIGINT.
+"""Numerics and faults on the ``transformers.Trainer``: non-finite steps, complete checkpoints, SIGINT/SIGTERM.
 
 :class:`StepGuard` is a mixin for a ``Trainer`` subclass
 (:class:`~losslab.train.trainer.LosslabTrainer` uses it):
@@ -20,9 +20,11 @@
   :func:`remove_incomplete_checkpoints` deletes them before a resume.
   (A temporary folder renamed into place would need the Trainer to save elsewhere than
   ``output_dir/checkpoint-N``, which it does not allow without re-implementing its save.)
-- **SIGINT.** :func:`stop_on_sigint` turns the first Ctrl-C into a request: the Trainer
-  finishes the current optimizer step, saves a checkpoint and stops (all processes agree,
-  through the same all-reduce); a second Ctrl-C interrupts at once.
+- **SIGINT, SIGTERM.** :func:`stop_on_signals` turns the first Ctrl-C or SIGTERM (a cluster's
+  preemption or time limit, a launcher's shutdown) into a request: the Trainer finishes the
+  current optimizer step, saves a checkpoint and stops (all processes agree, through the same
+  all-reduce); the launcher's forward of the same signal is recognised, and a second Ctrl-C
+  later interrupts at once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,7 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run stopped on SIGINT after saving a checkpoint; rerunning the command resumes it."""
+    """The run stopped on SIGINT or SIGTERM after saving a checkpoint; rerunning the command resumes it."""
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class _StopAfterStep(TrainerCallback):
 
 class StepGuard:
     """Mixin for a ``transformers.Trainer`` subclass: skips and counts non-finite optimizer
-    steps, writes checkpoints with a completion marker, stops cleanly on request (SIGINT).
+    steps, writes checkpoints with a completion marker, stops cleanly on request (SIGINT, SIGTERM).
     See the module docstring. ``max_nonfinite_steps``: the run stops at the N-th skipped step.
 
     Attributes: ``nonfinite_steps`` (the skipped steps, 1-based like the log's ``step``; kept
@@ -333,22 +336,37 @@ class StepGuard:
             os.replace(tmp, target)
 
 
+# A launcher passes a stop signal on to its workers (torchrun forwards SIGINT/SIGTERM; a
+# terminal's Ctrl-C also reaches every process of the group directly), so a worker gets the same
+# request twice within milliseconds; only a repeat after this many seconds means "stop at once".
+REPEAT_AFTER_S = 1.0
+
+
 @contextlib.contextmanager
-def stop_on_sigint(trainer: StepGuard) -> Iterator[None]:
-    """Within the block, the first SIGINT asks ``trainer`` to stop after the current step (with
-    a checkpoint); a second one raises ``KeyboardInterrupt`` at once. Outside the main thread
-    this does nothing."""
+def stop_on_signals(trainer: StepGuard) -> Iterator[None]:
+    """Within the block, the first SIGINT or SIGTERM asks ``trainer`` to stop after the current
+    step (with a checkpoint; every process agrees on the step); the same request again within
+    ``REPEAT_AFTER_S`` is taken as the launcher's forward of it, a later one raises
+    ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    first: list[float] = []
 
     def handler(signum: int, frame: Any) -> None:
-        trainer.stop_requested = True
-        print("\nlosslab: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+            trainer.stop_requested = True
+            name = signal.Signals(signum).name
+            print(f"\nlosslab: {name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                  flush=True)
+        elif now - first[0] > REPEAT_AFTER_S:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)

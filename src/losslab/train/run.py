@@ -4,7 +4,7 @@ Outputs in ``output_dir``: ``config.yaml`` (resolved), ``checkpoint-*`` (safeten
 resume), ``model/`` (final weights, safetensors), ``log.jsonl`` (every loss term per step),
 ``metrics.json`` (final evaluation; written last, so its presence means the run finished).
 Rerunning the same command resumes from the last complete checkpoint (see
-:mod:`losslab.train.guard`: incomplete checkpoints, non-finite steps, SIGINT).
+:mod:`losslab.train.guard`: incomplete checkpoints, non-finite steps, SIGINT and SIGTERM).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     from transformers import EarlyStoppingCallback, set_seed
 
     from losslab.train.hooks import EvaluationHookCallback
-    from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_sigint
+    from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_signals
     from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
     out = Path(config.output_dir)
@@ -120,7 +120,7 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         write_summary(out, run.summary)
     if last:
         print(f"resuming from {last}")
-    with stop_on_sigint(trainer):
+    with stop_on_signals(trainer):
         trainer.train(resume_from_checkpoint=last)
     if trainer.stopping:
         raise Interrupted(f"stopped after step {trainer.state.global_step}, checkpoint saved in "
