@@ -258,3 +258,29 @@ def test_a_stop_signal_forwarded_by_a_launcher_is_one_request(monkeypatch) -> No
         with pytest.raises(KeyboardInterrupt):  # asked again later: stop at once
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_with_data_loader_workers_stops_once_with_a_checkpoint(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C also reaches the forked data-loader workers, which inherit the handler."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(out, max_steps=300, save_steps=5, dataloader_workers=2)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "log.txt").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", str(tmp_path / "c.yaml")], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while not (out / "checkpoint-5" / COMPLETE_MARKER).is_file():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    text = (tmp_path / "log.txt").read_text()
+    assert text.count("stopping after this step with a checkpoint") == 1 and "Traceback" not in text, text[-3000:]
+    last = last_complete_checkpoint(out)
+    assert f"checkpoint saved in {last}" in text and not (out / "metrics.json").exists(), text[-3000:]

@@ -352,8 +352,11 @@ def stop_on_signals(trainer: StepGuard) -> Iterator[None]:
         yield
         return
     first: list[float] = []
+    owner = os.getpid()
 
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked data-loader worker: it keeps serving until the run stops it
+            return
         now = time.monotonic()
         if not first:
             first.append(now)
