@@ -127,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"losslab: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        status = getattr(exc, "exit_status", 130)  # 143 after SIGTERM
         if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 speaks for every process
-            return 130
+            return status
         print(f"losslab: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
         if args.command in ("train", "compare"):
             command = shlex.join(["losslab", *(sys.argv[1:] if argv is None else argv)])
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       file=sys.stderr)
             else:
                 print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
-        return 130
+        return status
 
 
 if __name__ == "__main__":

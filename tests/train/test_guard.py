@@ -4,6 +4,7 @@ after the limit, batches with no trained token, incomplete checkpoints, log repa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from losslab import cli
 from losslab.losses.registry import build_composite
 from losslab.train import run as train_run
 from losslab.train.config import TrainConfig
-from losslab.train.guard import (COMPLETE_MARKER, keep_log_rows, last_complete_checkpoint, read_marker,
+from losslab.train.guard import (COMPLETE_MARKER, is_complete, keep_log_rows, last_complete_checkpoint, read_marker,
                                  remove_incomplete_checkpoints, rotate_checkpoints)
 from losslab.train.tasks.causal_lm import build
 from losslab.train.trainer import LosslabTrainer
@@ -239,29 +240,113 @@ def test_save_total_limit_1_with_a_best_model_keeps_what_a_rerun_needs(tmp_path:
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_a_stop_signal_forwarded_by_a_launcher_is_one_request(monkeypatch) -> None:
+class _Asked:
+    stop_requested = False
+    stop_signal = None
+
+
+@pytest.mark.parametrize("launcher", [False, True], ids=["alone", "under_torchrun"])
+def test_one_request_delivered_twice_is_one_request(monkeypatch, launcher: bool) -> None:
+    """Alone, a repeat within REPEAT_AFTER_S is the same request and a later one stops at once;
+    under a launcher the second delivery never stops at once, however late it is handled (a
+    cluster signals the worker and torchrun forwards it too), the third does."""
     import os
     import signal
 
     from losslab.train import guard
 
-    class Fake:
-        stop_requested = False
-
-    trainer = Fake()
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(guard, "REPEAT_AFTER_S", 0.0 if launcher else 3600.0)
+    trainer = _Asked()
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with guard.stop_on_signals(trainer):
         os.kill(os.getpid(), signal.SIGTERM)
-        assert trainer.stop_requested
-        os.kill(os.getpid(), signal.SIGINT)  # the launcher's forward, a moment later: the same request
-        monkeypatch.setattr(guard, "REPEAT_AFTER_S", 0.0)
-        with pytest.raises(KeyboardInterrupt):  # asked again later: stop at once
+        assert trainer.stop_requested and trainer.stop_signal == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)  # the second delivery: the same request
+        if not launcher:
+            monkeypatch.setattr(guard, "REPEAT_AFTER_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):  # asked again: stop at once
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def test_ctrl_c_with_data_loader_workers_stops_once_with_a_checkpoint(tmp_path: Path) -> None:
-    """A terminal's Ctrl-C also reaches the forked data-loader workers, which inherit the handler."""
+def _children() -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path) -> None:
+    """The Trainer's loaders (train, eval, test; accelerate's wrappers around torch's DataLoader)
+    start workers that ignore both signals, after the Trainer's own seeding."""
+    import signal
+    import time
+
+    from losslab.train.guard import WorkerIgnoresStopSignals
+
+    cfg = TrainConfig.model_validate(config(tmp_path / "out", dataloader_workers=2))
+    task = build(cfg)
+    trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
+                             train_dataset=task.train, eval_dataset=task.train[:8], data_collator=task.collator,
+                             loss_func=task.make_loss_func(build_composite(cfg.loss.terms)))
+    train = trainer.get_train_dataloader()
+    init = train.base_dataloader.worker_init_fn
+    assert isinstance(init, WorkerIgnoresStopSignals) and init.inner is not None  # the Trainer's seeding kept
+    for loader in (trainer.get_eval_dataloader(), trainer.get_test_dataloader(task.train[:8])):
+        assert isinstance(loader.base_dataloader.worker_init_fn, WorkerIgnoresStopSignals)
+        assert not isinstance(loader.base_dataloader.worker_init_fn.inner, WorkerIgnoresStopSignals)
+    before = set(_children())
+    batches = iter(train)
+    got = [next(batches), next(batches)]  # one from each worker: both have started
+    workers = sorted(set(_children()) - before)
+    assert len(workers) == 2, workers
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1.0)
+    got += list(batches)
+    assert len(got) == len(task.train) // BATCH
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
+    """Workers with WorkerIgnoresStopSignals keep serving after SIGTERM and SIGINT (a cluster, a
+    terminal or killpg reaches them too); without it a worker dies on SIGTERM (PyTorch's
+    handler), and on SIGINT when spawned, and the next batch raises "DataLoader worker ... exited".
+    (A spawned worker still starting up, before its worker_init_fn, is not covered.)"""
+    import os
+    import signal
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from losslab.train.guard import WorkerIgnoresStopSignals
+
+    loader = DataLoader(list(range(40)), batch_size=4, num_workers=2, multiprocessing_context=context,
+                        worker_init_fn=WorkerIgnoresStopSignals())
+    batches = iter(loader)
+    first = [next(batches), next(batches)]  # one from each worker: both have started
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(1.0)
+    assert all(w.is_alive() for w in batches._workers)
+    assert torch.cat([*first, *batches]).tolist() == list(range(40))
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_with_a_checkpoint(
+        tmp_path: Path, signame: str) -> None:
+    """Ctrl-C in a terminal, or SIGTERM to the process group (a cluster, killpg), also reaches the
+    data-loader workers: they keep serving, the run stops once, with a checkpoint, exit 128 + signal."""
     import os
     import signal
     import subprocess
@@ -278,9 +363,34 @@ def test_ctrl_c_with_data_loader_workers_stops_once_with_a_checkpoint(tmp_path: 
         while not (out / "checkpoint-5" / COMPLETE_MARKER).is_file():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        os.killpg(proc.pid, getattr(signal, signame))
+        assert proc.wait(timeout=120) == 128 + getattr(signal, signame), (tmp_path / "log.txt").read_text()[-3000:]
     text = (tmp_path / "log.txt").read_text()
     assert text.count("stopping after this step with a checkpoint") == 1 and "Traceback" not in text, text[-3000:]
     last = last_complete_checkpoint(out)
     assert f"checkpoint saved in {last}" in text and not (out / "metrics.json").exists(), text[-3000:]
+
+
+def test_a_stop_asked_after_the_last_step_check_still_stops_before_evaluation(tmp_path: Path, monkeypatch) -> None:
+    """Asked during the last step, after every process agreed on it: training completes with its
+    final checkpoint, then the run stops instead of going on to evaluate; a rerun does no step."""
+    from losslab.train.guard import Interrupted, StepGuard
+
+    real = StepGuard._get_grad_norm
+
+    def last_step_asks(self, model, grad_norm=None):
+        result = real(self, model, grad_norm)
+        if self.state.global_step + 1 == self.state.max_steps:
+            self.stop_requested, self.stop_signal = True, 15
+        return result
+
+    monkeypatch.setattr(StepGuard, "_get_grad_norm", last_step_asks)
+    out = tmp_path / "out"
+    cfg = TrainConfig.model_validate(config(out))
+    with pytest.raises(Interrupted, match=f"stopped after step 6, checkpoint saved in {out / 'checkpoint-6'}") as stop:
+        train_run.train(cfg)
+    assert stop.value.exit_status == 143
+    assert is_complete(out / "checkpoint-6") and not (out / "model").exists() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(StepGuard, "_get_grad_norm", real)
+    metrics = train_run.train(cfg)
+    assert metrics["train/steps"] == 6 and len([r for r in rows(out / "log.jsonl") if "grad_norm" in r]) == 6

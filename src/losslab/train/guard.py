@@ -23,8 +23,9 @@
 - **SIGINT, SIGTERM.** :func:`stop_on_signals` turns the first Ctrl-C or SIGTERM (a cluster's
   preemption or time limit, a launcher's shutdown) into a request: the Trainer finishes the
   current optimizer step, saves a checkpoint and stops (all processes agree, through the same
-  all-reduce); the launcher's forward of the same signal is recognised, and a second Ctrl-C
-  later interrupts at once.
+  all-reduce); the same request reaching a process twice (from a launcher and from a cluster
+  that signals every process of a job) is recognised, and a second Ctrl-C later interrupts at
+  once. Data-loader workers leave both signals to the main process.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run stopped on SIGINT or SIGTERM after saving a checkpoint; rerunning the command resumes it."""
+    """The run stopped on SIGINT or SIGTERM after saving a checkpoint; rerunning the command resumes it.
+    ``exit_status``: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports it."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + int(signum)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
@@ -202,7 +208,8 @@ class StepGuard:
 
     Attributes: ``nonfinite_steps`` (the skipped steps, 1-based like the log's ``step``; kept
     across resume in the checkpoint marker), ``stop_requested`` (set it, e.g. from a signal
-    handler, to stop after the current step), ``stopping`` (True once every process agreed).
+    handler, to stop after the current step), ``stop_signal`` (the signal that asked, if any),
+    ``stopping`` (True once every process agreed).
     """
 
     def __init__(self, *args: Any, max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
@@ -211,6 +218,7 @@ class StepGuard:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps: list[int] = []
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self.stopping = False
         self._loss_nonfinite: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
@@ -297,7 +305,7 @@ class StepGuard:
         finally:
             args.save_total_limit = limit
         best = state.best_model_checkpoint
-        if limit == 1 and best and args.should_save and not self.stopping:
+        if limit == 1 and best and args.should_save and not (self.stopping or self.stop_requested):
             for _, path in checkpoints(self._get_output_dir(trial=trial)):  # type: ignore[attr-defined]
                 if path.resolve() != Path(best).resolve():
                     (path / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -318,6 +326,21 @@ class StepGuard:
             self.nonfinite_steps = list(read_marker(resume_from_checkpoint).get("nonfinite_steps", []))
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 
+    def get_train_dataloader(self) -> Any:
+        return _workers_leave_stop_signals(super().get_train_dataloader())  # type: ignore[misc]
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        return _workers_leave_stop_signals(super().get_eval_dataloader(eval_dataset))  # type: ignore[misc]
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        return _workers_leave_stop_signals(super().get_test_dataloader(test_dataset))  # type: ignore[misc]
+
+    def stop_if_requested_late(self) -> None:
+        """After ``train()``: a stop asked for after the last step's check (on any process) still
+        stops the run, before any evaluation; training is complete and its final checkpoint saved."""
+        if not self.stopping:
+            self.stopping = any_process(torch.tensor([self.stop_requested], device=self.args.device))[0]  # type: ignore[attr-defined]
+
     def save_model_atomic(self, output_dir: str | os.PathLike[str]) -> None:
         """``save_model`` into a temporary folder next to ``output_dir``, then renamed into place
         (non-finite weights are refused)."""
@@ -336,35 +359,72 @@ class StepGuard:
             os.replace(tmp, target)
 
 
-# A launcher passes a stop signal on to its workers (torchrun forwards SIGINT/SIGTERM; a
-# terminal's Ctrl-C also reaches every process of the group directly), so a worker gets the same
-# request twice within milliseconds; only a repeat after this many seconds means "stop at once".
+class WorkerIgnoresStopSignals:
+    """A data loader's ``worker_init_fn`` (wrapping the one it had): the worker ignores SIGINT and
+    SIGTERM, which a terminal, a cluster or ``killpg`` also send to it, and keeps serving batches
+    until the main process has saved and stops it. Without it a worker dies on SIGTERM (PyTorch's
+    handler), or on SIGINT when not forked, and the run ends with "DataLoader worker exited
+    unexpectedly" and no checkpoint. A signal that reaches a worker before this runs still ends
+    it: a spawned worker's first second, while Python starts; for a forked worker, a SIGTERM in
+    the moment between PyTorch's worker handler and this."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def _workers_leave_stop_signals(loader: Any) -> Any:
+    base = getattr(loader, "base_dataloader", loader)  # accelerate's adapters iterate the DataLoader they wrap
+    if getattr(base, "num_workers", 0) and not isinstance(base.worker_init_fn, WorkerIgnoresStopSignals):
+        base.worker_init_fn = WorkerIgnoresStopSignals(base.worker_init_fn)
+    return loader
+
+
+# Two deliveries of one stop request: a launcher forwards the signal to its workers, and a cluster
+# (SLURM) or a terminal may signal the worker directly as well. Python runs a handler only when
+# the main thread is back from C code (a backward pass, a collective), possibly seconds after the
+# signal arrived, so the time between two handler calls says little. Without a launcher a repeat
+# within REPEAT_AFTER_S is still taken as the same request; under a launcher the second signal
+# never means "stop at once", only a third does (the launcher's own shutdown timeout also ends it).
 REPEAT_AFTER_S = 1.0
+
+
+def _under_launcher() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
 @contextlib.contextmanager
 def stop_on_signals(trainer: StepGuard) -> Iterator[None]:
     """Within the block, the first SIGINT or SIGTERM asks ``trainer`` to stop after the current
-    step (with a checkpoint; every process agrees on the step); the same request again within
-    ``REPEAT_AFTER_S`` is taken as the launcher's forward of it, a later one raises
-    ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
+    step (with a checkpoint; every process agrees on the step; ``trainer.stop_signal`` records
+    which). A later one raises ``KeyboardInterrupt`` at once: without a launcher, a repeat more
+    than ``REPEAT_AFTER_S`` after the first; under torchrun / accelerate launch, the third signal.
+    The handlers before the block are restored after it. Outside the main thread this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    first: list[float] = []
+    seen: list[float] = []
     owner = os.getpid()
+    launcher = _under_launcher()
 
     def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked data-loader worker: it keeps serving until the run stops it
+        if os.getpid() != owner:  # a forked data-loader worker before its worker_init_fn: not its business
             return
         now = time.monotonic()
-        if not first:
-            first.append(now)
+        seen.append(now)
+        if len(seen) == 1:
             trainer.stop_requested = True
-            name = signal.Signals(signum).name
-            print(f"\nlosslab: {name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
-                  flush=True)
-        elif now - first[0] > REPEAT_AFTER_S:
+            trainer.stop_signal = signum
+            if os.environ.get("RANK", "0") == "0":
+                name = signal.Signals(signum).name
+                again = "" if launcher else " (Ctrl-C again to stop at once)"
+                print(f"\nlosslab: {name}: stopping after this step with a checkpoint{again}", flush=True)
+        elif (len(seen) >= 3) if launcher else (now - seen[0] > REPEAT_AFTER_S):
             raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -372,4 +432,4 @@ def stop_on_signals(trainer: StepGuard) -> Iterator[None]:
         yield
     finally:
         for sig, before in previous.items():
-            signal.signal(sig, before)
+            signal.signal(sig, signal.SIG_DFL if before is None else before)  # None: a handler set outside Python

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,9 +123,10 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
         print(f"resuming from {last}")
     with stop_on_signals(trainer):
         trainer.train(resume_from_checkpoint=last)
+        trainer.stop_if_requested_late()
     if trainer.stopping:
         raise Interrupted(f"stopped after step {trainer.state.global_step}, checkpoint saved in "
-                          f"{out / f'checkpoint-{trainer.state.global_step}'}")
+                          f"{last_complete_checkpoint(out)}", signum=trainer.stop_signal or signal.SIGINT)
     trainer.save_model_atomic(out / "model")
     metrics: dict[str, float] = {"train/steps": float(trainer.state.global_step),
                                  "train/nonfinite_steps": float(len(trainer.nonfinite_steps))}
