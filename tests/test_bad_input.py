@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import losslab.models
 from losslab.cli import main
 from losslab.config import load_yaml, validate
-from losslab.data.records import SkipLog, load_records
+from losslab.data.records import SKIP_HINT, SkipLog, load_records
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.losses.registry import build_composite
@@ -160,7 +160,7 @@ def test_bad_record_names_file_line_field_or_is_counted(tmp_path: Path, schema: 
     skipped = SkipLog()
     kept = list(load_records(path, SCHEMAS[schema], on_error="skip", skipped=skipped))
     assert [s.line for s, _ in kept] == [1, 3]
-    assert skipped.count == 1 and skipped.examples == [message.split(" (set on_error")[0]]
+    assert skipped.count == 1 and skipped.examples == [message.split(" (to skip such records")[0]]
 
 
 @pytest.mark.parametrize(("bad", "expected"), [
@@ -266,7 +266,7 @@ def test_fuzz_any_bytes_give_records_errors_or_counted_skips(tmp_path_factory, s
     if skipped.count:
         with pytest.raises(UserError) as info:
             list(load_records(path, SCHEMAS[schema]))
-        assert str(info.value) == skipped.examples[0] + " (set on_error: skip to skip such records)"
+        assert str(info.value) == skipped.examples[0] + SKIP_HINT
 
 
 def _mutations() -> st.SearchStrategy[tuple[str, str, Any]]:
@@ -454,16 +454,16 @@ CONFIG_CASES: list[tuple[str, str, int | None]] = [
     ("loss:\n  chunk_size: 0\n", "loss.chunk_size", 7),
     ("loss:\n  terms: [3]\n", "loss.terms.0", 7),
     ("loss:\n  terms: {name: mse}\n", "loss.terms", 7),
-    ("loss:\n  terms: [{name: cross_entropyy}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{weight: 1}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, gama: 2}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, weight: true}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: {a: 1}}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, weight: .nan}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, weight: {schedule: exponential, start: 0, end: 1}}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, weight: {schedule: cosine, start: 0}}]\n", "loss.terms[0]", None),
-    ("loss:\n  terms: [{name: focal, weight: {schedule: linear, start: 0, end: 1, warmup_steps: -3}}]\n", "loss.terms[0]", None),
-    ("data.train", "data.train", None),  # data file that does not exist (see _config)
+    ("loss:\n  terms: [{name: cross_entropyy}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{weight: 1}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, gama: 2}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, weight: true}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: {a: 1}}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, weight: .nan}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, weight: {schedule: exponential, start: 0, end: 1}}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, weight: {schedule: cosine, start: 0}}]\n", "loss.terms.0", 7),
+    ("loss:\n  terms: [{name: focal, weight: {schedule: linear, start: 0, end: 1, warmup_steps: -3}}]\n", "loss.terms.0", 7),
+    ("data.train", "data.train", 5),  # data file that does not exist (see _config)
     ("data:\n  max_length: 4\n", "data.max_length", 5),
     ("data:\n  max_length: 100000000000000000000000\n", "data.max_length", 5),
     ("data:\n  on_error: ignore\n", "data.on_error", 5),

@@ -41,6 +41,7 @@ def test_unknown_key_names_file_line_field(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         load_config(Outer, path)
     assert f"{path}:4: field 'training.stepz': unknown key" in str(info.value)
+    assert f"the keys are the fields of {Outer.__module__}.Outer" in str(info.value)
 
 
 def test_out_of_range_value(tmp_path: Path) -> None:
@@ -69,3 +70,28 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
 def test_bad_overrides(bad: str) -> None:
     with pytest.raises(UserError):
         apply_overrides({"name": "a"}, [bad])
+
+
+def test_errors_in_overridden_values_name_the_override_not_the_file(tmp_path: Path) -> None:
+    """The line of training.lr in the file holds a good value: the bad one came from --set."""
+    path = write(tmp_path, "name: a\ntraining:\n  lr: 0.1\n  steps: 3\n")
+    cases = {
+        "training.lr=-1": "--set training.lr=-1: field 'training.lr': Input should be greater than 0",
+        "bogus=1": "--set bogus=1: field 'bogus': unknown key",
+        "training={lr: 0}": "--set training={lr: 0}: field 'training.lr'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UserError) as info:
+            load_config(Outer, path, [override])
+        assert message in str(info.value) and str(path) not in str(info.value), str(info.value)
+    with pytest.raises(UserError) as info:  # an error in the file next to a good override: the file's line
+        load_config(Outer, write(tmp_path, "name: a\ntraining:\n  lr: -1\n"), ["training.steps=2"])
+    assert "c.yaml:3: field 'training.lr'" in str(info.value)
+
+
+def test_config_file_where_names_line_or_override(tmp_path: Path) -> None:
+    from losslab.config import read_config
+
+    path = write(tmp_path, "name: a\nterms:\n  - {name: x}\n  - {name: y}\n")
+    assert read_config(path).where("terms", "1") == f"{path}:4: field 'terms.1'"
+    assert read_config(path, ["terms=[{name: z}]"]).where("terms", "0") == "--set terms=[{name: z}]: field 'terms.0'"

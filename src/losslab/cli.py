@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the output here instead of stdout")
     p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
     p.add_argument("--prompt-style", default="chat_template", help="instruction records: alpaca | chat_template")
-    p.add_argument("--no-mask-prompt", action="store_true", help="instruction records: train the prompt too")
+    p.add_argument("--no-mask-prompt", action="store_true", help="train the prompt too: instruction records train prompt and response, chats train every turn (mask all)")
     p.add_argument("--max-length", type=int, default=None, help="truncate samples to this many tokens")
     p.add_argument("--truncation", default="end", choices=["end", "start"], help="which end of a sample to drop when it is too long ('end' keeps the start)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")

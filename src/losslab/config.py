@@ -6,6 +6,7 @@ module only knows YAML and pydantic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,20 +90,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[tuple[str, ...], int] | None = None) -> M:
-    """Validate ``data`` against ``schema``; errors name the file, line (when known) and field."""
+def override_paths(overrides: list[str]) -> dict[tuple[str, ...], str]:
+    """The key path each ``--set KEY=VALUE`` sets, mapped to the override as written."""
+    return {tuple(item.partition("=")[0].strip().split(".")): item for item in overrides if "=" in item}
+
+
+def locate(loc: tuple[str, ...], *, source: str, lines: dict[tuple[str, ...], int] | None = None,
+           overridden: dict[tuple[str, ...], str] | None = None) -> str:
+    """Where the value at key path ``loc`` came from: ``--set KEY=VALUE`` when an override set it
+    (or a mapping around it), else ``FILE:LINE`` of the nearest key written in the file."""
+    for path, item in (overridden or {}).items():
+        if loc[: len(path)] == path:
+            return f"--set {item}"
+    line = _nearest_line(lines or {}, loc)
+    return f"{source}:{line}" if line else source
+
+
+def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[tuple[str, ...], int] | None = None,
+             overridden: dict[tuple[str, ...], str] | None = None) -> M:
+    """Validate ``data`` against ``schema``; errors name the file and line (or the ``--set``
+    override) and the field."""
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = tuple(str(p) for p in err["loc"])
-            line = _nearest_line(lines or {}, loc)
-            where = f"{source}:{line}" if line else source
+            where = locate(loc, source=source, lines=lines, overridden=overridden)
             field = ".".join(loc) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; `losslab train --help` and docs/training.md list the keys)"
+                msg = (f"unknown key (check the spelling; the keys are the fields of {schema.__module__}."
+                       f"{schema.__name__} and its sections, described in the docs)")
             problems.append(f"{where}: field {field!r}: {msg}")
         raise UserError("invalid config:\n  " + "\n  ".join(problems)) from None
 
@@ -115,8 +134,31 @@ def _nearest_line(lines: dict[tuple[str, ...], int], loc: tuple[str, ...]) -> in
     return lines.get(())
 
 
+@dataclass
+class ConfigFile:
+    """A YAML config read and overridden, not yet validated: the mapping, where it came from,
+    the line of every key and the key paths ``--set`` changed."""
+
+    data: dict[str, Any]
+    source: str
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+    overridden: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    def where(self, *loc: str) -> str:
+        """``FILE:LINE: field 'a.b'`` (or ``--set a.b=...: field 'a.b'``) for the key path ``loc``."""
+        return f"{locate(loc, source=self.source, lines=self.lines, overridden=self.overridden)}: field {'.'.join(loc)!r}"
+
+    def validate(self, schema: type[M]) -> M:
+        return validate(schema, self.data, source=self.source, lines=self.lines, overridden=self.overridden)
+
+
+def read_config(path: str | Path, overrides: list[str] | None = None) -> ConfigFile:
+    """Safe-load a YAML config and apply ``--set`` overrides, keeping the lines and what was overridden."""
+    data, lines = load_yaml(path)
+    overrides = overrides or []
+    return ConfigFile(apply_overrides(data, overrides), str(path), lines, override_paths(overrides))
+
+
 def load_config(schema: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
     """Load, override and validate a YAML config before any work starts."""
-    data, lines = load_yaml(path)
-    data = apply_overrides(data, overrides or [])
-    return validate(schema, data, source=str(path), lines=lines)
+    return read_config(path, overrides).validate(schema)

@@ -96,3 +96,14 @@ def test_instruction_options(tmp_path: Path, capsys) -> None:
     assert "«Say hi»{0.5}«<|im_end|>" in out and out.count("«") == 3  # weight 1, 0.5 (user), 1
     assert main(["inspect", str(path), "--role-weight", "user"]) == 2
     assert "--role-weight expects ROLE=WEIGHT" in capsys.readouterr().err
+
+
+def test_a_bad_record_leaves_an_existing_out_file_untouched(tmp_path: Path, capsys) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", json.dumps(RECORD), '{"messages": [{"role": "robot", "content": "x"}]}')
+    out = tmp_path / "view.html"
+    out.write_text("the previous view")
+    assert main(["inspect", str(path), "--format", "html", "--out", str(out)]) == 2
+    assert f"{path}:2" in capsys.readouterr().err
+    assert out.read_text() == "the previous view" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert main(["inspect", str(data(tmp_path)), "--format", "html", "--out", str(out)]) == 0
+    assert "samples: 2" in out.read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from losslab.config import apply_overrides, load_yaml, validate
+from losslab.config import load_yaml, read_config, validate
 from losslab.errors import UserError
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
@@ -143,7 +143,8 @@ class Study:
         line = self.lines.get(("variants", str(index)))
         where = f"{self.source}:{line}" if line else self.source
         config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
-        build_composite(config.loss.terms, total_steps=1, where=f"{where}: variant {variant.name!r}: loss.terms")
+        build_composite(config.loss.terms, total_steps=1,
+                        where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'")
         return config
 
 
@@ -203,9 +204,9 @@ def _check_storage(config: CompareConfig, path: str | Path, lines: dict[tuple[st
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """Load and validate a study file, then every variant x seed training config (no work yet)."""
-    data, lines = load_yaml(path)
-    data = apply_overrides(data, overrides or [])
-    config = validate(CompareConfig, data, source=str(path), lines=lines)
+    file = read_config(path, overrides)
+    lines = file.lines
+    config = file.validate(CompareConfig)
     _check_storage(config, path, lines)
     if config.base_config is not None:
         base_path = (Path(path).parent / config.base_config).resolve()

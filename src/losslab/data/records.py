@@ -15,6 +15,9 @@ from pydantic import BaseModel, ValidationError
 from losslab.errors import UserError
 
 
+SKIP_HINT = " (to skip such records: data.on_error: skip in a config, --on-error skip for losslab inspect)"
+
+
 @dataclass
 class Source:
     """Where a record came from: file and 1-based line (record index for non-line formats)."""
@@ -199,6 +202,6 @@ def load_records(
             except ValidationError as exc:
                 message = describe_validation_error(exc)
         if on_error == "raise":
-            raise UserError(message + " (set on_error: skip to skip such records)", where=str(source))
+            raise UserError(message + SKIP_HINT, where=str(source))
         if skipped is not None:
             skipped.add(f"{source}: {message}")

@@ -253,10 +253,14 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
 
 
 def build_composite(
-    configs: Sequence[Mapping[str, Any]], *, total_steps: int | None = None, where: str = "loss.terms"
+    configs: Sequence[Mapping[str, Any]], *, total_steps: int | None = None,
+    where: str | Callable[[int], str] = "loss.terms",
 ) -> CompositeLoss:
-    """A :class:`CompositeLoss` from a list of term configs (``loss.terms`` in a config file)."""
+    """A :class:`CompositeLoss` from a list of term configs (``loss.terms`` in a config file).
+    ``where``: the place errors name, ``where[i]`` for the i-th term, or a function of ``i``
+    that gives the i-th term's place (a config file's line)."""
+    term_where = where if callable(where) else (lambda i: f"{where}[{i}]")
     if isinstance(configs, (str, Mapping)) or not isinstance(configs, Sequence):
-        raise UserError(f"expected a list of loss terms; got {configs!r}", where=where)
-    terms = [build_term(c, total_steps=total_steps, where=f"{where}[{i}]") for i, c in enumerate(configs)]
+        raise UserError(f"expected a list of loss terms; got {configs!r}", where=where if isinstance(where, str) else None)
+    terms = [build_term(c, total_steps=total_steps, where=term_where(i)) for i, c in enumerate(configs)]
     return CompositeLoss(terms)

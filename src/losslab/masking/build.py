@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from losslab.data.records import SkipLog, Source, describe_validation_error, iter_raw_records, load_records
+from losslab.data.records import SKIP_HINT, SkipLog, Source, describe_validation_error, iter_raw_records, load_records
 from losslab.data.schemas import ChatRecord, InstructionRecord
 from losslab.errors import UserError
 from losslab.masking.policies import MaskPolicy, check_role_weights, message_weight, parse_policy
@@ -278,7 +278,7 @@ class MaskBuilder:
                 sequences = self.encode(record, source, stats)
             except UserError as exc:
                 if self.config.on_error == "raise":
-                    raise UserError(f"{exc} (set on_error: skip to skip such records)", where=str(source)) from None
+                    raise UserError(f"{exc}{SKIP_HINT}", where=str(source)) from None
                 stats.skipped.add(f"{source}: {exc}")
                 continue
             stats.records += 1

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO
 
 from losslab.errors import UserError
@@ -118,15 +119,24 @@ def parse_role_weights(items: Iterable[str] | None) -> dict[str, float]:
 
 @contextmanager
 def _output(path: str | None) -> Iterator[IO[str]]:
+    """Standard output, or ``path`` written through a temporary file renamed into place once
+    everything is written: a bad record met halfway leaves an existing file as it was."""
     if path is None:
         yield sys.stdout
         return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115
+        fh = open(tmp, "w", encoding="utf-8")  # noqa: SIM115
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from None
-    with fh:
-        yield fh
+    try:
+        with fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def config_from_args(args: argparse.Namespace) -> MaskConfig:

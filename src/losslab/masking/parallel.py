@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from losslab.data.records import Source, _BadJson, describe_validation_error, iter_raw_records
+from losslab.data.records import SKIP_HINT, Source, _BadJson, describe_validation_error, iter_raw_records
 from losslab.errors import UserError
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, file_schema
 from losslab.masking.render import load_template
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = 1  # bump when the cached columns or their meaning change
-_SKIP_HINT = " (set on_error: skip to skip such records)"
 
 
 def build_samples_parallel(
@@ -222,7 +221,7 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
         source = Source(file, row["line"])
         if not row["valid"]:
             if on_error == "raise":
-                raise UserError(row["error"] + _SKIP_HINT, where=str(source))
+                raise UserError(row["error"] + SKIP_HINT, where=str(source))
             stats.skipped.add(f"{source}: {row['error']}")
             continue
         if limit is not None and n >= limit:
@@ -235,7 +234,7 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
             stats.dropped_log.add(f"{source}: sample dropped ({why.removeprefix('with ')})")
         if row["error"] is not None:
             if on_error == "raise":
-                raise UserError(row["error"] + _SKIP_HINT, where=str(source))
+                raise UserError(row["error"] + SKIP_HINT, where=str(source))
             stats.skipped.add(f"{source}: {row['error']}")
             continue
         stats.records += 1

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from losslab.config import load_config
+from losslab.config import read_config
 from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, write_atomic
 from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table, write_metrics_json
@@ -164,14 +164,16 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    config = load_config(TrainConfig, args.config, args.overrides)
+    file = read_config(args.config, args.overrides)
+    config = file.validate(TrainConfig)
     if config.task not in TASKS:
-        raise UserError(f"task {config.task!r} is not available yet; available: {', '.join(TASKS)}")
-    build_composite(config.loss.terms, total_steps=1, where=f"{args.config}: loss.terms")  # fail before any work
+        raise UserError(f"task {config.task!r} is not available yet; available: {', '.join(TASKS)}",
+                        where=file.where("task"))
+    build_composite(config.loss.terms, total_steps=1, where=lambda i: file.where("loss", "terms", str(i)))  # fail before any work
     for split in SPLITS:
         spec = getattr(config.data, split)
         if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
-            raise UserError(f"field 'data.{split}': data file not found: {spec}", where=str(args.config))
+            raise UserError(f"data file not found: {spec}", where=file.where("data", split))
     metrics = train(config)
     print(format_metrics_table(metrics))
     print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
