@@ -89,7 +89,8 @@ def test_results_json_has_every_variant_seed_and_ci(finished) -> None:
     assert set(paired) == {"validation/loss", "test/bleu", "test/distinct_1"}
     assert paired["validation/loss"]["method"] == "exact sign-flip permutation"
     assert paired["validation/loss"]["p_value"] >= 0.5  # two seeds: p >= 2/4
-    assert paired["test/bleu"]["examples"]["n_examples"] == 6  # 3 test prompts x 2 seeds, paired
+    ex = paired["test/bleu"]["examples"]
+    assert (ex["n_examples"], ex["seeds_summed"]) == (3, 2)  # 3 test prompts, each with both seeds' replies
     assert "vs_baseline" in saved["variants"]["ce"] and not saved["variants"]["ce"]["vs_baseline"]
     gens = (Path(saved["variants"]["ce"]["runs"]["0"]) / "generations_test.jsonl").read_text().splitlines()
     assert len(gens) == 3 and set(json.loads(gens[0])) == {"prompt", "reference", "hypothesis"}
@@ -228,7 +229,7 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     data["base"]["eval"] = {"splits": ["validation"]}
     data["metrics"] = [{"name": "validation/loss", "direction": "min"}]
     data["variants"][0]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
-    data["tuning"] = {"trials": 2}
+    data["tuning"] = {"trials": 2, "sampler": "random"}  # random: a resume seeded like the first attempt would repeat it
     path = write_study(tmp_path, data)
     results = compare(load_study(path))
     tuning = results["tuning"]["ce_consistency"]
@@ -240,7 +241,30 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     # more trials: the study resumes from the stored two
     data["tuning"]["trials"] = 3
     again = compare(load_study(write_study(tmp_path, data)))
-    assert [t["number"] for t in again["tuning"]["ce_consistency"]["trials"]] == [0, 1, 2]
+    trials = again["tuning"]["ce_consistency"]["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2]
+    tried = [t["params"]["loss.terms.1.weight.start"] for t in trials]
+    assert tried[2] not in tried[:2]  # the resumed sampler does not draw the first attempt's values again
+
+
+def test_tuning_selects_on_validation_and_a_changed_direction_is_a_new_study(tmp_path: Path) -> None:
+    from losslab.compare.tuning import study_name
+
+    data = study_dict(tmp_path / "out")
+    data["variants"][1]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
+    data["tuning"] = {"metric": "test/bleu", "direction": "max"}
+    with pytest.raises(UserError, match=r"tuning.metric.*validation/"):
+        load_study(write_study(tmp_path, data))
+    data["tuning"] = {"metric": "validation/loss", "direction": "min"}
+    data["base"]["eval"]["splits"] = ["test"]
+    data["metrics"] = [{"name": "test/bleu"}]
+    with pytest.raises(UserError, match=r"variant 'ce_consistency' is tuned on 'validation/loss' but does not evaluate"):
+        load_study(write_study(tmp_path, data))
+    del data["base"]["eval"]["splits"]
+    study = load_study(write_study(tmp_path, data))
+    variant = study.config.variants[1]
+    flipped = load_study(write_study(tmp_path, {**data, "tuning": {"metric": "validation/loss", "direction": "max"}}))
+    assert study_name(study, variant) != study_name(flipped, flipped.config.variants[1])
 
 
 def test_search_space_is_checked_before_any_work(tmp_path: Path) -> None:

@@ -24,13 +24,13 @@ EVIL = "<b>bold</b> & text"
 
 
 def predictions(seed: int, flips: int) -> list[dict]:
-    """N texts; the baseline is right on every third example, a variant on ``flips`` more."""
-    rng = np.random.default_rng(seed)
-    gold = rng.integers(0, 3, N)
-    pred = np.where(np.arange(N) % 3 == 0, gold, (gold + 1) % 3)
+    """The same N test texts for every seed; the baseline is right on a third of them (which
+    third depends on the seed), a variant on ``flips`` more."""
+    gold = np.random.default_rng(0).integers(0, 3, N)
+    pred = np.where(np.arange(N) % 3 == seed % 3, gold, (gold + 1) % 3)
     wrong = [i for i in range(N) if pred[i] != gold[i]]
     pred[wrong[:flips]] = gold[wrong[:flips]]
-    return [{"text": EVIL if i == 0 else f"text {seed}-{i}", "gold": NAMES[g], "predicted": NAMES[p], "score": 0.5}
+    return [{"text": EVIL if i == 0 else f"text {i}", "gold": NAMES[g], "predicted": NAMES[p], "score": 0.5}
             for i, (g, p) in enumerate(zip(gold, pred))]
 
 
@@ -70,10 +70,10 @@ def analysed(tmp_path_factory) -> tuple[dict, list[Run]]:
 def test_identical_predictions_give_p_1_and_a_planted_gain_is_significant(analysed) -> None:
     results, runs = analysed
     same = results["variants"]["same"]["vs_baseline"]["test/accuracy"]["examples"]
-    assert same["delta"] == 0.0 and same["p_value"] == 1.0 and same["n_examples"] == 2 * N
+    assert same["delta"] == 0.0 and same["p_value"] == 1.0 and same["n_examples"] == N and same["seeds_summed"] == 2
     better = results["variants"]["better"]["vs_baseline"]
     acc = better["test/accuracy"]["examples"]
-    # pooled over both seeds: the baseline is right on 20 of 60 per seed, the variant on 40
+    # over both seeds: the baseline is right on 20 of 60 per seed, the variant on 40
     assert acc["score_a"] == pytest.approx(1 / 3) and acc["score_b"] == pytest.approx(2 / 3)
     assert acc["delta"] == pytest.approx(1 / 3) and acc["ci_low"] > 0 and acc["p_value"] < 0.01 and acc["significant"]
     pooled_base = [r for run in runs if run.variant == "ce" for r in
@@ -82,6 +82,32 @@ def test_identical_predictions_give_p_1_and_a_planted_gain_is_significant(analys
     assert better["test/f1_macro"]["examples"]["score_a"] == pytest.approx(f1.to_dict()["f1_macro"])
     assert better["test/f1_macro"]["examples"]["p_value"] < 0.01
     assert "examples" not in better["test/loss"]  # not a per-example statistic
+
+
+def test_an_example_counts_once_however_many_seeds_saw_it(tmp_path: Path) -> None:
+    """Three seeds with the same outputs carry no more evidence than one: the same interval
+    and p-value (resampling the 3N outputs as independent would shrink both about sqrt(3)-fold).
+    Examples that do not line up across seeds or runs get no test."""
+    from losslab.compare.examples import example_stats
+    from losslab.compare.results import _example_key, _over_examples
+
+    study, _ = fabricate(tmp_path)
+    base, other = predictions(0, 0), predictions(0, 5)
+    keys = [_example_key(r) for r in base]
+    (a, score), (b, _) = example_stats("accuracy", base, NAMES), example_stats("accuracy", other, NAMES)
+    one = _over_examples(study, [(keys, a, b)], score)
+    three = _over_examples(study, [(keys, a, b)] * 3, score)
+    assert one["delta"] == pytest.approx(5 / N) and 0.01 < one["p_value"] < 0.5
+    for field in ("delta", "ci_low", "ci_high", "p_value"):
+        assert three[field] == pytest.approx(one[field]), field
+    assert (one["n_examples"], three["n_examples"], three["seeds_summed"]) == (N, N, 3)
+    pooled = np.concatenate([a] * 3), np.concatenate([b] * 3)  # what treating them as independent gives
+    from losslab.eval.bootstrap import paired_bootstrap
+
+    naive = paired_bootstrap(*pooled, score, n_samples=study.config.stats.n_bootstrap, seed=0)
+    assert naive.p_value < one["p_value"] and naive.ci_high - naive.ci_low < 0.75 * (one["ci_high"] - one["ci_low"])
+    shuffled = keys[1:] + keys[:1]
+    assert _over_examples(study, [(keys, a, b), (shuffled, a, b)], score) is None
 
 
 def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
@@ -113,7 +139,7 @@ def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
     better0 = predictions(0, 20)
     expected = lambda r: r["predicted"] + " (0.50)" + ("" if r["predicted"] == r["gold"] else " ✗")  # noqa: E731
     assert first == [EVIL, rows0[0]["gold"], expected(rows0[0]), expected(rows0[0]), expected(better0[0])]
-    assert len(rest) == 2 and rest[0][0] == "text 0-1"
+    assert len(rest) == 2 and rest[0][0] == "text 1"
     assert EVIL not in html  # escaped
 
 

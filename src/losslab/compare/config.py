@@ -74,6 +74,14 @@ class TuningConfig(_Section):
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)")
     seed: int | None = Field(None, description="training seed of the tuning trials (default: the first seed)")
 
+    @field_validator("metric")
+    @classmethod
+    def _validation_only(cls, metric: str) -> str:
+        if not metric.startswith("validation/"):
+            raise ValueError(f"tuning selects on the validation split: a validation/... metric, not {metric!r} "
+                             "(tuning on the test split would make the test results optimistic)")
+        return metric
+
 
 class StatsConfig(_Section):
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
@@ -224,6 +232,11 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         for bound in ("low", "high"):  # the search space's corners must make valid configs too
             if variant.tune:
                 study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})
+        if variant.tune and "validation" not in trained.eval.splits:
+            line = lines.get(("variants", str(config.variants.index(variant))))
+            raise UserError(f"variant {variant.name!r} is tuned on {config.tuning.metric!r} but does not evaluate the "
+                            f"validation split (eval.splits: {trained.eval.splits}); add validation to eval.splits",
+                            where=f"{path}:{line}" if line else str(path))
         for metric in config.metrics:
             split = metric.name.split("/", 1)[0]
             if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:

@@ -9,7 +9,8 @@ Layout (keys of ``per_seed`` are seeds as strings, JSON has no integer keys)::
                                                   "significant", "mark", "examples"?}}}},
      "tuning": {NAME: {"metric", "direction", "best_params", "best_value", "trials": [...]}}}
 
-``examples``: the paired bootstrap over test examples pooled over seeds, for BLEU and chrF
+``examples``: the paired bootstrap over test examples (each example's statistics summed over
+the seeds, the examples resampled), for BLEU and chrF
 (:func:`losslab.eval.generation.paired_bootstrap_generation`) and for the classification-style
 metrics that the runs' per-example predictions allow (accuracy, macro / weighted F1, NER entity
 F1, pairwise accuracy, ...: :mod:`losslab.compare.examples`). Non-finite numbers are ``null``.
@@ -78,34 +79,31 @@ def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: 
 
 
 def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str) -> dict[str, Any] | None:
-    """Paired bootstrap of a corpus metric over the split's examples, pooled over seeds."""
-    from losslab.eval.generation import paired_bootstrap_generation
+    """Paired bootstrap of a corpus metric over the split's examples (see :func:`_over_examples`);
+    None when a run has no generations or the runs' examples do not line up."""
+    from losslab.eval.generation import sentence_statistics
 
     cfg = study.config
-    hyps_a: list[str] = []
-    hyps_b: list[str] = []
-    refs: list[str] = []
+    per_seed = []
     for seed in cfg.seeds:
         base = read_generations(by[cfg.baseline, seed].dir, split)
         other = read_generations(by[variant, seed].dir, split)
-        if not base or len(base) != len(other):
+        keys = [(g.get("prompt"), g["reference"]) for g in base]
+        if not base or keys != [(g.get("prompt"), g["reference"]) for g in other]:
             return None
-        hyps_a += [g["hypothesis"] for g in base]
-        hyps_b += [g["hypothesis"] for g in other]
-        refs += [g["reference"] for g in base]
-    result = paired_bootstrap_generation(hyps_a, hyps_b, refs, metric=metric, n_samples=cfg.stats.n_bootstrap, seed=0)
-    return {**result.to_dict(), "n_examples": len(refs), "pooled_seeds": len(cfg.seeds),
-            "significant": bool(result.p_value < cfg.stats.alpha)}
+        refs = [g["reference"] for g in base]
+        stats_a, score_fn = sentence_statistics([g["hypothesis"] for g in base], refs, metric=metric)  # type: ignore[arg-type]
+        stats_b, _ = sentence_statistics([g["hypothesis"] for g in other], refs, metric=metric)  # type: ignore[arg-type]
+        per_seed.append((keys, stats_a, stats_b))
+    return _over_examples(study, per_seed, score_fn)
 
 
 def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str,
                          metric: str) -> dict[str, Any] | None:
-    """Paired bootstrap of a classification-style metric over the split's saved predictions,
-    pooled over seeds (example i of seed s of the variant paired with the same of the
-    baseline); None when a run has no predictions or the metric is not built from per-example
-    statistics (:func:`losslab.compare.examples.example_stats`)."""
-    from losslab.eval.bootstrap import paired_bootstrap
-
+    """Paired bootstrap of a classification-style metric over the split's saved predictions
+    (see :func:`_over_examples`); None when a run has no predictions, the runs' examples do
+    not line up, or the metric is not built from per-example statistics
+    (:func:`losslab.compare.examples.example_stats`)."""
     cfg = study.config
     pairs = []
     for seed in cfg.seeds:
@@ -119,19 +117,41 @@ def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: 
         for base, other, base_metrics, other_metrics in pairs:
             for rows, metrics in ((base, base_metrics), (other, other_metrics)):
                 names += [n for n in class_names(metrics, split, rows) if n not in names]
-    stats_a, stats_b = [], []
+    per_seed = []
     score_fn = None
     for base, other, _, _ in pairs:
+        keys = [_example_key(r) for r in base]
+        if keys != [_example_key(r) for r in other]:
+            return None
         a, b = example_stats(metric, base, names), example_stats(metric, other, names)
         if a is None or b is None:
             return None
-        stats_a.append(a[0])
-        stats_b.append(b[0])
+        per_seed.append((keys, a[0], b[0]))
         score_fn = a[1]
-    result = paired_bootstrap(np.concatenate(stats_a), np.concatenate(stats_b), score_fn,
-                              n_samples=cfg.stats.n_bootstrap, seed=0)
-    n = sum(len(s) for s in stats_a)
-    return {**result.to_dict(), "n_examples": n, "pooled_seeds": len(cfg.seeds),
+    return _over_examples(study, per_seed, score_fn)
+
+
+def _example_key(row: dict[str, Any]) -> str:
+    """What identifies a test example in a predictions file: everything but the prediction."""
+    return json.dumps({k: v for k, v in row.items() if not k.startswith("predicted") and k not in ("reward_chosen", "reward_rejected")},
+                      sort_keys=True, default=str)
+
+
+def _over_examples(study: Study, per_seed: list[tuple[list[Any], np.ndarray, np.ndarray]], score_fn: Any) -> dict[str, Any] | None:
+    """The paired bootstrap over test examples with every seed's outputs: each example's
+    statistics are summed over the seeds (the corpus score is unchanged) and the N examples
+    resampled, so an example counts once however many seeds saw it, not once per seed, which
+    would narrow the interval about sqrt(seeds)-fold. None when the seeds' examples differ."""
+    from losslab.eval.bootstrap import paired_bootstrap
+
+    cfg = study.config
+    if not per_seed or any(keys != per_seed[0][0] for keys, _, _ in per_seed):
+        return None
+    stats_a = np.sum([a.reshape(len(a), -1) for _, a, _ in per_seed], axis=0)
+    stats_b = np.sum([b.reshape(len(b), -1) for _, _, b in per_seed], axis=0)
+    result = paired_bootstrap(stats_a, stats_b, score_fn, n_samples=cfg.stats.n_bootstrap, seed=0,
+                              confidence=cfg.stats.confidence)
+    return {**result.to_dict(), "n_examples": len(stats_a), "seeds_summed": len(per_seed),
             "significant": bool(result.p_value < cfg.stats.alpha)}
 
 

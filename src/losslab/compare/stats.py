@@ -10,10 +10,10 @@
   normality assumption and is exact for any n, which matters when n is 2-5 seeds, but its
   smallest possible value is ``2 / 2^n``: 0.5 with 2 seeds, 0.25 with 3, 0.0625 with 5;
   significance at 0.05 over seeds needs at least 6 seeds. Above 16 seeds, 2^16 random sign
-  patterns are drawn instead (seeded).
-- Generation metrics (BLEU, chrF) also get :func:`losslab.eval.generation.paired_bootstrap_generation`
-  over the test examples, pooled over seeds (example i of seed s of the variant is paired
-  with example i of seed s of the baseline): this tests the corpus metric, not seed noise.
+  patterns are drawn instead (seeded; ``p = (1 + extreme) / (1 + 2^16)``, never 0).
+- Generation metrics (BLEU, chrF) and classification-style metrics also get a paired bootstrap
+  over the test examples (:mod:`losslab.compare.results`): each example's statistics summed
+  over the seeds, the examples resampled; this tests the corpus metric on these examples.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def sign_flip_test(diffs: list[float], *, seed: int = 0) -> PairedTest:
     null = np.abs(signs @ d / n)
     # Tolerance: a pattern equal to the observed one in exact arithmetic must count.
     extreme = int(np.sum(null >= observed - 1e-12 * max(1.0, observed)))
-    return PairedTest(n, float(d.mean()), d.tolist(), extreme / len(signs), method)
+    p = extreme / len(signs) if n <= EXACT_MAX_SEEDS else (1 + extreme) / (1 + len(signs))  # the observed signs may not be drawn
+    return PairedTest(n, float(d.mean()), d.tolist(), p, method)
 
 
 def improvement(mean_diff: float, direction: str) -> float:

@@ -39,11 +39,25 @@ def suggest(trial: Any, key: str, param: Param) -> Any:
 
 
 def study_name(study: Study, variant: Variant) -> str:
-    """The Optuna study name of a tuned variant: its name and a hash of its config, space and metric."""
+    """The Optuna study name of a tuned variant: its name and a hash of its config, space, metric,
+    direction, sampler and pruner (a stored study keeps its direction: a changed one must not
+    reload it)."""
     t = study.config.tuning
     seed = study.config.seeds[0] if t.seed is None else t.seed
     space = {k: p.model_dump() for k, p in variant.tune.items()}
-    return f"{variant.name}__{config_hash({'base': study.resolve(variant, seed), 'space': space, 'metric': t.metric})}"
+    what = {"base": study.resolve(variant, seed), "space": space, "metric": t.metric, "direction": t.direction,
+            "sampler": t.sampler, "pruner": t.pruner}
+    return f"{variant.name}__{config_hash(what)}"
+
+
+def make_sampler(kind: str, *, trials: int, seed: int) -> Any:
+    """TPE (random for its first ``min(10, max(2, trials // 2))`` trials, so a small budget still
+    gets model-guided trials) or random search, seeded with ``seed``."""
+    import optuna
+
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 2)))
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
@@ -55,11 +69,13 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     seed = cfg.seeds[0] if t.seed is None else t.seed
     storage = t.storage or f"sqlite:///{(study.out / 'tuning.db').resolve()}"
     name = study_name(study, variant)
-    sampler = optuna.samplers.TPESampler(seed=0) if t.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if t.pruner == "median" else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                 direction="maximize" if t.direction == "max" else "minimize", load_if_exists=True)
+    ostudy = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(t.sampler, trials=t.trials, seed=0),
+                                 pruner=pruner, direction="maximize" if t.direction == "max" else "minimize",
+                                 load_if_exists=True)
+    # Resumed: a sampler seeded as in the first attempt would draw that attempt's parameters again.
+    ostudy.sampler = make_sampler(t.sampler, trials=t.trials, seed=len(ostudy.trials))
     finished = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
     def objective(trial: Any) -> float:

@@ -10,7 +10,8 @@ paired) and recomputes both corpus scores. With the B resampled differences
   differences shifted to mean 0 as the null distribution (Koehn 2004; Berg-Kirkpatrick et
   al. 2012). Identical systems give p = 1; a system better on every example gives
   p = 1 / (B + 1).
-- ``ci_low``, ``ci_high``: the 2.5 and 97.5 percentiles of ``d_b`` (a 95% interval for d).
+- ``ci_low``, ``ci_high``: the percentiles of ``d_b`` that bound the central ``confidence``
+  share of them (2.5 and 97.5 for the default 0.95).
 - ``win_rate``: the fraction of resamples where B scores strictly higher than A.
 
 sacrebleu's own ``--paired-bs`` centres the *absolute* differences and counts with ``>``, so it
@@ -65,6 +66,7 @@ def paired_bootstrap(
     *,
     n_samples: int = 1000,
     seed: int = 0,
+    confidence: float = 0.95,
 ) -> PairedBootstrapResult:
     """Paired bootstrap test of two systems on the same N test examples (see module docstring).
 
@@ -82,6 +84,8 @@ def paired_bootstrap(
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1; got {n_samples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
     counts = resample_counts(len(a), n_samples, seed).astype(np.float64)  # (B, N)
     sums_a, sums_b = counts @ a, counts @ b  # (B, K)
     score_a, score_b = float(score_fn(a.sum(axis=0))), float(score_fn(b.sum(axis=0)))
@@ -90,7 +94,8 @@ def paired_bootstrap(
     centred = np.abs(deltas - deltas.mean())
     # A tolerance so that float noise in identical systems' deltas still counts as ">=".
     extreme = int(np.sum(centred >= abs(delta) - 1e-12 * max(1.0, abs(delta))))
-    lo, hi = np.percentile(deltas, [2.5, 97.5])
+    tail = 50 * (1 - confidence)
+    lo, hi = np.percentile(deltas, [tail, 100 - tail])
     return PairedBootstrapResult(
         score_a=score_a,
         score_b=score_b,

@@ -165,6 +165,26 @@ def generation_report(
     )
 
 
+def sentence_statistics(
+    hypotheses: Sequence[str], references: References, *, metric: Literal["bleu", "chrf"] = "bleu",
+) -> tuple[np.ndarray, Callable[[np.ndarray], float]]:
+    """sacrebleu's per-example sufficient statistics of BLEU or chrF, (N, K) float64, and the
+    function from summed statistics (K,) to the corpus score. Statistics add up: the rows of
+    several runs on the same examples can be summed before resampling."""
+    if metric == "bleu":
+        scorer = _bleu_metric()
+    elif metric == "chrf":
+        scorer = _chrf_metric()
+    else:
+        raise ValueError(f"metric must be 'bleu' or 'chrf'; got {metric!r}")
+    hyps = _check_texts(hypotheses, "hypotheses")
+    streams = _reference_streams(references, len(hyps))
+    # sacrebleu's per-sentence statistics (match counts, lengths) and its score-from-summed-
+    # statistics function: the same private pair its own --paired-bs uses.
+    stats = np.array(scorer._extract_corpus_statistics(hyps, streams), dtype=np.float64)
+    return stats.reshape(len(hyps), -1), lambda summed: float(scorer._compute_score_from_stats(summed).score)
+
+
 def paired_bootstrap_generation(
     hypotheses_a: Sequence[str],
     hypotheses_b: Sequence[str],
@@ -173,33 +193,18 @@ def paired_bootstrap_generation(
     metric: Literal["bleu", "chrf"] = "bleu",
     n_samples: int = 1000,
     seed: int = 0,
+    confidence: float = 0.95,
 ) -> PairedBootstrapResult:
     """Is system B's corpus BLEU (or chrF) different from baseline A's on these test examples?
 
     Both systems' outputs for the same N examples; the examples are resampled with
     replacement (same indices for both), the corpus score recomputed from sacrebleu's
-    per-sentence sufficient statistics. See :mod:`losslab.eval.bootstrap` for the p-value
-    (two-sided, identical systems give 1) and the 95% interval of ``score_b - score_a``.
+    per-sentence sufficient statistics (:func:`sentence_statistics`). See
+    :mod:`losslab.eval.bootstrap` for the p-value (two-sided, identical systems give 1) and
+    the interval of ``score_b - score_a``.
     """
-    if metric == "bleu":
-        scorer = _bleu_metric()
-    elif metric == "chrf":
-        scorer = _chrf_metric()
-    else:
-        raise ValueError(f"metric must be 'bleu' or 'chrf'; got {metric!r}")
-    hyps_a = _check_texts(hypotheses_a, "hypotheses_a")
-    hyps_b = _check_texts(hypotheses_b, "hypotheses_b")
-    if len(hyps_a) != len(hyps_b):
-        raise ValueError(f"the systems differ in number of outputs: {len(hyps_a)} != {len(hyps_b)}")
-    streams = _reference_streams(references, len(hyps_a))
-    # sacrebleu's per-sentence statistics (match counts, lengths) and its score-from-summed-
-    # statistics function: the same private pair its own --paired-bs uses.
-    stats_a = np.array(scorer._extract_corpus_statistics(hyps_a, streams), dtype=np.float64)
-    stats_b = np.array(scorer._extract_corpus_statistics(hyps_b, streams), dtype=np.float64)
-    return paired_bootstrap(
-        stats_a,
-        stats_b,
-        lambda s: float(scorer._compute_score_from_stats(s).score),
-        n_samples=n_samples,
-        seed=seed,
-    )
+    if len(hypotheses_a) != len(hypotheses_b):
+        raise ValueError(f"the systems differ in number of outputs: {len(hypotheses_a)} != {len(hypotheses_b)}")
+    stats_a, score = sentence_statistics(hypotheses_a, references, metric=metric)
+    stats_b, _ = sentence_statistics(hypotheses_b, references, metric=metric)
+    return paired_bootstrap(stats_a, stats_b, score, n_samples=n_samples, seed=seed, confidence=confidence)
