@@ -51,3 +51,18 @@ def test_marks_follow_direction() -> None:
     assert significance_mark(0.01, -0.2, 0.05) == "▼"
     assert significance_mark(0.2, +0.2, 0.05) == ""
     assert significance_mark(float("nan"), 1.0, 0.05) == ""
+
+
+def test_config_hash_follows_the_contents_of_data_files(tmp_path) -> None:
+    """An edited data file makes a new run; builtin data and output_dir do not enter."""
+    from losslab.compare.config import config_hash
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n')
+    config = {"task": "sequence_classification", "data": {"train": str(data), "test": "builtin:sentiment"}}
+    first = config_hash(config)
+    assert config_hash({**config, "output_dir": "elsewhere"}) == first
+    data.write_text('{"text": "b c", "label": "x"}\n')
+    assert config_hash(config) != first
+    builtin = {"task": "causal_lm", "data": {"train": "builtin:chitchat"}}
+    assert config_hash(builtin) == config_hash(dict(builtin))

@@ -109,7 +109,12 @@ def test_resample_counts():
     counts = resample_counts(5, 200, seed=3)
     assert counts.shape == (200, 5) and (counts.sum(axis=1) == 5).all()
     np.testing.assert_array_equal(counts, resample_counts(5, 200, seed=3))
-    assert counts.mean() == pytest.approx(1.0, abs=0.1)
+    # each row is a draw of 5 indices with replacement: the counts of one example over many
+    # resamples are Binomial(5, 1/5), variance 0.8; and different seeds give different draws
+    many = resample_counts(5, 20_000, seed=4)
+    assert many.var(axis=0) == pytest.approx(np.full(5, 0.8), abs=0.05)
+    assert (np.bincount(many[:, 0], minlength=6) / len(many))[0] == pytest.approx(0.8**5, abs=0.01)
+    assert not np.array_equal(counts, resample_counts(5, 200, seed=4))
 
 
 def _mean_score(s: np.ndarray) -> float:

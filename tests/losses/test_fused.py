@@ -163,6 +163,8 @@ def test_extreme_logits_stay_finite() -> None:
     want, want_grads = loss_and_grads(reference, case, label_smoothing=0.1, focal_gamma=2.0)
     assert torch.isfinite(got).all() and all(torch.isfinite(g).all() for g in got_grads)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
 
 
 # --- the analytic gradient and the hand-worked number ----------------------------------------

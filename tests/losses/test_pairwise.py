@@ -175,14 +175,15 @@ def test_info_nce_masked_rows_are_not_negatives(gen):
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: triplet_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), distance="hamming"),
-        lambda: info_nce_loss(torch.zeros(2, 2), torch.zeros(2, 2), temperature=0.0),
-        lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)),
-        lambda: margin_ranking_loss(torch.zeros(2), torch.zeros(2), margin=-1.0),
+        (lambda: triplet_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), distance="hamming"),
+         "distance must be one of .*'hamming'"),
+        (lambda: info_nce_loss(torch.zeros(2, 2), torch.zeros(2, 2), temperature=0.0), "temperature must be > 0"),
+        (lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)), r"shapes must match: rewards_chosen \(2,\)"),
+        (lambda: margin_ranking_loss(torch.zeros(2), torch.zeros(2), margin=-1.0), "margin must be >= 0"),
     ],
 )
-def test_rejects_bad_arguments(call):
-    with pytest.raises(ValueError):
+def test_rejects_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
         call()

@@ -43,7 +43,7 @@ def test_values_at_chosen_steps(schedule, expected):
 
 
 def test_negative_step_is_an_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="step must be >= 0"):
         ConstantSchedule(start=1.0)(-1)
 
 

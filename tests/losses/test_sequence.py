@@ -211,17 +211,19 @@ def test_hand_worked_numbers():
 
 
 @pytest.mark.parametrize(
-    "call",
+    ("call", "message"),
     [
-        lambda: focal_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), gamma=-1.0),
-        lambda: binary_focal_loss(torch.zeros(2), torch.zeros(2), alpha=1.5),
-        lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1.0]),
-        lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2)),  # float targets
-        lambda: huber_loss(torch.zeros(2), torch.zeros(2), delta=0.0),
-        lambda: mse_loss(torch.zeros(2), torch.zeros(3)),
-        lambda: multiclass_hinge_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="mean_of_means"),
+        (lambda: focal_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), gamma=-1.0), "gamma must be >= 0"),
+        (lambda: binary_focal_loss(torch.zeros(2), torch.zeros(2), alpha=1.5), "alpha must be >= 0.0 and <= 1.0"),
+        (lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1.0]),
+         "class_weights has 1 entries but there are 3 classes"),
+        (lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2)), "integer class indices"),  # float targets
+        (lambda: huber_loss(torch.zeros(2), torch.zeros(2), delta=0.0), "delta must be > 0"),
+        (lambda: mse_loss(torch.zeros(2), torch.zeros(3)), r"shapes must match: predictions \(2,\)"),
+        (lambda: multiclass_hinge_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="mean_of_means"),
+         "reduction must be one of .*'mean_of_means'"),
     ],
 )
-def test_rejects_bad_arguments(call):
-    with pytest.raises(ValueError):
+def test_rejects_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
         call()

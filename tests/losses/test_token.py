@@ -184,8 +184,10 @@ def test_token_weights_scale_the_numerator_only(gen):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"label_smoothing": 1.5}, {"z_loss": -1.0}, {"focal_gamma": -0.5}, {"reduction": "avg"}]
+    ("kwargs", "message"),
+    [({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"), ({"z_loss": -1.0}, "z_loss must be >= 0"),
+     ({"focal_gamma": -0.5}, "focal_gamma must be >= 0"), ({"reduction": "avg"}, "reduction must be one of .*'avg'")],
 )
-def test_rejects_bad_options(kwargs):
-    with pytest.raises(ValueError):
+def test_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         token_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), **kwargs)

@@ -74,6 +74,8 @@ def test_concat_trains_only_up_to_the_last_trained_turn(tokenizer) -> None:
     messages = [*MESSAGES, {"role": "user", "content": "a trailing question nobody answers"}]
     (sample,) = plan(tokenizer, family, messages).samples
     assert "trailing question" not in sample.text  # carries no loss, so it is not rendered
+    last = sample.regions[-1]  # the sample ends with the last answer
+    assert sample.text[last.start : last.end].startswith("6") and sample.text[last.end :].strip() == ""
 
 
 def test_forced_concat_on_a_reasoning_template_follows_the_whole_rendering(tokenizer) -> None:

@@ -142,7 +142,9 @@ def test_batched_greedy_replies_equal_one_at_a_time() -> None:
 
 
 def test_every_causal_example_config_parses() -> None:
-    for path in sorted(EXAMPLES.glob("train_chat*.yaml")):
+    paths = sorted(EXAMPLES.glob("train_chat*.yaml"))
+    assert paths, EXAMPLES
+    for path in paths:
         assert load_config(TrainConfig, path).task == "causal_lm"
 
 

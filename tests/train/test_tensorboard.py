@@ -17,7 +17,6 @@ from losslab.train.run import train
 
 
 def test_every_loss_term_is_a_tensorboard_scalar(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"

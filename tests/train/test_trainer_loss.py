@@ -60,8 +60,6 @@ def trained_rows(data: list[dict]) -> int:
 
 
 def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) -> tuple[float, list[torch.Tensor]]:
-    if fused:
-        pytest.importorskip("losslab.losses.fused")
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
     lf = CausalLMLossFunc(build_composite(terms), fused=fused, lm_head=model.get_output_embeddings(), model=model)
     total_items = sum(sum(1 for x in s["labels"][1:] if x != -100) for mb in micro_batches for s in mb)

@@ -9,6 +9,7 @@ resolved variant x seed training config (errors name file, line and field).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from losslab.config import load_yaml, read_config, validate
+from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
@@ -165,9 +167,31 @@ def corner(param: Param, bound: str) -> Any:
 
 
 def config_hash(data: dict[str, Any]) -> str:
-    """A short stable hash of a resolved training config (output_dir excluded)."""
-    text = json.dumps({k: v for k, v in data.items() if k != "output_dir"}, sort_keys=True, default=str)
+    """A short stable hash of a resolved training config (output_dir excluded) and of the
+    contents of its data files, so a run is redone when a data file is edited in place
+    (builtin data is fixed by the pinned packages that ship it)."""
+    keyed = {k: v for k, v in data.items() if k != "output_dir"}
+    files = {split: _file_digest(Path(spec).expanduser()) for split, spec in (data.get("data") or {}).items()
+             if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)
+             and Path(spec).expanduser().is_file()}
+    if files:
+        keyed["data_file_contents"] = files
+    text = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def set_dotted(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
