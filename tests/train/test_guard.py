@@ -274,10 +274,13 @@ def test_one_request_delivered_twice_is_one_request(monkeypatch, launcher: bool)
 
 
 def _children() -> list[int]:
+    """This process's forked children (same command line: not a resource tracker or a helper)."""
     found = []
+    own = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+            if (int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()
+                    and (stat.parent / "cmdline").read_bytes() == own):
                 found.append(int(stat.parent.name))
         except (OSError, IndexError, ValueError):
             continue
