@@ -30,7 +30,8 @@ def predictions(seed: int, flips: int) -> list[dict]:
     pred = np.where(np.arange(N) % 3 == seed % 3, gold, (gold + 1) % 3)
     wrong = [i for i in range(N) if pred[i] != gold[i]]
     pred[wrong[:flips]] = gold[wrong[:flips]]
-    return [{"text": EVIL if i == 0 else f"text {i}", "gold": NAMES[g], "predicted": NAMES[p], "score": 0.5}
+    return [{"text": EVIL if i == 0 else f"text {i}", "gold": NAMES[g], "predicted": NAMES[p],
+             "score": round(0.4 + 0.01 * ((i + flips + seed) % 50), 2)}  # a run's own confidence
             for i, (g, p) in enumerate(zip(gold, pred))]
 
 
@@ -89,11 +90,12 @@ def test_an_example_counts_once_however_many_seeds_saw_it(tmp_path: Path) -> Non
     and p-value (resampling the 3N outputs as independent would shrink both about sqrt(3)-fold).
     Examples that do not line up across seeds or runs get no test."""
     from losslab.compare.examples import example_stats
-    from losslab.compare.results import _example_key, _over_examples
+    from losslab.compare.examples import example_id
+    from losslab.compare.results import _over_examples
 
     study, _ = fabricate(tmp_path)
     base, other = predictions(0, 0), predictions(0, 5)
-    keys = [_example_key(r) for r in base]
+    keys = [example_id(r) for r in base]
     (a, score), (b, _) = example_stats("accuracy", base, NAMES), example_stats("accuracy", other, NAMES)
     one = _over_examples(study, [(keys, a, b)], score)
     three = _over_examples(study, [(keys, a, b)] * 3, score)
@@ -137,7 +139,7 @@ def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
     assert header == ["input", "reference", "ce", "same", "better"]
     rows0 = predictions(0, 0)
     better0 = predictions(0, 20)
-    expected = lambda r: r["predicted"] + " (0.50)" + ("" if r["predicted"] == r["gold"] else " ✗")  # noqa: E731
+    expected = lambda r: f"{r['predicted']} ({r['score']:.2f})" + ("" if r["predicted"] == r["gold"] else " ✗")  # noqa: E731
     assert first == [EVIL, rows0[0]["gold"], expected(rows0[0]), expected(rows0[0]), expected(better0[0])]
     assert len(rest) == 2 and rest[0][0] == "text 1"
     assert EVIL not in html  # escaped

@@ -64,6 +64,16 @@ def kind(rows: list[dict[str, Any]]) -> str | None:
     return "class" if isinstance(gold, str) else None
 
 
+EXAMPLE_FIELDS = ("text", "tokens", "prompt", "chosen", "rejected", "gold")
+"""The fields of a predictions row that say which test example it is (the rest is the run's output)."""
+
+
+def example_id(row: dict[str, Any]) -> str:
+    """Which test example a predictions row is about: its input and gold fields, not the
+    prediction or its score, so the rows of two runs on the same examples compare equal."""
+    return json.dumps({k: row[k] for k in EXAMPLE_FIELDS if k in row}, sort_keys=True, default=str)
+
+
 def class_names(metrics: dict[str, Any], split: str, rows: list[dict[str, Any]]) -> list[str]:
     """The classes of a run's report (its ``<split>/support/<class>`` keys), then any other name seen."""
     prefix = f"{split}/support/"

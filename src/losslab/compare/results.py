@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from losslab.compare.config import Study
-from losslab.compare.examples import class_names, example_stats, kind, read_predictions
+from losslab.compare.examples import class_names, example_id, example_stats, kind, read_predictions
 from losslab.compare.runner import Run, read_generations
 from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
 from losslab.data.prepare import write_atomic
@@ -120,8 +120,8 @@ def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: 
     per_seed = []
     score_fn = None
     for base, other, _, _ in pairs:
-        keys = [_example_key(r) for r in base]
-        if keys != [_example_key(r) for r in other]:
+        keys = [example_id(r) for r in base]
+        if keys != [example_id(r) for r in other]:
             return None
         a, b = example_stats(metric, base, names), example_stats(metric, other, names)
         if a is None or b is None:
@@ -129,12 +129,6 @@ def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: 
         per_seed.append((keys, a[0], b[0]))
         score_fn = a[1]
     return _over_examples(study, per_seed, score_fn)
-
-
-def _example_key(row: dict[str, Any]) -> str:
-    """What identifies a test example in a predictions file: everything but the prediction."""
-    return json.dumps({k: v for k, v in row.items() if not k.startswith("predicted") and k not in ("reward_chosen", "reward_rejected")},
-                      sort_keys=True, default=str)
 
 
 def _over_examples(study: Study, per_seed: list[tuple[list[Any], np.ndarray, np.ndarray]], score_fn: Any) -> dict[str, Any] | None:
