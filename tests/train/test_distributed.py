@@ -33,20 +33,6 @@ def run(cmd: list[str], cwd: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def children(pid: int) -> list[int]:
-    """The losslab processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == pid and b"losslab.cli" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def steps(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     return [r for r in rows if "grad_norm" in r]
@@ -77,7 +63,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends_with_the_same_weights(
-        tmp_path: Path) -> None:
+        tmp_path: Path, child_pids) -> None:
     """What a cluster does at preemption or a time limit (SLURM signals every process of the job
     step): SIGTERM to each worker and to torchrun, which forwards it to the workers again. Each
     worker must take its two deliveries as one request; the workers agree on a step, save it
@@ -98,7 +84,7 @@ def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends
         while not (out / "checkpoint-5" / "losslab_checkpoint.json").is_file():
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
             time.sleep(0.01)
-        workers = children(proc.pid)
+        workers = child_pids(proc.pid, b"losslab.cli")
         assert len(workers) == 2, workers
         for pid in workers:
             os.kill(pid, signal.SIGTERM)

@@ -273,21 +273,7 @@ def test_one_request_delivered_twice_is_one_request(monkeypatch, launcher: bool)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
-def _children() -> list[int]:
-    """This process's forked children (same command line: not a resource tracker or a helper)."""
-    found = []
-    own = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if (int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()
-                    and (stat.parent / "cmdline").read_bytes() == own):
-                found.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path) -> None:
+def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, child_pids) -> None:
     """The Trainer's loaders (train, eval, test; accelerate's wrappers around torch's DataLoader)
     start workers that ignore both signals, after the Trainer's own seeding."""
     import signal
@@ -306,10 +292,10 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path) 
     for loader in (trainer.get_eval_dataloader(), trainer.get_test_dataloader(task.train[:8])):
         assert isinstance(loader.base_dataloader.worker_init_fn, WorkerIgnoresStopSignals)
         assert not isinstance(loader.base_dataloader.worker_init_fn.inner, WorkerIgnoresStopSignals)
-    before = set(_children())
+    before = set(child_pids(os.getpid()))
     batches = iter(train)
     got = [next(batches), next(batches)]  # one from each worker: both have started
-    workers = sorted(set(_children()) - before)
+    workers = sorted(set(child_pids(os.getpid())) - before)
     assert len(workers) == 2, workers
     for pid in workers:
         os.kill(pid, signal.SIGTERM)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from losslab.config import load_yaml, read_config, validate
-from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS
+from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, hash_file
 from losslab.errors import UserError
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
@@ -171,9 +171,9 @@ def config_hash(data: dict[str, Any]) -> str:
     contents of its data files, so a run is redone when a data file is edited in place
     (builtin data is fixed by the pinned packages that ship it)."""
     keyed = {k: v for k, v in data.items() if k != "output_dir"}
-    files = {split: _file_digest(Path(spec).expanduser()) for split, spec in (data.get("data") or {}).items()
-             if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)
-             and Path(spec).expanduser().is_file()}
+    paths = {split: Path(spec).expanduser() for split, spec in (data.get("data") or {}).items()
+             if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)}
+    files = {split: _file_digest(path) for split, path in paths.items() if path.is_file()}
     if files:
         keyed["data_file_contents"] = files
     text = json.dumps(keyed, sort_keys=True, default=str)
@@ -187,11 +187,7 @@ def _file_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _digest_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(hashlib.sha256(), Path(path)).hexdigest()
 
 
 def set_dotted(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -257,10 +253,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             if variant.tune:
                 study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})
         if variant.tune and "validation" not in trained.eval.splits:
-            line = lines.get(("variants", str(config.variants.index(variant))))
             raise UserError(f"variant {variant.name!r} is tuned on {config.tuning.metric!r} but does not evaluate the "
                             f"validation split (eval.splits: {trained.eval.splits}); add validation to eval.splits",
-                            where=f"{path}:{line}" if line else str(path))
+                            where=file.where("variants", str(config.variants.index(variant))))
         for metric in config.metrics:
             split = metric.name.split("/", 1)[0]
             if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:

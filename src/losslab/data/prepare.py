@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -47,6 +48,14 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def hash_file(digest: Any, path: Path) -> Any:
+    """Feed the bytes of ``path`` to a ``hashlib`` object in 1 MiB blocks; returns it."""
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def prepare_source(source: Source, out: Path) -> dict:

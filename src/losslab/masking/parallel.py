@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from losslab.data.prepare import hash_file
 from losslab.data.records import SKIP_HINT, Source, _BadJson, describe_validation_error, iter_raw_records
 from losslab.errors import UserError
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, file_schema
@@ -110,10 +111,7 @@ def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None
     add(tok.backend_tokenizer.to_str())
     add([getattr(tok, "chat_template", None), tok.special_tokens_map, tok.bos_token_id, tok.eos_token_id,
          getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)])
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    return hash_file(h, path).hexdigest()[:32]
 
 
 def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any]]:
