@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import losslab.models
@@ -255,10 +255,14 @@ JSON_VALUES = st.recursive(JSON_SCALARS, lambda kids: st.lists(kids, max_size=3)
 @FUZZ
 @given(schema=st.sampled_from(sorted(GOOD)), lines=st.lists(st.one_of(LINE_BYTES, JSON_VALUES.map(lambda v: json.dumps(v).encode())),
                                                          max_size=5))
+@example(schema="chat", lines=[b"\xef\xbb\xbf"])  # a file that is only a byte-order mark: empty
+@example(schema="chat", lines=[b"{}", b"\xef\xbb\xbf"])  # one after line 1 is content: invalid JSON
 def test_fuzz_any_bytes_give_records_errors_or_counted_skips(tmp_path_factory, schema: str, lines: list[bytes]) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
     path.write_bytes(b"".join(line + b"\n" for line in lines))
-    counted = [i for i, line in enumerate(lines, 1) if line.decode("utf-8", "replace").strip()]
+    # a UTF-8 byte-order mark opening the file is not content (it is accepted and dropped)
+    text = [line.removeprefix(b"\xef\xbb\xbf") if i == 1 else line for i, line in enumerate(lines, 1)]
+    counted = [i for i, line in enumerate(text, 1) if line.decode("utf-8", "replace").strip()]
     skipped = SkipLog()
     kept = list(load_records(path, SCHEMAS[schema], on_error="skip", skipped=skipped))
     skipped_lines = [int(e[len(str(path)) + 1 :].split(":")[0]) for e in skipped.examples]
