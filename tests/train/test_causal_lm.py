@@ -82,6 +82,8 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
     from losslab.losses.dialogue import semantic_alignment_loss
     from losslab.losses.registry import build_composite
     from losslab.train.tasks.causal_lm import build
+    from transformers import TrainingArguments
+
     from losslab.train.trainer import LosslabTrainer
 
     cfg = tiny_config(tmp_path, max_steps=1)
@@ -91,7 +93,8 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
                    {"name": "semantic_alignment", "weight": 0.2}]):
         loss_func = run.make_loss_func(build_composite(terms))
         assert loss_func.hidden_states
-        trainer = LosslabTrainer(model=run.model, loss_func=loss_func)
+        trainer = LosslabTrainer(model=run.model, args=TrainingArguments(output_dir=str(tmp_path / "trainer")),
+                                 loss_func=loss_func)
         batch = run.collator(run.train[:3])
         total = trainer.compute_loss(run.model, dict(batch))
         with torch.no_grad():
