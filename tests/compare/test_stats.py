@@ -66,3 +66,32 @@ def test_config_hash_follows_the_contents_of_data_files(tmp_path) -> None:
     assert config_hash(config) != first
     builtin = {"task": "causal_lm", "data": {"train": "builtin:chitchat"}}
     assert config_hash(builtin) == config_hash(dict(builtin))
+
+
+def test_config_hash_is_taken_with_every_default_filled_in() -> None:
+    """A setting spelled out at its default (in any spelling YAML gives) is the same run; any
+    other value, or a default that changes between versions, is a new one."""
+    from losslab.compare import config as compare_config
+    from losslab.compare.config import config_hash
+    from losslab.train.config import TrainConfig
+
+    base = {"task": "causal_lm", "data": {"train": "builtin:chitchat"}}
+    default_lr = TrainConfig.model_validate({**base, "output_dir": "."}).training.lr
+    assert config_hash({**base, "training": {"lr": default_lr}}) == config_hash(base)
+    assert config_hash({**base, "training": {"lr": str(default_lr)}}) == config_hash(base)
+    assert config_hash({**base, "training": {"lr": default_lr * 2}}) != config_hash(base)
+
+    class NewDefaults(TrainConfig):  # a later version with another default learning rate
+        def __init__(self, **data):
+            super().__init__(**data)
+            if "lr" not in (data.get("training") or {}):
+                self.training.lr = default_lr * 2
+
+    original = compare_config.TrainConfig
+    before = config_hash(base)
+    try:
+        compare_config.TrainConfig = NewDefaults
+        assert config_hash(base) != before
+        assert config_hash({**base, "training": {"lr": default_lr}}) == before
+    finally:
+        compare_config.TrainConfig = original

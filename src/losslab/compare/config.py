@@ -167,16 +167,25 @@ def corner(param: Param, bound: str) -> Any:
 
 
 def config_hash(data: dict[str, Any]) -> str:
-    """A short stable hash of a resolved training config (output_dir excluded) and of the
-    contents of its data files, so a run is redone when a data file is edited in place
-    (builtin data is fixed by the pinned packages that ship it)."""
-    keyed = {k: v for k, v in data.items() if k != "output_dir"}
+    """A short stable hash of a resolved training config and of the contents of its data files.
+
+    The config is hashed with every default filled in (output_dir excluded), so a setting spelled
+    out at its default gives the same run, and a default that changes between losslab versions
+    gives a new one; an edited data file gives a new run too (builtin data is fixed by the pinned
+    packages that ship it)."""
+    complete = TrainConfig.model_validate({**data, "output_dir": "."})
+    keyed: dict[str, Any] = complete.model_dump(mode="json", exclude={"output_dir"})
     paths = {split: Path(spec).expanduser() for split, spec in (data.get("data") or {}).items()
              if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)}
     files = {split: _file_digest(path) for split, path in paths.items() if path.is_file()}
     if files:
         keyed["data_file_contents"] = files
-    text = json.dumps(keyed, sort_keys=True, default=str)
+    return digest(keyed)
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-like value (mapping keys in any order)."""
+    text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

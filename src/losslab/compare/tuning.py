@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from losslab.compare.config import Param, Study, Variant, config_hash
+from losslab.compare.config import Param, Study, Variant, config_hash, digest
 from losslab.compare.runner import drop_checkpoints, train_run
 from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
@@ -45,9 +45,9 @@ def study_name(study: Study, variant: Variant) -> str:
     t = study.config.tuning
     seed = study.config.seeds[0] if t.seed is None else t.seed
     space = {k: p.model_dump() for k, p in variant.tune.items()}
-    what = {"base": study.resolve(variant, seed), "space": space, "metric": t.metric, "direction": t.direction,
+    what = {"base": config_hash(study.resolve(variant, seed)), "space": space, "metric": t.metric, "direction": t.direction,
             "sampler": t.sampler, "pruner": t.pruner}
-    return f"{variant.name}__{config_hash(what)}"
+    return f"{variant.name}__{digest(what)}"
 
 
 def make_sampler(kind: str, *, trials: int, seed: int) -> Any:
