@@ -444,6 +444,8 @@ CONFIG_CASES: list[tuple[str, str, int | None]] = [
     ("training:\n  max_steps: 0\n", "max_steps", None),
     ("training:\n  max_nonfinite_steps: 0\n", "training.max_nonfinite_steps", 7),
     ("training:\n  eval_steps: 0\n", "training.eval_steps", 7),
+    ("training:\n  metric_for_best_model: accuracy\n", "training.metric_for_best_model", None),
+    ("training:\n  early_stopping_patience: 2\n", "training.early_stopping_patience", None),
     ("training:\n  learning_rate: 0.1\n", "training.learning_rate", 7),
     ("trainig:\n  lr: 0.1\n", "trainig", 6),
     ("seed: -1\n", "seed", 6),

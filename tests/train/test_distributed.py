@@ -41,9 +41,16 @@ def steps(out: Path) -> list[dict]:
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_processes_equal_one(tmp_path: Path) -> None:
+    """Training steps, the evaluation during training (with a per-batch regulariser, which the
+    Trainer's cross-process item count must not multiply) and the final weights."""
     one, two = tmp_path / "one", tmp_path / "two"
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump(config(one, batch_size=4)))
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config(two, batch_size=2)))  # 2 x 2 = the same global batch
+    for out, batch_size in ((one, 4), (two, 2)):  # 2 x 2 = the same global batch
+        data = config(out, batch_size=batch_size)
+        data["data"].update(validation="builtin:chatterbot", max_eval_samples=6)
+        data["loss"]["terms"].append({"name": "l2", "weight": 1e-3})
+        # evaluation batches of one sample: the same batches (and per-batch means) in both runs
+        data["training"].update(eval_steps=3, eval_batch_size=1)
+        (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(data))
     run([sys.executable, "-m", "losslab.cli", "train", "one.yaml"], tmp_path)
     torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
     run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "losslab.cli", "train", "two.yaml"], tmp_path)
@@ -52,6 +59,11 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    evals = [[r for r in json.loads(f"[{','.join((out / 'log.jsonl').read_text().splitlines())}]") if "eval_loss" in r]
+             for out in (one, two)]
+    assert len(evals[0]) == len(evals[1]) == 1
+    for key in ("eval_loss", "eval_loss/token_cross_entropy", "eval_loss/l2"):
+        assert evals[1][0][key] == pytest.approx(evals[0][0][key], rel=1e-5), key
     wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     # AdamW divides by sqrt(v): for a near-zero gradient, float reduction order (gloo all-reduce

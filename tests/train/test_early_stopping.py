@@ -33,10 +33,9 @@ def expected_stop(series: list[tuple[int, float]], patience: int) -> tuple[int, 
     raise AssertionError(f"the run never stopped improving: {series}")
 
 
-def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_path: Path) -> None:
+def early_stopping_config(out: Path) -> TrainConfig:
     # lr 3e-2 on 8 fixed samples: the validation loss falls, bounces and then rises (overshoot/overfit)
-    out = tmp_path / "run"
-    config = TrainConfig(**{
+    return TrainConfig(**{
         "task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(out),
         "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 48,
                  "max_train_samples": 8, "max_eval_samples": 8},
@@ -45,14 +44,26 @@ def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_pat
                      "eval_steps": 1, "early_stopping_patience": PATIENCE},
         "eval": {"splits": ["validation"]},
     })
+
+
+def train_one_thread(config: TrainConfig, **kwargs) -> dict[str, float]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        metrics = train(config)
+        return train(config, **kwargs)
     finally:
         torch.set_num_threads(before)
+
+
+def eval_series(out: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    series = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    metrics = train_one_thread(early_stopping_config(out))
+    series = eval_series(out)
     assert [s for s, _ in series] == list(range(1, len(series) + 1))  # one evaluation per step
     stop, best_step, best = expected_stop(series, PATIENCE)
     assert stop < MAX_STEPS and best_step < stop  # it stopped early, and the best is not the last
@@ -71,3 +82,31 @@ def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_pat
     assert not all(torch.equal(last_weights[k], final_weights[k]) for k in last_weights)
     assert metrics["validation/loss"] == pytest.approx(best, rel=1e-5)
     assert metrics["validation/loss"] != pytest.approx(series[-1][1], rel=1e-3)
+
+
+def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path) -> None:
+    """Killed at an evaluation while early stopping had already counted a miss, then rerun: the
+    run resumes from the checkpoint before and stops at the same step as an uninterrupted run
+    (the count of evaluations without improvement is restored, not reset to 0)."""
+    straight = tmp_path / "straight"
+    expected = train_one_thread(early_stopping_config(straight))
+    series = eval_series(straight)
+    stop = int(expected["train/steps"])
+    counted = stop - 1  # its evaluation was the (PATIENCE - 1)-th miss in a row, its checkpoint holds that count
+    assert PATIENCE > 1 and series[counted - 1][1] >= min(v for _, v in series[: counted - 1]), series
+
+    class Killed(Exception):
+        pass
+
+    def kill(step: int, validation_metrics) -> None:
+        if step == counted + 1:
+            raise Killed  # before that step's checkpoint is saved
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_one_thread(early_stopping_config(out), on_evaluate=kill)
+    assert (out / f"checkpoint-{counted}").is_dir() and not (out / f"checkpoint-{counted + 1}").exists()
+    metrics = train_one_thread(early_stopping_config(out))
+    assert metrics["train/steps"] == stop
+    assert metrics["validation/loss"] == pytest.approx(expected["validation/loss"], rel=1e-5)
+

@@ -174,3 +174,94 @@ def test_trainer_logs_every_term_and_advances_schedules(tmp_path, grad_accum: in
         expected = r["loss/token_cross_entropy"] + r["weight/consistency"] * r["loss/consistency"]
         assert r["loss"] == pytest.approx(expected, rel=1e-4)
     assert steps[-1]["loss/token_cross_entropy"] < steps[0]["loss/token_cross_entropy"]
+
+
+def test_an_epochs_last_short_accumulation_window_counts_per_batch_terms_once(tmp_path) -> None:
+    """3 samples, batch 1, accumulation 2: step 1 has two micro-batches, step 2 one. At lr 0 the
+    weights do not move, so an L2 penalty counted once per optimizer step gives the same logged
+    value and the same gradient at both steps (the Trainer's default share 1/2 halved step 2)."""
+    from transformers import TrainerCallback
+
+    norms: list[float] = []
+
+    class GradNorm(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            norms.append(float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))))
+
+    torch.manual_seed(0)
+    model = load_causal_lm("builtin:tiny-llama")
+    lf = CausalLMLossFunc(build_composite([{"name": "l2"}]), fused=False, model=model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             num_train_epochs=1, learning_rate=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = LosslabTrainer(model=model, args=args, train_dataset=samples()[:3], data_collator=collate, loss_func=lf,
+                             callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl"), GradNorm()])
+    trainer.train()
+    rows = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss/l2" in r]
+    assert [r["step"] for r in rows] == [1, 2] and len(norms) == 2
+    l2 = 0.5 * sum(float((p.detach().double() ** 2).sum()) for p in model.parameters())
+    assert rows[0]["loss/l2"] == pytest.approx(l2, rel=1e-5)
+    assert rows[1]["loss/l2"] == pytest.approx(rows[0]["loss/l2"], rel=1e-6)
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)
+
+
+def test_item_count_is_over_shifted_targets_whatever_the_model_class(tmp_path) -> None:
+    """``num_items_in_batch`` counts next-token targets (labels[:, 1:]) for any causal LM: the
+    Trainer does so only for ``*ForCausalLM`` classes, and GPT2LMHeadModel is not one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    data = [{**s, "labels": list(s["input_ids"])} for s in samples()]  # every token trained (mask: all)
+    targets = sum(len(s["labels"]) - 1 for s in data)
+    seen: list[int] = []
+
+    class Spy(CausalLMLossFunc):
+        def __call__(self, outputs, labels, num_items_in_batch=None):
+            seen.append(int(num_items_in_batch))
+            return super().__call__(outputs, labels, num_items_in_batch)
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=2000, n_embd=32, n_layer=1, n_head=4, n_positions=64))
+    lf = Spy(build_composite([{"name": "token_cross_entropy"}]), fused=False, model=model)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    LosslabTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss_func=lf,
+                   callbacks=[LossTermsCallback(lf)]).train()
+    assert seen == [targets]
+
+
+def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -> None:
+    """Gemma-2 soft-caps its logits, Cohere and Granite scale them: the fused head (h @ W.T)
+    would train another loss than the model's, so losslab detects it (Llama's head is linear)."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
+
+    from losslab.train.loss_func import lm_head_gives_logits
+
+    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    models = {
+        "llama": (LlamaForCausalLM(LlamaConfig(**common)), True),
+        "gemma2": (Gemma2ForCausalLM(Gemma2Config(**common, head_dim=8, final_logit_softcapping=5.0)), False),
+        "cohere": (CohereForCausalLM(CohereConfig(**common, logit_scale=0.0625)), False),
+        "granite": (GraniteForCausalLM(GraniteConfig(**common, logits_scaling=8.0)), False),
+    }
+    ids = torch.randint(3, 300, (2, 10))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    for name, (model, linear) in models.items():
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(30)  # logits of a trained model's size, where capping bites
+        model.train()
+        assert lm_head_gives_logits(model) is linear, name
+        assert model.training, name  # the check puts the model back in training mode
+        if not linear:  # the fused head's loss differs from the model's own, which the logits path matches
+            model.eval()
+            with torch.no_grad():
+                own = model(input_ids=ids, labels=labels).loss
+                for fused in (False, True):
+                    lf = CausalLMLossFunc(build_composite([{"name": "token_cross_entropy"}]), fused=fused,
+                                          lm_head=model.get_output_embeddings(), model=model)
+                    out = model(input_ids=ids, output_hidden_states=True)
+                    loss = lf(out, labels)
+                    assert (float(loss) == pytest.approx(float(own), rel=1e-5)) is not fused, (name, fused)

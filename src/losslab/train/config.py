@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 Task = Literal["causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"]
 
 
+# loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
+PER_ROW_TERMS = ("semantic_alignment", "semantic_l2")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf lr or epochs is never meant
 
@@ -58,7 +62,8 @@ class TrainingConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="learning-rate schedule")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after the warmup (constant with a warmup is constant_with_warmup)")
     warmup: float = Field(0.0, ge=0, description="warmup: steps (>= 1) or a fraction of all steps (< 1)")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: once per epoch)")
@@ -66,7 +71,8 @@ class TrainingConfig(_Section):
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept in output_dir")
     logging_steps: int = Field(1, ge=1, description="log loss terms every N steps")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
-    metric_for_best_model: str = Field("eval_loss", description="validation metric for early stopping / best model")
+    metric_for_best_model: str = Field("eval_loss", description="what early stopping and the best model follow: eval_loss "
+                                       "(the weighted loss at the current schedule weights) or eval_loss/LABEL (one term)")
     greater_is_better: bool = Field(False, description="direction of metric_for_best_model")
     bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 mixed precision: auto = where the device supports it (not on CPU)")
     dataloader_workers: int = Field(0, ge=0, description="data loader worker processes")
@@ -118,7 +124,9 @@ class TrainConfig(_Section):
     output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
-    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights dtype")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights dtype; bfloat16 "
+                                                             "weights lose AdamW updates below their resolution: for mixed "
+                                                             "precision keep float32 and set training.bf16: on")
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -131,4 +139,29 @@ class TrainConfig(_Section):
             raise ValueError("training.max_steps must be -1 (use epochs) or >= 1")
         if self.data.num_proc > 1 and self.task != "causal_lm":
             raise ValueError(f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process")
+        if self.data.packing:
+            for i, term in enumerate(self.loss.terms):
+                per_row = term.get("reduction") == "sequence" or term.get("name") in PER_ROW_TERMS
+                if per_row:
+                    raise ValueError(f"loss.terms.{i} ({term.get('name')}{', reduction sequence' if term.get('reduction') == 'sequence' else ''}) "
+                                     "works on whole samples, and data.packing puts several samples in one row; "
+                                     "set data.packing: false")
+        self._check_early_stopping()
         return self
+
+    def _check_early_stopping(self) -> None:
+        t = self.training
+        metric = t.metric_for_best_model.removeprefix("eval_")
+        if metric != "loss" and not metric.startswith("loss/"):
+            raise ValueError(f"training.metric_for_best_model: {t.metric_for_best_model!r} is not measured during training; "
+                             "use eval_loss or eval_loss/LABEL (a loss term's label)")
+        if not t.early_stopping_patience:
+            return
+        if self.data.validation is None:
+            raise ValueError("training.early_stopping_patience needs validation data (data.validation)")
+        if t.save_steps and not t.eval_steps:
+            raise ValueError("training.early_stopping_patience with training.save_steps needs training.eval_steps "
+                             "(the best model is kept among evaluated checkpoints): set eval_steps to a divisor of save_steps")
+        if t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
+            raise ValueError(f"training.early_stopping_patience: training.save_steps ({t.save_steps}) must be a multiple "
+                             f"of training.eval_steps ({t.eval_steps}), so every kept checkpoint has been evaluated")

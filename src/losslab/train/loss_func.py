@@ -84,6 +84,8 @@ class CausalLMLossFunc:
     :attr:`batch_extras` before each call.
     """
 
+    shifts_labels = True  # labels are shifted here, whatever the model class (num_items_in_batch counts labels[..., 1:])
+
     def __init__(
         self,
         composite: CompositeLoss,
@@ -147,3 +149,27 @@ class CausalLMLossFunc:
         else:
             self.eval_terms.add(out)
         return out.total
+
+
+def lm_head_gives_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s logits are its LM head applied to its last hidden state, which is what
+    the fused head computes. False for models that soft-cap or scale their logits (Gemma-2's
+    ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``): the fused
+    head would train another loss than the model's. Checked on one short input in eval mode."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+    ids = torch.arange(1, 9, device=head.weight.device).remainder(head.weight.shape[0]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, output_hidden_states=True)
+            logits, again = out.logits.float(), head(out.hidden_states[-1]).float()
+    finally:
+        model.train(was_training)
+    if logits.shape != again.shape:
+        return False
+    scale = float(logits.abs().max().clamp(min=1.0))
+    return bool(torch.allclose(again, logits, rtol=1e-3, atol=1e-3 * scale))
+

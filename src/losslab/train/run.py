@@ -52,7 +52,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
         optim="adamw_torch",
-        lr_scheduler_type=t.scheduler,
+        lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" and t.warmup else t.scheduler,
         warmup_steps=t.warmup,
         max_grad_norm=t.max_grad_norm,
         eval_strategy=eval_strategy,
@@ -74,6 +74,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
         save_only_model=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count survives a resume
     )
 
 
@@ -97,6 +98,10 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     args = training_arguments(config, has_eval=has_eval)
     composite = build_composite(config.loss.terms, total_steps=total_steps(config, len(run.train)))
     loss_func = run.make_loss_func(composite)
+    check_best_model_metric(config, loss_func.composite)
+    if config.dtype == "bfloat16" and args.process_index == 0:
+        print("note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
+              "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on")
     callbacks = [LossTermsCallback(loss_func), JsonlLogCallback(out / "log.jsonl")]
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
@@ -139,6 +144,15 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
                             "nonfinite_steps": list(trainer.nonfinite_steps)}, quiet=True)
         write_metrics_json(metrics, out / "metrics.json")
     return metrics
+
+
+def check_best_model_metric(config: TrainConfig, composite: Any) -> None:
+    """``training.metric_for_best_model`` names the loss or one of the run's loss terms."""
+    metric = config.training.metric_for_best_model.removeprefix("eval_")
+    labels = [t.label for t in composite.terms]
+    if metric != "loss" and metric.removeprefix("loss/") not in labels:
+        raise UserError(f"training.metric_for_best_model: {config.training.metric_for_best_model!r} is not measured; "
+                        f"use eval_loss or one of {', '.join(f'eval_loss/{label}' for label in labels)}")
 
 
 def write_summary(out: Path, summary: dict[str, Any], *, quiet: bool = False) -> Path:

@@ -78,6 +78,10 @@ class LosslabTrainer(StepGuard, Trainer):
     def __init__(self, *args: Any, loss_func: Any, **kwargs: Any) -> None:
         super().__init__(*args, compute_loss_func=loss_func, **kwargs)
         self.loss_func = loss_func
+        if getattr(loss_func, "shifts_labels", False):
+            # the Trainer counts num_items_in_batch over labels[..., 1:] only for the model classes it
+            # knows shift (`*ForCausalLM`); losslab shifts every causal LM's labels (GPT2LMHeadModel too)
+            self._loss_shifts_labels = True
         # the Trainer puts report_to loggers (TensorBoard) before the given callbacks: the terms
         # must be in the log line before any logger reads it (a stable sort keeps the rest in order)
         self.callback_handler.callbacks.sort(key=lambda cb: not isinstance(cb, LossTermsCallback))
@@ -87,6 +91,9 @@ class LosslabTrainer(StepGuard, Trainer):
         function ``num_sequences``: the rows with a trained target in the step, over every process
         (the ``sequence`` reduction's exact denominator under accumulation and DDP)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
+        # shorter accumulation window
+        self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)
         if hasattr(self.loss_func, "num_sequences"):
             self.loss_func.num_sequences = self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
         return batch_samples, num_items_in_batch
@@ -104,6 +111,10 @@ class LosslabTrainer(StepGuard, Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if not model.training:
+            # evaluation: the Trainer passes the batch's item count summed over processes (and would
+            # multiply the loss by their number); each evaluation batch is normalised on its own
+            num_items_in_batch = None
         custom = getattr(self.loss_func, "compute_loss", None)
         if custom is not None:  # tasks with their own forward (pairs, triplets): call `model`, the wrapped one
             return custom(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

@@ -2,7 +2,8 @@
 
 Loss: the composite of ``loss.terms`` on next-token predictions; token cross-entropy runs
 through the fused head (no N x V logits) unless ``loss.fused: false`` or a term needs the
-logits themselves (e.g. ``consistency``), which the summary reports.
+logits themselves (e.g. ``consistency``) or the model's logits are not its LM head applied to
+the last hidden state (soft-capped or scaled logits), which the run prints.
 Evaluation per split: exact token loss and perplexity over the trained tokens, and with
 ``eval.generate``: BLEU, chrF and distinct-1/2 of greedy replies to held-out prompts.
 """
@@ -21,6 +22,7 @@ from losslab.eval.generation import generation_report
 from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
 from losslab.losses.composite import CompositeLoss
+from losslab.losses.registry import build_composite
 from losslab.data.prepare import resolve_data_path, write_atomic
 from losslab.data.records import iter_raw_records
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
@@ -28,7 +30,7 @@ from losslab.masking.parallel import build_samples_parallel
 from losslab.masking.render import alpaca_prompt, instruction_messages
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
-from losslab.train.loss_func import CausalLMLossFunc
+from losslab.train.loss_func import CausalLMLossFunc, lm_head_gives_logits
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import reference_params
 
@@ -53,6 +55,11 @@ def mask_config(data: DataConfig) -> MaskConfig:
 
 
 def build(config: TrainConfig) -> TaskRun:
+    # a term this task cannot feed (e.g. bradley_terry) fails here, before data and model load
+    problems = build_composite(config.loss.terms, total_steps=1, where="loss.terms").missing_inputs(LOGIT_FIELDS | {"hidden_states"})
+    if problems:
+        raise UserError(f"{'; '.join(problems)}; a causal_lm batch provides labels, logits, hidden states and token weights",
+                        where="loss.terms")
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = config.data
     masks = mask_config(data)
@@ -85,10 +92,16 @@ def build(config: TrainConfig) -> TaskRun:
     collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)
     eval_collator = PaddedCollator(tokenizer.pad_token_id)
 
+    head_is_linear = not config.loss.fused or lm_head_gives_logits(model)
+
     def make_loss_func(composite: CompositeLoss) -> CausalLMLossFunc:
         fused = config.loss.fused and not composite.missing_inputs(FUSED_FIELDS)
         if config.loss.fused and not fused:
             print("fused loss head off: " + "; ".join(composite.missing_inputs(FUSED_FIELDS)))
+        elif fused and not head_is_linear:
+            fused = False
+            print("fused loss head off: this model's logits are not its LM head applied to the last hidden state "
+                  "(logit soft-capping or scaling); the loss is computed on the logits")
         hidden = bool(composite.missing_inputs(LOGIT_FIELDS))
         composite.check_inputs(LOGIT_FIELDS | {"hidden_states"})
         return CausalLMLossFunc(composite, fused=fused, lm_head=model.get_output_embeddings(), model=model,
