@@ -141,3 +141,70 @@ def test_rejects_bad_arguments():
         consistency_loss(torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool), divergence="cross")
     with pytest.raises(ValueError, match="do not align"):
         semantic_l2_loss(torch.zeros(1, 2, 3), torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["js", "kl"])
+def test_consistency_with_a_minus_inf_logit_drops_that_token(gen, kind):
+    """A token masked to -inf at both positions (p = q = 0) adds 0 log 0 = 0, not NaN."""
+    finite = torch.randn(1, 3, V, generator=gen, dtype=torch.float64)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    logits = torch.cat([finite, torch.full((1, 3, 1), float("-inf"), dtype=torch.float64)], dim=-1).requires_grad_()
+    got = consistency_loss(logits, mask, divergence=kind)
+    (grad,) = torch.autograd.grad(got, logits)
+    # plain PyTorch on the finite logits: F.kl_div(log q, log p) = KL(p || q)
+    exact = finite.clone().requires_grad_()
+    log_p, log_q = torch.log_softmax(exact[:, :-1], -1), torch.log_softmax(exact[:, 1:], -1)
+    if kind == "kl":
+        want = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
+    else:
+        log_m = torch.log((log_p.exp() + log_q.exp()) / 2)
+        want = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="none")
+                      + F.kl_div(log_m, log_q, log_target=True, reduction="none")).sum(-1).mean()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad[..., :V], torch.autograd.grad(want, exact)[0])
+    assert (grad[..., V:] == 0).all()
+
+
+def test_consistency_js_with_a_minus_inf_logit_at_one_position_only(gen):
+    """p_v = 0 < q_v: js is finite (docs: "finite for any logits"), with correct gradients."""
+    finite = torch.randn(1, 2, V, generator=gen, dtype=torch.float64)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+
+    minus_inf = torch.zeros(1, 2, V, dtype=torch.bool)
+    minus_inf[0, 0, 1] = True
+
+    def js(z):
+        return consistency_loss(z.masked_fill(minus_inf, float("-inf")), mask)
+
+    p, q = torch.softmax(finite.masked_fill(minus_inf, float("-inf"))[0], -1)
+    m = (p + q) / 2
+    want = 0.5 * (torch.xlogy(p, p / m).sum() + torch.xlogy(q, q / m).sum())
+    torch.testing.assert_close(js(finite), want)
+    assert torch.autograd.gradcheck(js, (finite.clone().requires_grad_(),))
+
+
+def test_nan_outside_the_masks_reaches_neither_loss_nor_gradients(gen):
+    """A NaN hidden state at a padding position (e.g. a fully masked attention row) is
+    selected away before pooling: features * mask would give NaN * 0 = NaN."""
+    _, features, trained, attention = dialogue_batch(gen)
+    context = attention & ~trained
+    outside = ~(context | trained)
+    assert outside.any()
+    poisoned = features.masked_fill(outside[..., None], float("nan")).requires_grad_()
+    clean = features.clone().requires_grad_()
+
+    def pooled(x, keep):  # plain PyTorch masked mean, one sequence at a time
+        return torch.stack([x[b][keep[b]].mean(0) if keep[b].any() else x.new_zeros(D) for b in range(B)])
+
+    both = context.any(-1) & trained.any(-1)
+    for fn, reference in (
+        (lambda x: semantic_l2_loss(x, context),
+         lambda x: pooled(x, context).square().mean(-1)[context.any(-1)].mean()),
+        (lambda x: semantic_alignment_loss(x, context, trained),
+         lambda x: (1 - F.cosine_similarity(pooled(x, trained), pooled(x, context)))[both].mean()),
+    ):
+        got = fn(poisoned)
+        (got_grad,) = torch.autograd.grad(got, poisoned)
+        want = reference(clean)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_grad, torch.autograd.grad(want, clean)[0])

@@ -364,6 +364,114 @@ def test_bad_inputs_are_rejected() -> None:
         fused_linear_cross_entropy(case["hidden"], case["weight"], case["labels"], bias=torch.zeros(V + 1))
 
 
+def test_rejects_non_finite_options_and_negative_counts() -> None:
+    case = make_case()
+    for kwargs, message in (({"z_loss": math.nan}, "z_loss must be >= 0 and finite; got nan"),
+                            ({"focal_gamma": math.nan}, "focal_gamma must be >= 0 and finite; got nan"),
+                            ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
+                            ({"num_items": -5, "reduction": "sequence"}, "num_items must be a finite number >= 0")):
+        with pytest.raises(ValueError, match=message):
+            fused(case, **kwargs)
+
+
+# --- autocast, -inf logits, evaluation ---------------------------------------------------------
+
+
+def confident_case(dtype: torch.dtype) -> dict:
+    """Target logits from about 1 to 60 (p_y up to 1 in float32), no bias."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 64, generator=gen) / 8
+    labels = torch.randint(0, 1000, (32,), generator=gen)
+    hidden = weight[labels] * torch.linspace(1, 60, 32)[:, None] + 0.1 * torch.randn(32, 64, generator=gen)
+    return {"hidden": hidden.to(dtype).requires_grad_(), "weight": weight.to(dtype).requires_grad_(), "labels": labels,
+            "bias": None, "token_weights": None}
+
+
+def float64_reference(case: dict, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Plain PyTorch in float64 on the same values: F.cross_entropy of hidden @ weight.T."""
+    exact = {k: v.detach().double().requires_grad_() if k in ("hidden", "weight") else v for k, v in case.items()}
+    logits = exact["hidden"] @ exact["weight"].T
+    return loss_and_grads(lambda c, **kw: torch.nn.functional.cross_entropy(logits, c["labels"], **kw), exact, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_does_not_lower_the_heads_precision(dtype: torch.dtype, reduction: str) -> None:
+    """Under CPU bfloat16 autocast the head once ran z_y and the gradient matmuls in 16 bits
+    against a float32 lse: per-token losses of -0.24..+0.26 where the reference is ~0.
+    It computes in float32 whatever the autocast state, forward and backward."""
+    case = confident_case(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = loss_and_grads(fused, case, reduction=reduction)
+    want, want_grads = float64_reference(case, reduction=reduction)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-5)  # float32 rounding of logits ~60
+    for g, w in zip(got_grads, want_grads):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=5e-5)
+        else:  # float32 gradients rounded once to bfloat16
+            torch.testing.assert_close(g, w.to(dtype))
+
+
+def test_per_token_loss_is_never_negative() -> None:
+    """z_y is not read from the logits that gave lse: for p_y = 1 in float32, lse - z_y could
+    round to -1e-5; the reference never goes below 0."""
+    got = fused(confident_case(torch.float32), reduction="none")
+    assert (got >= 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_vocabulary_tile_of_minus_inf_logits(monkeypatch: pytest.MonkeyPatch, reduction: str) -> None:
+    """A padded vocabulary masked by a -inf bias: a tile whose logits are all -inf has max
+    -inf, and z - max would be NaN; it is shifted by 0 (as torch.logsumexp does)."""
+    monkeypatch.setattr(fused_module, "CPU_TILE_BYTES", 2048)  # 8 rows x 300 x 4 B: 5 tiles of 64 columns
+    case = make_case(shape=(40,), vocab=300, weights=True)
+    with torch.no_grad():
+        case["bias"][100:] = -math.inf  # tiles 2 to 4 entirely, tile 1 in part
+    case["labels"] = torch.where(case["labels"] == -100, -100, case["labels"] % 100)
+    got, got_grads = loss_and_grads(fused, case, reduction=reduction, chunk_size=8, focal_gamma=0.5)
+    exact = {k: v.detach().double().requires_grad_() if v is not None and v.is_floating_point() else v
+             for k, v in case.items()}
+
+    def plain(c: dict, **_) -> torch.Tensor:  # float64 PyTorch: (1 - p_y)^0.5 * CE, times the weights
+        log_p = torch.log_softmax(c["hidden"] @ c["weight"].T + c["bias"], dim=-1)
+        trained = c["labels"] != -100
+        log_p_y = log_p.gather(-1, torch.where(trained, c["labels"], 0)[:, None]).squeeze(-1)
+        per_token = torch.where(trained, (1 - log_p_y.exp()).sqrt() * -log_p_y * c["token_weights"], 0.0)
+        return per_token if reduction == "none" else per_token.sum() / trained.sum()
+
+    want, want_grads = loss_and_grads(plain, exact)
+    torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=ATOL)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, rtol=RTOL, atol=ATOL)
+
+
+def test_without_a_graph_only_losses_are_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (no_grad, inference_mode, or nothing requiring grad): the scalar reductions
+    once computed every gradient in forward (1.8x the time, a V x d buffer) for nothing."""
+    gradients_wanted = []
+    head_pass = fused_module._head_pass
+
+    def spy(*args, **kwargs):
+        gradients_wanted.append(args[4] is not None)  # row_scale: the gradients of sum(row_scale * loss)
+        return head_pass(*args, **kwargs)
+
+    monkeypatch.setattr(fused_module, "_head_pass", spy)
+    case = make_case(weights=True)
+    detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    for reduction in REDUCTIONS:
+        want = fused(case, reduction=reduction, chunk_size=64, label_smoothing=0.1)
+        assert gradients_wanted == [reduction != "none"]
+        gradients_wanted.clear()
+        for context, inputs in ((torch.no_grad, case), (torch.inference_mode, case), (torch.enable_grad, detached)):
+            with context():
+                got = fused(inputs, reduction=reduction, chunk_size=64, label_smoothing=0.1)
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)  # the same arithmetic
+        assert gradients_wanted == [False, False, False]
+        gradients_wanted.clear()
+
+
 # --- CUDA: the same checks on a GPU --------------------------------------------------------------
 
 

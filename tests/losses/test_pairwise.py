@@ -187,3 +187,76 @@ def test_info_nce_masked_rows_are_not_negatives(gen):
 def test_rejects_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_trailing_dim_of_one_is_not_broadcast_against_per_pair_values(gen):
+    """(N, 1) rewards with (N,) margins once broadcast to (N, N): a wrong loss and no error."""
+    chosen, rejected, margins, mask, weights = pairs(gen)
+    target = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
+    bt = -F.logsigmoid(chosen - rejected - margins) * weights
+    mr = F.margin_ranking_loss(chosen, rejected, target, margin=0.2, reduction="none")
+    for column in ((lambda t: t[:, None]), (lambda t: t)):
+        for per_pair in ((lambda t: t), (lambda t: t[:, None])):
+            got = bradley_terry_loss(column(chosen), column(rejected), margin=per_pair(margins), mask=mask,
+                                     weights=weights, reduction="none")
+            torch.testing.assert_close(got.reshape(N), torch.where(mask, bt, 0.0))
+            got = margin_ranking_loss(column(chosen), column(rejected), per_pair(target), margin=0.2, reduction="none")
+            torch.testing.assert_close(got.reshape(N), mr)
+    with pytest.raises(ValueError, match=r"margin \(5,\) does not match the pairs \(6, 1\)"):
+        bradley_terry_loss(chosen[:, None], rejected[:, None], margin=margins[:5])
+    with pytest.raises(ValueError, match=r"target \(6, 2\) does not match the pairs \(6,\)"):
+        margin_ranking_loss(chosen, rejected, target[:, None].expand(N, 2))
+
+
+def test_nan_in_masked_pairs_reaches_neither_loss_nor_gradients(gen):
+    """docs/losses.md: a NaN in a padded item cannot leak; not into the gradients either."""
+    chosen, rejected, margins, mask, weights = pairs(gen)
+    a, p, n = embeddings(gen)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+
+    def poison(t):
+        return torch.where(mask.reshape(-1, *([1] * (t.ndim - 1))), t, nan).requires_grad_()
+
+    def clean(t):
+        return t.clone().requires_grad_()
+
+    def check(fn, reference, tensors):
+        inputs = [poison(t) for t in tensors]
+        got = fn(*inputs)
+        got_grads = torch.autograd.grad(got, inputs)
+        exact = [clean(t) for t in tensors]
+        want = reference(*exact)
+        torch.testing.assert_close(got, want)
+        for g, wg in zip(got_grads, torch.autograd.grad(want, exact)):
+            torch.testing.assert_close(g, wg)
+            assert (g[~mask] == 0).all()
+
+    # plain PyTorch on the trained pairs only, in float64
+    keep = mask.nonzero().squeeze(1)
+    count = len(keep)
+    check(lambda c, r, m, w: bradley_terry_loss(c, r, margin=m, mask=mask, weights=w, center_rewards_coefficient=0.1),
+          lambda c, r, m, w: ((-F.logsigmoid(c - r - m) + 0.1 * (c + r).square()) * w)[keep].sum() / count,
+          (chosen, rejected, margins, weights))
+    check(lambda c, r, w: margin_ranking_loss(c, r, margin=0.5, mask=mask, weights=w),
+          lambda c, r, w: (F.margin_ranking_loss(c, r, torch.ones(N, dtype=torch.float64), margin=0.5,
+                                                 reduction="none") * w)[keep].sum() / count,
+          (chosen, rejected, weights))
+    check(lambda a, p, n: triplet_loss(a, p, n, distance="cosine", mask=mask),
+          lambda a, p, n: (1.0 - F.cosine_similarity(a, p) + F.cosine_similarity(a, n)).clamp(min=0)[keep].mean(),
+          (a, p, n))
+    check(lambda q, k: info_nce_loss(q, k, temperature=0.5, symmetric=True, mask=mask),
+          lambda q, k: 0.5 * sum(F.cross_entropy(s, torch.arange(count)) for s in
+                                 (F.normalize(q[keep]) @ F.normalize(k[keep]).T / 0.5,
+                                  F.normalize(k[keep]) @ F.normalize(q[keep]).T / 0.5)),
+          (a, p))
+
+
+def test_rejects_non_finite_options():
+    q = torch.randn(3, 2)
+    for temperature in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"temperature must be a finite number; got {temperature}"):
+            info_nce_loss(q, q, temperature=temperature)
+    with pytest.raises(ValueError, match="margin must be a finite number; got nan"):
+        triplet_loss(q, q, q, margin=float("nan"))
+    with pytest.raises(ValueError, match="center_rewards_coefficient must be a finite number; got nan"):
+        bradley_terry_loss(q[:, 0], q[:, 1], center_rewards_coefficient=float("nan"))

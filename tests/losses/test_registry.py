@@ -261,6 +261,24 @@ def test_bad_configs_fail_at_construction_saying_what_is_allowed(config, message
     assert str(info.value).startswith("run.yaml: loss.terms[0]")
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "token_cross_entropy", "z_loss": float("nan")},
+        {"name": "token_cross_entropy", "focal_gamma": float("nan")},
+        {"name": "focal", "gamma": float("nan")},
+        {"name": "huber", "delta": float("inf")},  # NaN gradients
+        {"name": "info_nce", "temperature": float("inf")},
+        {"name": "cross_entropy", "class_weights": [1.0, float("nan")]},
+    ],
+)
+def test_non_finite_options_fail_at_construction(config):
+    """NaN passes pydantic's ge/le bounds (YAML spells it .nan); inf passes a lower bound."""
+    key = next(k for k in config if k != "name")
+    with pytest.raises(UserError, match=f"option {key}=.*finite number"):
+        build_term(config, where="run.yaml: loss.terms[0]")
+
+
 def test_build_composite_errors():
     with pytest.raises(UserError, match=r"loss.terms\[1\]: unknown loss 'nope'"):
         build_composite([{"name": "mse"}, {"name": "nope"}])
@@ -271,6 +289,14 @@ def test_build_composite_errors():
         build_composite({"name": "mse"})
     with pytest.raises(UserError, match="at least one term"):
         build_composite([])
+
+
+def test_composite_errors_name_the_place():
+    """Hypothesis found ``loss.terms: []`` reported without its file (tests/test_bad_input.py)."""
+    with pytest.raises(UserError, match=r"^cfg.yaml: loss.terms: a composite loss needs at least one term$"):
+        build_composite([], where="cfg.yaml: loss.terms")
+    with pytest.raises(UserError, match=r"^cfg.yaml: loss.terms: loss term labels must be unique; repeated: mse"):
+        build_composite([{"name": "mse"}, {"name": "mse"}], where="cfg.yaml: loss.terms")
 
 
 def test_missing_inputs_are_named_up_front_and_at_run_time():

@@ -227,3 +227,114 @@ def test_hand_worked_numbers():
 def test_rejects_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_focal_gamma_below_one_has_finite_gradients_at_certain_items():
+    """gamma < 1 and p_t = 1 in float32 (logit margin 30): the gradient is ~0, not NaN."""
+    logits = torch.tensor([[30.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 1])
+    loss = focal_loss(logits, targets, gamma=0.5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()  # float64: 1 - p_t = 2e-13 > 0
+    log_p = torch.log_softmax(exact, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    want = ((1 - log_p.exp()).pow(0.5) * -log_p).mean()
+    torch.testing.assert_close(loss.double(), want)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(want, exact)[0])
+
+    x = torch.tensor([[30.0, -30.0, 0.5]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 1.0]])
+    loss = binary_focal_loss(x, y, gamma=0.5, alpha=None)
+    (grad,) = torch.autograd.grad(loss, x)
+    exact = x.detach().double().requires_grad_()  # torchvision's formula, in float64
+    p = torch.sigmoid(exact)
+    p_t = p * y + (1 - p) * (1 - y)
+    want = ((1 - p_t).pow(0.5) * F.binary_cross_entropy_with_logits(exact, y.double(), reduction="none")).mean()
+    torch.testing.assert_close(loss.double(), want)
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(want, exact)[0])
+
+
+def poison(values: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """NaN (and one inf) wherever ``drop`` (values' shape or its leading dims) is True."""
+    drop = drop.reshape(drop.shape + (1,) * (values.ndim - drop.ndim)).expand(values.shape)
+    out = values.masked_fill(drop, float("nan"))
+    out[tuple(drop.nonzero()[0])] = float("inf")
+    return out
+
+
+def class_reference(name, x, y, w):
+    """Per-item plain PyTorch (float64), 0 where ignored; trained items' values only."""
+    keep = y != -100
+    safe = torch.where(keep, y, 0)
+    if name == "cross_entropy":
+        per_item = F.cross_entropy(x, safe, reduction="none")
+    elif name == "focal":
+        log_p = torch.log_softmax(x, dim=-1).gather(-1, safe[:, None]).squeeze(-1)
+        per_item = (1 - log_p.exp()).square() * -log_p
+    else:
+        per_item = F.multi_margin_loss(x, safe, reduction="none")
+    return torch.where(keep, per_item * w, 0.0)
+
+
+@pytest.mark.parametrize("name, fn", [("cross_entropy", classification_cross_entropy), ("focal", focal_loss),
+                                      ("hinge", multiclass_hinge_loss)])
+def test_nan_at_ignored_items_reaches_neither_loss_nor_gradients_class(gen, name, fn):
+    logits, targets, weights = class_batch(gen)
+    ignored = targets == -100
+    x, w = poison(logits, ignored).requires_grad_(), poison(weights, ignored).requires_grad_()
+    got = fn(x, targets, weights=w)
+    got_grads = torch.autograd.grad(got, (x, w))
+    clean = (logits.clone().requires_grad_(), weights.clone().requires_grad_())
+    want = class_reference(name, clean[0], targets, clean[1]).sum() / (~ignored).sum()
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_grads, torch.autograd.grad(want, clean)):
+        torch.testing.assert_close(g, wg)
+        assert (g[ignored] == 0).all()
+
+
+def elementwise_reference(name, x, y):
+    if name == "binary_cross_entropy":
+        return F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    if name == "binary_focal":
+        p = torch.sigmoid(x)
+        p_t = p * y + (1 - p) * (1 - y)
+        a_t = 0.25 * y + 0.75 * (1 - y)
+        return a_t * (1 - p_t).square() * F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    if name == "mse":
+        return F.mse_loss(x, y, reduction="none")
+    return F.huber_loss(x, y, reduction="none")
+
+
+@pytest.mark.parametrize("name, fn", [("binary_cross_entropy", binary_cross_entropy), ("binary_focal", binary_focal_loss),
+                                      ("mse", mse_loss), ("huber", huber_loss)])
+@pytest.mark.parametrize("per_example_mask", [False, True])
+def test_nan_in_masked_items_reaches_neither_loss_nor_gradients_elementwise(gen, reduce_like, name, fn, per_example_mask):
+    """docs/losses.md: a NaN in a padded item cannot leak; not into the gradients either."""
+    logits, targets, mask, weights = label_batch(gen)
+    mask[3] = False  # a whole example masked: its (per-example) weight may be NaN too
+    if per_example_mask:
+        mask = mask[:, 0]
+    example_dropped = ~mask if per_example_mask else ~mask.any(dim=-1)
+    inputs = [poison(logits, ~mask), poison(targets, ~mask), poison(weights, example_dropped)]
+    inputs = [t.requires_grad_() for t in inputs]
+    got = fn(*inputs[:2], mask=mask, weights=inputs[2])
+    got_grads = torch.autograd.grad(got, inputs)
+    clean = [t.clone().requires_grad_() for t in (logits, targets, weights)]
+    per_item = elementwise_reference(name, *clean[:2]) * clean[2]
+    want = reduce_like(per_item, mask[:, None] if per_example_mask else mask, "mean")
+    torch.testing.assert_close(got, want)
+    for g, wg in zip(got_grads, torch.autograd.grad(want, clean)):
+        torch.testing.assert_close(g, wg)
+
+
+def test_rejects_non_finite_options():
+    z, y = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="gamma must be a finite number; got nan"):
+        focal_loss(z, y, gamma=float("nan"))
+    with pytest.raises(ValueError, match="gamma must be a finite number; got inf"):
+        binary_focal_loss(z, z, gamma=float("inf"))
+    with pytest.raises(ValueError, match="delta must be a finite number; got inf"):  # NaN gradients
+        huber_loss(torch.zeros(2), torch.zeros(2), delta=float("inf"))
+    with pytest.raises(ValueError, match="margin must be a finite number; got nan"):
+        multiclass_hinge_loss(z, y, margin=float("nan"))
+    with pytest.raises(ValueError, match="num_items must be a finite number >= 0; got -5"):
+        mse_loss(torch.zeros(2), torch.zeros(2), num_items=-5)

@@ -191,3 +191,62 @@ def test_token_weights_scale_the_numerator_only(gen):
 def test_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         token_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), **kwargs)
+
+
+def test_focal_gamma_below_one_has_finite_gradients_at_certain_tokens():
+    """gamma < 1: d/dp (1 - p)^gamma is infinite at p_y = 1 (a logit margin of 30 in float32),
+    but the loss vanishes faster there, so the gradient is ~0, not NaN. Also at an IGNORED
+    row whose logits make its placeholder label 0 certain."""
+    logits = torch.tensor([[30.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [30.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, -100])
+    loss = token_cross_entropy(logits, labels, focal_gamma=0.5)
+    (grad,) = torch.autograd.grad(loss, logits)
+    # float64 reference on the trained rows: there 1 - p_y = 3e-13 > 0, no singularity
+    exact = logits.detach()[:2].double().requires_grad_()
+    log_p = torch.log_softmax(exact, dim=-1).gather(-1, labels[:2, None]).squeeze(-1)
+    want = ((1 - log_p.exp()).pow(0.5) * -log_p).mean()
+    (want_grad,) = torch.autograd.grad(want, exact)
+    torch.testing.assert_close(loss.double(), want)
+    torch.testing.assert_close(grad[:2].double(), want_grad)
+    assert (grad[2] == 0).all()
+
+
+def test_nan_at_ignored_tokens_reaches_neither_loss_nor_gradients(gen):
+    """Ignored logits and token weights are selected away BEFORE computing: a where after
+    the fact would still send 0 * NaN back to them."""
+    logits, labels, weights = make_batch(gen)
+    ignored = labels == -100
+    poisoned_logits = logits.masked_fill(ignored[..., None], float("nan"))
+    poisoned_logits[2, 0, 1] = float("inf")  # sequence 2 is all ignored
+    poisoned_weights = weights.masked_fill(ignored, float("nan"))
+    for reduction in ("mean", "sequence", "none"):
+        x, w = poisoned_logits.clone().requires_grad_(), poisoned_weights.clone().requires_grad_()
+        got = token_cross_entropy(x, labels, token_weights=w, reduction=reduction)
+        got_grads = torch.autograd.grad(got.sum(), (x, w))
+        # plain PyTorch on the clean values: F.cross_entropy per token, zero where ignored
+        clean_x, clean_w = logits.clone().requires_grad_(), weights.clone().requires_grad_()
+        per_token = F.cross_entropy(clean_x.reshape(-1, V), labels.reshape(-1), reduction="none").reshape(B, T)
+        per_token = per_token * torch.where(ignored, 0.0, clean_w)
+        want = expected_token_reduction(per_token, labels, reduction, None)
+        want_grads = torch.autograd.grad(want.sum(), (clean_x, clean_w))
+        torch.testing.assert_close(got, want)
+        for g, wg in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, wg)
+        assert (got_grads[0][ignored] == 0).all() and (got_grads[1][ignored] == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"z_loss": float("nan")}, "z_loss must be >= 0 and finite; got nan"),
+     ({"z_loss": float("inf")}, "z_loss must be >= 0 and finite; got inf"),
+     ({"focal_gamma": float("nan")}, "focal_gamma must be >= 0 and finite; got nan"),
+     ({"label_smoothing": float("nan")}, r"label_smoothing must be in \[0, 1\]; got nan"),
+     ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
+     ({"num_items": torch.tensor(-5.0)}, "num_items must be a finite number >= 0"),
+     ({"num_items": float("nan")}, "num_items must be a finite number >= 0; got nan"),
+     ({"num_items": -1, "reduction": "sequence"}, "num_items must be a finite number >= 0; got -1")],
+)
+def test_rejects_non_finite_options_and_negative_counts(kwargs, message):
+    """NaN passes every ``<`` check, and a negative count clamped to 1 turns mean into sum."""
+    with pytest.raises(ValueError, match=message):
+        token_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -35,17 +36,30 @@ def finish(
 
     ``mask`` and ``weights`` have ``per_item``'s shape or its leading dims (``(N,)`` against
     ``(N, K)`` items), see :func:`per_example`.
-    ``torch.where`` (not a product) drops masked items, so a NaN or inf computed for a
-    padded item never reaches the loss or the gradients. ``mean`` divides by ``num_items``
+    ``torch.where`` (not a product) drops masked items and their weights. That keeps a NaN
+    computed for a padded item out of the loss, but not out of the gradients (where's
+    backward sends 0, times the item's NaN derivative): losses also zero their inputs at
+    masked items BEFORE computing, with :func:`masked`. ``mean`` divides by ``num_items``
     when given, else by the number of unmasked items: weights scale the numerator only.
     """
     check_reduction(reduction)
-    if weights is not None:
-        per_item = per_item * per_example(weights.to(per_item.dtype), per_item)
     if mask is not None:
         mask = per_example(mask.to(torch.bool), per_item)
+    if weights is not None:
+        per_item = per_item * masked(per_example(weights.to(per_item.dtype), per_item), mask)
+    if mask is not None:
         per_item = torch.where(mask, per_item, torch.zeros_like(per_item))
     return reduce_loss(per_item, mask, reduction, num_items)
+
+
+def masked(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``values`` with 0 wherever ``mask`` is False (``mask`` of ``values``' shape or its leading
+    dims, see :func:`per_example`; None keeps everything). A loss computed from this has finite
+    gradients even when a masked item holds NaN or inf."""
+    if mask is None:
+        return values
+    keep = per_example(mask.to(torch.bool), values)
+    return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -80,10 +94,12 @@ def split_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tenso
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """``TypeError`` unless ``value`` is a number, ``ValueError`` unless ``low <= value <= high``
-    (each bound optional, inclusive)."""
+    """``TypeError`` unless ``value`` is a number, ``ValueError`` unless it is finite and
+    ``low <= value <= high`` (each bound optional, inclusive)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number; got {value!r}")
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise ValueError(f"{name} must be a finite number; got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = [f">= {low}"] * (low is not None) + [f"<= {high}"] * (high is not None)
         raise ValueError(f"{name} must be {' and '.join(bounds)}; got {value}")

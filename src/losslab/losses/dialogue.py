@@ -22,19 +22,26 @@ from typing import Literal
 
 import torch
 
-from losslab.losses.common import Count, check_choice, compute_dtype, finish
+from losslab.losses.common import Count, check_choice, compute_dtype, finish, masked
 from losslab.losses.pairwise import pairwise_distance
 
 Divergence = Literal["js", "kl", "l1"]
 
 
 def _js(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    # where p = q = 0, m = 0 too: both terms are dropped by _kl, but logaddexp(-inf, -inf)
+    # has a NaN derivative, so it is taken of 0s there
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    log_p_safe, log_q_safe = (torch.where(both_zero, 0.0, x) for x in (log_p, log_q))
+    log_m = torch.logaddexp(log_p_safe, log_q_safe) - math.log(2.0)
     return 0.5 * (_kl(log_p, log_m) + _kl(log_q, log_m))
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """``sum_v p_v (log p_v - log q_v)`` with ``0 log 0 = 0``: a -inf logit (``p_v = 0``)
+    adds nothing, instead of ``0 * (-inf - -inf) = NaN``."""
+    terms = torch.where(torch.isneginf(log_p), 0.0, log_p - log_q)
+    return (log_p.exp() * terms).sum(dim=-1)
 
 
 def _l1(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -61,7 +68,8 @@ def consistency_loss(
 
     - ``js`` (default): Jensen-Shannon ``0.5 KL(p_t || m) + 0.5 KL(p_{t+1} || m)``,
       ``m = (p_t + p_{t+1}) / 2``; symmetric, bounded by log 2, finite for any logits;
-    - ``kl``: ``KL(p_t || p_{t+1}) = sum_v p_t[v] (log p_t[v] - log p_{t+1}[v])``;
+    - ``kl``: ``KL(p_t || p_{t+1}) = sum_v p_t[v] (log p_t[v] - log p_{t+1}[v])``, with
+      ``0 log 0 = 0`` (a token masked to -inf at t adds nothing; inf if only ``p_{t+1}[v]`` is 0);
     - ``l1``: ``sum_v |p_t[v] - p_{t+1}[v]|`` (twice the total variation, at most 2).
 
     Gradients reach both positions. ``mean`` divides by the number of pairs (or
@@ -85,12 +93,14 @@ def masked_mean_pool(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.
     """Mean of ``features`` (..., T, D) over positions where ``mask`` (..., T) is True.
 
     Returns ``(pooled (..., D), nonempty (...))``; pooled is 0 where the mask is empty.
+    Features outside the mask are selected away first: a NaN there (e.g. the hidden state of
+    a fully masked padding row) reaches neither the result nor the gradients.
     """
     if features.shape[:-1] != mask.shape:
         raise ValueError(f"features {tuple(features.shape)} and mask {tuple(mask.shape)} do not align")
-    m = mask.to(features.dtype).unsqueeze(-1)  # (..., T, 1)
     counts = mask.sum(dim=-1)  # (...)
-    pooled = (features * m).sum(dim=-2) / counts.clamp(min=1).unsqueeze(-1).to(features.dtype)
+    kept = masked(features, mask.unsqueeze(-1))  # not features * mask: NaN * 0 is NaN
+    pooled = kept.sum(dim=-2) / counts.clamp(min=1).unsqueeze(-1).to(features.dtype)
     return pooled, counts > 0
 
 

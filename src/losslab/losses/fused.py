@@ -9,6 +9,8 @@ How it works (per chunk of ``chunk_size`` trained tokens, ignored tokens dropped
 1. forward, one vocabulary tile at a time (tiles bound the float32 copy of a 16-bit weight):
    ``z = h_c @ W_t.T (+ b_t)``, the tile's row max ``m_t``, then ``z <- exp(z - m_t)`` in place
    and its row sum; after the last tile ``lse = logsumexp`` follows from the ``(m_t, sum_t)``.
+   A tile whose logits are all -inf (a padded vocabulary masked by a -inf bias) is shifted by
+   0 instead of ``m_t = -inf``, as ``torch.logsumexp`` does: its ``exp`` is 0, not NaN.
 2. per-row scalars from ``lse``, the target logit ``h . W[y]`` and (label smoothing) the
    mean logit ``h . mean_v(W_v)``: the loss and the three coefficients of its gradient
    ``dl/dz = A p - C e_y - B`` (see :func:`_row_terms`);
@@ -21,20 +23,24 @@ How it works (per chunk of ``chunk_size`` trained tokens, ignored tokens dropped
 For ``mean``, ``sum`` and ``sequence`` the reduction is linear, so each token's factor is
 known before the loss: the gradients are computed in the forward pass and only scaled by the
 upstream gradient in backward. For ``none`` the upstream gradient is per token, so the
-forward computes losses only and backward recomputes the chunks (one extra matmul).
+forward computes losses only and backward recomputes the chunks (one extra matmul). Without
+a graph to record (``torch.no_grad``, ``inference_mode``, or no input requiring grad) every
+reduction computes losses only.
 bfloat16/float16 inputs are computed and accumulated in float32 (logits, softmax, weight
-gradient), float64 stays float64. A frozen weight (``requires_grad=False``, the LoRA case)
-skips the weight-gradient matmul entirely.
+gradient), float64 stays float64, also under ``torch.autocast`` (which the head switches off:
+it would run the matmuls in 16 bits against a float32 ``lse``). A frozen weight
+(``requires_grad=False``, the LoRA case) skips the weight-gradient matmul entirely.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from losslab.losses.reduction import check_reduction
-from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options
+from losslab.losses.reduction import check_count, check_reduction
+from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options, focal_factor
 
 # Default chunk: CHUNK_ROWS trained tokens (every chunk re-reads W twice, so fewer rows cost
 # time; at d=576 on a 2-core AMD EPYC, 512 rows run at the speed of the full-size matmuls),
@@ -80,7 +86,8 @@ def _row_terms(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row loss and the coefficients of its gradient with respect to the row's logits.
 
-    With ``p = softmax(z)``, ``nll = lse - z_y``, ``smooth = lse - mean_v z_v``,
+    With ``p = softmax(z)``, ``nll = lse - z_y`` (clamped at 0: ``z_y`` is not read from the
+    logits that gave ``lse``, so rounding could make it -1e-5), ``smooth = lse - mean_v z_v``,
     ``base = (1 - eps) nll + eps smooth``, ``pt = exp(-nll)``, ``F = (1 - pt)^gamma``:
     ``loss = F base + zeta lse^2`` (the formula of :func:`token_loss_terms`) and, using
     ``d nll = p - e_y``, ``d smooth = p - 1/V``, ``d lse = p``, ``d pt = pt (e_y - p)``:
@@ -88,20 +95,21 @@ def _row_terms(
     ``dloss/dz = A p - C e_y - B`` with
     ``G = gamma (1 - pt)^(gamma - 1) pt`` (``dF = G (p - e_y)``),
     ``A = F + G base + 2 zeta lse``, ``C = F (1 - eps) + G base``, ``B = F eps / V``.
-    Returns ``(loss, A, C, B)``; ``B`` is None without label smoothing.
+    Returns ``(loss, A, C, B)``; ``B`` is None without label smoothing. ``F`` and ``G`` are 0
+    where ``1 - pt`` is (``G`` would be inf times 0 for ``gamma < 1``), see :func:`focal_factor`.
     """
     eps, zeta, gamma = f.label_smoothing, f.z_loss, f.focal_gamma
-    nll = lse - z_target
+    nll = (lse - z_target).clamp(min=0)
     if eps:
         base = (1.0 - eps) * nll + eps * (lse - z_mean)
     else:
         base = nll
     if gamma:
         pt = torch.exp(-nll)
-        one_minus = (1.0 - pt).clamp(min=0)
-        focal = one_minus.pow(gamma)
-        positive = one_minus > 0
-        g = torch.where(positive, gamma * one_minus.clamp(min=torch.finfo(lse.dtype).tiny).pow(gamma - 1.0) * pt, 0.0)
+        one_minus = 1.0 - pt
+        focal = focal_factor(one_minus, gamma)
+        tiny = torch.finfo(lse.dtype).tiny
+        g = torch.where(one_minus >= tiny, gamma * one_minus.clamp(min=tiny).pow(gamma - 1.0) * pt, 0.0)
         loss = focal * base
         coef_p = focal + g * base
         coef_y = focal * (1.0 - eps) + g * base
@@ -198,7 +206,8 @@ def _head_pass(
             else:
                 torch.addmm(bias_c[v0:v1], h_c, w_t.T, out=z)
             torch.amax(z, dim=1, out=maxes[t])
-            z.sub_(maxes[t].unsqueeze(1)).exp_()
+            shift = torch.where(torch.isfinite(maxes[t]), maxes[t], 0.0)  # -inf - -inf would be NaN
+            z.sub_(shift.unsqueeze(1)).exp_()
             torch.sum(z, dim=1, out=sums[t])
         top = maxes.amax(dim=0)
         lse = top + (sums * torch.exp(maxes - top)).sum(dim=0).log()  # (r,)
@@ -247,6 +256,15 @@ def _head_pass(
     return out
 
 
+def _without_autocast(device: torch.device) -> AbstractContextManager:
+    """Autocast switched off on ``device``: it would compute ``z_y`` and the gradient matmuls
+    in 16 bits against a float32 ``lse`` (losses off by 0.2 for confident tokens), where the
+    head computes in its own compute dtype, forward and backward."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. meta tensors
+        return nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """``sum(row_scale * row_loss)`` (scalar) when ``row_scale`` is given, else ``row_loss`` (n,).
 
@@ -272,8 +290,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def _pass(ctx, inputs: tuple, row_scale: torch.Tensor | None) -> _HeadGrads:
         hidden, weight, bias, targets = inputs
         needs = ctx.needs_input_grad
-        return _head_pass(hidden, weight, bias, targets, row_scale, ctx.formula, ctx.chunk_size,
-                          grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2])
+        with _without_autocast(hidden.device):
+            return _head_pass(hidden, weight, bias, targets, row_scale, ctx.formula, ctx.chunk_size,
+                              grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -306,6 +325,8 @@ def _reduction_scale(
     """d(reduced loss)/d(per-token loss), shape of ``mask``: every reduction of
     :func:`token_cross_entropy` is linear in the per-token losses, with these factors
     (``reduce_loss`` and ``sequence_mean`` written as weights; the tests hold them equal)."""
+    check_count(num_items)
+
     def count(value, default):
         n = default if value is None else value
         return torch.as_tensor(n, dtype=dtype, device=mask.device).clamp(min=1)
@@ -347,9 +368,10 @@ def fused_linear_cross_entropy(
     ``chunk_size``: trained tokens per chunk (default :func:`default_chunk_size`: 512, fewer
     when the chunk's logits would take more memory than the weight gradient). Ignored tokens are dropped
     before the matmul and get exactly zero gradient. Computed in float32 for 16-bit inputs
-    (float64 stays float64); gradients come back in the inputs' dtypes. Backward through the
-    same graph twice is not supported for the scalar reductions (the gradients are computed
-    in the forward pass and handed over once).
+    (float64 stays float64), under ``torch.autocast`` too; gradients come back in the inputs'
+    dtypes. For the scalar reductions the gradients are computed in the forward pass (a
+    second backward through a retained graph recomputes them); under ``torch.no_grad`` /
+    ``inference_mode``, or when no input requires grad, only the losses are computed.
     """
     check_reduction(reduction, TOKEN_REDUCTIONS)
     check_token_options(label_smoothing, z_loss, focal_gamma)
@@ -390,6 +412,11 @@ def fused_linear_cross_entropy(
     row_scale = scale.reshape(-1)
     if not all_kept:
         row_scale = row_scale.index_select(0, keep)
+    tracked = (hidden, weight, bias, token_weights)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)):
+        # no graph will be recorded (evaluation): the scalar path would compute the gradients
+        row_loss = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, None, formula, chunk_size)
+        return (row_scale * row_loss).sum()
     return _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, row_scale, formula, chunk_size)
 
 

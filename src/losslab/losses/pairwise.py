@@ -3,8 +3,9 @@
 Each function returns per-pair (per-anchor) losses reduced by ``reduction`` (``mean`` |
 ``sum`` | ``none``) exactly as the sequence-level losses: ``mask`` (N,) False = not trained,
 ``weights`` (N,) scale the numerator, ``mean`` divides by ``num_items`` or the number of
-trained items, an all-masked batch gives 0 and zero gradients. Float inputs of any dtype are
-computed in float32 (float64 stays float64).
+trained items, an all-masked batch gives 0 and zero gradients. Inputs are zeroed at masked
+items before computing, so a NaN or inf there reaches neither the loss nor the gradients.
+Float inputs of any dtype are computed in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -24,10 +25,28 @@ from losslab.losses.common import (
     check_same_shape,
     compute_dtype,
     finish,
+    masked,
 )
 
 Distance = Literal["euclidean", "squared_euclidean", "cosine", "manhattan"]
 _EPS = 1e-12
+
+
+def _per_pair(name: str, values: torch.Tensor | float, pairs: torch.Tensor) -> torch.Tensor:
+    """``values`` (one number, or one per pair) laid out as ``pairs`` ((N,) or (N, 1)): a
+    trailing dim of 1 on either side is added or dropped, so (N,) against (N, 1) never
+    broadcasts to (N, N). Any other mismatch is a ``ValueError``."""
+    v = torch.as_tensor(values, dtype=pairs.dtype, device=pairs.device)
+    if v.ndim == 0 or v.shape == pairs.shape:
+        return v
+    if _without_trailing_one(v.shape) != _without_trailing_one(pairs.shape):
+        raise ValueError(f"{name} {tuple(v.shape)} does not match the pairs {tuple(pairs.shape)}: "
+                         "give one number or one per pair")
+    return v.reshape(pairs.shape)
+
+
+def _without_trailing_one(shape: torch.Size) -> torch.Size:
+    return shape[:-1] if len(shape) > 1 and shape[-1] == 1 else shape
 
 
 def bradley_terry_loss(
@@ -44,7 +63,8 @@ def bradley_terry_loss(
     """Reward-model (Bradley-Terry) pairwise loss.
 
     Shapes: ``rewards_chosen``, ``rewards_rejected`` (N,) scalar rewards (a trailing dim of
-    1 is fine); ``margin`` (N,) per-pair margins or one number.
+    1 is fine: the loss then has their shape); ``margin`` (N,) or (N, 1) per-pair margins,
+    or one number.
     ``l = -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)^2`` with ``c`` =
     ``center_rewards_coefficient`` (pulls rewards towards mean zero, as in TRL's
     ``RewardTrainer``; its ``mean`` is this ``mean``).
@@ -52,10 +72,11 @@ def bradley_terry_loss(
     check_range("center_rewards_coefficient", center_rewards_coefficient, 0.0)
     check_same_shape(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
     dtype = compute_dtype(rewards_chosen)
-    chosen, rejected = rewards_chosen.to(dtype), rewards_rejected.to(dtype)
+    chosen, rejected = masked(rewards_chosen, mask).to(dtype), masked(rewards_rejected, mask).to(dtype)
     diff = chosen - rejected
     if margin is not None:
-        diff = diff - torch.as_tensor(margin, dtype=dtype, device=diff.device)
+        m = _per_pair("margin", margin, diff)
+        diff = diff - (masked(m, mask) if m.ndim else m)
     per_item = -F.logsigmoid(diff)
     if center_rewards_coefficient:
         per_item = per_item + center_rewards_coefficient * (chosen + rejected).square()
@@ -75,15 +96,17 @@ def margin_ranking_loss(
 ) -> torch.Tensor:
     """Margin ranking loss: ``l = max(0, margin - y * (s1 - s2))`` (``F.margin_ranking_loss``).
 
-    Shapes: ``scores_1``, ``scores_2``, ``target`` (N,); ``target`` is +1 where ``s1`` should
-    rank higher and -1 where ``s2`` should; None means +1 everywhere (chosen vs rejected).
+    Shapes: ``scores_1``, ``scores_2``, ``target`` (N,) (a trailing dim of 1 on any of them
+    is fine); ``target`` is +1 where ``s1`` should rank higher and -1 where ``s2`` should;
+    None means +1 everywhere (chosen vs rejected).
     """
     check_range("margin", margin, 0.0)
     check_same_shape(scores_1=scores_1, scores_2=scores_2)
     dtype = compute_dtype(scores_1)
-    diff = scores_1.to(dtype) - scores_2.to(dtype)
+    diff = masked(scores_1, mask).to(dtype) - masked(scores_2, mask).to(dtype)
     if target is not None:
-        diff = diff * target.to(dtype)
+        y = _per_pair("target", target, diff)
+        diff = diff * (masked(y, mask) if y.ndim else y)
     return finish((margin - diff).clamp(min=0), mask, reduction, num_items, weights)
 
 
@@ -136,7 +159,7 @@ def triplet_loss(
     check_choice("distance", distance, DISTANCES)
     check_same_shape(anchor=anchor, positive=positive, negative=negative)
     dtype = compute_dtype(anchor)
-    a, p, n = anchor.to(dtype), positive.to(dtype), negative.to(dtype)
+    a, p, n = (masked(x, mask).to(dtype) for x in (anchor, positive, negative))
     d_pos = pairwise_distance(a, p, distance)
     d_neg = pairwise_distance(a, n, distance)
     if swap:
@@ -181,7 +204,7 @@ def info_nce_loss(
         raise ValueError("temperature must be > 0")
     check_same_shape(queries=queries, keys=keys)
     dtype = compute_dtype(queries)
-    q, k = queries.to(dtype), keys.to(dtype)
+    q, k = masked(queries, mask).to(dtype), masked(keys, mask).to(dtype)
     n = negatives.to(dtype) if negatives is not None else q.new_zeros((0, q.shape[-1]))
     if normalize:
         q, k, n = (x / _norm(x).unsqueeze(-1) for x in (q, k, n))

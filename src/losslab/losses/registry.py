@@ -40,7 +40,9 @@ from losslab.losses.token import check_token_options, token_cross_entropy
 
 RESERVED_KEYS = ("name", "weight", "label")
 _BATCH_ONLY = frozenset({"num_items"})  # a count that only the batch can know, never a config option
-_TYPES = ConfigDict(arbitrary_types_allowed=True, strict=True)
+# allow_inf_nan=False: NaN passes pydantic's ge/le bounds, and an inf option (a huber delta,
+# a temperature) gives NaN gradients
+_TYPES = ConfigDict(arbitrary_types_allowed=True, strict=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -263,4 +265,7 @@ def build_composite(
     if isinstance(configs, (str, Mapping)) or not isinstance(configs, Sequence):
         raise UserError(f"expected a list of loss terms; got {configs!r}", where=where if isinstance(where, str) else None)
     terms = [build_term(c, total_steps=total_steps, where=term_where(i)) for i, c in enumerate(configs)]
-    return CompositeLoss(terms)
+    try:
+        return CompositeLoss(terms)
+    except UserError as exc:  # no term, or a repeated label: the place is the whole list
+        raise UserError(str(exc), where=where if isinstance(where, str) else None) from None

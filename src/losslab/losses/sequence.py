@@ -5,7 +5,9 @@ Every function returns per-item losses reduced by ``reduction`` (``mean`` | ``su
 ``mean`` the sum divided by ``num_items`` when given (the global count, for exact gradient
 accumulation) else by the number of trained items. ``weights`` (per-item, or per-example
 ``(N,)`` broadcast over labels) scale the numerator only. An all-masked batch gives 0 and
-zero gradients. Inputs of any float dtype are computed in float32 (float64 stays float64).
+zero gradients. Inputs are zeroed at masked or ignored items before computing, so a NaN or
+inf there reaches neither the loss nor the gradients. Inputs of any float dtype are computed
+in float32 (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from losslab.losses.common import (
     class_vector,
     compute_dtype,
     finish,
+    masked,
     split_targets,
 )
-from losslab.losses.token import token_loss_terms
+from losslab.losses.token import focal_factor, token_loss_terms
 
 
 def check_focal_options(gamma: float, alpha: float | None = None) -> None:
@@ -61,7 +64,7 @@ def classification_cross_entropy(
     """
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     mask, safe = split_targets(targets, ignore_index)
-    log_p = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
+    log_p = torch.log_softmax(masked(logits, mask).to(compute_dtype(logits)), dim=-1)
     nll = -log_p.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     w = class_vector(class_weights, log_p, "class_weights")
     if w is None:
@@ -97,7 +100,7 @@ def focal_loss(
     check_focal_options(gamma)
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     mask, safe = split_targets(targets, ignore_index)
-    x = logits.to(compute_dtype(logits))
+    x = masked(logits, mask).to(compute_dtype(logits))
     per_item = token_loss_terms(
         x.reshape(-1, x.shape[-1]), safe.reshape(-1), label_smoothing=label_smoothing, focal_gamma=gamma
     ).reshape(safe.shape)
@@ -129,8 +132,8 @@ def binary_cross_entropy(
     """
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     check_same_shape(logits=logits, targets=targets)
-    x = logits.to(compute_dtype(logits))
-    y = targets.to(x.dtype)
+    x = masked(logits, mask).to(compute_dtype(logits))
+    y = masked(targets.to(x.dtype), mask)
     if label_smoothing:
         y = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
     pw = class_vector(pos_weight, x, "pos_weight")
@@ -160,12 +163,12 @@ def binary_focal_loss(
     """
     check_focal_options(gamma, alpha)
     check_same_shape(logits=logits, targets=targets)
-    x = logits.to(compute_dtype(logits))
-    y = targets.to(x.dtype)
+    x = masked(logits, mask).to(compute_dtype(logits))
+    y = masked(targets.to(x.dtype), mask)
     bce = -(y * F.logsigmoid(x) + (1.0 - y) * F.logsigmoid(-x))
-    p = torch.sigmoid(x)
-    p_t = p * y + (1.0 - p) * (1.0 - y)
-    per_item = (1.0 - p_t).clamp(min=0).pow(gamma) * bce if gamma else bce
+    # 1 - p_t = p (1 - y) + (1 - p) y, without the cancellation of 1 - p_t near p_t = 1
+    one_minus = torch.sigmoid(x) * (1.0 - y) + torch.sigmoid(-x) * y
+    per_item = focal_factor(one_minus, gamma) * bce if gamma else bce
     if alpha is not None:
         per_item = (alpha * y + (1.0 - alpha) * (1.0 - y)) * per_item
     return finish(per_item, mask, reduction, num_items, weights)
@@ -192,7 +195,7 @@ def multiclass_hinge_loss(
     """
     check_range("margin", margin, 0.0)
     mask, safe = split_targets(targets, ignore_index)
-    s = logits.to(compute_dtype(logits))
+    s = masked(logits, mask).to(compute_dtype(logits))
     target_score = s.gather(-1, safe.unsqueeze(-1))
     hinge = (margin - target_score + s).clamp(min=0)
     if squared:
@@ -220,8 +223,8 @@ def mse_loss(
     Shapes: ``predictions`` and ``targets`` equal, e.g. (N,) or (N, K); ``mask`` broadcastable.
     """
     check_same_shape(predictions=predictions, targets=targets)
-    x = predictions.to(compute_dtype(predictions))
-    return finish((x - targets.to(x.dtype)).square(), mask, reduction, num_items, weights)
+    x = masked(predictions, mask).to(compute_dtype(predictions))
+    return finish((x - masked(targets.to(x.dtype), mask)).square(), mask, reduction, num_items, weights)
 
 
 def huber_loss(
@@ -242,7 +245,7 @@ def huber_loss(
     if delta == 0:
         raise ValueError("delta must be > 0")
     check_same_shape(predictions=predictions, targets=targets)
-    x = predictions.to(compute_dtype(predictions))
-    d = (x - targets.to(x.dtype)).abs()
+    x = masked(predictions, mask).to(compute_dtype(predictions))
+    d = (x - masked(targets.to(x.dtype), mask)).abs()
     per_item = torch.where(d <= delta, 0.5 * d.square(), delta * (d - 0.5 * delta))
     return finish(per_item, mask, reduction, num_items, weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from losslab.losses.reduction import check_reduction, reduce_loss
@@ -31,20 +33,34 @@ def token_loss_terms(
         smooth = lse - logits.mean(dim=-1)  # mean_v(-log p_v)
         loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     if focal_gamma:
-        p_target = torch.exp(-nll)
-        loss = (1.0 - p_target).clamp(min=0).pow(focal_gamma) * loss
+        loss = focal_factor(1.0 - torch.exp(-nll), focal_gamma) * loss
     if z_loss:
         loss = loss + z_loss * lse.square()
     return loss
 
 
+def focal_factor(one_minus_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The focal factor ``(1 - p)^gamma``, given ``one_minus_p = 1 - p`` (any shape).
+
+    For ``gamma < 1`` its derivative ``gamma (1 - p)^(gamma - 1)`` is inf at ``p = 1`` (and
+    overflows just above it), where the loss it multiplies is 0: autograd's ``inf * 0`` is
+    NaN, while the true gradient is 0. So below the smallest normal number the factor is
+    exactly 0 with zero gradient (the power is taken of a safe 1 there).
+    """
+    positive = one_minus_p >= torch.finfo(one_minus_p.dtype).tiny
+    safe = torch.where(positive, one_minus_p, torch.ones_like(one_minus_p))
+    return torch.where(positive, safe.pow(gamma), torch.zeros_like(one_minus_p))
+
+
 def check_token_options(label_smoothing: float, z_loss: float, focal_gamma: float) -> None:
+    """``ValueError`` unless ``label_smoothing`` is in [0, 1] and the others are finite and
+    >= 0 (comparisons alone would let NaN through)."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0; got {z_loss}")
-    if focal_gamma < 0:
-        raise ValueError(f"focal_gamma must be >= 0; got {focal_gamma}")
+    if not (math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be >= 0 and finite; got {z_loss}")
+    if not (math.isfinite(focal_gamma) and focal_gamma >= 0):
+        raise ValueError(f"focal_gamma must be >= 0 and finite; got {focal_gamma}")
 
 
 def token_cross_entropy(
@@ -77,6 +93,8 @@ def token_cross_entropy(
     - ``sequence``: mean over each sequence's trained tokens (last dim), then mean over the
       sequences that have any; ``num_items`` then overrides the number of sequences.
     Computed in float32 (float64 stays float64); an all-ignored batch gives 0 and zero grads.
+    Only trained tokens are computed (their rows selected first), and ignored tokens' weights
+    are replaced by 0, so a NaN or inf there reaches neither the loss nor the gradients.
     """
     check_reduction(reduction, TOKEN_REDUCTIONS)
     check_token_options(label_smoothing, z_loss, focal_gamma)
@@ -84,18 +102,24 @@ def token_cross_entropy(
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     mask = labels != ignore_index
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    per_token = token_loss_terms(
-        logits.to(compute_dtype).reshape(-1, logits.shape[-1]),
-        safe_labels.reshape(-1),
+    trained = mask.reshape(-1)
+    # only the trained rows are computed: faster when much is ignored, and a NaN in an ignored
+    # row (padding) cannot reach the gradients, as it would through a where after computing
+    rows, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    if not bool(trained.all()):  # (no copy when every token is trained)
+        rows, targets = rows[trained], targets[trained]
+    per_row = token_loss_terms(
+        rows.to(compute_dtype),
+        targets,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         focal_gamma=focal_gamma,
-    ).reshape(labels.shape)
+    )
+    per_token = per_row.new_zeros(trained.shape).masked_scatter(trained, per_row).reshape(labels.shape)
     if token_weights is not None:
         if token_weights.shape != labels.shape:
             raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the shape of labels")
-        per_token = per_token * token_weights.to(compute_dtype)
+        per_token = per_token * torch.where(mask, token_weights.to(compute_dtype), 0.0)
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
     if reduction == "sequence":
         return sequence_mean(per_token, mask, num_items)
