@@ -9,6 +9,7 @@ import pytest
 from losslab.cli import main
 from losslab.errors import UserError
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, build_samples
+from losslab.masking.spans import IGNORE_INDEX
 
 from .conftest import FAMILIES, family_tokenizer, template_of, write_jsonl
 
@@ -48,7 +49,7 @@ def test_skip_counts_every_bad_record_and_keeps_the_good(tmp_path: Path, tokeniz
 def test_policy_all_accepts_a_conversation_without_assistant(tokenizer) -> None:
     record = {"messages": [{"role": "user", "content": "just text"}]}
     (sample,) = build_samples([record], tokenizer, MaskConfig(mask="all"))
-    assert sample["labels"] == sample["input_ids"]
+    assert sample["labels"] == [IGNORE_INDEX, *sample["input_ids"][1:]]
 
 
 def test_template_exception_names_the_line(tmp_path: Path, tokenizer) -> None:

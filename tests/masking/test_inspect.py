@@ -96,6 +96,8 @@ def test_instruction_options(tmp_path: Path, capsys) -> None:
     assert "«Say hi»{0.5}«<|im_end|>" in out and out.count("«") == 3  # weight 1, 0.5 (user), 1
     assert main(["inspect", str(path), "--role-weight", "user"]) == 2
     assert "--role-weight expects ROLE=WEIGHT" in capsys.readouterr().err
+    assert main(["inspect", str(path), "--role-weight", "assistant=nan"]) == 2
+    assert "the weight of 'assistant' must be a finite number >= 0; got nan" in capsys.readouterr().err
 
 
 def test_a_bad_record_leaves_an_existing_out_file_untouched(tmp_path: Path, capsys) -> None:

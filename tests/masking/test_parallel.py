@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from losslab.data import records
 from losslab.errors import UserError
-from losslab.masking import parallel
-from losslab.masking.build import BuildStats, MaskConfig, build_samples
+from losslab.masking import parallel, strategy
+from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, build_samples
 from losslab.masking.parallel import build_samples_parallel
 
 
@@ -143,3 +144,36 @@ def test_a_template_file_is_fingerprinted_by_its_contents_also_under_home(tmp_pa
         got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=tmp_path / "cache")
         assert got == reference(path, smollm2_tokenizer, config)[0]
         assert smollm2_tokenizer.decode(got[0]["input_ids"]).startswith(f"{tag}user")
+
+
+def test_special_token_text_is_reported_as_by_one_process(tmp_path, smollm2_tokenizer):
+    path = tmp_path / "train.jsonl"
+    mention = chat("How do turns end?", "With <|im_end|>.")
+    path.write_text("\n".join(json.dumps(r) for r in (chat("hi", "hello"), mention, mention)) + "\n")
+    want, want_stats = reference(path, smollm2_tokenizer, MaskConfig())
+    stats = BuildStats()
+    assert build_samples_parallel(path, smollm2_tokenizer, MaskConfig(), num_proc=1, stats=stats,
+                                  cache=tmp_path / "cache") == want
+    assert stats.control == want_stats.control and stats.control.count == 2
+    assert stats.summary() == want_stats.summary() and f"(first: {path}:2, '<|im_end|>')" in stats.summary()
+
+
+def test_the_fingerprint_covers_the_code_that_builds_the_samples(tmp_path, smollm2_tokenizer, monkeypatch):
+    """A fix to the masking code in a development install keeps the version number: the cache
+    key must change all the same, or stale samples would be served."""
+    files = parallel.code_files()
+    for module in (parallel, strategy, records):
+        assert Path(module.__file__) in files
+    path = write_records(tmp_path / "train.jsonl")
+    builder = MaskBuilder(smollm2_tokenizer)
+    source = tmp_path / "strategy.py"
+    source.write_text("RULE = 1\n")
+    monkeypatch.setattr(parallel, "code_files", lambda: [source])
+    parallel.code_digest.cache_clear()
+    try:
+        before = parallel.fingerprint(path, builder, "ChatRecord", None)
+        source.write_text("RULE = 2\n")  # an edited source file, in another process
+        parallel.code_digest.cache_clear()
+        assert parallel.fingerprint(path, builder, "ChatRecord", None) != before
+    finally:
+        parallel.code_digest.cache_clear()

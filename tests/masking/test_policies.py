@@ -50,3 +50,10 @@ def test_role_weights() -> None:
         check_role_weights({"bot": 1.0})
     with pytest.raises(UserError, match=">= 0"):
         check_role_weights({"user": -1})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_role_weights_must_be_finite(bad: float) -> None:
+    """NaN would drop every sample as "weight 0" and infinity would give an infinite loss."""
+    with pytest.raises(UserError, match=f"the weight of 'assistant' must be a finite number >= 0; got {bad}"):
+        check_role_weights({"assistant": bad})

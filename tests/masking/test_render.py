@@ -6,6 +6,8 @@ from __future__ import annotations
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig
 from losslab.masking.render import ChatTemplate, ContentSpan
 
+from .conftest import FAMILIES, family_tokenizer, template_of
+
 BRANCHING = (
     "{% for m in messages %}<{{ m['role'] }}>"
     "{% if m['content'] == 'skip me' %}{% elif m['content'] | length > 40 %}{{ raise_exception('too long') }}"
@@ -48,3 +50,12 @@ def test_a_template_that_branches_on_the_content(tokenizer) -> None:
     trained = "".join(seq.text[s:e] for (s, e), lab in zip(seq.offsets, seq.labels) if lab != -100)
     assert trained == "x" * 38 + "</assistant>" + "bye</assistant>"
     assert stats.unrendered == {"user": 1}
+
+
+def test_reply_header(tokenizer) -> None:
+    """What the prompt for a reply adds after a user turn; without a generation prompt, the text a
+    reply follows less its trailing whitespace (Mistral: the model generates the space after [/INST])."""
+    assert ChatTemplate(tokenizer).reply_header == ("<|im_start|>assistant\n", True)
+    assert ChatTemplate(tokenizer, BRANCHING).reply_header == ("<assistant>", False)
+    headers = {f.name: ChatTemplate(family_tokenizer(tokenizer, f), template_of(f)).reply_header for f in FAMILIES}
+    assert headers["gemma"] == ("<start_of_turn>model\n", True) and headers["mistral"] == ("", False)

@@ -83,13 +83,52 @@ def test_forced_concat_on_a_reasoning_template_follows_the_whole_rendering(token
     (sample,) = result.samples
     assert result.strategy is Strategy.CONCAT and result.prefix_stable is False
     # the whole rendering cuts the first turn's <think> block; the final turn's (empty) block
-    # is template text around the content "6"
+    # is template text the model generates after the prompt, so it is trained with the content
     assert "<think>\n\n</think>\n\n6<|im_end|>" in sample.text
-    assert [sample.text[r.start : r.end] for r in sample.regions] == ["4<|im_end|>", "6<|im_end|>"]
+    assert [sample.text[r.start : r.end] for r in sample.regions] == [
+        "4<|im_end|>", "<think>\n\n</think>\n\n6<|im_end|>"
+    ]
 
 
 def test_last_policy_with_expand_and_auto(tokenizer) -> None:
     for strategy in ("auto", "expand", "concat"):
         result = plan(tokenizer, REASONING, MESSAGES, strategy=strategy, policy=MaskPolicy.LAST)
         (sample,) = result.samples
-        assert [sample.text[r.start : r.end] for r in sample.regions] == ["6<|im_end|>"]
+        assert [sample.text[r.start : r.end] for r in sample.regions] == ["<think>\n\n</think>\n\n6<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, REASONING], ids=lambda f: f.name)
+def test_a_turn_trains_what_the_model_generates_after_the_generation_prompt(tokenizer, family) -> None:
+    """Everything after ``render(messages[:i], add_generation_prompt=True)`` up to the end of the
+    turn, template text included: Qwen3's empty <think> block in front of a plain reply,
+    Mistral's space after [/INST]; nothing of the prompt."""
+    messages = [*MESSAGES[:1], {"role": "assistant", "content": "4"}, *MESSAGES[2:3],
+                {"role": "assistant", "content": "42 apples"}]
+    template = ChatTemplate(family_tokenizer(tokenizer, family), template_of(family))
+    samples = plan(tokenizer, family, messages, strategy="expand").samples
+    assert [s.turn for s in samples] == [1, 3]
+    for sample in samples:
+        prompt = template.render(messages[: sample.turn], add_generation_prompt=True)
+        (region,) = sample.regions
+        assert sample.text.startswith(prompt) and region.start == len(prompt), (family.name, sample.text, prompt)
+        assert sample.text[region.start : region.end] == sample.text[len(prompt) :].rstrip()
+
+
+TOOL_TURNS = [
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "<think>r1</think>call"},
+    {"role": "tool", "content": "result"},
+    {"role": "assistant", "content": "<think>r2</think>answer"},
+    {"role": "user", "content": "q2"},
+    {"role": "assistant", "content": "<think>r3</think>bye"},
+]
+
+
+@pytest.mark.parametrize("policy", [MaskPolicy.ASSISTANT, MaskPolicy.ALL])
+def test_forced_concat_after_a_tool_result_trains_no_template_text(tokenizer, policy) -> None:
+    """The prompt for the reply after the tool result keeps the first reply's <think> block,
+    which the whole rendering cuts: the turn still starts after its own header, not where the
+    text leaves that prompt (inside the first reply), nor at the end of the tool result."""
+    (sample,) = plan(tokenizer, REASONING, TOOL_TURNS, strategy="concat", policy=policy).samples
+    replies = [sample.text[r.start : r.end] for r in sample.regions if TOOL_TURNS[r.message]["role"] == "assistant"]
+    assert replies == ["call<|im_end|>", "answer<|im_end|>", "<think>\nr3\n</think>\n\nbye<|im_end|>"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from losslab.masking.build import MaskBuilder, MaskConfig
+from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig
 from losslab.masking.render import ChatTemplate
 from losslab.masking.spans import IGNORE_INDEX
 
@@ -76,6 +76,19 @@ def test_trained_tokens_are_exactly_assistant_content_plus_end_of_turn(tokenizer
             assert m["content"] not in trained_text  # no user/system token is trained
 
 
+def test_mistral_trains_the_space_token_in_front_of_a_reply(tokenizer) -> None:
+    """Mistral's prompt ends with [/INST] and the template puts " " in front of the reply: where
+    BPE makes that space a token of its own (" ", "4", "2"), the model generates it, so it is trained."""
+    mistral = next(f for f in FAMILIES if f.name == "mistral")
+    tok = family_tokenizer(tokenizer, mistral)
+    messages = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "42 apples"}]
+    for strategy in ("concat", "expand"):
+        (seq,) = build(tokenizer, mistral, [{"messages": messages}], strategy=strategy)
+        assert decoded_runs(tok, seq) == [" 42 apples</s>"]
+        first = next(k for k, lab in enumerate(seq.labels) if lab != IGNORE_INDEX)
+        assert tok.decode(seq.input_ids[first : first + 1]) == " "
+
+
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_last_trains_only_the_final_turn(tokenizer, family) -> None:
     for strategy in ("concat", "expand"):
@@ -97,10 +110,11 @@ def test_empty_assistant_content_trains_its_end_of_turn(tokenizer, family) -> No
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_policy_all_trains_every_token(tokenizer, family) -> None:
+    """Every token but the first, which no token predicts."""
     (seq,) = build(tokenizer, family, [{"messages": conversation(family)}], mask="all")
-    assert seq.labels == seq.input_ids
+    assert seq.labels == [IGNORE_INDEX, *seq.input_ids[1:]] and seq.weights[0] == 0.0
     (seq,) = build(tokenizer, family, [{"messages": conversation(family)}], mask_prompt=False)
-    assert seq.labels == seq.input_ids
+    assert seq.labels == [IGNORE_INDEX, *seq.input_ids[1:]]
 
 
 def test_trims_only_what_the_template_trims(tokenizer) -> None:
@@ -142,7 +156,7 @@ def test_instruction_records_mask_the_prompt_by_default(tokenizer, style) -> Non
     assert trained == "bonjour<|im_end|>"
     assert "Translate to French" in seq.text and "good morning" in seq.text
     (seq,) = MaskBuilder(tokenizer, MaskConfig(prompt_style=style, mask_prompt=False)).iter_sequences([record])
-    assert seq.labels == seq.input_ids  # mask_prompt: false trains the prompt too
+    assert seq.labels == [IGNORE_INDEX, *seq.input_ids[1:]]  # mask_prompt: false trains the prompt too
 
 
 def test_alpaca_prompt_text(tokenizer) -> None:
@@ -194,3 +208,23 @@ def test_control_strings_as_plain_text(tokenizer, family) -> None:
     assert len(runs) == len(replies)
     for run, reply in zip(runs, replies):
         assert reply in run and len(run) - len(reply) <= 2, (run, reply)
+
+
+def test_special_token_text_in_a_message_is_counted_and_reported(tokenizer) -> None:
+    """A reply that mentions <|im_end|> holds that special token, trained mid-reply. The tokens
+    stay as the text says; the records are counted and the first one is named."""
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    mention = {"messages": [{"role": "user", "content": "How do turns end?"},
+                            {"role": "assistant", "content": "With <|im_end|>, then <|im_start|>."}]}
+    stats = BuildStats()
+    _, seq, _ = MaskBuilder(tokenizer).iter_sequences([plain, mention, mention], stats)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [t for t, lab in zip(seq.input_ids, seq.labels) if lab != IGNORE_INDEX].count(im_end) == 2
+    assert stats.control.count == 2
+    assert stats.summary().endswith("; warning: 2 records with a special token's text in a message, tokenised as "
+                                    "that token (first: <records>:2, '<|im_end|>')")
+    stats = BuildStats()  # the template's own control tokens, and the EOS after an Alpaca response, are not counted
+    list(MaskBuilder(tokenizer).iter_sequences([plain], stats))
+    alpaca = MaskBuilder(tokenizer, MaskConfig(prompt_style="alpaca"))
+    list(alpaca.iter_sequences([{"instruction": "a", "output": "b"}], stats))
+    assert stats.control.count == 0 and "warning" not in stats.summary()

@@ -59,3 +59,17 @@ def test_all_weights_zero_is_dropped_and_counted(tokenizer) -> None:
     record = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}
     assert list(MaskBuilder(tokenizer).iter_sequences([record], stats)) == []
     assert stats.dropped_samples == 1 and stats.records == 1
+
+
+def test_the_first_token_is_never_a_target(tokenizer) -> None:
+    """The loss predicts token t from the tokens before it, so nothing predicts the first token:
+    it is not trained, not counted, and a sample trained only there is dropped."""
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Hello there"}]
+    stats = BuildStats()
+    builder = MaskBuilder(tokenizer, MaskConfig(max_length=2, truncation="start"))
+    assert list(builder.iter_sequences([{"messages": messages}], stats)) == []  # left: <|im_end|> "\n"
+    assert stats.dropped == {"with no trained token left after truncation": 1} and stats.trained_tokens == 0
+    stats = BuildStats()
+    (seq,) = MaskBuilder(tokenizer, MaskConfig(mask="all")).iter_sequences([{"messages": messages}], stats)
+    assert seq.labels[0] == IGNORE_INDEX and seq.weights[0] == 0.0
+    assert seq.trained == stats.trained_tokens == len(seq.input_ids) - 1

@@ -7,10 +7,12 @@ The entry points for the trainer and ``losslab inspect``::
 
 ``labels`` are not shifted (-100 where a token is not trained, else the token id);
 ``weights`` are aligned with ``labels`` (0 where not trained) and shift with them in the loss.
+The first token is never trained: no token before it predicts it.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -114,6 +116,7 @@ class BuildStats:
     dropped_log: SkipLog = field(default_factory=SkipLog)  # "file:line: sample dropped (reason)"
     strategies: Counter[str] = field(default_factory=Counter)  # concat | expand -> conversations
     unrendered: Counter[str] = field(default_factory=Counter)  # role -> messages the template left out
+    control: SkipLog = field(default_factory=SkipLog)  # "file:line, '<|im_end|>'": a special token's text in a message
 
     @property
     def dropped_samples(self) -> int:
@@ -142,6 +145,10 @@ class BuildStats:
         if self.unrendered:
             lost = ", ".join(f"{n} {role} message{'s' * (n != 1)}" for role, n in sorted(self.unrendered.items()))
             line += f"; warning: {lost} not rendered by the chat template"
+        if self.control.count:
+            n = self.control.count
+            line += (f"; warning: {n} record{'s' * (n != 1)} with a special token's text in a message, tokenised as "
+                     f"that token (first: {self.control.examples[0]})")
         return line
 
 
@@ -165,6 +172,11 @@ class MaskBuilder:
         self._boundaries = {
             i for i, tok in tokenizer.added_tokens_decoder.items() if not getattr(tok, "lstrip", False)
         }
+        # special tokens' texts: one typed in a message (a reply that mentions <|im_end|>)
+        # becomes the special token itself, so such records are counted and reported
+        specials = {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special and tok.content}
+        self._specials = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials \
+            else None
 
     @property
     def template(self) -> ChatTemplate:
@@ -206,8 +218,9 @@ class MaskBuilder:
         if policy is MaskPolicy.ALL:
             regions.insert(0, Region(0, len(prompt), message_weight("user", None, w), 0))
         user = prompt[len(bos):]
+        output = ContentSpan(len(prompt), len(prompt) + len(record.output))  # the EOS after it is template text
         return TextSample(text, regions, roles=("user", "assistant"), contents=(user, record.output),
-                          spans=(ContentSpan(len(bos), len(prompt)), ContentSpan(len(prompt), len(text))))
+                          spans=(ContentSpan(len(bos), len(prompt)), output))
 
     def encode(self, record: ChatRecord | InstructionRecord, source: Source,
                stats: BuildStats | None = None) -> list[MaskedSequence]:
@@ -217,6 +230,7 @@ class MaskBuilder:
             stats.strategies[strategy.value] += 1
         if stats is not None and samples:
             _count_unrendered(samples[-1], stats)
+            self._count_specials(samples[-1], source, stats)
         if not samples:
             if stats is not None:
                 stats.dropped["with every trained turn at weight 0"] += 1
@@ -226,7 +240,10 @@ class MaskBuilder:
         for sample, (ids, offsets) in zip(samples, self._tokenize([s.text for s in samples])):
             labels, weights = label_tokens(ids, offsets, sample.regions, default_weight=sample.default_weight)
             cut = truncation_slice(len(ids), self.config.max_length, self.config.truncation)
-            seq = MaskedSequence(list(ids[cut]), labels[cut], weights[cut], source, sample.text,
+            labels, weights = labels[cut], weights[cut]
+            if labels:  # nothing predicts the first token (the loss shifts): it is never a target
+                labels[0], weights[0] = IGNORE_INDEX, 0.0
+            seq = MaskedSequence(list(ids[cut]), labels, weights, source, sample.text,
                                  [tuple(o) for o in offsets[cut]], sample.turn)
             if seq.trained == 0:
                 if stats is not None:
@@ -237,6 +254,16 @@ class MaskBuilder:
                 continue
             out.append(seq)
         return out
+
+    def _count_specials(self, sample: TextSample, source: Source, stats: BuildStats) -> None:
+        """Count the record if a special token's text stands in a message as rendered."""
+        if self._specials is None:
+            return
+        for span in sample.spans:
+            found = span.found and self._specials.search(sample.text, span.start, span.end)  # type: ignore[arg-type]
+            if found:
+                stats.control.add(f"{source}, {found.group()!r}")
+                return
 
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """``(input_ids, offsets)`` per text, each as if tokenised alone.

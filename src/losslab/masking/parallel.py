@@ -15,16 +15,21 @@ met it. How:
 
 The per-record results of step 2 are saved (Arrow, ``Dataset.save_to_disk``) under
 ``cache_dir()/prepared/FINGERPRINT``; the fingerprint covers the file's bytes, the tokenizer
-(vocabulary, merges, special tokens, chat template), the mask config and the sample limit, so
-a second run with the same inputs skips steps 1-2 and any change rebuilds.
+(vocabulary, merges, special tokens, chat template), the mask config, the sample limit and the
+source of the code that builds the samples (:data:`SAMPLE_CODE`: a fix in a development install
+changes no version number), so a second run with the same inputs skips steps 1-2 and any
+change rebuilds.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +47,9 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-CACHE_FORMAT = 1  # bump when the cached columns or their meaning change
+CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
+# the modules (a package: all its files) whose code decides the cached samples and messages
+SAMPLE_CODE = ("losslab.masking", "losslab.data.records", "losslab.data.schemas", "losslab.errors")
 
 
 def build_samples_parallel(
@@ -107,11 +114,40 @@ def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None
     cfg.pop("on_error")  # applied when the results are read, not cached
     if cfg.get("template"):  # the text, whether given inline or as a file (contents, not its name)
         cfg["template"] = load_template(cfg["template"])
-    add([CACHE_FORMAT, __version__, schema, limit, cfg, type(tok).__name__])
+    add([CACHE_FORMAT, __version__, code_digest(), schema, limit, cfg, type(tok).__name__])
     add(tok.backend_tokenizer.to_str())
     add([getattr(tok, "chat_template", None), tok.special_tokens_map, tok.bos_token_id, tok.eos_token_id,
          getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)])
     return hash_file(h, path).hexdigest()[:32]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A hash of the source files of :data:`SAMPLE_CODE` (once per process)."""
+    return source_digest(code_files())
+
+
+def code_files() -> list[Path]:
+    """The source files of :data:`SAMPLE_CODE`: every ``.py`` file of a package, a module's own file."""
+    files = []
+    for name in SAMPLE_CODE:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"cannot find the source of {name}")
+        if spec.submodule_search_locations:
+            files += sorted(p for d in spec.submodule_search_locations for p in Path(d).glob("*.py"))
+        else:
+            files.append(Path(spec.origin))
+    return files
+
+
+def source_digest(files: Iterable[Path]) -> str:
+    """A hash of the names and contents of ``files``."""
+    h = hashlib.sha256()
+    for path in files:
+        for part in (path.name.encode(), path.read_bytes()):
+            h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
 
 
 def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any]]:
@@ -158,6 +194,7 @@ def _features() -> Any:
         "line": Value("int64"), "valid": Value("bool"), "error": Value("string"),
         "input_ids": ints, "labels": ints, "weights": List(List(Value("float64"))),
         "strategies": List(Value("string")), "unrendered": List(Value("string")), "dropped": List(Value("string")),
+        "control": Value("string"),
     })
 
 
@@ -191,6 +228,7 @@ def _encode_batch(batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: 
         out["strategies"].append(list(stats.strategies.elements()))
         out["unrendered"].append(list(stats.unrendered.elements()))
         out["dropped"].append(list(stats.dropped.elements()))
+        out["control"].append(stats.control.examples[0] if stats.control.count else None)
     return {"line": list(batch["line"]), **out}
 
 
@@ -230,6 +268,8 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
         stats.dropped.update(row["dropped"])
         for why in row["dropped"]:
             stats.dropped_log.add(f"{source}: sample dropped ({why.removeprefix('with ')})")
+        if row["control"] is not None:
+            stats.control.add(row["control"])
         if row["error"] is not None:
             if on_error == "raise":
                 raise UserError(row["error"] + SKIP_HINT, where=str(source))

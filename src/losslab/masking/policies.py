@@ -3,13 +3,13 @@
 A record is a list of messages (an instruction record is a user turn, its prompt, and an
 assistant turn, its response). A policy decides, per message, whether its tokens are trained:
 
-=============  ====================================================================
-``all``        every token (template text included), minus padding
+=============  ========================================================================
+``all``        every token (template text included), minus padding and the first token
 ``assistant``  every assistant turn: content + the text that closes the turn
 ``last``       only the final assistant turn
 ``completion`` the response(s): the same as ``assistant``; the default for
                instruction records, ``assistant`` is the default for chat records
-=============  ====================================================================
+=============  ========================================================================
 
 ``mask_prompt=False`` turns any policy into ``all`` (the prompt is trained too).
 Weights: a trained token of message ``m`` has weight ``role_weights[m.role] * m.weight``
@@ -19,6 +19,7 @@ means "not trained" (label -100), so it can switch single turns off.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from enum import Enum
 
@@ -61,13 +62,13 @@ def is_trained(policy: MaskPolicy, role: str, *, is_last_assistant: bool) -> boo
 
 
 def check_role_weights(role_weights: Mapping[str, float] | None) -> dict[str, float]:
-    """Validated per-role weights (unknown roles and negative weights are errors)."""
+    """Validated per-role weights (unknown roles, negative weights, NaN and infinity are errors)."""
     out: dict[str, float] = {}
     for role, weight in (role_weights or {}).items():
         if role not in ROLES:
             raise UserError(f"role_weights: unknown role {role!r}; roles are {', '.join(ROLES)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise UserError(f"role_weights: the weight of {role!r} must be a number >= 0; got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise UserError(f"role_weights: the weight of {role!r} must be a finite number >= 0; got {weight!r}")
         out[role] = float(weight)
     return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +107,29 @@ class ChatTemplate:
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
 
+    @cached_property
+    def reply_header(self) -> tuple[str, bool] | None:
+        """``(header, prompted)``: what the prompt for a reply adds after a user turn (probe ``x``).
+
+        ``prompted``: the generation prompt adds it (``<|im_start|>assistant\n``). A template
+        without a generation prompt gives the text a probe reply's content follows, less its
+        trailing whitespace, which the model generates: Mistral's prompt ends with ``[/INST]``
+        and the reply with ``" "`` in front is generated, so its header is "". None if the
+        template refuses the probe.
+        """
+        user = [{"role": "user", "content": "x"}]
+        try:
+            before, prompt = self.render(user), self.render(user, add_generation_prompt=True)
+            if prompt != before:
+                return (prompt[len(before) :], True) if prompt.startswith(before) else None
+            probe = self.render_with_spans([*user, {"role": "assistant", "content": "x"}])
+        except UserError:
+            return None
+        header_end = probe.spans[1].start
+        if header_end is None:
+            return None
+        return probe.text[common_prefix_len(before, probe.text) : header_end].rstrip(), False
+
     def render_with_spans(self, messages: Sequence[Message], *, text: str | None = None) -> Rendered:
         """Render ``messages`` and locate every message's content in the text (see module doc).
 
@@ -126,6 +150,20 @@ class ChatTemplate:
                 one = one if one is not None else _marked_spans(self, messages, (i,), marks, text, inner=True)
                 spans.update(one or {})
         return Rendered(text, tuple(spans.get(i, ContentSpan(None, None)) for i in everything))
+
+
+def common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over C-level slice compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _pick_markers(contents: Sequence[str], template: str) -> tuple[str, str, str, str]:

@@ -48,12 +48,17 @@ def label_tokens(
     """``(labels, weights)`` for tokens with character ``offsets``.
 
     ``labels[i] == input_ids[i]`` where the weight is > 0, else -100; ``weights[i]`` is the
-    weight of the (last) region that token i overlaps (``default_weight`` if none; 0 for
-    zero-width tokens). Regions must not overlap each other.
+    weight of the (last) region that token i overlaps (``default_weight`` if none). A
+    zero-width token ``(p, p)`` stands for the character before ``p``: a ByteLevel
+    post-processor with ``trim_offsets`` gives a whitespace token that ends at ``p`` such
+    offsets, and it is trained with the text around it; at ``p == 0`` (a special token a
+    post-processor adds) it is never trained. Regions must not overlap each other.
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
-    starts, ends = offs[:, 0], offs[:, 1]
+    ends = offs[:, 1]
+    zero_width = ends <= offs[:, 0]
+    starts = np.where(zero_width, ends - 1, offs[:, 0])
     weights = np.full(len(ids), float(default_weight), dtype=np.float64)
     ordered = sorted((r for r in regions if r.end > r.start), key=lambda r: r.start)
     if ordered:
@@ -67,7 +72,7 @@ def label_tokens(
         k = np.searchsorted(r_start, ends, side="left") - 1
         inside = (k >= 0) & (r_end[np.maximum(k, 0)] > starts)
         weights[inside] = r_weight[k[inside]]
-    weights[ends <= starts] = 0.0  # zero-width (added special) tokens are never trained
+    weights[zero_width & (ends <= 0)] = 0.0  # added by a post-processor
     labels = np.where(weights > 0, ids, IGNORE_INDEX)
     weights[labels == IGNORE_INDEX] = 0.0
     return labels.tolist(), weights.tolist()

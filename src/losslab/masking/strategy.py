@@ -2,13 +2,17 @@
 
 Trained region of assistant turn ``i`` in a rendered text (character offsets):
 
-- start: where its content starts (marker render, :mod:`losslab.masking.render`). If the
-  template rewrote the beginning of the content (a reasoning template moving ``<think>``)
-  or refused the marked content, the start is where the text leaves the generation prompt:
-  the common prefix of the text and ``render(messages[:i], add_generation_prompt=True)``,
-  i.e. everything the model would have to generate after the prompt it is given at
-  inference; a template without a generation prompt gives the header through a probe reply
-  (``messages[:i] + [assistant "x"]``).
+- start: where the text leaves the prompt the model is given at inference,
+  ``render(messages[:i], add_generation_prompt=True)``: everything the model has to generate
+  after it is trained, template text included (Qwen3's empty ``<think>\n\n</think>\n\n`` in
+  front of a plain reply, Mistral's space after ``[/INST]``). Never before the end of the
+  message before, nor before the prompt's header (:attr:`ChatTemplate.reply_header`), nor
+  after the content's start (marker render, :mod:`losslab.masking.render`). Where the prompt
+  shows the history differently from the text (a reasoning template keeps a ``<think>`` block
+  there that the whole conversation cuts), the text leaves it after the turn's header (else
+  the turn starts with its content). A template without a generation prompt
+  gets the header a probe reply follows (``[user, assistant "x"]``), less its trailing
+  whitespace, added to its prompt: the model generates Mistral's space, not a header.
 - end of turn ("close"): the text the template emits after the content both in this
   rendering and when the conversation ENDS at turn ``i`` (the common prefix of the two
   tails), with trailing whitespace removed unless it is all there is. That is
@@ -34,7 +38,7 @@ from typing import Any
 
 from losslab.errors import UserError
 from losslab.masking.policies import MaskPolicy, is_trained
-from losslab.masking.render import ChatTemplate, ContentSpan
+from losslab.masking.render import ChatTemplate, ContentSpan, common_prefix_len
 from losslab.masking.spans import Region
 
 
@@ -71,20 +75,6 @@ class Plan:
     samples: list[TextSample]
     strategy: Strategy
     prefix_stable: bool | None = None  # None: not checked (policy `all`, or nothing trained)
-
-
-def common_prefix_len(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search over C-level slice compares)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def close_text(tail: str) -> str:
@@ -143,19 +133,33 @@ def plan_conversation(
 
 def _turn_start(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i: int, text: str,
                 span: ContentSpan, floor: int) -> int:
-    """Where assistant turn i's trained text starts: its content's start, else (the template
-    rewrote or refused the content) the end of the turn's header: with a generation prompt,
-    where the text leaves it; without one, where the template puts a probe reply."""
-    if span.start is not None:
+    """Where assistant turn i's trained text starts (module doc): where the text leaves the
+    prompt for the reply, if that lies between ``floor`` (the end of the message before) and
+    the content's start, and never before the end of the prompt's header; else the content's
+    start."""
+    header, prompted = template.reply_header or ("", True)
+    if span.start is not None and header and text.endswith(header, floor, span.start):
+        return span.start  # the prompt's header right before the content: nothing else to generate
+    at = -1  # the turn's header: its last copy before the content, else its first after the message before
+    if header:
+        at = text.rfind(header, floor, span.start) if span.start is not None else \
+            text.find(header, floor, len(text) if span.end is None else span.end)
+    try:
+        prompt: str | None = template.render(messages[:i], add_generation_prompt=True) + ("" if prompted else header)
+    except UserError:  # e.g. a template that needs a message before the generation prompt
+        prompt = None
+    if prompt is not None and text.startswith(prompt):
+        left = max(len(prompt), at + len(header) if at >= 0 else 0)
+    elif at >= 0:
+        # the prompt shows the history differently (a reasoning template keeps a <think> block
+        # there that the whole conversation cuts): the text leaves it after the turn's header
+        left = at + len(header)
+    elif span.start is None:
+        left = floor if prompt is None else common_prefix_len(text, prompt)
+    else:
         return span.start
-    before = template.render(messages[:i])
-    prompt = template.render(messages[:i], add_generation_prompt=True)
-    if prompt == before:  # no generation prompt: find the header by rendering a probe reply
-        probe = template.render_with_spans([*messages[:i], {"role": "assistant", "content": "x"}])
-        header_end = probe.spans[i].start
-        if header_end is not None:
-            prompt = probe.text[:header_end]
-    return max(floor, common_prefix_len(text, prompt))
+    start = max(floor, left) if span.start is None else span.start
+    return left if floor <= left < start else start
 
 
 def _expand_sample(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str,
