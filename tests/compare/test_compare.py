@@ -182,6 +182,11 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
     data["metrics"] = [{"name": "test/bleu", "direction": "up"}]
     with pytest.raises(UserError, match=r"study\.yaml:\d+: field 'metrics\.0\.direction'"):
         load_study(write_study(tmp_path, data))
+    data = study_dict(tmp_path / "out")  # a term the task cannot feed: refused up front, not when its run starts
+    data["variants"][-1]["overrides"]["loss.terms"] = [{"name": "token_cross_entropy"}, {"name": "bradley_terry"}]
+    with pytest.raises(UserError, match=r"study\.yaml:\d+ \(variant '\w+'\): field 'loss.terms': .*bradley_terry.*"
+                                        r"a causal_lm batch provides"):
+        load_study(write_study(tmp_path, data))
 
 
 def test_example_studies_parse() -> None:

@@ -73,3 +73,21 @@ def test_a_causal_lm_term_it_cannot_feed_fails_before_data_and_model_load(monkey
     monkeypatch.setattr(causal_lm, "load_causal_lm", boom)
     with pytest.raises(UserError, match="bradley_terry.*a causal_lm batch provides"):
         causal_lm.build(config(loss={"terms": [{"name": "bradley_terry"}]}))
+
+
+@pytest.mark.parametrize(("task", "term"), [("causal_lm", "bradley_terry"), ("sequence_classification", "bradley_terry"),
+                                            ("token_classification", "info_nce"), ("reward_model", "consistency"),
+                                            ("embedding", "bradley_terry")])
+def test_every_task_refuses_a_term_it_cannot_feed_without_loading_anything(task: str, term: str, monkeypatch) -> None:
+    """``tasks.check_loss``, which ``losslab compare`` runs for every variant before the first run."""
+    import importlib
+
+    from losslab.train.tasks import check_loss
+
+    module = importlib.import_module(f"losslab.train.tasks.{task}")
+    for name in ("load_tokenizer", "load_model", "load_causal_lm"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded something"))
+    cfg = config(data={"label_type": "class"}, loss={"terms": [{"name": term}]})
+    with pytest.raises(UserError, match=rf"loss.terms: .*{term}.*a {task}.* batch provides"):
+        check_loss(cfg.model_copy(update={"task": task}))

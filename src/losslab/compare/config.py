@@ -22,6 +22,7 @@ from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, hash_file
 from losslab.errors import UserError
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
+from losslab.train.tasks import check_loss
 
 
 class _Section(BaseModel):
@@ -155,6 +156,11 @@ class Study:
         config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
         build_composite(config.loss.terms, total_steps=1,
                         where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'")
+        try:
+            check_loss(config)  # terms the task cannot feed: before the first run, not at this variant's
+        except UserError as exc:
+            message = str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)
+            raise UserError(f"field 'loss.terms': {message}", where=f"{where} (variant {variant.name!r})") from None
         return config
 
 

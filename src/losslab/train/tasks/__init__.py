@@ -50,6 +50,13 @@ def _lazy(module: str) -> Callable[[TrainConfig], TaskRun]:
     return build
 
 
+def check_loss(config: TrainConfig) -> None:
+    """``UserError`` (``where="loss.terms"``) if a loss term reads an input the task's batches do
+    not provide; no model or data is loaded (for ``sequence_classification`` with
+    ``label_type: auto``, the first training record is read)."""
+    importlib.import_module(f"losslab.train.tasks.{config.task}").check_loss(config)
+
+
 TASKS: dict[str, Callable[[TrainConfig], TaskRun]] = {
     "causal_lm": _causal_lm,
     **{task: _lazy(task) for task in ("sequence_classification", "token_classification", "reward_model", "embedding")},

@@ -54,12 +54,16 @@ def mask_config(data: DataConfig) -> MaskConfig:
                       on_error=data.on_error, kind=data.format)
 
 
-def build(config: TrainConfig) -> TaskRun:
-    # a term this task cannot feed (e.g. bradley_terry) fails here, before data and model load
+def check_loss(config: TrainConfig) -> None:
+    """A term this task cannot feed (e.g. ``bradley_terry``) is a ``UserError``."""
     problems = build_composite(config.loss.terms, total_steps=1, where="loss.terms").missing_inputs(LOGIT_FIELDS | {"hidden_states"})
     if problems:
         raise UserError(f"{'; '.join(problems)}; a causal_lm batch provides labels, logits, hidden states and token weights",
                         where="loss.terms")
+
+
+def build(config: TrainConfig) -> TaskRun:
+    check_loss(config)  # before data and model load
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = config.data
     masks = mask_config(data)

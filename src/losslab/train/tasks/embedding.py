@@ -170,6 +170,11 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id:
     return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
 
 
+def check_loss(config: TrainConfig) -> None:
+    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
+    plan_loss(config, "embedding", DEFAULT_TERMS, PROVIDES)
+
+
 def build(config: TrainConfig) -> TaskRun:
     from transformers import AutoModel
 

@@ -131,6 +131,11 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace(scores(chosen_all, rejected_all), split)
 
 
+def check_loss(config: TrainConfig) -> None:
+    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
+    plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)
+
+
 def build(config: TrainConfig) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 

@@ -47,6 +47,7 @@ from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
+    LossPlan,
     collate_texts,
     encode,
     encode_splits,
@@ -201,11 +202,20 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace(metrics, split)
 
 
+def check_loss(config: TrainConfig) -> None:
+    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
+    plan_for(config, detect_label_type(config))
+
+
+def plan_for(config: TrainConfig, label_type: str) -> LossPlan:
+    return plan_loss(config, f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
+
+
 def build(config: TrainConfig) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 
     label_type = detect_label_type(config)
-    plan = plan_loss(config, f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
+    plan = plan_for(config, label_type)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMA[label_type])
     names = class_names(config, label_type, splits["train"].records)

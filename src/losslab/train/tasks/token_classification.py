@@ -126,6 +126,11 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace({**report.to_dict(), **per_token}, split)
 
 
+def check_loss(config: TrainConfig) -> None:
+    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
+    plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
+
+
 def build(config: TrainConfig) -> TaskRun:
     from transformers import AutoModelForTokenClassification
 
