@@ -253,3 +253,26 @@ def test_regression_against_scipy_and_edge_cases():
         regression_metrics([], [])
     with pytest.raises(ValueError, match="differ in shape"):
         regression_metrics([1.0, 2.0], [1.0])
+
+
+def test_constant_side_with_float_rounding_gives_nan_correlation():
+    # mean([0.3] * 10) is 0.30000000000000004, so the centred values are ~1e-17, not 0: a
+    # check on the centred sums returns a finite "correlation" (0.0) for a constant side.
+    const = np.full(10, 0.3)
+    other = np.arange(10.0)
+    m = regression_metrics(const, other)
+    assert math.isnan(m["pearson"]) and math.isnan(m["spearman"])
+    assert math.isnan(regression_metrics(other, const)["pearson"])
+    assert math.isnan(regression_metrics(np.full(7, 1 / 3), np.arange(7.0))["pearson"])
+
+
+def test_accumulator_refuses_non_integer_ids():
+    # float predictions (scores passed by mistake) must not be truncated into class ids
+    acc = ClassificationAccumulator(3)
+    with pytest.raises(ValueError, match="integers"):
+        acc.update(torch.tensor([0, 1, 2]), torch.tensor([0.9, 1.2, 2.7]))
+    with pytest.raises(ValueError, match="integers"):
+        confusion_matrix(np.array([0.5]), np.array([0]), 2)
+    acc.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+    acc.update([], [])  # an empty batch (float64 when built from a list) is fine
+    assert acc.compute().to_dict()["accuracy"] == pytest.approx(2 / 3)

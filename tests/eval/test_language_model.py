@@ -127,3 +127,39 @@ def test_two_processes_all_reduce(tmp_path):
         assert out["acc"] == pytest.approx(3 / 5)
     assert outs[0]["local"]["loss"] == pytest.approx(2.0)
     assert outs[1]["local"]["loss"] == pytest.approx(6.0 / 5)
+
+
+def test_perplexity_is_finite_up_to_the_float64_limit():
+    # exp(709.5) = 1.35e308 is a finite float64; only a loss above log(max float) ~ 709.78 is inf
+    assert perplexity(709.5, 1) == pytest.approx(math.exp(709.5))
+    assert math.isfinite(perplexity(2 * 709.7, 2))
+    assert perplexity(709.8, 1) == math.inf
+    acc = PerplexityAccumulator()
+    acc.update(torch.tensor(7095.0, dtype=torch.float32), torch.tensor(10))
+    assert acc.compute()["perplexity"] == pytest.approx(math.exp(709.5))
+
+
+def test_update_refuses_a_loss_without_tokens():
+    # (0.0, 0) is an all-padding batch; a non-zero NLL over no tokens would inflate the loss
+    acc = PerplexityAccumulator()
+    acc.update(0.0, 0)
+    with pytest.raises(ValueError, match="invalid batch"):
+        acc.update(3.0, 0)
+    acc.update(1.0, 1)
+    assert acc.compute()["loss"] == 1.0
+
+
+def test_token_nll_sum_in_chunks_equals_one_shot(monkeypatch):
+    # float64 conversion runs over chunks of rows (bounded memory); the sum must not change
+    import losslab.eval.language_model as lm
+
+    gen = torch.Generator().manual_seed(2)
+    logits, labels = _ragged_batch(gen, [7, 2, 5])
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+    for elements in (1, 11 * 3, 1 << 26):  # one row, 3 rows, everything per chunk
+        monkeypatch.setattr(lm, "_CHUNK_ELEMENTS", elements, raising=False)
+        s, n = token_nll_sum(logits[:, :-1], labels[:, 1:])  # a non-contiguous view, as shifted
+        ref_shifted = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum").item()
+        assert n == int((labels[:, 1:] != -100).sum())
+        assert s == pytest.approx(ref_shifted, rel=1e-12)
+    assert token_nll_sum(logits, labels)[0] == pytest.approx(ref, rel=1e-12)

@@ -121,3 +121,25 @@ def test_ids_to_tags_drops_ignored_positions():
     assert y_true == [["B-PER", "I-PER", "O"], ["O", "B-PER"]]
     assert y_pred == [["B-PER", "B-PER", "O"], ["O", "I-PER"]]
     assert ids_to_tags(logits.argmax(-1), labels, {0: "O", 1: "B-PER", 2: "I-PER"}) == (y_true, y_pred)
+
+
+def test_lenient_mode_refuses_tags_it_cannot_read():
+    # seqeval's lenient extraction warns on these and then mis-reads them: two BILOU entities
+    # "B-PER L-PER B-PER L-PER" become one, "U-LOC U-LOC" one LOC, IO "PER" a type "ER".
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="'L-PER'.*scheme='BILOU'"):
+            ner_report([["B-PER", "L-PER", "B-PER", "L-PER"]], [["O"] * 4])
+        with pytest.raises(ValueError, match="y_pred\\[0\\] has tag 'U-LOC'"):
+            ner_report([["B-LOC", "O"]], [["U-LOC", "O"]])
+        with pytest.raises(ValueError, match="'PER'"):
+            ner_report([["PER", "PER", "O"]], [["PER", "O", "O"]])
+        # strict BILOU reads them: true PER[0-1], PER[2-3], LOC[4], LOC[5]; pred gets PER[0-1], LOC[4]
+        y_true = [["B-PER", "L-PER", "B-PER", "L-PER", "U-LOC", "U-LOC"]]
+        y_pred = [["B-PER", "L-PER", "O", "O", "U-LOC", "O"]]
+        m = ner_report(y_true, y_pred, mode="strict", scheme="BILOU").to_dict()
+        assert (m["precision_micro"], m["recall_micro"]) == (1.0, 0.5)
+        assert (m["support/PER"], m["support/LOC"]) == (2, 2)
+        # the tags it reads: O, B-/I-/E-/S- (IOB1, IOB2, IOBES) and bare prefixes
+        ok_true = [["I-PER", "B-PER", "O", "S-LOC", "B", "I"]]
+        assert ner_report(ok_true, [["I-PER", "I-PER", "O", "S-LOC", "O", "O"]]).per_class

@@ -85,3 +85,28 @@ def test_collator_pads_labels_with_ignore() -> None:
                                      {"encoding": {"input_ids": [4]}, "labels": [2]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["labels"].tolist() == [[IGNORE, 1, IGNORE], [2, IGNORE, IGNORE]]
+
+
+def test_tags_the_entity_metrics_cannot_read_are_refused_before_training(tmp_path, monkeypatch) -> None:
+    """BILOU (U-, L-) or bare IO tags would be misread by the entity metrics: refused at build,
+    naming the first record that has one, before any model is loaded."""
+    import json
+
+    from losslab.errors import UserError
+    from losslab.train.config import TrainConfig
+    from losslab.train.tasks import token_classification
+
+    monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = tmp_path / "ner.jsonl"
+    records = [{"tokens": ["Ann", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]},
+               {"tokens": ["in", "Paris"], "tags": ["O", "U-LOC"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = TrainConfig.model_validate({"task": "token_classification", "model": "builtin:minilm-l6",
+                                         "output_dir": str(tmp_path / "out"), "data": {"train": str(path)}})
+    with pytest.raises(UserError, match=rf"{path}:2: field 'tags': tag 'U-LOC' is not BIO or IOBES.*U- -> S-"):
+        token_classification.build(config)
+    records[1]["tags"] = ["O", "S-LOC"]  # IOBES is read
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
+    with pytest.raises(RuntimeError, match="loaded"):
+        token_classification.build(config)

@@ -206,12 +206,17 @@ def _encode(
 def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int) -> np.ndarray:
     """Counts (C, C) int64: ``M[i, j]`` = examples with true id ``i`` predicted as ``j``.
 
-    ``y_true``, ``y_pred``: class ids (N,) in ``[0, num_classes)``; N = 0 gives all zeros.
+    ``y_true``, ``y_pred``: integer class ids (N,) in ``[0, num_classes)``; N = 0 gives all
+    zeros. Non-integer ids (e.g. float scores passed by mistake) raise ``ValueError`` rather
+    than being truncated.
     """
-    t = as_numpy(y_true, "y_true", ndim=1).astype(np.int64)
-    p = as_numpy(y_pred, "y_pred", ndim=1).astype(np.int64)
+    t = as_numpy(y_true, "y_true", ndim=1)
+    p = as_numpy(y_pred, "y_pred", ndim=1)
     if len(t) != len(p):
         raise ValueError(f"y_true and y_pred differ in length: {len(t)} != {len(p)}")
+    if len(t) and (t.dtype.kind not in "iub" or p.dtype.kind not in "iub"):
+        raise ValueError(f"class ids must be integers; got {t.dtype} and {p.dtype}")
+    t, p = t.astype(np.int64), p.astype(np.int64)
     if len(t) and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
         raise ValueError(f"class ids must be in [0, {num_classes})")
     return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
@@ -314,6 +319,14 @@ def multilabel_report(
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of (N,) ``x`` and ``y``; NaN when N < 2 or either side is constant.
+
+    Constancy is tested on the values themselves, not on the centred sums: ``x - x.mean()`` of
+    a constant ``x`` such as ``[0.3] * 10`` is rounding noise (~1e-17), not zero, and would
+    give a meaningless finite number.
+    """
+    if len(x) < 2 or (x == x[0]).all() or (y == y[0]).all():
+        return math.nan
     xc, yc = x - x.mean(), y - y.mean()
     den = math.sqrt(float(xc @ xc) * float(yc @ yc))
     return float(xc @ yc) / den if den > 0 else math.nan

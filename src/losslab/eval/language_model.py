@@ -13,6 +13,9 @@ import torch
 
 from losslab.eval._state import SumState
 
+_CHUNK_ELEMENTS = 1 << 26
+"""Logits converted to float64 at a time by :func:`token_nll_sum` (512 MiB)."""
+
 
 def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> tuple[float, int]:
     """``(sum_nll, n_tokens)`` of one batch, the input of :meth:`PerplexityAccumulator.update`.
@@ -24,12 +27,19 @@ def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} (+ vocab)")
-    keep = labels != ignore_index
-    if not bool(keep.any()):
+    positions = (labels != ignore_index).nonzero()  # (n, labels.ndim) indices of scored tokens
+    if positions.shape[0] == 0:
         return 0.0, 0
-    rows = logits[keep].double()  # (n, V)
-    nll = torch.logsumexp(rows, dim=-1) - rows.gather(-1, labels[keep].unsqueeze(-1)).squeeze(-1)
-    return float(nll.sum()), int(keep.sum())
+    # float64 rows a chunk at a time: a float64 copy of all (n, V) logits at once would be
+    # twice the size of the float32 logits (tens of GB for a 150k vocabulary).
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for idx in positions.split(chunk):
+        where = tuple(idx.T)
+        block = logits[where].double()  # (c, V)
+        target = block.gather(-1, labels[where].unsqueeze(-1)).squeeze(-1)  # (c,)
+        total += (torch.logsumexp(block, dim=-1) - target).sum()
+    return float(total), int(positions.shape[0])
 
 
 def perplexity(sum_nll: float, n_tokens: int | float) -> float:
@@ -37,7 +47,10 @@ def perplexity(sum_nll: float, n_tokens: int | float) -> float:
     if n_tokens <= 0:
         raise ValueError("no scored tokens: loss and perplexity are undefined")
     loss = sum_nll / n_tokens
-    return math.exp(loss) if loss < 709.0 else math.inf
+    try:
+        return math.exp(loss)  # float64: finite up to loss = log(max float) ~ 709.78
+    except OverflowError:
+        return math.inf
 
 
 class PerplexityAccumulator(SumState):
@@ -58,10 +71,15 @@ class PerplexityAccumulator(SumState):
         super().__init__(sum_nll=(), n_tokens=())
 
     def update(self, sum_nll: float | torch.Tensor, n_tokens: int | torch.Tensor) -> None:
-        """Add one batch: the summed NLL (nats) of its scored tokens and their number."""
+        """Add one batch: the summed NLL (nats) of its scored tokens and their number.
+
+        An all-padding batch is ``(0.0, 0)``; a non-zero ``sum_nll`` over 0 tokens (a loss
+        with no tokens behind it, e.g. a batch mean passed with the wrong count) raises
+        ``ValueError`` instead of silently inflating the loss of the other batches.
+        """
         s = float(sum_nll.detach().double()) if isinstance(sum_nll, torch.Tensor) else float(sum_nll)
         n = float(n_tokens.detach()) if isinstance(n_tokens, torch.Tensor) else float(n_tokens)
-        if n < 0 or not math.isfinite(s):
+        if n < 0 or not math.isfinite(s) or (n == 0 and s != 0.0):
             raise ValueError(f"invalid batch: sum_nll={s}, n_tokens={n}")
         self.state["sum_nll"] += s
         self.state["n_tokens"] += n

@@ -5,6 +5,8 @@ Entities are extracted by seqeval in one of its two modes:
 
 - ``mode=None`` (default): conlleval-compatible, lenient about ill-formed tags (an ``I-X``
   after ``O`` starts an entity), as seqeval's default and the CoNLL ``conlleval`` script;
+  it reads ``O`` and ``B-``/``I-``/``E-``/``S-`` tags (IOB1, IOB2, IOE, IOBES) and refuses
+  others (BILOU's ``L-``/``U-``, bare IO tags) with ``ValueError``;
 - ``mode="strict"`` with ``scheme`` ``"IOB2"`` (BIO), ``"IOE2"``, ``"IOBES"``, ``"BILOU"``,
   ``"IOB1"`` or ``"IOE1"``: only well-formed chunks of that scheme are entities
   (``scheme=None`` lets seqeval detect IOB2 / IOE2 / IOBES from ``y_true``).
@@ -41,6 +43,34 @@ def _token_scheme(scheme: str | None, y_true: Sequence[Sequence[str]]) -> type:
     return token_cls
 
 
+_LENIENT_PREFIXES = ("B-", "I-", "E-", "S-")
+
+
+def lenient_tag(tag: str) -> bool:
+    """Whether the default (lenient) mode reads ``tag``: ``O``, ``B-``/``I-``/``E-``/``S-``
+    tags and the bare ``B``, ``I``, ``E``, ``S`` (BIO, IOB1/2, IOE, IOBES)."""
+    return tag in ("O", "B", "I", "E", "S") or str(tag).startswith(_LENIENT_PREFIXES)
+
+
+def _check_lenient_tags(sequences: Sequence[Sequence[str]], name: str) -> None:
+    """Raise ``ValueError`` on a tag the lenient (conlleval) extraction cannot read.
+
+    It reads ``O`` and ``B-``, ``I-``, ``E-``, ``S-`` tags (and the bare ``B``, ``I``, ``E``,
+    ``S``). seqeval only warns on anything else and then takes the first character as the
+    prefix: a BILOU ``L-PER`` / ``U-PER`` silently merges or drops entities, an IO tag ``PER``
+    becomes an entity of type ``ER``.
+    """
+    for i, seq in enumerate(sequences):
+        for tag in seq:
+            if lenient_tag(tag):
+                continue
+            raise ValueError(
+                f"{name}[{i}] has tag {tag!r}, which the default (lenient) mode cannot read: it takes O and"
+                " B-/I-/E-/S- tags. Use mode='strict' with scheme='BILOU' for BILOU tags;"
+                " write IO tags as I-<TYPE>."
+            )
+
+
 def _entities(sequences: Sequence[Sequence[str]], token_cls: type | None) -> set[tuple[int, str, int, int]]:
     """Entities as ``(sentence, type, start, end)`` tuples: lenient (conlleval) extraction
     when ``token_cls`` is None, else strict extraction with that seqeval scheme."""
@@ -68,9 +98,11 @@ def ner_report(
     ``micro`` (pooled counts: the usual headline "F1"), ``macro`` and ``weighted``; its
     ``to_dict()`` is a plain dict of floats (``f1_micro``, ``f1/PER``, ...).
 
-    Edge cases: N = 0 raises ``ValueError``; sentences without any entity on either side give
-    a report with no types and every average 0.0; a type that is never predicted gets
-    precision 0 (no warning).
+    Edge cases: N = 0 raises ``ValueError``; in the default mode a tag other than ``O`` and
+    ``B-``/``I-``/``E-``/``S-`` (BILOU's ``L-``/``U-``, a bare IO tag ``PER``) raises
+    ``ValueError`` (seqeval would warn and mis-read it); sentences without any entity on
+    either side give a report with no types and every average 0.0; a type that is never
+    predicted gets precision 0 (no warning).
     """
     if len(y_true) != len(y_pred):
         raise ValueError(f"y_true and y_pred differ in number of sentences: {len(y_true)} != {len(y_pred)}")
@@ -84,6 +116,9 @@ def ner_report(
     if mode is None and scheme is not None:
         raise ValueError("scheme applies to mode='strict' only (seqeval ignores it otherwise)")
     token_cls = _token_scheme(scheme, y_true) if mode == "strict" else None
+    if token_cls is None:
+        _check_lenient_tags(y_true, "y_true")
+        _check_lenient_tags(y_pred, "y_pred")
     true_ents = _entities(y_true, token_cls)
     pred_ents = _entities(y_pred, token_cls)
     n_true = Counter(e[1] for e in true_ents)

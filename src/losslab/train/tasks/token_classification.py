@@ -1,5 +1,5 @@
 """``token_classification``: named-entity recognition on ``{"tokens": [...], "tags": [...]}``
-records (BIO or IOBES tags), with a token-classification head
+records (BIO or IOBES tags, checked before training), with a token-classification head
 (``AutoModelForTokenClassification``) on an encoder or decoder backbone.
 
 Label alignment (first-sub-token labelling): the words are tokenised with a fast tokenizer
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
-from losslab.eval.ner import ids_to_tags, ner_report
+from losslab.eval.ner import ids_to_tags, lenient_tag, ner_report
 from losslab.eval.report import namespace
 from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
@@ -39,6 +39,7 @@ from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TaskRun
 from losslab.train.tasks._common import (
+    SplitRecords,
     collate_texts,
     encode,
     encode_splits,
@@ -126,6 +127,18 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace({**report.to_dict(), **per_token}, split)
 
 
+def check_tags(tags: list[str], train: SplitRecords) -> None:
+    """Every tag is one the entity metrics read (BIO or IOBES): a BILOU ``U-``/``L-`` or a bare
+    IO tag would be misread at the first evaluation, so it is an error here, before training."""
+    bad = [t for t in tags if not lenient_tag(t)]
+    if not bad:
+        return
+    where = next((str(src) for src, r in zip(train.sources, train.records) if bad[0] in r.tags), train.path)
+    raise UserError(f"field 'tags': tag {bad[0]!r} is not BIO or IOBES (O, B-, I-, E-, S-); "
+                    f"{len(bad)} such tag{'s' * (len(bad) != 1)}: {', '.join(map(repr, bad[:5]))}. "
+                    "Convert BILOU tags (U- -> S-, L- -> E-) and IO tags (TYPE -> I-TYPE)", where=where)
+
+
 def check_loss(config: TrainConfig) -> None:
     """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
     plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
@@ -140,6 +153,7 @@ def build(config: TrainConfig) -> TaskRun:
         raise UserError(f"token_classification needs a fast tokenizer (word ids) for {config.model}")
     splits = read_splits(config, SCHEMAS["ner"])
     tags = label_vocabulary(config.data.label_names, [t for r in splits["train"].records for t in r.tags], first="O")
+    check_tags(tags, splits["train"])
     tag2id = {t: i for i, t in enumerate(tags)}
 
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
