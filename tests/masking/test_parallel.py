@@ -177,3 +177,37 @@ def test_the_fingerprint_covers_the_code_that_builds_the_samples(tmp_path, smoll
         assert parallel.fingerprint(path, builder, "ChatRecord", None) != before
     finally:
         parallel.code_digest.cache_clear()
+
+
+def test_entries_unused_for_a_month_are_deleted_when_new_data_are_prepared(tmp_path, smollm2_tokenizer):
+    """A hit marks its entry as used; a new entry deletes those unused for KEEP_DAYS days and
+    the temporary folders of saves killed more than a day ago, and nothing else."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    path = write_records(tmp_path / "train.jsonl")
+    config = MaskConfig(on_error="skip")
+    build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=cache)
+    (used,) = list(cache.iterdir())
+    day = 86400.0
+    now = time.time()
+
+    def aged(name: str, days: float) -> Path:
+        entry = cache / name
+        entry.mkdir(exist_ok=True)
+        os.utime(entry, (now - days * day, now - days * day))
+        return entry
+
+    old, recent = aged("0" * 32, parallel.KEEP_DAYS + 1), aged("1" * 32, parallel.KEEP_DAYS - 1)
+    killed_old, killed_new = aged(".2222-abc", 2), aged(".3333-def", 0.5)
+    os.utime(used, (now - 40 * day, now - 40 * day))
+    build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=cache)  # a hit: marks it used
+    assert time.time() - used.stat().st_mtime < day
+    with path.open("a") as fh:  # new data: a new entry, and the pruning
+        fh.write(json.dumps(chat("new", "record")) + "\n")
+    build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=cache)
+    left = {p.name for p in cache.iterdir()}
+    assert used.name in left and recent.name in left and killed_new.name in left
+    assert old.name not in left and killed_old.name not in left
+    assert len(left) == 4 and not any(name.startswith(".deleting-") for name in left)

@@ -18,7 +18,8 @@ The per-record results of step 2 are saved (Arrow, ``Dataset.save_to_disk``) und
 (vocabulary, merges, special tokens, chat template), the mask config, the sample limit and the
 source of the code that builds the samples (:data:`SAMPLE_CODE`: a fix in a development install
 changes no version number), so a second run with the same inputs skips steps 1-2 and any
-change rebuilds.
+change rebuilds. Entries not used for :data:`KEEP_DAYS` days are deleted when a new one is
+written.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
+KEEP_DAYS = 30  # prepared data not used for this long are deleted when new data are prepared
 CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
 # the modules (a package: all its files) whose code decides the cached samples and messages
 SAMPLE_CODE = ("losslab.masking", "losslab.data.records", "losslab.data.schemas", "losslab.errors")
@@ -80,6 +84,7 @@ def build_samples_parallel(
     target = (cache or prepared_dir()) / fingerprint(path, builder, schema.__name__, limit)
     if (target / "dataset_info.json").is_file():
         results = Dataset.load_from_disk(str(target))
+        _touch(target)
     else:
         rows = _raw_rows(path, schema, limit)
         results = Dataset.from_dict(rows).map(
@@ -89,6 +94,7 @@ def build_samples_parallel(
             desc=f"masking {path.name}",
         )
         _save(results, target)
+        prune(target.parent, keep=target)
     return _assemble(results, str(path), builder.config.on_error, stats, limit)
 
 
@@ -230,6 +236,36 @@ def _encode_batch(batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: 
         out["dropped"].append(list(stats.dropped.elements()))
         out["control"].append(stats.control.examples[0] if stats.control.count else None)
     return {"line": list(batch["line"]), **out}
+
+
+def _touch(entry: Path) -> None:
+    """Mark a cache entry as used now (its folder's mtime); a read-only cache stays as it is."""
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def prune(directory: Path, *, keep: Path | None = None, max_age_days: float = KEEP_DAYS) -> list[Path]:
+    """Delete the entries of ``directory`` (prepared data) not used for ``max_age_days``, and the
+    temporary folders of saves killed more than a day ago; returns what was deleted. Each is
+    renamed first (atomic), so no process can load a half-deleted entry."""
+    now, removed = time.time(), []
+    for entry in sorted(directory.iterdir()):
+        if entry == keep or not entry.is_dir() or entry.name.startswith(".deleting-"):
+            continue
+        limit = 86400.0 if entry.name.startswith(".") else max_age_days * 86400.0
+        try:
+            if now - entry.stat().st_mtime <= limit:
+                continue
+            doomed = entry.rename(directory / f".deleting-{entry.name.lstrip('.')}")
+        except OSError:  # another process renamed or used it first
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(entry)
+    for leftover in directory.glob(".deleting-*"):  # a prune killed mid-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    return removed
 
 
 def _save(results: Dataset, target: Path) -> None:
