@@ -89,3 +89,41 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["test/recall@1"] == pytest.approx(1 / 3)
     assert m["test/recall@2"] == pytest.approx(1.0)
     assert m["test/mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+
+
+def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
+    """Two contexts answered by the same text ("Hello!") in one batch: with in-batch negatives
+    each would have its own reply as a negative, a loss that cannot go below log 2. The second
+    is not trained in that batch: the loss is InfoNCE over the other pairs alone, and the
+    Trainer's item count (``labels`` != -100) leaves it out too."""
+    import json
+
+    from losslab.losses.pairwise import info_nce_loss
+    from losslab.train.config import TrainConfig
+    from losslab.train.tasks.embedding import build, embed
+
+    chats = [("hi there", "Hello!"), ("how is the weather", "Sunny and warm today."), ("good morning", "Hello!")]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
+                            for u, a in chats))
+    run = build(TrainConfig(task="embedding", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
+                            data={"train": str(data), "max_length": 16}))
+    batch = run.collator(run.train)
+    assert batch["labels"].tolist() == [0, 0, -100]
+    run.model.eval()
+    loss_func = run.make_loss_func(None)
+    with torch.no_grad():
+        loss = loss_func.compute_loss(run.model, batch)
+        vectors = embed(run.model, batch, EmbeddingConfig())  # (6, D): 3 contexts, 3 replies
+    expected = info_nce_loss(vectors[[0, 1]], vectors[[3, 4]], temperature=0.05)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_collator_leaves_out_replies_that_are_negatives_of_the_batch() -> None:
+    features = [{"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [5]}},
+                {"anchor": {"input_ids": [3]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [7]}},
+                {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [8]}}]
+    # row 1's reply is row 0's negative; row 2's reply repeats row 0's
+    assert TripleCollator(0, negatives=True, in_batch=True)(features)["labels"].tolist() == [0, -100, -100]
+    # triplet alone has no in-batch negatives: every pair trains
+    assert TripleCollator(0, negatives=True)(features)["labels"].tolist() == [0, 0, 0]

@@ -85,7 +85,8 @@ def test_regression_metrics_by_hand() -> None:
 def test_collator_label_dtypes() -> None:
     collate = TextCollator(pad_id=0)
     assert collate(dataset([1, 2], [0, 2]))["labels"].dtype == torch.long
-    assert collate(dataset([1, 2], [0.5, -1.0]))["labels"].dtype == torch.float32
+    numbers = collate(dataset([1, 2], [0.5, -1.0]))
+    assert numbers["targets"].dtype == torch.float32 and numbers["targets"].tolist() == [0.5, -1.0]
     batch = collate(dataset([1, 2], [[1.0, 0.0], [0.0, 0.0]]))
     assert batch["labels"].shape == (2, 2)
     assert batch["input_ids"].tolist() == [[1, 0], [2, 7]]  # right-padded with the pad id
@@ -119,3 +120,19 @@ def test_unknown_labels_name_the_record() -> None:
     with pytest.raises(UserError, match=r"^val.jsonl:4: .*class id 2 is outside 0..1"):
         target("class", SimpleNamespace(label=2), {"no": 0, "yes": 1}, Source("val.jsonl", 4))
     assert target("multi_label", SimpleNamespace(label=["yes"]), {"no": 0, "yes": 1}, Source("f", 1)) == [0.0, 1.0]
+
+
+def test_a_regression_target_of_minus_100_is_a_trained_item() -> None:
+    """The Trainer counts the entries of ``labels`` that are not -100 as the trained items
+    (``num_items_in_batch``); a regression target of -100.0 is a number like any other: it is
+    trained, and counted, so the mse of the batch is its plain mean."""
+    from losslab.losses.registry import build_composite
+    from losslab.train.tasks._common import TaskLossFunc
+    from losslab.train.tasks.sequence_classification import make_forward
+
+    batch = TextCollator(pad_id=0)(dataset([0, 1], [-100.0, 2.0]))
+    num_items_in_batch = batch["labels"].ne(-100).sum()  # as Trainer.get_batch_samples counts
+    assert int(num_items_in_batch) == 2
+    model = FirstTokenHead([[-99.0], [4.0]]).train()  # squared errors 1 and 4
+    loss_func = TaskLossFunc(build_composite([{"name": "mse"}]), make_forward("regression"), model=model)
+    assert float(loss_func.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)) == pytest.approx(2.5)

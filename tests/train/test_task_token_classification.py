@@ -110,3 +110,30 @@ def test_tags_the_entity_metrics_cannot_read_are_refused_before_training(tmp_pat
     monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
     with pytest.raises(RuntimeError, match="loaded"):
         token_classification.build(config)
+
+
+def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
+    """A byte-level BPE (the tiny Llama's SmolLM2 tokenizer) glues pre-split words together
+    (``JohnSmithlives``) unless each word after the first keeps its space: the model must read
+    the sentence as it reads running text, with each word's tag on its first sub-token."""
+    import json
+
+    from losslab.train.config import TrainConfig
+    from losslab.train.tasks.token_classification import build
+
+    words, tags = ["John", "Smith", "lives", "in", "New", "York", "."], ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
+    data = tmp_path / "ner.jsonl"
+    data.write_text(json.dumps({"tokens": words, "tags": tags}) + "\n")
+    run = build(TrainConfig(task="token_classification", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
+                            data={"train": str(data), "max_length": 32}))
+    feature = run.train[0]
+    assert feature["encoding"]["input_ids"] == run.tokenizer(" ".join(words))["input_ids"]
+    pieces = run.tokenizer.convert_ids_to_tokens(feature["encoding"]["input_ids"])
+    assert [p for p, x in zip(pieces, feature["labels"]) if x != IGNORE] == ["John", "ĠSmith", "Ġlives", "Ġin", "ĠNew", "ĠYork", "Ġ."]
+    assert [run.model.config.id2label[x] for x in feature["labels"] if x != IGNORE] == tags
+
+
+def test_word_piece_tokenizers_keep_their_words(bert_tokenizer) -> None:
+    from losslab.train.tasks.token_classification import joins_words
+
+    assert not joins_words(bert_tokenizer)  # [CLS] new york [SEP]: words stay apart without help

@@ -16,7 +16,11 @@ states (``embedding.pooling``: mean | cls | last), L2-normalised when
 ``embedding.normalize`` (the MiniLM sentence encoder's recipe). Contexts, replies and
 negatives of a batch go through ONE forward. Loss inputs: ``anchor`` (contexts), ``positive``
 (replies), ``negative`` (N, D): ``info_nce`` (default, temperature 0.05: every other reply of
-the batch, and any negatives, are the negatives) or ``triplet``; ``l2`` / ``l2_sp``.
+the batch, and any negatives, are the negatives) or ``triplet``; ``l2`` / ``l2_sp``. With
+in-batch negatives (an ``info_nce`` term), a pair whose reply is the same text as an earlier
+reply of its batch, or as an explicit negative of its batch, is not trained in that batch
+(``labels`` -100, ``target_mask`` False): otherwise its own reply would be one of its
+negatives (a false negative; short replies such as "Hey!" repeat often).
 
 Evaluation per split: each context is a query against every distinct reply of the split
 (identical replies are one candidate), scored by cosine similarity: ``recall@k`` for k in
@@ -121,21 +125,57 @@ def embed(model: torch.nn.Module, batch: dict[str, Any], options: EmbeddingConfi
     return pool_states(hidden, batch["attention_mask"], options.pooling, options.normalize)
 
 
+def repeated_replies(features: Sequence[dict]) -> list[bool]:
+    """Per pair of a batch: True when its reply has the same tokens as an earlier pair's reply
+    or as any explicit negative of the batch (with in-batch negatives, one of its own negatives)."""
+    negatives = {tuple(f["negative"]["input_ids"]) for f in features if "negative" in f}
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for f in features:
+        reply = tuple(f["positive"]["input_ids"])
+        out.append(reply in seen or reply in negatives)
+        seen.add(reply)
+    return out
+
+
 @dataclass
 class TripleCollator:
     """One batch of the B contexts, then the B replies (then the B negatives), ``labels`` (B,)
-    zeros (one trained item per pair) and ``return_loss`` (so the Trainer evaluates a
-    head-less model's loss)."""
+    (one trained item per pair: 0, or -100 for a pair that is not trained, see
+    :func:`repeated_replies`) and ``return_loss`` (so the Trainer evaluates a head-less
+    model's loss).
+
+    ``in_batch``: the loss uses the other replies of the batch as negatives, so a pair whose
+    reply repeats one of them is not trained in this batch."""
 
     pad_id: int
     negatives: bool
+    in_batch: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         roles = ("anchor", "positive", "negative") if self.negatives else ("anchor", "positive")
         batch: dict[str, Any] = collate_texts([f[role] for role in roles for f in features], self.pad_id)
-        batch["labels"] = torch.zeros(len(features), dtype=torch.long)
+        skip = repeated_replies(features) if self.in_batch else [False] * len(features)
+        batch["labels"] = torch.tensor([-100 if s else 0 for s in skip], dtype=torch.long)
         batch["return_loss"] = True
         return batch
+
+
+def make_forward(options: EmbeddingConfig):
+    """The task's forward: anchor, positive (and negative) vectors (B, D) from one batch of
+    2B (3B) texts, and ``target_mask`` (B,) False for the pairs whose ``labels`` are -100."""
+
+    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+        labels = batch["labels"]  # (B,)
+        n = labels.shape[0]
+        vectors = embed(model, batch, options)  # (2B or 3B, D)
+        anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
+        trained = labels != -100
+        out = {"anchor": anchor, "positive": positive}
+        return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None,
+                          target_mask=None if bool(trained.all()) else trained), out
+
+    return forward
 
 
 def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, targets: Sequence[int],
@@ -208,14 +248,9 @@ def build(config: TrainConfig) -> TaskRun:
 
     datasets, lines = encode_splits(splits, encode_split)
     model = load_model(AutoModel, config.model, **model_kwargs(config))
-    collator = TripleCollator(tokenizer.pad_token_id, negatives)
-
-    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
-        n = batch["labels"].shape[0]
-        vectors = embed(model, batch, options)  # (2B or 3B, D)
-        anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
-        out = {"anchor": anchor, "positive": positive}
-        return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None), out
+    in_batch = any(t.get("name") == "info_nce" for t in plan.terms)  # the other replies are negatives
+    collator = TripleCollator(tokenizer.pad_token_id, negatives, in_batch=in_batch)
+    forward = make_forward(options)
 
     print(f"explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
     return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,

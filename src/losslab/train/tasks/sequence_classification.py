@@ -133,21 +133,32 @@ def target(label_type: str, record: Any, label2id: dict[str, int], source: Any) 
 
 @dataclass
 class TextCollator:
-    """Padded texts and their ``labels``: (B,) class ids, (B,) numbers or (B, K) 0/1."""
+    """Padded texts and their ``labels``: (B,) class ids or (B, K) 0/1. Numbers (regression)
+    go into ``targets`` (B,), and ``labels`` is (B,) zeros: the Trainer counts the entries of
+    ``labels`` that are not -100 as trained items, and a target may well be -100.0."""
 
     pad_id: int
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_texts([f["encoding"] for f in features], self.pad_id)
         labels = [f["labels"] for f in features]
-        batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float32)
+        if isinstance(labels[0], float):
+            batch["targets"] = torch.tensor(labels, dtype=torch.float32)
+            batch["labels"] = torch.zeros(len(labels), dtype=torch.long)
+        else:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long if isinstance(labels[0], int) else torch.float32)
         return batch
+
+
+def gold(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The gold values of a batch: ``targets`` (B,) for regression, else ``labels``."""
+    return batch["targets"] if "targets" in batch else batch["labels"]
 
 
 def make_forward(label_type: str):
     def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
         logits = model(**model_inputs(batch)).logits  # (B, C), (B, K) or (B, 1)
-        labels = batch["labels"]
+        labels = gold(batch)
         if label_type == "regression":
             return LossInputs(predictions=logits.squeeze(-1), targets=labels), {"logits": logits}
         return LossInputs(class_logits=logits, class_targets=labels), {"logits": logits}
@@ -192,7 +203,7 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     logits, labels = [], []
     for batch in eval_batches(model, dataset, collator, batch_size):
         logits.append(model(**model_inputs(batch)).logits.float().cpu())
-        labels.append(batch["labels"].cpu())
+        labels.append(gold(batch).cpu())
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
     save_predictions(output_dir, split, prediction_rows(label_type, logits_all, labels_all, names,
                                                         [f.get("text") for f in dataset]))

@@ -3,7 +3,10 @@ records (BIO or IOBES tags, checked before training), with a token-classificatio
 (``AutoModelForTokenClassification``) on an encoder or decoder backbone.
 
 Label alignment (first-sub-token labelling): the words are tokenised with a fast tokenizer
-(``is_split_into_words``); the FIRST sub-token of each word carries the word's tag id, every
+(``is_split_into_words``), each word after the first with its leading space when the
+tokenizer would otherwise glue the words together (byte-level BPE without
+``add_prefix_space``, e.g. GPT-2's or SmolLM2's: ``["New", "York"]`` must read ``New York``,
+as in running text, not ``NewYork``); the FIRST sub-token of each word carries the word's tag id, every
 other sub-token, special token and padding gets ``-100`` (not trained, not scored). A word
 cut off by ``data.max_length``, or one the tokenizer turns into no token at all, has no
 scored position: it is neither trained nor evaluated (the log counts truncated sentences).
@@ -72,6 +75,21 @@ def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
         if word is not None:
             previous = word
     return labels
+
+
+def joins_words(tokenizer: Any) -> bool:
+    """True when the tokenizer, given pre-split words, drops the spaces between them: a
+    byte-level BPE without ``add_prefix_space`` (GPT-2, SmolLM2) reads ``["New", "York"]`` as
+    ``NewYork``, tokens the model never saw in running text. WordPiece and SentencePiece
+    tokenizers mark word starts themselves."""
+    ids = tokenizer(["a", "b"], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    return " " not in tokenizer.decode(ids)
+
+
+def spaced_words(words: list[str]) -> list[str]:
+    """The words with the space that precedes each in running text (all but the first), so a
+    byte-level BPE tokenises them as it tokenises ``" ".join(words)``."""
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
 
 
 @dataclass
@@ -155,10 +173,12 @@ def build(config: TrainConfig) -> TaskRun:
     tags = label_vocabulary(config.data.label_names, [t for r in splits["train"].records for t in r.tags], first="O")
     check_tags(tags, splits["train"])
     tag2id = {t: i for i, t in enumerate(tags)}
+    add_spaces = joins_words(tokenizer)
 
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
-        encoding, cut = encode(tokenizer, record.tokens, max_length=config.data.max_length, drop=config.data.truncation,
+        words = spaced_words(list(record.tokens)) if add_spaces else list(record.tokens)
+        encoding, cut = encode(tokenizer, words, max_length=config.data.max_length, drop=config.data.truncation,
                                is_split_into_words=True)
         return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids), "tokens": list(record.tokens)}, cut
 
