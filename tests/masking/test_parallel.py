@@ -200,7 +200,8 @@ def test_entries_unused_for_a_month_are_deleted_when_new_data_are_prepared(tmp_p
         return entry
 
     old, recent = aged("0" * 32, parallel.KEEP_DAYS + 1), aged("1" * 32, parallel.KEEP_DAYS - 1)
-    killed_old, killed_new = aged(".2222-abc", 2), aged(".3333-def", 0.5)
+    killed_old, killed_new = aged("." + "2" * 32 + "-abc", 2), aged("." + "3" * 32 + "-def", 0.5)
+    foreign = [aged(name, 400) for name in (".git", "checkpoints", "a" * 31, "." + "4" * 31 + "-x")]  # not losslab's
     os.utime(used, (now - 40 * day, now - 40 * day))
     build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=cache)  # a hit: marks it used
     assert time.time() - used.stat().st_mtime < day
@@ -209,5 +210,6 @@ def test_entries_unused_for_a_month_are_deleted_when_new_data_are_prepared(tmp_p
     build_samples_parallel(path, smollm2_tokenizer, config, num_proc=1, cache=cache)
     left = {p.name for p in cache.iterdir()}
     assert used.name in left and recent.name in left and killed_new.name in left
+    assert {p.name for p in foreign} <= left  # a cache= folder shared with other files loses nothing else
     assert old.name not in left and killed_old.name not in left
-    assert len(left) == 4 and not any(name.startswith(".deleting-") for name in left)
+    assert len(left) == 4 + len(foreign) and not any(name.startswith(".deleting-") for name in left)

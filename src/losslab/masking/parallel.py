@@ -29,6 +29,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -82,9 +83,9 @@ def build_samples_parallel(
     path = Path(path)
     schema = file_schema(builder.config.kind, path)
     target = (cache or prepared_dir()) / fingerprint(path, builder, schema.__name__, limit)
+    _touch(target)  # first: a prune by another process now sees it as used
     if (target / "dataset_info.json").is_file():
         results = Dataset.load_from_disk(str(target))
-        _touch(target)
     else:
         rows = _raw_rows(path, schema, limit)
         results = Dataset.from_dict(rows).map(
@@ -239,22 +240,31 @@ def _encode_batch(batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: 
 
 
 def _touch(entry: Path) -> None:
-    """Mark a cache entry as used now (its folder's mtime); a read-only cache stays as it is."""
+    """Mark a cache entry as used now (its folder's mtime); a missing entry or a read-only
+    cache stays as it is."""
     try:
         os.utime(entry)
     except OSError:
         pass
 
 
+# what prune may delete: entries (a fingerprint) and the temporary folders of their saves
+_ENTRY = re.compile(r"[0-9a-f]{32}")
+_TEMPORARY = re.compile(r"\.[0-9a-f]{32}-.+")
+
+
 def prune(directory: Path, *, keep: Path | None = None, max_age_days: float = KEEP_DAYS) -> list[Path]:
     """Delete the entries of ``directory`` (prepared data) not used for ``max_age_days``, and the
-    temporary folders of saves killed more than a day ago; returns what was deleted. Each is
-    renamed first (atomic), so no process can load a half-deleted entry."""
+    temporary folders of saves killed more than a day ago; returns what was deleted. Only
+    folders named like losslab's own (a 32-hex fingerprint, ``.FINGERPRINT-*``) are touched, so
+    a ``cache=`` directory shared with other files loses nothing else. Each is renamed first
+    (atomic), so no process can load a half-deleted entry."""
     now, removed = time.time(), []
     for entry in sorted(directory.iterdir()):
-        if entry == keep or not entry.is_dir() or entry.name.startswith(".deleting-"):
+        temporary = bool(_TEMPORARY.fullmatch(entry.name))
+        if entry == keep or not entry.is_dir() or not (temporary or _ENTRY.fullmatch(entry.name)):
             continue
-        limit = 86400.0 if entry.name.startswith(".") else max_age_days * 86400.0
+        limit = 86400.0 if temporary else max_age_days * 86400.0
         try:
             if now - entry.stat().st_mtime <= limit:
                 continue
@@ -263,8 +273,9 @@ def prune(directory: Path, *, keep: Path | None = None, max_age_days: float = KE
             continue
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(entry)
-    for leftover in directory.glob(".deleting-*"):  # a prune killed mid-way
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in directory.glob(".deleting-*"):  # a prune killed mid-way (only prune names them so)
+        if _ENTRY.fullmatch(leftover.name.removeprefix(".deleting-")[:32]):
+            shutil.rmtree(leftover, ignore_errors=True)
     return removed
 
 
