@@ -121,7 +121,8 @@ def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
     from losslab.train.config import TrainConfig
     from losslab.train.tasks.token_classification import build
 
-    words, tags = ["John", "Smith", "lives", "in", "New", "York", "."], ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"]
+    words = ["John", "Smith", "lives", "in", "New", "York", "since", "1984", "."]
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O", "B-DATE", "O"]
     data = tmp_path / "ner.jsonl"
     data.write_text(json.dumps({"tokens": words, "tags": tags}) + "\n")
     run = build(TrainConfig(task="token_classification", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
@@ -129,7 +130,10 @@ def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
     feature = run.train[0]
     assert feature["encoding"]["input_ids"] == run.tokenizer(" ".join(words))["input_ids"]
     pieces = run.tokenizer.convert_ids_to_tokens(feature["encoding"]["input_ids"])
-    assert [p for p, x in zip(pieces, feature["labels"]) if x != IGNORE] == ["John", "ĠSmith", "Ġlives", "Ġin", "ĠNew", "ĠYork", "Ġ."]
+    # " 1984" is Ġ 1 9 8 4: its tag goes on "1", the first sub-token with the word's text
+    assert pieces[pieces.index("Ġsince") + 1 : pieces.index("Ġsince") + 3] == ["Ġ", "1"]
+    assert [p for p, x in zip(pieces, feature["labels"]) if x != IGNORE] == [
+        "John", "ĠSmith", "Ġlives", "Ġin", "ĠNew", "ĠYork", "Ġsince", "1", "Ġ."]
     assert [run.model.config.id2label[x] for x in feature["labels"] if x != IGNORE] == tags
 
 

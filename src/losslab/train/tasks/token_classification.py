@@ -86,6 +86,20 @@ def joins_words(tokenizer: Any) -> bool:
     return " " not in tokenizer.decode(ids)
 
 
+def skip_added_spaces(word_ids: list[int | None], input_ids: list[int], tokenizer: Any) -> list[int | None]:
+    """``word_ids`` with a word's first sub-token set to None (not labelled) when it is only the
+    space :func:`spaced_words` added and more of the word follows: a tokenizer that splits digits
+    from the space reads ``" 1984"`` as ``Ġ 1 9 8 4``, and the tag belongs on ``1``, which a
+    left-to-right model reads with the number, not on ``Ġ``, which it reads before."""
+    out = list(word_ids)
+    for i, word in enumerate(word_ids):
+        first = word is not None and (i == 0 or word_ids[i - 1] != word)
+        more = i + 1 < len(word_ids) and word_ids[i + 1] == word
+        if first and more and not tokenizer.decode([input_ids[i]]).strip():
+            out[i] = None
+    return out
+
+
 def spaced_words(words: list[str]) -> list[str]:
     """The words with the space that precedes each in running text (all but the first), so a
     byte-level BPE tokenises them as it tokenises ``" ".join(words)``."""
@@ -180,7 +194,10 @@ def build(config: TrainConfig) -> TaskRun:
         words = spaced_words(list(record.tokens)) if add_spaces else list(record.tokens)
         encoding, cut = encode(tokenizer, words, max_length=config.data.max_length, drop=config.data.truncation,
                                is_split_into_words=True)
-        return {"encoding": encoding, "labels": align_labels(encoding.pop("word_ids"), tag_ids), "tokens": list(record.tokens)}, cut
+        word_ids = encoding.pop("word_ids")
+        if add_spaces:
+            word_ids = skip_added_spaces(word_ids, encoding["input_ids"], tokenizer)
+        return {"encoding": encoding, "labels": align_labels(word_ids, tag_ids), "tokens": list(record.tokens)}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
     model = load_model(
