@@ -105,6 +105,8 @@ def token_cross_entropy(
     trained = mask.reshape(-1)
     # only the trained rows are computed: faster when much is ignored, and a NaN in an ignored
     # row (padding) cannot reach the gradients, as it would through a where after computing
+    # (on an accelerator, the check and the selection each wait for the device: a sync, taken
+    # over a float32 copy of all the ignored rows' logits)
     rows, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     if not bool(trained.all()):  # (no copy when every token is trained)
         rows, targets = rows[trained], targets[trained]
