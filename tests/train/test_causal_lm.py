@@ -253,3 +253,17 @@ def test_many_sigkills_at_random_points_then_rerun_give_the_same_metrics(tmp_pat
     print(f"\nkill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
           f"{identical}/{series} reruns with identical metrics")
     assert identical == series
+
+
+def test_a_model_that_cannot_run_the_head_check_keeps_the_fused_head_with_a_note(capsys) -> None:
+    """The logits check runs a forward outside the training engine; where that fails (e.g.
+    ZeRO-3 partitioned parameters) the run goes on with the fused head and says what to do."""
+    from losslab.models import load_causal_lm
+    from losslab.train.tasks.causal_lm import checked_head
+
+    model = load_causal_lm("builtin:tiny-llama")
+    assert checked_head(model)
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("parameters are partitioned"))
+    assert checked_head(model)
+    out = capsys.readouterr().out
+    assert "could not compare" in out and "parameters are partitioned" in out and "loss.fused: false" in out

@@ -96,7 +96,7 @@ def build(config: TrainConfig) -> TaskRun:
     collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)
     eval_collator = PaddedCollator(tokenizer.pad_token_id)
 
-    head_is_linear = not config.loss.fused or lm_head_gives_logits(model)
+    head_is_linear = not config.loss.fused or checked_head(model)
 
     def make_loss_func(composite: CompositeLoss) -> CausalLMLossFunc:
         fused = config.loss.fused and not composite.missing_inputs(FUSED_FIELDS)
@@ -122,6 +122,17 @@ def build(config: TrainConfig) -> TaskRun:
     return TaskRun(model=model, tokenizer=tokenizer, train=splits["train"], validation=splits.get("validation"),
                    test=splits.get("test"), collator=collator, make_loss_func=make_loss_func, evaluate=evaluate,
                    summary=summary)
+
+
+def checked_head(model: torch.nn.Module) -> bool:
+    """:func:`lm_head_gives_logits`, or True with a printed note when the model cannot run the
+    check outside the training engine (e.g. parameters partitioned by DeepSpeed ZeRO-3)."""
+    try:
+        return lm_head_gives_logits(model)
+    except Exception as exc:  # any failure of a foreign model's forward: the check is advisory
+        print(f"fused loss head: could not compare the model's logits with its LM head ({type(exc).__name__}: {exc}); "
+              "set loss.fused: false if the model caps or scales its logits (Gemma-2, Cohere, Granite)")
+        return True
 
 
 def _drop_source(sample: dict) -> dict:
