@@ -98,7 +98,8 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     args = training_arguments(config, has_eval=has_eval)
     composite = build_composite(config.loss.terms, total_steps=total_steps(config, len(run.train)))
     loss_func = run.make_loss_func(composite)
-    check_best_model_metric(config, loss_func.composite)
+    if has_eval:  # (without evaluation the metric is not used)
+        check_best_model_metric(config, loss_func.composite)
     if config.dtype == "bfloat16" and args.process_index == 0:
         print("note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
               "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on")
