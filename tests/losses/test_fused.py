@@ -377,13 +377,14 @@ def test_rejects_non_finite_options_and_negative_counts() -> None:
 # --- autocast, -inf logits, evaluation ---------------------------------------------------------
 
 
-def confident_case(dtype: torch.dtype) -> dict:
+def confident_case(dtype: torch.dtype, device: str = "cpu") -> dict:
     """Target logits from about 1 to 60 (p_y up to 1 in float32), no bias."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(1000, 64, generator=gen) / 8
     labels = torch.randint(0, 1000, (32,), generator=gen)
     hidden = weight[labels] * torch.linspace(1, 60, 32)[:, None] + 0.1 * torch.randn(32, 64, generator=gen)
-    return {"hidden": hidden.to(dtype).requires_grad_(), "weight": weight.to(dtype).requires_grad_(), "labels": labels,
+    return {"hidden": hidden.to(device=device, dtype=dtype).requires_grad_(),
+            "weight": weight.to(device=device, dtype=dtype).requires_grad_(), "labels": labels.to(device),
             "bias": None, "token_weights": None}
 
 
@@ -394,14 +395,16 @@ def float64_reference(case: dict, **kwargs) -> tuple[torch.Tensor, list[torch.Te
     return loss_and_grads(lambda c, **kw: torch.nn.functional.cross_entropy(logits, c["labels"], **kw), exact, **kwargs)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_autocast_does_not_lower_the_heads_precision(dtype: torch.dtype, reduction: str) -> None:
+def test_autocast_does_not_lower_the_heads_precision(dtype: torch.dtype, reduction: str, device: str) -> None:
     """Under CPU bfloat16 autocast the head once ran z_y and the gradient matmuls in 16 bits
     against a float32 lse: per-token losses of -0.24..+0.26 where the reference is ~0.
-    It computes in float32 whatever the autocast state, forward and backward."""
-    case = confident_case(dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    It computes in float32 whatever the autocast state, forward and backward (on CUDA too,
+    where a Trainer with bf16 on runs the loss under autocast)."""
+    case = confident_case(dtype, device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         got, got_grads = loss_and_grads(fused, case, reduction=reduction)
     want, want_grads = float64_reference(case, reduction=reduction)
     assert got.dtype == torch.float32
