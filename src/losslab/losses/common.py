@@ -47,9 +47,7 @@ def finish(
         mask = per_example(mask.to(torch.bool), per_item)
     if weights is not None:
         per_item = per_item * masked(per_example(weights.to(per_item.dtype), per_item), mask)
-    if mask is not None:
-        per_item = torch.where(mask, per_item, torch.zeros_like(per_item))
-    return reduce_loss(per_item, mask, reduction, num_items)
+    return reduce_loss(masked(per_item, mask), mask, reduction, num_items)
 
 
 def masked(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from losslab.losses.common import masked
 from losslab.losses.reduction import check_reduction, reduce_loss
 
 TOKEN_REDUCTIONS = ("mean", "sum", "none", "sequence")
@@ -117,12 +118,12 @@ def token_cross_entropy(
         z_loss=z_loss,
         focal_gamma=focal_gamma,
     )
+    # exactly 0 at ignored tokens: nothing was computed there
     per_token = per_row.new_zeros(trained.shape).masked_scatter(trained, per_row).reshape(labels.shape)
     if token_weights is not None:
         if token_weights.shape != labels.shape:
             raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the shape of labels")
-        per_token = per_token * torch.where(mask, token_weights.to(compute_dtype), 0.0)
-    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        per_token = per_token * masked(token_weights.to(compute_dtype), mask)
     if reduction == "sequence":
         return sequence_mean(per_token, mask, num_items)
     return reduce_loss(per_token, mask, reduction, num_items)
