@@ -159,8 +159,7 @@ class Study:
         try:
             check_loss(config)  # terms the task cannot feed: before the first run, not at this variant's
         except UserError as exc:
-            message = str(exc).removeprefix(f"{exc.where}: ") if exc.where else str(exc)
-            raise UserError(f"field 'loss.terms': {message}", where=f"{where} (variant {variant.name!r})") from None
+            raise UserError(f"field 'loss.terms': {exc.message}", where=f"{where} (variant {variant.name!r})") from None
         return config
 
 

@@ -25,8 +25,9 @@ gold and predicted tag of every scored word per sentence go to ``predictions_<sp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -86,16 +87,17 @@ def joins_words(tokenizer: Any) -> bool:
     return " " not in tokenizer.decode(ids)
 
 
-def skip_added_spaces(word_ids: list[int | None], input_ids: list[int], tokenizer: Any) -> list[int | None]:
+def skip_added_spaces(word_ids: list[int | None], input_ids: list[int], is_space: Callable[[int], bool]) -> list[int | None]:
     """``word_ids`` with a word's first sub-token set to None (not labelled) when it is only the
-    space :func:`spaced_words` added and more of the word follows: a tokenizer that splits digits
-    from the space reads ``" 1984"`` as ``Ġ 1 9 8 4``, and the tag belongs on ``1``, which a
-    left-to-right model reads with the number, not on ``Ġ``, which it reads before."""
+    space :func:`spaced_words` added (``is_space(token_id)``) and more of the word follows: a
+    tokenizer that splits digits from the space reads ``" 1984"`` as ``Ġ 1 9 8 4``, and the tag
+    belongs on ``1``, which a left-to-right model reads with the number, not on ``Ġ``, which it
+    reads before."""
     out = list(word_ids)
     for i, word in enumerate(word_ids):
         first = word is not None and (i == 0 or word_ids[i - 1] != word)
         more = i + 1 < len(word_ids) and word_ids[i + 1] == word
-        if first and more and not tokenizer.decode([input_ids[i]]).strip():
+        if first and more and is_space(input_ids[i]):
             out[i] = None
     return out
 
@@ -188,6 +190,7 @@ def build(config: TrainConfig) -> TaskRun:
     check_tags(tags, splits["train"])
     tag2id = {t: i for i, t in enumerate(tags)}
     add_spaces = joins_words(tokenizer)
+    is_space = cache(lambda token_id: not tokenizer.decode([token_id]).strip())  # a few ids, decoded once
 
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
@@ -196,7 +199,7 @@ def build(config: TrainConfig) -> TaskRun:
                                is_split_into_words=True)
         word_ids = encoding.pop("word_ids")
         if add_spaces:
-            word_ids = skip_added_spaces(word_ids, encoding["input_ids"], tokenizer)
+            word_ids = skip_added_spaces(word_ids, encoding["input_ids"], is_space)
         return {"encoding": encoding, "labels": align_labels(word_ids, tag_ids), "tokens": list(record.tokens)}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
