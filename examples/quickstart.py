@@ -1,70 +1,79 @@
-"""Quickstart (stand-in until `losslab train`/`compare` land): data, model, a masked sample, one step."""
+"""losslab's masks and loss inside your own ``transformers.Trainer``.
+
+The masks come from ``losslab.masking`` (assistant turns of a chat, under the tokenizer's own
+chat template), the loss is a losslab composite (cross-entropy with label smoothing plus a
+scheduled consistency term) given to a plain Trainer as its ``compute_loss_func``, and
+``LossTermsCallback`` logs every term. ``losslab train`` does all of this from a YAML file
+(docs/training.md); this is for people who keep their own training script.
+
+    python examples/quickstart.py --out runs/quickstart [--model builtin:smollm2-135m-instruct]
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import Trainer, TrainingArguments
 
-from losslab.data.prepare import prepare, resolve_data_path
-from losslab.data.records import load_records
-from losslab.data.schemas import ChatRecord
-from losslab.losses import token_cross_entropy
+from losslab.losses import build_composite
+from losslab.masking import MaskConfig, PaddedCollator, build_samples
 from losslab.models import load_causal_lm, load_tokenizer
+from losslab.train.next_token import causal_lm_loss
+from losslab.train.trainer import JsonlLogCallback, LossTermsCallback
 
-MODEL = "builtin:smollm2-135m-instruct"
+CHATS = [
+    [("user", "Hi! How are you today?"), ("assistant", "I'm well, thanks. And you?"),
+     ("user", "Tired, but fine."), ("assistant", "Get some rest tonight, then.")],
+    [("user", "What is your favourite colour?"), ("assistant", "Blue, like the sea.")],
+    [("user", "Do you like music?"), ("assistant", "Yes, mostly jazz."), ("user", "Who?"),
+     ("assistant", "Miles Davis, above all.")],
+    [("user", "Good night!"), ("assistant", "Good night, sleep well.")],
+]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="runs/demo")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (default: %(default)s)")
+    parser.add_argument("--model", default="builtin:tiny-llama", help="causal LM (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    records = [{"messages": [{"role": r, "content": c} for r, c in chat]} for chat in CHATS]
+    samples = build_samples(records, tokenizer, MaskConfig(mask="assistant"))
+    # a plain Trainer passes every batch key to the model: keep ids, labels and the attention mask
+    pad = PaddedCollator(tokenizer.pad_token_id)
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in pad(batch).items() if k in ("input_ids", "attention_mask", "labels")}
+
+    loss = causal_lm_loss(build_composite([
+        {"name": "token_cross_entropy", "label_smoothing": 0.1},
+        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}},
+    ], total_steps=args.steps), model=model)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-
-    for m in prepare():
-        print(f"data: {m['name']:<22} {m['records']:>6} records  (train {m['splits']['train']})")
-    tokenizer = load_tokenizer(MODEL)
-    model = load_causal_lm(MODEL)
-    _, record = next(iter(load_records(resolve_data_path("builtin:chitchat", "train"), ChatRecord)))
-    messages = [m.model_dump(exclude_none=True) for m in record.messages[:4]]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
-    ids = enc["input_ids"]
-    # assistant content + its closing <|im_end|> are trained (the masking module does this for any template)
-    spans, pos = [], 0
-    for m in messages:
-        start_c = text.index(m["content"], pos)
-        pos = start_c + len(m["content"])
-        if m["role"] == "assistant":
-            spans.append((start_c, pos + len(tokenizer.eos_token)))
-    offsets = enc["offset_mapping"][0]
-    trained = torch.tensor([any(a <= s < b for a, b in spans) for s, _ in offsets.tolist()])
-    labels = torch.where(trained, ids[0], -100).unsqueeze(0)
-    shown = "".join(
-        f"[{tokenizer.decode([t])}]" if k else tokenizer.decode([t]) for t, k in zip(ids[0].tolist(), trained.tolist())
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=2,
+                               learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
+                               remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0),
+        train_dataset=samples,
+        data_collator=collate,
+        compute_loss_func=loss,
+        callbacks=[LossTermsCallback(loss), JsonlLogCallback(out / "log.jsonl")],
     )
-    print("\nmasked sample ([trained] tokens):\n" + shown)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    losses = []
-    for _ in range(2):
-        logits = model(input_ids=ids).logits
-        loss = token_cross_entropy(logits[:, :-1], labels[:, 1:])
-        losses.append(loss.item())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    summary = {"model": MODEL, "trained_tokens": int(trained.sum()), "tokens": ids.shape[1],
-               "loss_before_step": losses[0], "loss_after_step": losses[1], "seconds": round(time.time() - start, 1)}
-    (out / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nloss on the assistant tokens: {losses[0]:.4f} -> {losses[1]:.4f} after one AdamW step")
-    print(f"results: {out / 'quickstart.json'}")
+    trainer.train()
+    steps = [r for r in trainer.state.log_history if "loss/token_cross_entropy" in r]
+    for r in steps:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
+                          if k == "step" or k.startswith(("loss", "weight/"))}))
+    print(f"log: {out / 'log.jsonl'}")
+    return {"steps": steps, "samples": samples}
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import yaml
 from losslab.config import load_config
 from losslab.train.config import TrainConfig
 from losslab.train.guard import COMPLETE_MARKER, last_complete_checkpoint
-from losslab.train.run import train
+from losslab.train.plan import plan_loss
+from losslab.train.run import loss_adapter, train
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -58,18 +59,23 @@ def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> 
     import torch
 
     cfg = tiny_config(tmp_path, max_steps=1)
-    cfg["loss"]["terms"] = [{"name": "token_cross_entropy"}]
     from losslab.train.tasks.causal_lm import build
-    from losslab.losses.registry import build_composite
 
-    run = build(TrainConfig.model_validate(cfg))
-    assert run.make_loss_func(build_composite(cfg["loss"]["terms"])).fused
-    with_consistency = build_composite([{"name": "token_cross_entropy"}, {"name": "consistency"}])
-    assert not run.make_loss_func(with_consistency).fused
+    def built(terms):
+        cfg["loss"]["terms"] = terms
+        config = TrainConfig.model_validate(cfg)
+        plan = plan_loss(config)
+        run = build(config, plan)
+        return run, loss_adapter(run, plan)
+
+    run, loss = built([{"name": "token_cross_entropy"}])
+    assert run.forward.fused
+    run, with_consistency = built([{"name": "token_cross_entropy"}, {"name": "consistency"}])
+    assert not run.forward.fused
     assert "fused loss head off" in capsys.readouterr().out
-    assert run.make_loss_func(with_consistency).reference_params is None
-    anchored = run.make_loss_func(build_composite([{"name": "token_cross_entropy"}, {"name": "l2_sp", "weight": 0.01}]))
-    assert anchored.fused and anchored.reference_params is not None  # the l2_sp anchor: the weights before training
+    assert with_consistency.reference_params is None
+    run, anchored = built([{"name": "token_cross_entropy"}, {"name": "l2_sp", "weight": 0.01}])
+    assert run.forward.fused and anchored.reference_params is not None  # the l2_sp anchor: the weights before training
     for name, p in run.model.named_parameters():
         assert torch.equal(anchored.reference_params[name], p) and anchored.reference_params[name] is not p
 
@@ -80,19 +86,21 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
     import torch
 
     from losslab.losses.dialogue import semantic_alignment_loss
-    from losslab.losses.registry import build_composite
     from losslab.train.tasks.causal_lm import build
     from transformers import TrainingArguments
 
     from losslab.train.trainer import LosslabTrainer
 
     cfg = tiny_config(tmp_path, max_steps=1)
-    run = build(TrainConfig.model_validate(cfg))
     for terms in ([{"name": "token_cross_entropy"}, {"name": "semantic_alignment", "weight": 0.5}],
                   [{"name": "token_cross_entropy"}, {"name": "consistency", "weight": 0.3},
                    {"name": "semantic_alignment", "weight": 0.2}]):
-        loss_func = run.make_loss_func(build_composite(terms))
-        assert loss_func.hidden_states
+        cfg["loss"]["terms"] = terms
+        config = TrainConfig.model_validate(cfg)
+        plan = plan_loss(config)
+        run = build(config, plan)
+        loss_func = loss_adapter(run, plan)
+        assert run.forward.hidden_states
         trainer = LosslabTrainer(model=run.model, args=TrainingArguments(output_dir=str(tmp_path / "trainer")),
                                  loss_func=loss_func)
         batch = run.collator(run.train[:3])
@@ -118,12 +126,16 @@ def test_eval_mask_fixes_the_evaluated_tokens(tmp_path: Path) -> None:
         return [s["labels"] for s in run.validation]
 
     cfg = tiny_config(tmp_path, max_steps=1)
+    def built(cfg):
+        config = TrainConfig.model_validate(cfg)
+        return build(config, plan_loss(config))
+
     cfg["data"]["mask"] = "assistant"
-    assistant = build(TrainConfig.model_validate(cfg))
+    assistant = built(cfg)
     cfg["data"]["mask"] = "all"
-    trained_on_all = build(TrainConfig.model_validate(cfg))
+    trained_on_all = built(cfg)
     cfg["eval"]["mask"] = "assistant"
-    fixed = build(TrainConfig.model_validate(cfg))
+    fixed = built(cfg)
     assert labels(fixed) == labels(assistant) != labels(trained_on_all)
     assert [s["labels"] for s in fixed.train] == [s["labels"] for s in trained_on_all.train]
 

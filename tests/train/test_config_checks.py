@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from losslab.errors import UserError
 from losslab.train.config import TrainConfig
-from losslab.train.run import check_best_model_metric, training_arguments
+from losslab.train.run import check_best_model_metric, train, training_arguments
 
 BASE = {"task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": ".",
         "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot"}}
@@ -72,17 +72,17 @@ def test_a_causal_lm_term_it_cannot_feed_fails_before_data_and_model_load(monkey
     monkeypatch.setattr(causal_lm, "load_tokenizer", boom)
     monkeypatch.setattr(causal_lm, "load_causal_lm", boom)
     with pytest.raises(UserError, match="bradley_terry.*a causal_lm batch provides"):
-        causal_lm.build(config(loss={"terms": [{"name": "bradley_terry"}]}))
+        train(config(loss={"terms": [{"name": "bradley_terry"}]}))
 
 
 @pytest.mark.parametrize(("task", "term"), [("causal_lm", "bradley_terry"), ("sequence_classification", "bradley_terry"),
                                             ("token_classification", "info_nce"), ("reward_model", "consistency"),
                                             ("embedding", "bradley_terry")])
 def test_every_task_refuses_a_term_it_cannot_feed_without_loading_anything(task: str, term: str, monkeypatch) -> None:
-    """``tasks.check_loss``, which ``losslab compare`` runs for every variant before the first run."""
+    """``plan_loss``, which ``losslab compare`` runs for every variant before the first run."""
     import importlib
 
-    from losslab.train.tasks import check_loss
+    from losslab.train.plan import plan_loss
 
     module = importlib.import_module(f"losslab.train.tasks.{task}")
     for name in ("load_tokenizer", "load_model", "load_causal_lm"):
@@ -90,4 +90,17 @@ def test_every_task_refuses_a_term_it_cannot_feed_without_loading_anything(task:
             monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("loaded something"))
     cfg = config(data={"label_type": "class"}, loss={"terms": [{"name": term}]})
     with pytest.raises(UserError, match=rf"loss.terms: .*{term}.*a {task}.* batch provides"):
-        check_loss(cfg.model_copy(update={"task": task}))
+        plan_loss(cfg.model_copy(update={"task": task}))
+
+
+def test_a_schedule_without_total_steps_is_checked_then_takes_the_runs_length() -> None:
+    """A weight schedule that leaves ``total_steps`` to the trainer passes the up-front check
+    whatever its warmup (before, the check completed it with 1 step, so any warmup failed), and
+    the run's composite gets the run's length."""
+    from losslab.train.plan import plan_loss
+
+    schedule = {"schedule": "cosine", "start": 1.0, "end": 0.0, "warmup_steps": 10}
+    plan = plan_loss(config(loss={"terms": [{"name": "token_cross_entropy", "weight": schedule}]}))
+    assert plan.build(total_steps=40).terms[0].weight.total_steps == 40
+    with pytest.raises(UserError, match="total_steps must be an integer >= 11"):
+        plan.build(total_steps=10)  # a run shorter than the warmup

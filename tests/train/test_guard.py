@@ -13,12 +13,13 @@ import yaml
 from safetensors.torch import load_file
 
 from losslab import cli
-from losslab.losses.registry import build_composite
 from losslab.train import run as train_run
+from losslab.train import tasks
 from losslab.train.config import TrainConfig
 from losslab.train.guard import (COMPLETE_MARKER, is_complete, keep_log_rows, last_complete_checkpoint, read_marker,
                                  remove_incomplete_checkpoints, rotate_checkpoints)
-from losslab.train.tasks.causal_lm import build
+from losslab.train.plan import plan_loss
+from losslab.train.tasks import causal_lm
 from losslab.train.trainer import LosslabTrainer
 
 BATCH = 4
@@ -67,14 +68,30 @@ def inject(monkeypatch, nan_loss: set[int] = frozenset(), nan_grad: set[int] = f
     monkeypatch.setattr(LosslabTrainer, "compute_loss", compute_loss)
 
 
-def without_batches(monkeypatch, steps: set[int]) -> None:
-    """The causal_lm task minus the samples of these optimizer steps."""
-    def task(cfg):
-        run = build(cfg)
-        run.train = [f for i, f in enumerate(run.train) if i // BATCH + 1 not in steps]
+class ChangedCausalLM:
+    """The causal_lm task with its training samples changed by ``change(run)``, registered in
+    place of the real one."""
+
+    def __init__(self, change) -> None:
+        self.change = change
+        self.loss_needs = causal_lm.loss_needs
+
+    def build(self, cfg, plan):
+        run = causal_lm.build(cfg, plan)
+        self.change(run)
         return run
 
-    monkeypatch.setitem(train_run.TASKS, "causal_lm", task)
+
+def build(cfg):
+    return causal_lm.build(cfg, plan_loss(cfg))
+
+
+def without_batches(monkeypatch, steps: set[int]) -> None:
+    """The causal_lm task minus the samples of these optimizer steps."""
+    def change(run):
+        run.train = [f for i, f in enumerate(run.train) if i // BATCH + 1 not in steps]
+
+    monkeypatch.setitem(tasks.TASKS, "causal_lm", ChangedCausalLM(change))
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -134,13 +151,11 @@ def test_run_stops_at_the_limit_with_a_message_and_exit_status_2(tmp_path: Path,
 def test_batches_without_trained_tokens_give_zero_loss_and_no_update(tmp_path: Path, monkeypatch) -> None:
     """Every label -100: loss 0, gradient 0 (AdamW's first step then moves nothing), not a
     non-finite step."""
-    def task(cfg):
-        run = build(cfg)
+    def change(run):
         for f in run.train:
             f["labels"] = [-100] * len(f["labels"])
-        return run
 
-    monkeypatch.setitem(train_run.TASKS, "causal_lm", task)
+    monkeypatch.setitem(tasks.TASKS, "causal_lm", ChangedCausalLM(change))
     cfg = config(tmp_path / "masked", max_steps=1)
     metrics = train_run.train(TrainConfig.model_validate(cfg))
     initial = build(TrainConfig.model_validate(cfg)).model.state_dict()
@@ -188,7 +203,7 @@ def test_resume_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
     task = build(cfg)
     trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
                              train_dataset=task.train, data_collator=task.collator,
-                             loss_func=task.make_loss_func(build_composite(cfg.loss.terms)))
+                             loss_func=train_run.loss_adapter(task, plan_loss(cfg)))
     folder = checkpoint(tmp_path / "run", 1, complete=False)
     with pytest.raises(UserError, match="incomplete"):
         trainer.train(resume_from_checkpoint=str(folder))
@@ -285,7 +300,7 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, 
     task = build(cfg)
     trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
                              train_dataset=task.train, eval_dataset=task.train[:8], data_collator=task.collator,
-                             loss_func=task.make_loss_func(build_composite(cfg.loss.terms)))
+                             loss_func=train_run.loss_adapter(task, plan_loss(cfg)))
     train = trainer.get_train_dataloader()
     init = train.base_dataloader.worker_init_fn
     assert isinstance(init, WorkerIgnoresStopSignals) and init.inner is not None  # the Trainer's seeding kept

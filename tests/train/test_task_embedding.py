@@ -100,18 +100,22 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
 
     from losslab.losses.pairwise import info_nce_loss
     from losslab.train.config import TrainConfig
+    from losslab.train.plan import plan_loss
+    from losslab.train.run import loss_adapter
     from losslab.train.tasks.embedding import build, embed
 
     chats = [("hi there", "Hello!"), ("how is the weather", "Sunny and warm today."), ("good morning", "Hello!")]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
                             for u, a in chats))
-    run = build(TrainConfig(task="embedding", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
-                            data={"train": str(data), "max_length": 16}))
+    config = TrainConfig(task="embedding", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
+                         data={"train": str(data), "max_length": 16})
+    plan = plan_loss(config)
+    run = build(config, plan)
     batch = run.collator(run.train)
     assert batch["labels"].tolist() == [0, 0, -100]
     run.model.eval()
-    loss_func = run.make_loss_func(None)
+    loss_func = loss_adapter(run, plan)
     with torch.no_grad():
         loss = loss_func.compute_loss(run.model, batch)
         vectors = embed(run.model, batch, EmbeddingConfig())  # (6, D): 3 contexts, 3 replies

@@ -11,8 +11,8 @@ import torch
 from losslab.errors import UserError
 from losslab.models import load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.tasks._common import plan_loss
-from losslab.train.tasks.reward_model import PROVIDES, PairCollator, encode_answer, evaluate, forward
+from losslab.train.plan import plan_loss
+from losslab.train.tasks.reward_model import PairCollator, encode_answer, evaluate, forward
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_metrics_by_hand() -> None:
 
 def test_forward_splits_one_batch_into_chosen_and_rejected() -> None:
     batch = PairCollator(pad_id=0)([{"chosen": {"input_ids": [3]}, "rejected": {"input_ids": [1]}, "margin": 0.5}])
-    inputs, _ = forward(FirstTokenReward([0.0, 1.0, 0.0, 2.0]), batch)
+    inputs = forward(FirstTokenReward([0.0, 1.0, 0.0, 2.0]), batch)
     assert inputs.rewards_chosen.tolist() == [2.0]
     assert inputs.rewards_rejected.tolist() == [1.0]
     assert inputs.margins.tolist() == [0.5]
@@ -95,4 +95,4 @@ def test_classification_losses_are_refused() -> None:
     config = TrainConfig(task="reward_model", output_dir="unused", data={"train": "unused"},
                          loss={"terms": [{"name": "cross_entropy"}]})
     with pytest.raises(UserError, match="cross_entropy.*needs.*class_logits"):
-        plan_loss(config, "reward_model", [{"name": "bradley_terry"}], PROVIDES)
+        plan_loss(config)

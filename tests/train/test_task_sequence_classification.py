@@ -12,9 +12,9 @@ import torch
 
 from losslab.errors import UserError
 from losslab.train.config import TrainConfig
-from losslab.train.tasks._common import plan_loss
+from losslab.train.plan import plan_loss
 from losslab.data.records import Source
-from losslab.train.tasks.sequence_classification import PROVIDES, TextCollator, detect_label_type, evaluate, target
+from losslab.train.tasks.sequence_classification import TextCollator, detect_label_type, evaluate, target
 
 
 class FirstTokenHead(torch.nn.Module):
@@ -107,11 +107,11 @@ def test_label_type_from_the_first_record(tmp_path: Path, label: object, kind: s
 
 
 def test_default_loss_and_terms_that_need_other_inputs() -> None:
-    plan = plan_loss(config("unused"), "sequence_classification", [{"name": "cross_entropy"}], PROVIDES["class"])
+    plan = plan_loss(config("unused", label_type="class"))
     assert plan.is_default and plan.terms == [{"name": "cross_entropy"}] and "default" in plan.note
     for terms, needs in (([{"name": "bradley_terry"}], "rewards_chosen"), ([{"name": "mse"}], "predictions")):
         with pytest.raises(UserError, match=f"{terms[0]['name']}.*needs.*{needs}"):  # before any model is loaded
-            plan_loss(config("unused", terms), "sequence_classification", [{"name": "cross_entropy"}], PROVIDES["class"])
+            plan_loss(config("unused", terms, label_type="class"))
 
 
 def test_unknown_labels_name_the_record() -> None:
@@ -127,12 +127,12 @@ def test_a_regression_target_of_minus_100_is_a_trained_item() -> None:
     (``num_items_in_batch``); a regression target of -100.0 is a number like any other: it is
     trained, and counted, so the mse of the batch is its plain mean."""
     from losslab.losses.registry import build_composite
-    from losslab.train.tasks._common import TaskLossFunc
+    from losslab.train.adapter import LossAdapter
     from losslab.train.tasks.sequence_classification import make_forward
 
     batch = TextCollator(pad_id=0)(dataset([0, 1], [-100.0, 2.0]))
     num_items_in_batch = batch["labels"].ne(-100).sum()  # as Trainer.get_batch_samples counts
     assert int(num_items_in_batch) == 2
     model = FirstTokenHead([[-99.0], [4.0]]).train()  # squared errors 1 and 4
-    loss_func = TaskLossFunc(build_composite([{"name": "mse"}]), make_forward("regression"), model=model)
+    loss_func = LossAdapter(build_composite([{"name": "mse"}]), make_forward("regression"), model=model)
     assert float(loss_func.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)) == pytest.approx(2.5)

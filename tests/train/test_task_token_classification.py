@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from losslab.models import load_tokenizer
-from losslab.train.tasks._common import encode
+from losslab.train.plan import plan_loss
+from losslab.train.tasks.batches import encode
 from losslab.train.tasks.token_classification import IGNORE, TokenCollator, align_labels, evaluate
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC"]
@@ -104,12 +105,12 @@ def test_tags_the_entity_metrics_cannot_read_are_refused_before_training(tmp_pat
     config = TrainConfig.model_validate({"task": "token_classification", "model": "builtin:minilm-l6",
                                          "output_dir": str(tmp_path / "out"), "data": {"train": str(path)}})
     with pytest.raises(UserError, match=rf"{path}:2: field 'tags': tag 'U-LOC' is not BIO or IOBES.*U- -> S-"):
-        token_classification.build(config)
+        token_classification.build(config, plan_loss(config))
     records[1]["tags"] = ["O", "S-LOC"]  # IOBES is read
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
     with pytest.raises(RuntimeError, match="loaded"):
-        token_classification.build(config)
+        token_classification.build(config, plan_loss(config))
 
 
 def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
@@ -125,8 +126,9 @@ def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
     tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O", "B-DATE", "O"]
     data = tmp_path / "ner.jsonl"
     data.write_text(json.dumps({"tokens": words, "tags": tags}) + "\n")
-    run = build(TrainConfig(task="token_classification", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
-                            data={"train": str(data), "max_length": 32}))
+    config = TrainConfig(task="token_classification", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
+                         data={"train": str(data), "max_length": 32})
+    run = build(config, plan_loss(config))
     feature = run.train[0]
     assert feature["encoding"]["input_ids"] == run.tokenizer(" ".join(words))["input_ids"]
     pieces = run.tokenizer.convert_ids_to_tokens(feature["encoding"]["input_ids"])

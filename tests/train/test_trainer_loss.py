@@ -10,7 +10,8 @@ from transformers import TrainingArguments
 
 from losslab.losses.registry import build_composite
 from losslab.models import load_causal_lm
-from losslab.train.loss_func import CausalLMLossFunc
+from losslab.train.adapter import LossAdapter
+from losslab.train.next_token import causal_lm_loss
 from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
 LENGTHS = [5, 11, 3, 8]  # uneven on purpose
@@ -61,17 +62,13 @@ def trained_rows(data: list[dict]) -> int:
 
 def loss_and_grads(micro_batches: list[list[dict]], fused: bool, terms=TERMS) -> tuple[float, list[torch.Tensor]]:
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
-    lf = CausalLMLossFunc(build_composite(terms), fused=fused, lm_head=model.get_output_embeddings(), model=model)
+    lf = causal_lm_loss(build_composite(terms), fused=fused, model=model)
     total_items = sum(sum(1 for x in s["labels"][1:] if x != -100) for mb in micro_batches for s in mb)
     lf.num_sequences = trained_rows([s for mb in micro_batches for s in mb])  # what LosslabTrainer counts
     model.train()  # num_sequences is a training-step count (no dropout in the tiny model)
     total = 0.0
     for mb in micro_batches:
-        batch = collate(mb)
-        lf.batch_extras = {"token_weights": batch.pop("weights"), "attention_mask": batch["attention_mask"]}
-        labels = batch.pop("labels")
-        kwargs = {"output_hidden_states": True, "logits_to_keep": torch.zeros(0, dtype=torch.long)} if fused else {}
-        loss = lf(model(**batch, **kwargs), labels, num_items_in_batch=torch.tensor(total_items))
+        loss = lf.compute_loss(model, collate(mb), num_items_in_batch=torch.tensor(total_items))
         loss.backward()
         total += float(loss.detach())
     return total, [p.grad.clone() for p in model.parameters()]
@@ -89,7 +86,7 @@ def test_accumulation_1x4_equals_4x1(fused: bool, reduction: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path) -> tuple[float, list[torch.Tensor], CausalLMLossFunc]:
+def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path) -> tuple[float, list[torch.Tensor], LossAdapter]:
     """One optimizer step of the real Trainer over ``data``: the logged loss, the gradients
     before the update, and the loss function (with the ``num_sequences`` the Trainer gave it)."""
     from transformers import TrainerCallback
@@ -102,8 +99,7 @@ def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, 
 
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
-    lf = CausalLMLossFunc(build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused,
-                          lm_head=model.get_output_embeddings(), model=model)
+    lf = causal_lm_loss(build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused, model=model)
     args = TrainingArguments(output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"), per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
                              logging_steps=1, report_to=[], save_strategy="no", remove_unused_columns=False,
@@ -157,7 +153,7 @@ def test_trainer_logs_every_term_and_advances_schedules(tmp_path, grad_accum: in
     """Under accumulation too, the logged loss is the weighted sum of the logged terms."""
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama")
-    lf = CausalLMLossFunc(build_composite(TERMS), fused=False, model=model)
+    lf = causal_lm_loss(build_composite(TERMS), fused=False, model=model)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2 // grad_accum,
                              gradient_accumulation_steps=grad_accum, max_steps=4,
                              learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
@@ -190,7 +186,7 @@ def test_an_epochs_last_short_accumulation_window_counts_per_batch_terms_once(tm
 
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama")
-    lf = CausalLMLossFunc(build_composite([{"name": "l2"}]), fused=False, model=model)
+    lf = causal_lm_loss(build_composite([{"name": "l2"}]), fused=False, model=model)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
                              num_train_epochs=1, learning_rate=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[],
                              save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
@@ -214,14 +210,16 @@ def test_item_count_is_over_shifted_targets_whatever_the_model_class(tmp_path) -
     targets = sum(len(s["labels"]) - 1 for s in data)
     seen: list[int] = []
 
-    class Spy(CausalLMLossFunc):
-        def __call__(self, outputs, labels, num_items_in_batch=None):
-            seen.append(int(num_items_in_batch))
-            return super().__call__(outputs, labels, num_items_in_batch)
-
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=2000, n_embd=32, n_layer=1, n_head=4, n_positions=64))
-    lf = Spy(build_composite([{"name": "token_cross_entropy"}]), fused=False, model=model)
+    lf = causal_lm_loss(build_composite([{"name": "token_cross_entropy"}]), fused=False, model=model)
+    evaluate = lf.evaluate
+
+    def spy(inputs, num_items_in_batch=None, **kw):
+        seen.append(int(num_items_in_batch))
+        return evaluate(inputs, num_items_in_batch, **kw)
+
+    lf.evaluate = spy
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
                              save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
     LosslabTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss_func=lf,
@@ -235,7 +233,7 @@ def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -
     from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
                               GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
 
-    from losslab.train.loss_func import lm_head_gives_logits
+    from losslab.train.next_token import lm_head_gives_logits
 
     common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
@@ -260,8 +258,7 @@ def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -
             with torch.no_grad():
                 own = model(input_ids=ids, labels=labels).loss
                 for fused in (False, True):
-                    lf = CausalLMLossFunc(build_composite([{"name": "token_cross_entropy"}]), fused=fused,
-                                          lm_head=model.get_output_embeddings(), model=model)
+                    lf = causal_lm_loss(build_composite([{"name": "token_cross_entropy"}]), fused=fused, model=model)
                     out = model(input_ids=ids, output_hidden_states=True)
                     loss = lf(out, labels)
                     assert (float(loss) == pytest.approx(float(own), rel=1e-5)) is not fused, (name, fused)

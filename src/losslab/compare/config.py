@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from losslab.config import load_yaml, read_config, validate
 from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, hash_file
 from losslab.errors import UserError
-from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
-from losslab.train.tasks import check_loss
+from losslab.train.plan import plan_loss
 
 
 class _Section(BaseModel):
@@ -154,12 +153,9 @@ class Study:
         line = self.lines.get(("variants", str(index)))
         where = f"{self.source}:{line}" if line else self.source
         config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
-        build_composite(config.loss.terms, total_steps=1,
-                        where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'")
-        try:
-            check_loss(config)  # terms the task cannot feed: before the first run, not at this variant's
-        except UserError as exc:
-            raise UserError(f"field 'loss.terms': {exc.message}", where=f"{where} (variant {variant.name!r})") from None
+        # bad terms, and terms the task cannot feed: before the first run, not at this variant's
+        plan_loss(config, where=f"{where} (variant {variant.name!r}): field 'loss.terms'",
+                  term_where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'")
         return config
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-Task = Literal["causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"]
+from losslab.train.tasks import TASKS
 
 
 # loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
@@ -46,12 +46,13 @@ class DataConfig(_Section):
 
 
 class LossConfig(_Section):
-    terms: list[dict[str, Any]] = Field(
-        default_factory=lambda: [{"name": "token_cross_entropy", "weight": 1.0}],
-        description="weighted loss terms: [{name, weight: number | {schedule, ...}, **options}] (docs/losses.md)",
+    terms: list[dict[str, Any]] | None = Field(
+        None,
+        description="weighted loss terms: [{name, weight: number | {schedule, ...}, **options}] (docs/losses.md); "
+        "unset: the task's default (token_cross_entropy for causal_lm)",
     )
-    fused: bool = Field(True, description="causal_lm: compute token cross-entropy with the fused head (no N x V logits)")
-    chunk_size: int | None = Field(None, ge=1, description="fused head chunk size (tokens); default: chosen from V")
+    fused: bool = Field(True, description="causal_lm: compute token cross-entropy with the fused head (no N x V logits); "
+                        "its chunk size is the token_cross_entropy term's chunk_size")
 
 
 class TrainingConfig(_Section):
@@ -119,7 +120,7 @@ class EmbeddingConfig(_Section):
 
 
 class TrainConfig(_Section):
-    task: Task = Field("causal_lm", description="what is trained")
+    task: str = Field("causal_lm", description=f"what is trained: {' | '.join(TASKS)}")
     model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
     output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
@@ -133,6 +134,13 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASKS:
+            raise ValueError(f"unknown task {value!r}; choose one of: {', '.join(TASKS)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.training.max_steps == 0 or self.training.max_steps < -1:
@@ -140,7 +148,7 @@ class TrainConfig(_Section):
         if self.data.num_proc > 1 and self.task != "causal_lm":
             raise ValueError(f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process")
         if self.data.packing:
-            for i, term in enumerate(self.loss.terms):
+            for i, term in enumerate(self.loss.terms or []):
                 per_row = term.get("reduction") == "sequence" or term.get("name") in PER_ROW_TERMS
                 if per_row:
                     raise ValueError(f"loss.terms.{i} ({term.get('name')}{', reduction sequence' if term.get('reduction') == 'sequence' else ''}) "

@@ -23,9 +23,12 @@ from losslab.config import read_config
 from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, write_atomic
 from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table, write_metrics_json
-from losslab.losses.registry import build_composite
+from losslab.losses.composite import CompositeLoss
+from losslab.train.adapter import LossAdapter
 from losslab.train.config import TrainConfig
-from losslab.train.tasks import TASKS, TaskRun
+from losslab.train.plan import LossPlan, plan_loss
+from losslab.train.task import TaskRun
+from losslab.train.tasks import get_task
 
 if TYPE_CHECKING:
     from losslab.train.hooks import EvaluationHook
@@ -78,7 +81,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
     )
 
 
-def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> dict[str, float]:
+def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: EvaluationHook | None = None) -> dict[str, float]:
     """Run one training config end to end; returns the final metrics.
 
     ``on_evaluate(step, validation_metrics)``: called after each evaluation during training
@@ -89,15 +92,17 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_signals
     from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
+    plan = plan or plan_loss(config)  # before any model or data is loaded
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     set_seed(config.seed)
-    run: TaskRun = TASKS[config.task](config)
+    run: TaskRun = get_task(config.task).build(config, plan)
+    print(f"loss: {plan.note}")
+    run.summary["loss"] = plan.note
     has_eval = run.validation is not None and len(run.validation) > 0
     args = training_arguments(config, has_eval=has_eval)
-    composite = build_composite(config.loss.terms, total_steps=total_steps(config, len(run.train)))
-    loss_func = run.make_loss_func(composite)
+    loss_func = loss_adapter(run, plan, total_steps(config, len(run.train)))
     if has_eval:  # (without evaluation the metric is not used)
         check_best_model_metric(config, loss_func.composite)
     if config.dtype == "bfloat16" and args.process_index == 0:
@@ -147,7 +152,12 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     return metrics
 
 
-def check_best_model_metric(config: TrainConfig, composite: Any) -> None:
+def loss_adapter(run: TaskRun, plan: LossPlan, total_steps: int = 1) -> LossAdapter:
+    """The run's loss: the plan's composite (built here, once) over the task's forward."""
+    return LossAdapter(plan.build(total_steps), run.forward, model=run.model, shifts_labels=run.shifts_labels)
+
+
+def check_best_model_metric(config: TrainConfig, composite: CompositeLoss) -> None:
     """``training.metric_for_best_model`` names the loss or one of the run's loss terms."""
     metric = config.training.metric_for_best_model.removeprefix("eval_")
     labels = [t.label for t in composite.terms]
@@ -181,15 +191,13 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
 def run_train(args: argparse.Namespace) -> int:
     file = read_config(args.config, args.overrides)
     config = file.validate(TrainConfig)
-    if config.task not in TASKS:
-        raise UserError(f"task {config.task!r} is not available yet; available: {', '.join(TASKS)}",
-                        where=file.where("task"))
-    build_composite(config.loss.terms, total_steps=1, where=lambda i: file.where("loss", "terms", str(i)))  # fail before any work
+    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
+                     term_where=lambda i: file.where("loss", "terms", str(i)))
     for split in SPLITS:
         spec = getattr(config.data, split)
         if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
             raise UserError(f"data file not found: {spec}", where=file.where("data", split))
-    metrics = train(config)
+    metrics = train(config, plan=plan)
     print(format_metrics_table(metrics))
     print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
     return 0

@@ -10,18 +10,15 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from losslab.train.adapter import LossAdapter
 from losslab.train.guard import StepGuard
-
-
-# Batch keys that losslab's collators add and the model's forward must not see -> loss input name.
-EXTRA_KEYS = {"weights": "token_weights"}
 
 
 class LossTermsCallback(TrainerCallback):
     """Advances loss-weight schedules with ``global_step`` and puts every loss term into the
     Trainer's log (so TensorBoard or any other logger shows them)."""
 
-    def __init__(self, loss_func: Any) -> None:
+    def __init__(self, loss_func: LossAdapter) -> None:
         self.loss_func = loss_func
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
@@ -62,23 +59,20 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class LosslabTrainer(StepGuard, Trainer):
-    """``Trainer`` that feeds losslab's extra batch fields (token weights) to the loss function
-    and, with the fused head, asks the model for hidden states instead of logits.
-
-    ``loss_func`` is a ``compute_loss_func`` (``(outputs, labels, num_items_in_batch)``, e.g.
-    :class:`CausalLMLossFunc`), or an object with its own
-    ``compute_loss(model, inputs, return_outputs, num_items_in_batch)`` for tasks whose forward
-    is not ``model(**inputs)`` (reward pairs, embeddings). Either way it needs ``step``,
-    ``train_terms`` and ``eval_terms`` (see :class:`LossTermsCallback`).
+    """``Trainer`` whose loss is a :class:`~losslab.train.adapter.LossAdapter`: the task's forward
+    on each batch (token weights, the fused head's hidden states, pairs, triplets), normalised by
+    the Trainer's ``num_items_in_batch`` and the step's trained rows.
 
     :class:`~losslab.train.guard.StepGuard` adds the numerics and fault handling: non-finite
     steps skipped and counted (``max_nonfinite_steps=``), checkpoints with a completion marker,
     stop on request (``stop_requested``)."""
 
-    def __init__(self, *args: Any, loss_func: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_func: LossAdapter, **kwargs: Any) -> None:
+        # as a compute_loss_func, the Trainer counts num_items_in_batch and treats the loss as
+        # normalised over the accumulated batch
         super().__init__(*args, compute_loss_func=loss_func, **kwargs)
         self.loss_func = loss_func
-        if getattr(loss_func, "shifts_labels", False):
+        if loss_func.shifts_labels:
             # the Trainer counts num_items_in_batch over labels[..., 1:] only for the model classes it
             # knows shift (`*ForCausalLM`); losslab shifts every causal LM's labels (GPT2LMHeadModel too)
             self._loss_shifts_labels = True
@@ -94,8 +88,7 @@ class LosslabTrainer(StepGuard, Trainer):
         # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
         # shorter accumulation window
         self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)
-        if hasattr(self.loss_func, "num_sequences"):
-            self.loss_func.num_sequences = self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
+        self.loss_func.num_sequences = self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
         return batch_samples, num_items_in_batch
 
     def _count_sequences(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
@@ -115,18 +108,9 @@ class LosslabTrainer(StepGuard, Trainer):
             # evaluation: the Trainer passes the batch's item count summed over processes (and would
             # multiply the loss by their number); each evaluation batch is normalised on its own
             num_items_in_batch = None
-        custom = getattr(self.loss_func, "compute_loss", None)
-        if custom is not None:  # tasks with their own forward (pairs, triplets): call `model`, the wrapped one
-            return custom(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        extras = {name: inputs.pop(key) for key, name in EXTRA_KEYS.items() if key in inputs}
-        if "attention_mask" in inputs:
-            extras["attention_mask"] = inputs["attention_mask"]
-        self.loss_func.batch_extras = extras
-        if self.loss_func.fused:
-            ids = inputs.get("input_ids")
-            device = ids.device if ids is not None else None
-            inputs = {**inputs, "output_hidden_states": True,
-                      "logits_to_keep": torch.zeros(0, dtype=torch.long, device=device)}
-        elif getattr(self.loss_func, "hidden_states", False):
-            inputs = {**inputs, "output_hidden_states": True}
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = self.loss_func.compute_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # DDP averages gradients over processes, and each loss is over the global count
+            # (the Trainer's own rule for a compute_loss_func)
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, {}) if return_outputs else loss  # outputs: none kept (prediction_loss_only)

@@ -21,8 +21,6 @@ from losslab.errors import UserError
 from losslab.eval.generation import generation_report
 from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
-from losslab.losses.composite import CompositeLoss
-from losslab.losses.registry import build_composite
 from losslab.data.prepare import resolve_data_path, write_atomic
 from losslab.data.records import iter_raw_records
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
@@ -30,13 +28,11 @@ from losslab.masking.parallel import build_samples_parallel
 from losslab.masking.render import alpaca_prompt, instruction_messages
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
-from losslab.train.loss_func import CausalLMLossFunc, lm_head_gives_logits
-from losslab.train.tasks import TaskRun
-from losslab.train.tasks._common import reference_params
+from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
+from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import TaskRun
 
-FUSED_FIELDS = {"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask", "model",
-                "reference_params"}
-LOGIT_FIELDS = {"labels", "logits", "num_items", "token_weights", "attention_mask", "model", "reference_params"}
+LOSS_NEEDS = LossNeeds("causal_lm", ({"name": "token_cross_entropy", "weight": 1.0},), LOGIT_FIELDS | {"hidden_states"})
 
 
 @dataclass
@@ -54,16 +50,11 @@ def mask_config(data: DataConfig) -> MaskConfig:
                       on_error=data.on_error, kind=data.format)
 
 
-def check_loss(config: TrainConfig) -> None:
-    """A term this task cannot feed (e.g. ``bradley_terry``) is a ``UserError``."""
-    problems = build_composite(config.loss.terms, total_steps=1, where="loss.terms").missing_inputs(LOGIT_FIELDS | {"hidden_states"})
-    if problems:
-        raise UserError(f"{'; '.join(problems)}; a causal_lm batch provides labels, logits, hidden states and token weights",
-                        where="loss.terms")
+def loss_needs(config: TrainConfig) -> LossNeeds:
+    return LOSS_NEEDS
 
 
-def build(config: TrainConfig) -> TaskRun:
-    check_loss(config)  # before data and model load
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = config.data
     masks = mask_config(data)
@@ -96,20 +87,15 @@ def build(config: TrainConfig) -> TaskRun:
     collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)
     eval_collator = PaddedCollator(tokenizer.pad_token_id)
 
-    head_is_linear = not config.loss.fused or checked_head(model)
-
-    def make_loss_func(composite: CompositeLoss) -> CausalLMLossFunc:
-        fused = config.loss.fused and not composite.missing_inputs(FUSED_FIELDS)
-        if config.loss.fused and not fused:
-            print("fused loss head off: " + "; ".join(composite.missing_inputs(FUSED_FIELDS)))
-        elif fused and not head_is_linear:
-            fused = False
-            print("fused loss head off: this model's logits are not its LM head applied to the last hidden state "
-                  "(logit soft-capping or scaling); the loss is computed on the logits")
-        hidden = bool(composite.missing_inputs(LOGIT_FIELDS))
-        composite.check_inputs(LOGIT_FIELDS | {"hidden_states"})
-        return CausalLMLossFunc(composite, fused=fused, lm_head=model.get_output_embeddings(), model=model,
-                                reference_params=reference_params(model, composite), hidden_states=hidden)
+    fused = config.loss.fused and not plan.missing(FUSED_FIELDS)
+    if config.loss.fused and not fused:
+        print("fused loss head off: " + "; ".join(plan.missing(FUSED_FIELDS)))
+    elif fused and not checked_head(model):
+        fused = False
+        print("fused loss head off: this model's logits are not its LM head applied to the last hidden state "
+              "(logit soft-capping or scaling); the loss is computed on the logits")
+    forward = NextTokenForward(lm_head=model.get_output_embeddings() if fused else None, fused=fused,
+                               hidden_states=fused or bool(plan.missing(LOGIT_FIELDS)))
 
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
         metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
@@ -120,19 +106,8 @@ def build(config: TrainConfig) -> TaskRun:
         return namespace(metrics, split)
 
     return TaskRun(model=model, tokenizer=tokenizer, train=splits["train"], validation=splits.get("validation"),
-                   test=splits.get("test"), collator=collator, make_loss_func=make_loss_func, evaluate=evaluate,
-                   summary=summary)
-
-
-def checked_head(model: torch.nn.Module) -> bool:
-    """:func:`lm_head_gives_logits`, or True with a printed note when the model cannot run the
-    check outside the training engine (e.g. parameters partitioned by DeepSpeed ZeRO-3)."""
-    try:
-        return lm_head_gives_logits(model)
-    except Exception as exc:  # any failure of a foreign model's forward: the check is advisory
-        print(f"fused loss head: could not compare the model's logits with its LM head ({type(exc).__name__}: {exc}); "
-              "set loss.fused: false if the model caps or scales its logits (Gemma-2, Cohere, Granite)")
-        return True
+                   test=splits.get("test"), collator=collator, forward=forward, evaluate=evaluate,
+                   summary=summary, shifts_labels=True)
 
 
 def _drop_source(sample: dict) -> dict:

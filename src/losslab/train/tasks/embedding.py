@@ -46,25 +46,15 @@ from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import EmbeddingConfig, TrainConfig
-from losslab.train.tasks import TaskRun
-from losslab.train.tasks._common import (
-    SplitRecords,
-    collate_texts,
-    encode,
-    encode_splits,
-    eval_batch_size,
-    eval_batches,
-    model_inputs,
-    model_kwargs,
-    plan_loss,
-    read_splits,
-    skipped_records,
-    sample_limit,
-    task_run,
-)
+from losslab.train.adapter import TaskForward
+from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import TaskRun
+from losslab.train.tasks.backbone import model_kwargs
+from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
+from losslab.train.tasks.records import SplitRecords, encode_splits, read_splits, sample_limit, skipped_records
 
-DEFAULT_TERMS = [{"name": "info_nce", "temperature": 0.05}]
-PROVIDES = {"anchor", "positive", "negative", "num_examples"}
+LOSS_NEEDS = LossNeeds("embedding", ({"name": "info_nce", "temperature": 0.05},),
+                       frozenset({"anchor", "positive", "negative", "num_examples"}))
 
 
 @dataclass(frozen=True)
@@ -161,19 +151,18 @@ class TripleCollator:
         return batch
 
 
-def make_forward(options: EmbeddingConfig):
+def make_forward(options: EmbeddingConfig) -> TaskForward:
     """The task's forward: anchor, positive (and negative) vectors (B, D) from one batch of
     2B (3B) texts, and ``target_mask`` (B,) False for the pairs whose ``labels`` are -100."""
 
-    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
         labels = batch["labels"]  # (B,)
         n = labels.shape[0]
         vectors = embed(model, batch, options)  # (2B or 3B, D)
         anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
         trained = labels != -100
-        out = {"anchor": anchor, "positive": positive}
         return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None,
-                          target_mask=None if bool(trained.all()) else trained), out
+                          target_mask=None if bool(trained.all()) else trained)
 
     return forward
 
@@ -210,16 +199,14 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id:
     return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
 
 
-def check_loss(config: TrainConfig) -> None:
-    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
-    plan_loss(config, "embedding", DEFAULT_TERMS, PROVIDES)
+def loss_needs(config: TrainConfig) -> LossNeeds:
+    return LOSS_NEEDS
 
 
-def build(config: TrainConfig) -> TaskRun:
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModel
 
     options = config.embedding
-    plan = plan_loss(config, "embedding", DEFAULT_TERMS, PROVIDES)
     needs_negative = plan.requires("negative")
     negatives = needs_negative if options.negatives is None else options.negatives
     if needs_negative and not negatives:
@@ -248,12 +235,13 @@ def build(config: TrainConfig) -> TaskRun:
 
     datasets, lines = encode_splits(splits, encode_split)
     model = load_model(AutoModel, config.model, **model_kwargs(config))
-    in_batch = any(t.get("name") == "info_nce" for t in plan.terms)  # the other replies are negatives
+    in_batch = plan.uses("info_nce")  # the other replies are negatives
     collator = TripleCollator(tokenizer.pad_token_id, negatives, in_batch=in_batch)
     forward = make_forward(options)
 
     print(f"explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
-    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, forward=forward,
                     evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
                                      options=options),
                     summary={"task": "embedding", "negatives": negatives, "pooling": options.pooling, "data": lines, "skipped": skipped_records(splits)})

@@ -35,29 +35,18 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ranking import reward_metrics
 from losslab.eval.report import namespace
-from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.tasks import TaskRun
-from losslab.train.tasks._common import (
-    collate_texts,
-    encode,
-    encode_splits,
-    eval_batch_size,
-    eval_batches,
-    model_inputs,
-    model_kwargs,
-    per_record,
-    plan_loss,
-    read_splits,
-    skipped_records,
-    set_pad_token,
-    task_run,
-)
+from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import TaskRun
+from losslab.train.tasks.backbone import model_kwargs, set_pad_token
+from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
+from losslab.train.tasks.predictions import save_predictions
+from losslab.train.tasks.records import encode_splits, per_record, read_splits, skipped_records
 
-DEFAULT_TERMS = [{"name": "bradley_terry"}]
-PROVIDES = {"rewards_chosen", "rewards_rejected", "margins", "num_examples"}
+LOSS_NEEDS = LossNeeds("reward_model", ({"name": "bradley_terry"},),
+                       frozenset({"rewards_chosen", "rewards_rejected", "margins", "num_examples"}))
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, str]]:
@@ -99,12 +88,10 @@ class PairCollator:
         return batch
 
 
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
     rewards = model(**model_inputs(batch)).logits.squeeze(-1)  # (2B,)
     n = batch["labels"].shape[0]
-    chosen, rejected = rewards[:n], rewards[n:]
-    return (LossInputs(rewards_chosen=chosen, rewards_rejected=rejected, margins=batch.get("margins")),
-            {"rewards_chosen": chosen, "rewards_rejected": rejected})
+    return LossInputs(rewards_chosen=rewards[:n], rewards_rejected=rewards[n:], margins=batch.get("margins"))
 
 
 def scores(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
@@ -120,9 +107,9 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     the rewards into ``output_dir`` (when given)."""
     chosen, rejected = [], []
     for batch in eval_batches(model, dataset, collator, batch_size):
-        out = forward(model, batch)[1]
-        chosen.append(out["rewards_chosen"].float().cpu())
-        rejected.append(out["rewards_rejected"].float().cpu())
+        out = forward(model, batch)
+        chosen.append(out.rewards_chosen.float().cpu())  # type: ignore[union-attr]
+        rejected.append(out.rewards_rejected.float().cpu())  # type: ignore[union-attr]
     chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
     save_predictions(output_dir, split, [
         {"prompt": f.get("prompt_text"), "chosen": f.get("chosen_text"), "rejected": f.get("rejected_text"),
@@ -131,15 +118,13 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace(scores(chosen_all, rejected_all), split)
 
 
-def check_loss(config: TrainConfig) -> None:
-    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
-    plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)
+def loss_needs(config: TrainConfig) -> LossNeeds:
+    return LOSS_NEEDS
 
 
-def build(config: TrainConfig) -> TaskRun:
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 
-    plan = plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMAS["preference"])
 
@@ -161,7 +146,8 @@ def build(config: TrainConfig) -> TaskRun:
 
     margins = "record margins" if any("margin" in f for f in datasets["train"]) else "no margins"
     print(f"margins: {margins}")
-    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, forward=forward,
                     evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), output_dir=config.output_dir),
                     summary={"task": "reward_model", "margins": margins, "data": lines, "skipped": skipped_records(splits),
                              "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"})

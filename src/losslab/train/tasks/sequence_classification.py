@@ -18,7 +18,7 @@ Label types (``data.label_type``; ``auto`` looks at the first training record):
 ``l2`` / ``l2_sp`` terms get the model (and, for ``l2_sp``, its parameters before training).
 
 Evaluation per split (predictions per example in ``predictions_<split>.jsonl``, see
-:mod:`losslab.train.tasks._predictions`): ``class``: accuracy, per-class precision / recall / F1 / support, macro
+:mod:`losslab.train.tasks.predictions`): ``class``: accuracy, per-class precision / recall / F1 / support, macro
 and weighted averages, and ``loss`` = mean cross-entropy of the true class;
 ``multi_label``: per-label report, micro / macro / weighted, subset accuracy, Hamming loss
 (threshold 0.5 on the sigmoid) and ``loss`` = mean binary cross-entropy per label;
@@ -41,29 +41,17 @@ from losslab.data.schemas import SCHEMAS, Text
 from losslab.errors import UserError
 from losslab.eval.classification import PerClassReport, classification_report, multilabel_report, regression_metrics
 from losslab.eval.report import namespace
-from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.tasks import TaskRun
-from losslab.train.tasks._common import (
-    LossPlan,
-    collate_texts,
-    encode,
-    encode_splits,
-    eval_batch_size,
-    eval_batches,
-    label_id,
-    label_vocabulary,
-    model_inputs,
-    model_kwargs,
-    per_record,
-    plan_loss,
-    read_splits,
-    skipped_records,
-    set_pad_token,
-    task_run,
-)
+from losslab.train.adapter import TaskForward
+from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import TaskRun
+from losslab.train.tasks.backbone import model_kwargs, set_pad_token
+from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
+from losslab.train.tasks.labels import label_id, label_vocabulary
+from losslab.train.tasks.predictions import save_predictions
+from losslab.train.tasks.records import encode_splits, per_record, read_splits, skipped_records
 
 
 class MultiLabelRecord(BaseModel):
@@ -80,14 +68,14 @@ SCHEMA: dict[str, type[BaseModel]] = {
     "regression": SCHEMAS["regression"],
 }
 DEFAULT_TERMS = {
-    "class": [{"name": "cross_entropy"}],
-    "multi_label": [{"name": "binary_cross_entropy"}],
-    "regression": [{"name": "mse"}],
+    "class": ({"name": "cross_entropy"},),
+    "multi_label": ({"name": "binary_cross_entropy"},),
+    "regression": ({"name": "mse"},),
 }
 PROVIDES = {
-    "class": {"class_logits", "class_targets", "num_examples"},
-    "multi_label": {"class_logits", "class_targets", "num_examples"},
-    "regression": {"predictions", "targets", "num_examples"},
+    "class": frozenset({"class_logits", "class_targets", "num_examples"}),
+    "multi_label": frozenset({"class_logits", "class_targets", "num_examples"}),
+    "regression": frozenset({"predictions", "targets", "num_examples"}),
 }
 PROBLEM_TYPE = {"class": "single_label_classification", "multi_label": "multi_label_classification",
                 "regression": "regression"}
@@ -155,13 +143,13 @@ def gold(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["targets"] if "targets" in batch else batch["labels"]
 
 
-def make_forward(label_type: str):
-    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+def make_forward(label_type: str) -> TaskForward:
+    def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
         logits = model(**model_inputs(batch)).logits  # (B, C), (B, K) or (B, 1)
         labels = gold(batch)
         if label_type == "regression":
-            return LossInputs(predictions=logits.squeeze(-1), targets=labels), {"logits": logits}
-        return LossInputs(class_logits=logits, class_targets=labels), {"logits": logits}
+            return LossInputs(predictions=logits.squeeze(-1), targets=labels)
+        return LossInputs(class_logits=logits, class_targets=labels)
 
     return forward
 
@@ -213,20 +201,17 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace(metrics, split)
 
 
-def check_loss(config: TrainConfig) -> None:
-    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
-    plan_for(config, detect_label_type(config))
+def loss_needs(config: TrainConfig) -> LossNeeds:
+    """The default term and the loss inputs of the config's label type (read from the first
+    training record under ``label_type: auto``)."""
+    label_type = detect_label_type(config)
+    return LossNeeds(f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
 
 
-def plan_for(config: TrainConfig, label_type: str) -> LossPlan:
-    return plan_loss(config, f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
-
-
-def build(config: TrainConfig) -> TaskRun:
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 
     label_type = detect_label_type(config)
-    plan = plan_for(config, label_type)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMA[label_type])
     names = class_names(config, label_type, splits["train"].records)
@@ -243,8 +228,9 @@ def build(config: TrainConfig) -> TaskRun:
         AutoModelForSequenceClassification, config.model, problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
     set_pad_token(model, tokenizer)
     collator = TextCollator(tokenizer.pad_token_id)
-    return task_run(
-        model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=make_forward(label_type),
+    return TaskRun(
+        model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+        test=datasets.get("test"), collator=collator, forward=make_forward(label_type),
         evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), label_type=label_type,
                          names=names, output_dir=config.output_dir),
         summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines, "skipped": skipped_records(splits)})

@@ -37,34 +37,21 @@ from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
 from losslab.eval.ner import ids_to_tags, lenient_tag, ner_report
 from losslab.eval.report import namespace
-from losslab.train.tasks._predictions import save_predictions
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.tasks import TaskRun
-from losslab.train.tasks._common import (
-    SplitRecords,
-    collate_texts,
-    encode,
-    encode_splits,
-    eval_batch_size,
-    eval_batches,
-    label_id,
-    label_vocabulary,
-    model_inputs,
-    model_kwargs,
-    pad,
-    per_record,
-    plan_loss,
-    read_splits,
-    skipped_records,
-    set_pad_token,
-    task_run,
-)
+from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import TaskRun
+from losslab.train.tasks.backbone import model_kwargs, set_pad_token
+from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs, pad
+from losslab.train.tasks.labels import label_id, label_vocabulary
+from losslab.train.tasks.predictions import save_predictions
+from losslab.train.tasks.records import SplitRecords, encode_splits, per_record, read_splits, skipped_records
 
 IGNORE = -100
-DEFAULT_TERMS = [{"name": "token_cross_entropy", "weight": 1.0}]
-PROVIDES = {"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items", "num_examples"}
+LOSS_NEEDS = LossNeeds("token_classification", ({"name": "token_cross_entropy", "weight": 1.0},),
+                       frozenset({"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items",
+                                  "num_examples"}))
 
 
 def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
@@ -120,14 +107,13 @@ class TokenCollator:
         return batch
 
 
-def forward(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[LossInputs, dict[str, torch.Tensor]]:
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
     logits = model(**model_inputs(batch)).logits  # (B, T, C)
     labels = batch["labels"]  # (B, T)
-    inputs = LossInputs(
+    return LossInputs(
         logits=logits, labels=labels, attention_mask=batch["attention_mask"],
         class_logits=logits.reshape(-1, logits.shape[-1]), class_targets=labels.reshape(-1),
     )
-    return inputs, {"logits": logits}
 
 
 def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -173,15 +159,13 @@ def check_tags(tags: list[str], train: SplitRecords) -> None:
                     "Convert BILOU tags (U- -> S-, L- -> E-) and IO tags (TYPE -> I-TYPE)", where=where)
 
 
-def check_loss(config: TrainConfig) -> None:
-    """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
-    plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
+def loss_needs(config: TrainConfig) -> LossNeeds:
+    return LOSS_NEEDS
 
 
-def build(config: TrainConfig) -> TaskRun:
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForTokenClassification
 
-    plan = plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"token_classification needs a fast tokenizer (word ids) for {config.model}")
@@ -209,7 +193,8 @@ def build(config: TrainConfig) -> TaskRun:
     set_pad_token(model, tokenizer)
     collator = TokenCollator(tokenizer.pad_token_id)
 
-    return task_run(model=model, tokenizer=tokenizer, datasets=datasets, collator=collator, plan=plan, forward=forward,
+    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
+                   test=datasets.get("test"), collator=collator, forward=forward,
                     evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags,
                                      output_dir=config.output_dir),
                     summary={"task": "token_classification", "tags": tags, "data": lines, "skipped": skipped_records(splits)})
