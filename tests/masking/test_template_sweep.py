@@ -1,4 +1,4 @@
-"""Masks on the stock chat templates of 18 released model families, checked token by token.
+"""Masks on the stock chat templates of 18 released model families (19 tokenizers), checked token by token.
 
 The templates are the ``chat_template`` strings the models ship (files under
 ``templates/sweep/``, origins in its README). Each family's tokenizer is the builtin SmolLM2
@@ -58,6 +58,7 @@ class Family:
     leads: tuple[str, ...] = ("",)
     end_of_text: str | None = None  # None: same as end_of_turn
     system: bool = True  # accepts a system message
+    rstrip: bool = False  # the control tokens in `special` take the whitespace on their right
 
     @property
     def final(self) -> str:
@@ -79,6 +80,9 @@ FAMILIES = [
            plain=("<think>", "</think>"), leads=("", THINK)),
     Family("phi3", "phi3.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
            ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>"),
+    # the same, with control tokens that swallow the newline after them (added tokens with rstrip)
+    Family("phi3_rstrip", "phi3.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
+           ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>", rstrip=True),
     Family("phi3_5", "phi3_5.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
            ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>"),
     Family("phi4", "phi4.jinja", "<|im_start|>assistant<|im_sep|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>",
@@ -141,8 +145,9 @@ def family_tokenizer(base: Any, family: Family) -> Any:
     for _, added in sorted(backend.get_added_tokens_decoder().items()):
         (fresh.add_special_tokens if added.special else fresh.add_tokens)([added])
     tok = copy.deepcopy(base, memo={id(backend): fresh})
-    specials = [t for t in (family.bos, family.eos, *family.special) if t is not None]
-    tok.add_special_tokens({"additional_special_tokens": list(dict.fromkeys(specials))})
+    specials = [t for t in (family.bos, family.eos) if t is not None and t not in family.special]
+    control = [AddedToken(t, rstrip=family.rstrip, special=True, normalized=False) for t in family.special]
+    tok.add_special_tokens({"additional_special_tokens": [*dict.fromkeys(specials), *control]})
     if family.plain:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.plain])
     tok.bos_token, tok.eos_token = family.bos, family.eos
