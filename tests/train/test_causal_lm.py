@@ -15,7 +15,7 @@ import yaml
 
 from losslab.config import load_config
 from losslab.train.config import TrainConfig
-from losslab.train.guard import COMPLETE_MARKER, last_complete_checkpoint
+from losslab.train.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from losslab.train.plan import plan_loss
 from losslab.train.run import loss_adapter, train
 

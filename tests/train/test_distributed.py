@@ -107,7 +107,7 @@ def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends
     assert "src/losslab" not in text, text[-3000:]  # no traceback from a worker (torchrun's own agent prints one)
     assert text.count("losslab: to resume, run the same launch command again") == 1, text[-3000:]  # rank 0 only
     assert not (out / "metrics.json").exists()
-    from losslab.train.guard import last_complete_checkpoint
+    from losslab.train.checkpoints import last_complete_checkpoint
 
     last = last_complete_checkpoint(out)
     stopped_at = int(Path(last).name.split("-")[1])

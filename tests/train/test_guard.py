@@ -16,8 +16,8 @@ from losslab import cli
 from losslab.train import run as train_run
 from losslab.train import tasks
 from losslab.train.config import TrainConfig
-from losslab.train.guard import (COMPLETE_MARKER, is_complete, keep_log_rows, last_complete_checkpoint, read_marker,
-                                 remove_incomplete_checkpoints, rotate_checkpoints)
+from losslab.train.checkpoints import (COMPLETE_MARKER, is_complete, keep_log_rows, last_complete_checkpoint, read_marker,
+                                       remove_incomplete_checkpoints, rotate_checkpoints)
 from losslab.train.plan import plan_loss
 from losslab.train.tasks import causal_lm
 from losslab.train.trainer import LosslabTrainer
@@ -232,7 +232,7 @@ def test_save_total_limit_1_with_a_best_model_keeps_what_a_rerun_needs(tmp_path:
     import os
     import signal
 
-    from losslab.train.guard import Interrupted
+    from losslab.train.signals import Interrupted
 
     data = config(tmp_path / "out", max_steps=5, save_steps=None, eval_steps=1, save_total_limit=1,
                   early_stopping_patience=100, greater_is_better=True)  # the loss falls, so the "best" is step 1
@@ -268,7 +268,7 @@ def test_one_request_delivered_twice_is_one_request(monkeypatch, launcher: bool)
     import os
     import signal
 
-    from losslab.train import guard
+    from losslab.train import signals as guard
 
     for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -294,7 +294,7 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, 
     import signal
     import time
 
-    from losslab.train.guard import WorkerIgnoresStopSignals
+    from losslab.train.signals import WorkerIgnoresStopSignals
 
     cfg = TrainConfig.model_validate(config(tmp_path / "out", dataloader_workers=2))
     task = build(cfg)
@@ -332,7 +332,7 @@ def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
 
     from torch.utils.data import DataLoader
 
-    from losslab.train.guard import WorkerIgnoresStopSignals
+    from losslab.train.signals import WorkerIgnoresStopSignals
 
     loader = DataLoader(list(range(40)), batch_size=4, num_workers=2, multiprocessing_context=context,
                         worker_init_fn=WorkerIgnoresStopSignals())
@@ -378,7 +378,8 @@ def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_
 def test_a_stop_asked_after_the_last_step_check_still_stops_before_evaluation(tmp_path: Path, monkeypatch) -> None:
     """Asked during the last step, after every process agreed on it: training completes with its
     final checkpoint, then the run stops instead of going on to evaluate; a rerun does no step."""
-    from losslab.train.guard import Interrupted, StepGuard
+    from losslab.train.guard import StepGuard
+    from losslab.train.signals import Interrupted
 
     real = StepGuard._get_grad_norm
 

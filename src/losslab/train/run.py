@@ -89,7 +89,8 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     from transformers import EarlyStoppingCallback, set_seed
 
     from losslab.train.hooks import EvaluationHookCallback
-    from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_signals
+    from losslab.train.checkpoints import keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints
+    from losslab.train.signals import Interrupted, stop_on_signals
     from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
 
     plan = plan or plan_loss(config)  # before any model or data is loaded
