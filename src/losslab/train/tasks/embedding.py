@@ -1,32 +1,6 @@
 """``embedding``: a sentence encoder trained on context -> reply pairs from chat records, for
-retrieval (find the reply that fits a context) with in-batch negatives.
-
-Pairs: every assistant turn that has a previous turn gives one pair; its context is the
-previous ``embedding.context_turns`` turns (0 = all of them; system messages left out),
-joined by newlines, and the reply is its text. Pairs are ordered round-robin over the
-conversations (each conversation's first pair, then each one's second, ...), so the first N
-pairs (``data.max_train_samples`` / ``max_eval_samples`` count pairs) come from as many
-different conversations as possible. A context keeps its most recent tokens when cut; a
-reply follows ``data.truncation``. With explicit negatives (``embedding.negatives``, on by
-default when a loss term needs them, e.g. ``triplet``), each pair also gets the reply of a
-random pair from another conversation of the same split (``random.Random(seed)``).
-
-Model: the backbone without a head (``AutoModel``); a text's vector is the mean of its token
-states (``embedding.pooling``: mean | cls | last), L2-normalised when
-``embedding.normalize`` (the MiniLM sentence encoder's recipe). Contexts, replies and
-negatives of a batch go through ONE forward. Loss inputs: ``anchor`` (contexts), ``positive``
-(replies), ``negative`` (N, D): ``info_nce`` (default, temperature 0.05: every other reply of
-the batch, and any negatives, are the negatives) or ``triplet``; ``l2`` / ``l2_sp``. With
-in-batch negatives (an ``info_nce`` term), a pair whose reply is the same text as an earlier
-reply of its batch, or as an explicit negative of its batch, is not trained in that batch
-(``labels`` -100, ``target_mask`` False): otherwise its own reply would be one of its
-negatives (a false negative; short replies such as "Hey!" repeat often).
-
-Evaluation per split: each context is a query against every distinct reply of the split
-(identical replies are one candidate), scored by cosine similarity: ``recall@k`` for k in
-``embedding.recall_at`` and ``mrr`` (pessimistic ties, see docs/metrics.md), plus
-``candidates`` (the number of distinct replies).
-"""
+retrieval with in-batch (and optional explicit) negatives. docs/training.md#embedding
+describes the pairs, the negatives, the pooling and the retrieval metrics."""
 
 from __future__ import annotations
 

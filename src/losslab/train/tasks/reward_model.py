@@ -1,26 +1,6 @@
-"""``reward_model``: a scalar score of prompt + answer, trained on preference pairs
-``{"prompt": str | messages, "chosen": str, "rejected": str, "margin": float (optional)}``.
-
-The model is a sequence-classification head with one output
-(``AutoModelForSequenceClassification``, ``num_labels=1``). What it reads:
-
-- a tokenizer with a chat template (the decoders): the conversation ``prompt`` (a user
-  message, or the given messages) + the answer as the assistant turn, rendered by the
-  template; the score is read at the last token. A too-long pair loses the start of its
-  prompt first, then the end of its answer.
-- otherwise (encoders): the text pair ``(prompt, answer)`` (``[CLS] prompt [SEP] answer
-  [SEP]`` for BERT, the score read from ``[CLS]``), truncated longest-first.
-
-Chosen and rejected answers of a batch go through ONE forward (2B rows: chosen first).
-Loss inputs: ``rewards_chosen``, ``rewards_rejected`` (N,) and, with ``data.use_margin`` and
-records that have one, ``margins`` (N,) (0 for a record without): ``bradley_terry``
-(default: ``-log sigmoid(r_c - r_r - m)``) or ``margin_ranking``; ``l2`` / ``l2_sp``.
-
-Evaluation per split: ``pairwise_accuracy`` (ties count half), ``reward_margin`` (mean
-``r_c - r_r``), ``reward_chosen``, ``reward_rejected`` and ``loss`` = mean
-``-log sigmoid(r_c - r_r)`` (Bradley-Terry without margin, whatever loss trained the model);
-both rewards of every pair go to ``predictions_<split>.jsonl``.
-"""
+"""``reward_model``: a scalar score of prompt + answer trained on preference pairs (chosen and
+rejected in one forward). docs/training.md#reward_model describes what the model reads, the
+loss inputs and the metrics."""
 
 from __future__ import annotations
 

@@ -1,29 +1,6 @@
-"""``sequence_classification``: one label, a set of labels, or a number per text.
-
-Any backbone with a sequence-classification head (``AutoModelForSequenceClassification``): an
-encoder (``builtin:minilm-l6``, the head reads the pooled first token) or a decoder
-(``builtin:tiny-llama``, ``builtin:smollm2-135m-instruct``: the head reads the last
-non-padding token, so the pad id is set on the model config).
-
-Label types (``data.label_type``; ``auto`` looks at the first training record):
-
-- ``class``: ``{"text": str, "label": str | int}``; ``class_logits`` (N, C) and
-  ``class_targets`` (N,) for ``cross_entropy`` (default), ``focal``, ``multiclass_hinge``.
-  String labels are named classes (sorted, or ``data.label_names``); int labels are class ids.
-- ``multi_label``: ``{"text": str, "label": [str, ...]}``; ``class_logits`` (N, K) and 0/1
-  ``class_targets`` (N, K) for ``binary_cross_entropy`` (default) or ``binary_focal``.
-- ``regression``: ``{"text": str, "label": float}``; one output, ``predictions`` and
-  ``targets`` (N,) for ``mse`` (default) or ``huber``.
-
-``l2`` / ``l2_sp`` terms get the model (and, for ``l2_sp``, its parameters before training).
-
-Evaluation per split (predictions per example in ``predictions_<split>.jsonl``, see
-:mod:`losslab.train.tasks.predictions`): ``class``: accuracy, per-class precision / recall / F1 / support, macro
-and weighted averages, and ``loss`` = mean cross-entropy of the true class;
-``multi_label``: per-label report, micro / macro / weighted, subset accuracy, Hamming loss
-(threshold 0.5 on the sigmoid) and ``loss`` = mean binary cross-entropy per label;
-``regression``: mse, rmse, mae, pearson, spearman.
-"""
+"""``sequence_classification``: one label (``class``), a set of labels (``multi_label``) or a
+number (``regression``) per text, on any backbone with a sequence-classification head.
+docs/training.md#sequence_classification describes the label types, loss inputs and metrics."""
 
 from __future__ import annotations
 

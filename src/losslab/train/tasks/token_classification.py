@@ -1,27 +1,6 @@
-"""``token_classification``: named-entity recognition on ``{"tokens": [...], "tags": [...]}``
-records (BIO or IOBES tags, checked before training), with a token-classification head
-(``AutoModelForTokenClassification``) on an encoder or decoder backbone.
-
-Label alignment (first-sub-token labelling): the words are tokenised with a fast tokenizer
-(``is_split_into_words``), each word after the first with its leading space when the
-tokenizer would otherwise glue the words together (byte-level BPE without
-``add_prefix_space``, e.g. GPT-2's or SmolLM2's: ``["New", "York"]`` must read ``New York``,
-as in running text, not ``NewYork``); the FIRST sub-token of each word carries the word's tag id, every
-other sub-token, special token and padding gets ``-100`` (not trained, not scored). A word
-cut off by ``data.max_length``, or one the tokenizer turns into no token at all, has no
-scored position: it is neither trained nor evaluated (the log counts truncated sentences).
-
-Loss inputs: ``logits`` (B, T, C) and ``labels`` (B, T) for ``token_cross_entropy`` (the
-default: mean cross-entropy over the labelled sub-tokens), and the same flattened as
-``class_logits`` (B*T, C) / ``class_targets`` (B*T,) for ``cross_entropy``, ``focal`` or
-``multiclass_hinge``; ``l2`` / ``l2_sp`` as for every task. Tags are ``data.label_names`` or
-the sorted tags of the training data with ``O`` first.
-
-Evaluation per split: the entity-level seqeval report (lenient, conlleval-compatible:
-``f1_micro`` is the headline entity F1, plus per-type and macro / weighted scores),
-``token_accuracy`` over the labelled sub-tokens and ``loss`` = their mean cross-entropy; the
-gold and predicted tag of every scored word per sentence go to ``predictions_<split>.jsonl``.
-"""
+"""``token_classification``: named-entity recognition on BIO / IOBES tagged words, each word's
+tag on its first sub-token. docs/training.md#token_classification describes the alignment, the
+loss inputs and the entity metrics."""
 
 from __future__ import annotations
 
