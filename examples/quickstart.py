@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from losslab.data.prepare import prepare, resolve_data_path
+from losslab.data.builtin import prepare, resolve_data_path
 from losslab.data.records import load_records
 from losslab.data.schemas import ChatRecord
 from losslab.losses import token_cross_entropy

@@ -122,10 +122,10 @@ def _class_stats(metric: str, rows: list[dict[str, Any]], names: list[str]) -> S
 
 
 def _ner_counts(row: dict[str, Any]) -> list[float]:
-    from losslab.eval.ner import _entities
+    from losslab.eval.ner import extract_entities
 
     gold, pred = row["gold"], row["predicted"]
-    true_ents, pred_ents = _entities([gold], None), _entities([pred], None)
+    true_ents, pred_ents = extract_entities([gold], None), extract_entities([pred], None)
     correct = sum(g == p for g, p in zip(gold, pred))
     return [len(true_ents & pred_ents), len(pred_ents), len(true_ents), correct, len(gold)]
 

@@ -27,9 +27,9 @@ import numpy as np
 
 from losslab.compare.config import Study
 from losslab.compare.examples import class_names, example_id, example_stats, kind, read_predictions
-from losslab.compare.runner import Run, read_generations
+from losslab.compare.runs import Run, read_generations
 from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
-from losslab.data.prepare import write_atomic
+from losslab.files import write_atomic
 
 EXAMPLE_METRICS = {"bleu", "chrf"}
 

@@ -25,7 +25,7 @@ import math
 from typing import Any
 
 from losslab.compare.config import Param, Study, Variant, config_hash, digest
-from losslab.compare.runner import drop_checkpoints, train_run
+from losslab.compare.runs import drop_checkpoints, train_run
 from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from losslab.eval._arrays import ArrayLike, as_numpy
 from losslab.eval.classification import PerClassReport, report_from_counts
+from losslab.labels import IGNORE_INDEX
 
 Scheme = Literal["IOB1", "IOB2", "IOE1", "IOE2", "IOBES", "BILOU"]
 
@@ -71,7 +72,7 @@ def _check_lenient_tags(sequences: Sequence[Sequence[str]], name: str) -> None:
             )
 
 
-def _entities(sequences: Sequence[Sequence[str]], token_cls: type | None) -> set[tuple[int, str, int, int]]:
+def extract_entities(sequences: Sequence[Sequence[str]], token_cls: type | None) -> set[tuple[int, str, int, int]]:
     """Entities as ``(sentence, type, start, end)`` tuples: lenient (conlleval) extraction
     when ``token_cls`` is None, else strict extraction with that seqeval scheme."""
     if token_cls is None:
@@ -119,8 +120,8 @@ def ner_report(
     if token_cls is None:
         _check_lenient_tags(y_true, "y_true")
         _check_lenient_tags(y_pred, "y_pred")
-    true_ents = _entities(y_true, token_cls)
-    pred_ents = _entities(y_pred, token_cls)
+    true_ents = extract_entities(y_true, token_cls)
+    pred_ents = extract_entities(y_pred, token_cls)
     n_true = Counter(e[1] for e in true_ents)
     n_pred = Counter(e[1] for e in pred_ents)
     n_tp = Counter(e[1] for e in true_ents & pred_ents)
@@ -139,7 +140,7 @@ def ids_to_tags(
     label_ids: ArrayLike,
     id2label: Mapping[int, str] | Sequence[str],
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Token-classification outputs to tag sequences for :func:`ner_report`.
 

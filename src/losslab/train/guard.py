@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from losslab.data.prepare import write_atomic
 from losslab.errors import UserError
+from losslab.files import write_atomic
 
 COMPLETE_MARKER = "losslab_checkpoint.json"
 """Written last into ``checkpoint-N``: ``{"step": N, "nonfinite_steps": [...]}``."""

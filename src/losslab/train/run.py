@@ -20,9 +20,10 @@ import torch
 import yaml
 
 from losslab.config import read_config
-from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, write_atomic
+from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table, write_metrics_json
+from losslab.files import write_atomic
 from losslab.losses.registry import build_composite
 from losslab.train.config import TrainConfig
 from losslab.train.tasks import TASKS, TaskRun

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from losslab.data.prepare import SPLITS, resolve_data_path
+from losslab.data.builtin import SPLITS, resolve_data_path
 from losslab.data.records import SkipLog, Source, load_records
 from losslab.errors import UserError
 from losslab.losses.composite import CompositeLoss, LossInputs

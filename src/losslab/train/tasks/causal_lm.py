@@ -23,8 +23,9 @@ from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
 from losslab.losses.composite import CompositeLoss
 from losslab.losses.registry import build_composite
-from losslab.data.prepare import resolve_data_path, write_atomic
+from losslab.data.builtin import resolve_data_path
 from losslab.data.records import iter_raw_records
+from losslab.files import write_atomic
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
 from losslab.masking.parallel import build_samples_parallel
 from losslab.masking.render import alpaca_prompt, instruction_messages

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from losslab.data.prepare import resolve_data_path
+from losslab.data.builtin import resolve_data_path
 from losslab.data.records import iter_raw_records
 from losslab.data.schemas import SCHEMAS, Text
 from losslab.errors import UserError
