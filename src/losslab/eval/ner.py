@@ -1,20 +1,10 @@
-"""Entity-level NER evaluation with seqeval's entity extraction.
+"""Entity-level NER evaluation (:func:`ner_report`) with seqeval's entity extraction: an entity is
+right only when its type, start and end all match. Lenient (conlleval) extraction by default,
+strict extraction of one tagging scheme with ``mode="strict"``; the per-type counts give the
+same report as :mod:`losslab.eval.classification`. Also :func:`ids_to_tags` (predicted ids or
+logits of first sub-tokens to tag lists).
 
-An entity counts as correct only when its type, start and end all match (exact span match).
-Entities are extracted by seqeval in one of its two modes:
-
-- ``mode=None`` (default): conlleval-compatible, lenient about ill-formed tags (an ``I-X``
-  after ``O`` starts an entity), as seqeval's default and the CoNLL ``conlleval`` script;
-  it reads ``O`` and ``B-``/``I-``/``E-``/``S-`` tags (IOB1, IOB2, IOE, IOBES) and refuses
-  others (BILOU's ``L-``/``U-``, bare IO tags) with ``ValueError``;
-- ``mode="strict"`` with ``scheme`` ``"IOB2"`` (BIO), ``"IOE2"``, ``"IOBES"``, ``"BILOU"``,
-  ``"IOB1"`` or ``"IOE1"``: only well-formed chunks of that scheme are entities
-  (``scheme=None`` lets seqeval detect IOB2 / IOE2 / IOBES from ``y_true``).
-
-The per-type counts (true positives, predicted entities, true entities) then go through
-:func:`losslab.eval.classification.report_from_counts`: per-type precision / recall / F1 /
-support and micro / macro / weighted averages, equal to seqeval's ``classification_report``
-with ``zero_division=0``.
+The two modes, the tags each reads, and why an unreadable tag raises: docs/metrics.md, "NER".
 """
 
 from __future__ import annotations
