@@ -31,7 +31,8 @@ from typing import Any  # noqa: E402
 from losslab.data.records import Source  # noqa: E402
 from losslab.data.schemas import ChatRecord  # noqa: E402
 from losslab.masking import BuildStats, MaskBuilder, MaskConfig  # noqa: E402
-from losslab.models import load_tokenizer, package_dir  # noqa: E402
+from losslab.models import load_tokenizer  # noqa: E402
+from losslab.paths import package_dir  # noqa: E402
 
 
 def chitchat_conversations(limit: int | None = None) -> list[ChatRecord]:

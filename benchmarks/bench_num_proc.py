@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 
 from datasets.utils.logging import disable_progress_bar  # noqa: E402
 
-from losslab.data.prepare import resolve_data_path  # noqa: E402
+from losslab.data.builtin import resolve_data_path  # noqa: E402
 from losslab.masking import BuildStats, MaskConfig, build_samples  # noqa: E402
 from losslab.masking.parallel import build_samples_parallel  # noqa: E402
 from losslab.models import load_tokenizer  # noqa: E402

@@ -235,7 +235,7 @@ def test_variant_names_cannot_leave_output_dir(tmp_path: Path, name: str) -> Non
 
 def test_run_folders_stay_under_output_dir(tmp_path: Path) -> None:
     from losslab.compare.config import load_study
-    from losslab.compare.runner import plan as plan_runs
+    from losslab.compare.runs import plan as plan_runs
 
     study = load_study(_study(tmp_path, variants=[{"name": "ce"}, {"name": "a..b"}, {"name": "x.+-_"}]))
     root = (tmp_path / "study").resolve()

@@ -25,15 +25,11 @@ MODEL_NAMES_HELP = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _lazy(module: str, function: str, feature: str) -> Handler:
+def _lazy(module: str, function: str) -> Handler:
+    """A handler that imports ``module`` when the command runs and calls its ``function``."""
+
     def run(args: argparse.Namespace) -> int:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                raise UserError(f"`losslab {feature}` is not available yet in losslab {__version__}") from None
-            raise
-        return int(getattr(mod, function)(args) or 0)
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
 
     return run
 
@@ -73,16 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad records: stop with an error, or skip and count them")
     p.add_argument("--role-weight", action="append", default=None, metavar="ROLE=W", help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="text format: highlight trained tokens with ANSI colours")
-    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect", "inspect"))
+    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect"))
 
     for name, what, module in (
-        ("train", "fine-tune a model from a YAML config", "losslab.train.run"),
-        ("compare", "run loss variants x seeds and write a report with confidence intervals", "losslab.compare.run"),
+        ("train", "fine-tune a model from a YAML config", "losslab.train.command"),
+        ("compare", "run loss variants x seeds and write a report with confidence intervals", "losslab.compare.study"),
     ):
         p = sub.add_parser(name, help=what, description=what, formatter_class=_formatter)
         p.add_argument("config", help="YAML config file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
-        p.set_defaults(handler=_lazy(module, f"run_{name}", name))
+        p.set_defaults(handler=_lazy(module, f"run_{name}"))
 
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -102,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="input dtype")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(handler=_lazy("losslab.losses.bench", "run_bench_loss_head", "bench loss-head"))
+    p.set_defaults(handler=_lazy("losslab.losses.bench", "run_bench_loss_head"))
 
     data = sub.add_parser("data", help="embedded datasets", formatter_class=_formatter)
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -114,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: $LOSSLAB_CACHE/data or ~/.cache/losslab/data)")
     p.add_argument("--only", action="append", default=None, help="prepare only this dataset (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild even if the files exist")
-    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare", "data prepare"))
+    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare"))
     return parser
 
 

@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from losslab.data.records import read_utf8
 from losslab.errors import UserError
+from losslab.files import read_utf8
 
 M = TypeVar("M", bound=BaseModel)
 

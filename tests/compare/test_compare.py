@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from losslab.compare import runner
+from losslab.compare import runs as runner
 from losslab.compare.config import load_study
-from losslab.compare.run import compare
+from losslab.compare.study import compare
 from losslab.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

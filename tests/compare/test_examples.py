@@ -14,7 +14,7 @@ import yaml
 from losslab.compare.config import load_study
 from losslab.compare.report import markdown_summary, render_report
 from losslab.compare.results import analyze
-from losslab.compare.runner import Run
+from losslab.compare.runs import Run
 from losslab.eval.classification import classification_report
 from losslab.eval.report import namespace, write_metrics_json
 

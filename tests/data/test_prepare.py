@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from losslab.cli import main
-from losslab.data.prepare import SPLITS, prepare, resolve_data_path, split_of
+from losslab.data.builtin import SPLITS, prepare, resolve_data_path, split_of
 from losslab.data.records import load_records
 from losslab.data.schemas import SCHEMAS
 from losslab.data.sources import SOURCES, sentiment_class

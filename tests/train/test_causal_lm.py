@@ -16,7 +16,7 @@ import yaml
 from losslab.config import load_config
 from losslab.train.config import TrainConfig
 from losslab.train.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
-from losslab.train.plan import plan_loss
+from losslab.train.task import plan_loss
 from losslab.train.run import loss_adapter, train
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -82,7 +82,7 @@ def test_every_task_refuses_a_term_it_cannot_feed_without_loading_anything(task:
     """``plan_loss``, which ``losslab compare`` runs for every variant before the first run."""
     import importlib
 
-    from losslab.train.plan import plan_loss
+    from losslab.train.task import plan_loss
 
     module = importlib.import_module(f"losslab.train.tasks.{task}")
     for name in ("load_tokenizer", "load_model", "load_causal_lm"):
@@ -97,7 +97,7 @@ def test_a_schedule_without_total_steps_is_checked_then_takes_the_runs_length() 
     """A weight schedule that leaves ``total_steps`` to the trainer passes the up-front check
     whatever its warmup (before, the check completed it with 1 step, so any warmup failed), and
     the run's composite gets the run's length."""
-    from losslab.train.plan import plan_loss
+    from losslab.train.task import plan_loss
 
     schedule = {"schedule": "cosine", "start": 1.0, "end": 0.0, "warmup_steps": 10}
     plan = plan_loss(config(loss={"terms": [{"name": "token_cross_entropy", "weight": schedule}]}))

@@ -100,7 +100,7 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
 
     from losslab.losses.pairwise import info_nce_loss
     from losslab.train.config import TrainConfig
-    from losslab.train.plan import plan_loss
+    from losslab.train.task import plan_loss
     from losslab.train.run import loss_adapter
     from losslab.train.tasks.embedding import build, embed
 

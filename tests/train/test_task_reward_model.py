@@ -11,7 +11,7 @@ import torch
 from losslab.errors import UserError
 from losslab.models import load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.plan import plan_loss
+from losslab.train.task import plan_loss
 from losslab.train.tasks.reward_model import PairCollator, encode_answer, evaluate, forward
 
 

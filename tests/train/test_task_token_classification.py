@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from losslab.models import load_tokenizer
-from losslab.train.plan import plan_loss
+from losslab.train.task import plan_loss
 from losslab.train.tasks.batches import encode
-from losslab.train.tasks.token_classification import IGNORE, TokenCollator, align_labels, evaluate
+from losslab.labels import IGNORE_INDEX as IGNORE
+from losslab.train.tasks.token_classification import TokenCollator, align_labels, evaluate
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC"]
 

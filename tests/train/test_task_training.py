@@ -92,7 +92,7 @@ def test_sequence_classification_focal_with_l2_sp(tmp_path: Path) -> None:
     assert sum(metrics[f"test/support/{c}"] for c in ("negative", "neutral", "positive")) == 8
     preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("accuracy", "f1_macro", "f1_weighted", "f1/neutral"))
     assert set(preds[0]) == {"text", "gold", "predicted", "score"} and 1 / 3 <= preds[0]["score"] <= 1
-    from losslab.data.prepare import resolve_data_path
+    from losslab.data.builtin import resolve_data_path
 
     test_texts = [json.loads(line)["text"] for line in
                   resolve_data_path("builtin:sentiment", "test").read_text().splitlines()[:8]]

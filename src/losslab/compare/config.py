@@ -18,10 +18,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from losslab.config import load_yaml, read_config, validate
-from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, hash_file
+from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
+from losslab.files import hash_file
 from losslab.train.config import TrainConfig
-from losslab.train.plan import plan_loss
+from losslab.train.task import plan_loss
 
 
 class _Section(BaseModel):

@@ -1,22 +1,12 @@
-"""Per-example outputs of a run for the report and the paired bootstrap over test examples.
+"""Per-example statistics of a run's saved outputs, for the paired bootstrap over test examples
+(:func:`losslab.eval.bootstrap.paired_bootstrap`).
 
-Generation tasks save ``generations_<split>.jsonl`` (``prompt``, ``reference``, ``hypothesis``);
-the classification-style tasks save ``predictions_<split>.jsonl``
-(:mod:`losslab.train.tasks._predictions`). From a run's prediction records this module gives,
-for the metrics that are functions of summed per-example statistics, the statistics
-(N, K) and the corpus score of summed statistics, for :func:`losslab.eval.bootstrap.paired_bootstrap`:
-
-- single-label classes (``gold``/``predicted`` names): the one-hot cell of the confusion matrix
-  (C x C); the score is the metric of :func:`losslab.eval.classification.report_from_confusion`
-  (``accuracy``, ``f1_macro``, ``precision_weighted``, ``f1/<class>``, ...), the classes being
-  those of the run's metrics.json (so a class missing from a resample still counts);
-- regression (numbers): squared and absolute error (``mse``, ``rmse``, ``mae``);
-- NER (``tokens``): entity true positives, predicted and true entities (``f1_micro``,
-  ``precision_micro``, ``recall_micro``, conlleval-style entities), correct and scored words
-  (``token_accuracy``);
-- reward pairs: win (1, tie 0.5, 0) and margin (``pairwise_accuracy``, ``reward_margin``).
-
-Other metrics (multi-label, per-type NER scores, BLEU/chrF which have their own) give None.
+From ``predictions_<split>.jsonl`` (written by the classification-style tasks) it gives, for a
+metric that is a function of summed per-example statistics, the statistics (N, K) and the
+corpus score of summed statistics: confusion-matrix cells for single-label classes (over the
+classes of the run's metrics.json), squared and absolute errors for regression, entity and
+word counts for NER, win and margin for reward pairs. Other metrics give None. Which metrics
+these are: docs/compare.md, "Statistics".
 """
 
 from __future__ import annotations
@@ -122,10 +112,10 @@ def _class_stats(metric: str, rows: list[dict[str, Any]], names: list[str]) -> S
 
 
 def _ner_counts(row: dict[str, Any]) -> list[float]:
-    from losslab.eval.ner import _entities
+    from losslab.eval.ner import extract_entities
 
     gold, pred = row["gold"], row["predicted"]
-    true_ents, pred_ents = _entities([gold], None), _entities([pred], None)
+    true_ents, pred_ents = extract_entities([gold], None), extract_entities([pred], None)
     correct = sum(g == p for g, p in zip(gold, pred))
     return [len(true_ents & pred_ents), len(pred_ents), len(true_ents), correct, len(gold)]
 

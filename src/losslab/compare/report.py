@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from losslab.compare.examples import display, read_predictions
-from losslab.compare.runner import Run, read_generations, read_log
-from losslab.data.prepare import write_atomic
+from losslab.compare.runs import Run, read_generations, read_log
 from losslab.eval.report import format_markdown_table, format_value
+from losslab.files import write_atomic
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -1,19 +1,8 @@
-"""``results.json``: per variant, per seed metrics, mean, std, CI; paired tests against the baseline.
+"""``results.json`` of a study (:func:`analyze`, :func:`write_results`): per variant, the per-seed
+metrics with mean, std and CI; per metric, the paired tests against the baseline (over seeds,
+and over test examples where the runs' outputs allow it). Non-finite numbers are ``null``.
 
-Layout (keys of ``per_seed`` are seeds as strings, JSON has no integer keys)::
-
-    {"study": {"baseline", "seeds", "metrics": [{"name", "direction"}], "confidence", "alpha", "n_bootstrap"},
-     "variants": {NAME: {"overrides", "tuned", "runs": {SEED: DIR},
-                         "metrics": {METRIC: {"per_seed", "n", "mean", "std", "ci_low", "ci_high"}},
-                         "vs_baseline": {METRIC: {"n", "mean_diff", "diffs", "p_value", "method", "better",
-                                                  "significant", "mark", "examples"?}}}},
-     "tuning": {NAME: {"metric", "direction", "best_params", "best_value", "trials": [...]}}}
-
-``examples``: the paired bootstrap over test examples (each example's statistics summed over
-the seeds, the examples resampled), for BLEU and chrF
-(:func:`losslab.eval.generation.paired_bootstrap_generation`) and for the classification-style
-metrics that the runs' per-example predictions allow (accuracy, macro / weighted F1, NER entity
-F1, pairwise accuracy, ...: :mod:`losslab.compare.examples`). Non-finite numbers are ``null``.
+The file's layout: docs/compare.md, "results.json".
 """
 
 from __future__ import annotations
@@ -27,9 +16,9 @@ import numpy as np
 
 from losslab.compare.config import Study
 from losslab.compare.examples import class_names, example_id, example_stats, kind, read_predictions
-from losslab.compare.runner import Run, read_generations
+from losslab.compare.runs import Run, read_generations
 from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
-from losslab.data.prepare import write_atomic
+from losslab.files import write_atomic
 
 EXAMPLE_METRICS = {"bleu", "chrf"}
 

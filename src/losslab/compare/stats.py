@@ -1,19 +1,10 @@
-"""Statistics of a study: per-variant summaries over seeds, and paired tests against the baseline.
+"""Statistics of a study over seeds: per-variant summaries (:func:`summarize`: mean, sample
+standard deviation, percentile-bootstrap CI of the mean) and the paired sign-flip permutation
+test of a variant against the baseline (:func:`sign_flip_test`, exact up to 16 seeds).
 
-- :func:`summarize`: mean, sample standard deviation (ddof 1) and a percentile bootstrap CI of
-  the mean over seeds. With few seeds (< 5) the bootstrap interval is too narrow (it cannot
-  reach beyond the observed values); the report says how many seeds it rests on.
-- :func:`sign_flip_test`: the paired test over seeds. ``d_s = variant_s - baseline_s`` (same
-  seed, so the same data order and head initialisation); under H0 (no difference) every
-  ``d_s`` is as likely to be ``+d_s`` as ``-d_s``. The exact two-sided p-value enumerates all
-  ``2^n`` sign patterns: ``p = #{signs : |mean(sign * d)| >= |mean(d)|} / 2^n``. It makes no
-  normality assumption and is exact for any n, which matters when n is 2-5 seeds, but its
-  smallest possible value is ``2 / 2^n``: 0.5 with 2 seeds, 0.25 with 3, 0.0625 with 5;
-  significance at 0.05 over seeds needs at least 6 seeds. Above 16 seeds, 2^16 random sign
-  patterns are drawn instead (seeded; ``p = (1 + extreme) / (1 + 2^16)``, never 0).
-- Generation metrics (BLEU, chrF) and classification-style metrics also get a paired bootstrap
-  over the test examples (:mod:`losslab.compare.results`): each example's statistics summed
-  over the seeds, the examples resampled; this tests the corpus metric on these examples.
+How to read them (the bootstrap CI with few seeds, the test's smallest p-value, 6 seeds for
+0.05): docs/compare.md, "Statistics". The paired bootstrap over test examples is in
+:mod:`losslab.eval.bootstrap` and :mod:`losslab.compare.examples`.
 """
 
 from __future__ import annotations
@@ -71,7 +62,13 @@ class PairedTest:
 
 
 def sign_flip_test(diffs: list[float], *, seed: int = 0) -> PairedTest:
-    """Two-sided paired sign-flip permutation test of mean(diffs) = 0 (exact for n <= 16)."""
+    """Two-sided paired sign-flip permutation test of mean(diffs) = 0 (exact for n <= 16).
+
+    ``diffs[s] = variant_s - baseline_s`` (same seed: same data order and head initialisation);
+    under H0 each ``d_s`` is as likely to be ``+d_s`` as ``-d_s``, so
+    ``p = #{signs : |mean(sign * d)| >= |mean(d)|} / 2^n`` over all ``2^n`` sign patterns (the
+    smallest possible value is ``2 / 2^n``). Above 16 seeds, 2^16 random sign patterns are drawn
+    (seeded; ``p = (1 + extreme) / (1 + 2^16)``, never 0)."""
     d = np.asarray([v for v in diffs if v is not None and math.isfinite(v)], dtype=np.float64)
     n = len(d)
     if n == 0:

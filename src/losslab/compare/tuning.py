@@ -1,22 +1,9 @@
-"""Tune a variant's declared loss weights / schedule parameters on the validation split (Optuna).
+"""Tuning a variant's declared loss weights / schedule parameters on the validation split with
+Optuna: one resumable study per tuned variant (:func:`tune_all`), a trial being one training
+run, pruned early by the median pruner through :mod:`losslab.train.hooks`.
 
-Each tuned variant gets an Optuna study (TPE by default, seeded) in ``tuning.storage``
-(default ``sqlite:///OUTPUT_DIR/tuning.db``), named after the variant and a hash of its
-resolved config and search space, so rerunning resumes it: finished trials (complete or
-pruned) count towards ``tuning.trials`` and are not repeated. A trial trains the variant with
-the sampled values at ``tuning.seed`` in ``OUTPUT_DIR/tuning/<variant>/trial<k>__<hash>/``
-and returns ``tuning.metric`` (a validation metric of its metrics.json). A trial that has
-ended (complete, pruned or interrupted: a rerun starts new trials) loses its checkpoints
-unless ``keep_checkpoints: true``.
-
-Pruning (``tuning.pruner: median``): at every evaluation during a trial's training
-(``training.eval_steps``, or each epoch) the trial computes ``tuning.metric`` on the
-validation split (the task's own evaluation, the same number as in metrics.json) and
-reports it to Optuna's median pruner (:mod:`losslab.train.hooks`); once two trials have
-completed, a trial whose value is worse than the median of earlier trials at the same step
-stops there (no final evaluation, no metrics.json) and is recorded as pruned, which TPE
-treats as bad. Each report costs one validation evaluation (with generation when
-``eval.generate`` is on), so set ``eval_steps`` to a few evaluations per trial.
+Where studies and trials are stored, how a rerun resumes them, and what pruning costs:
+docs/compare.md, "Tuning".
 """
 
 from __future__ import annotations
@@ -25,7 +12,7 @@ import math
 from typing import Any
 
 from losslab.compare.config import Param, Study, Variant, config_hash, digest
-from losslab.compare.runner import drop_checkpoints, train_run
+from losslab.compare.runs import drop_checkpoints, train_run
 from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
 

@@ -1,4 +1,11 @@
-"""Reading record files with errors that name the file, the line and the field."""
+"""Reading record files (.jsonl, .json, .csv, .parquet) with errors that name the file, the line
+and the field.
+
+:func:`load_records` yields ``(Source, validated record)`` (a :class:`Source` is a record's
+``file:line``); :func:`iter_raw_records` yields the parsed values before validation; strict
+JSON parsing (:func:`parse_json`), pydantic errors as one line per field, and :class:`SkipLog`
+for ``on_error: skip``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from losslab.errors import UserError
+from losslab.files import read_utf8
 
 
 SKIP_HINT = " (to skip such records: data.on_error: skip in a config, --on-error skip for losslab inspect)"
@@ -94,20 +102,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def read_utf8(path: Path, advice: str = "") -> str:
-    """The text of a UTF-8 file (a leading byte-order mark dropped); otherwise a ``UserError``
-    naming the line and byte, followed by ``advice``."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        start = exc.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # counted after the BOM
-        line = raw[:start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 (byte {start + 1}){advice}", where=f"{path}:{line}") from None
-
-
 def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
-    """Yield ``(source, parsed JSON value)`` for each record of a .jsonl/.json/.csv/.parquet file.
+    """Yield ``(source, parsed JSON value)`` for each record of a .jsonl/.json/.csv/.parquet file
+    (an :class:`UnreadableRecord` in place of a JSON Lines record that cannot be read).
 
     JSON Lines are parsed here (so a bad line is reported with its number); other formats go
     through ``datasets`` and are numbered by record index (1-based). A UTF-8 byte-order mark
@@ -124,14 +121,14 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[Source, Any]]:
                     line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     bom = 3 if lineno == 1 and raw_line.startswith(codecs.BOM_UTF8) else 0  # counted after it
-                    yield Source(str(path), lineno), _BadJson(f"not UTF-8 (byte {exc.start + bom + 1})")
+                    yield Source(str(path), lineno), UnreadableRecord(f"not UTF-8 (byte {exc.start + bom + 1})")
                     continue
                 if not line.strip():
                     continue
                 try:
                     yield Source(str(path), lineno), parse_json(line)
                 except ValueError as exc:
-                    yield Source(str(path), lineno), _BadJson(str(exc))
+                    yield Source(str(path), lineno), UnreadableRecord(str(exc))
         return
     if suffix == ".json":
         text = read_utf8(path)
@@ -174,7 +171,10 @@ def _looks_like_jsonl(path: Path) -> bool:
     return head[:1] == b"{"
 
 
-class _BadJson:
+class UnreadableRecord:
+    """What :func:`iter_raw_records` yields for a JSON Lines record it cannot read (not UTF-8,
+    invalid JSON), in place of the parsed value: the reason, for the caller to report or skip."""
+
     def __init__(self, message: str) -> None:
         self.message = message
 
@@ -191,7 +191,7 @@ def load_records(
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
     for source, raw in iter_raw_records(path):
-        if isinstance(raw, _BadJson):
+        if isinstance(raw, UnreadableRecord):
             message = raw.message
         elif not isinstance(raw, dict):
             message = f"expected a JSON object, got {type(raw).__name__}"

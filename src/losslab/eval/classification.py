@@ -1,20 +1,10 @@
-"""Classification metrics: accuracy, the per-class report, multi-label F1, regression.
+"""Classification metrics: accuracy and the per-class report (precision, recall, F1, support with
+macro / weighted averages), multi-label F1, regression errors and correlations, and the
+streaming :class:`ClassificationAccumulator`.
 
-Everything is computed from counts (the sufficient statistics), never from averaged batch
-scores, so results are exact however the predictions were batched:
-
-- single-label: the confusion matrix ``M`` (C, C), ``M[i, j]`` = examples of true class ``i``
-  predicted as ``j``; per class ``tp = M[c, c]``, ``predicted = M[:, c].sum()``,
-  ``support = M[c, :].sum()``;
-- multi-label: per label ``tp``, ``predicted``, ``support`` over the (N, L) indicator matrices.
-
-Per class: ``precision = tp / predicted``, ``recall = tp / support``,
-``f1 = 2 tp / (predicted + support)`` (= the harmonic mean of precision and recall), each
-``zero_division`` (default 0.0) when its denominator is 0 - a class never predicted gets
-precision 0, silently (no warnings). Averages over the C classes of the report:
-``macro`` = unweighted mean, ``weighted`` = mean weighted by support, ``micro`` = the same
-formulas on the summed counts (for single-label data micro P = R = F1 = accuracy, so the
-report shows accuracy instead).
+Everything is computed from counts (the confusion matrix, per-label counts), never from
+averaged batch scores, so results are exact however the predictions were batched. Formulas,
+``zero_division`` and the classes of a report: docs/metrics.md, "Classification".
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ import math
 import torch
 
 from losslab.eval._state import SumState
+from losslab.labels import IGNORE_INDEX
 
 _CHUNK_ELEMENTS = 1 << 26
 """Logits converted to float64 at a time by :func:`token_nll_sum` (512 MiB)."""
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> tuple[float, int]:
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> tuple[float, int]:
     """``(sum_nll, n_tokens)`` of one batch, the input of :meth:`PerplexityAccumulator.update`.
 
     ``logits`` (..., V), ``labels`` (...) already aligned with them (for next-token prediction
@@ -84,7 +85,7 @@ class PerplexityAccumulator(SumState):
         self.state["sum_nll"] += s
         self.state["n_tokens"] += n
 
-    def update_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> None:
+    def update_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> None:
         """``update(*token_nll_sum(logits, labels, ignore_index=ignore_index))``."""
         self.update(*token_nll_sum(logits, labels, ignore_index=ignore_index))
 

@@ -1,20 +1,10 @@
-"""Entity-level NER evaluation with seqeval's entity extraction.
+"""Entity-level NER evaluation (:func:`ner_report`) with seqeval's entity extraction: an entity is
+right only when its type, start and end all match. Lenient (conlleval) extraction by default,
+strict extraction of one tagging scheme with ``mode="strict"``; the per-type counts give the
+same report as :mod:`losslab.eval.classification`. Also :func:`ids_to_tags` (predicted ids or
+logits of first sub-tokens to tag lists).
 
-An entity counts as correct only when its type, start and end all match (exact span match).
-Entities are extracted by seqeval in one of its two modes:
-
-- ``mode=None`` (default): conlleval-compatible, lenient about ill-formed tags (an ``I-X``
-  after ``O`` starts an entity), as seqeval's default and the CoNLL ``conlleval`` script;
-  it reads ``O`` and ``B-``/``I-``/``E-``/``S-`` tags (IOB1, IOB2, IOE, IOBES) and refuses
-  others (BILOU's ``L-``/``U-``, bare IO tags) with ``ValueError``;
-- ``mode="strict"`` with ``scheme`` ``"IOB2"`` (BIO), ``"IOE2"``, ``"IOBES"``, ``"BILOU"``,
-  ``"IOB1"`` or ``"IOE1"``: only well-formed chunks of that scheme are entities
-  (``scheme=None`` lets seqeval detect IOB2 / IOE2 / IOBES from ``y_true``).
-
-The per-type counts (true positives, predicted entities, true entities) then go through
-:func:`losslab.eval.classification.report_from_counts`: per-type precision / recall / F1 /
-support and micro / macro / weighted averages, equal to seqeval's ``classification_report``
-with ``zero_division=0``.
+The two modes, the tags each reads, and why an unreadable tag raises: docs/metrics.md, "NER".
 """
 
 from __future__ import annotations
@@ -27,6 +17,7 @@ import numpy as np
 
 from losslab.eval._arrays import ArrayLike, as_numpy
 from losslab.eval.classification import PerClassReport, report_from_counts
+from losslab.labels import IGNORE_INDEX
 
 Scheme = Literal["IOB1", "IOB2", "IOE1", "IOE2", "IOBES", "BILOU"]
 
@@ -71,7 +62,7 @@ def _check_lenient_tags(sequences: Sequence[Sequence[str]], name: str) -> None:
             )
 
 
-def _entities(sequences: Sequence[Sequence[str]], token_cls: type | None) -> set[tuple[int, str, int, int]]:
+def extract_entities(sequences: Sequence[Sequence[str]], token_cls: type | None) -> set[tuple[int, str, int, int]]:
     """Entities as ``(sentence, type, start, end)`` tuples: lenient (conlleval) extraction
     when ``token_cls`` is None, else strict extraction with that seqeval scheme."""
     if token_cls is None:
@@ -119,8 +110,8 @@ def ner_report(
     if token_cls is None:
         _check_lenient_tags(y_true, "y_true")
         _check_lenient_tags(y_pred, "y_pred")
-    true_ents = _entities(y_true, token_cls)
-    pred_ents = _entities(y_pred, token_cls)
+    true_ents = extract_entities(y_true, token_cls)
+    pred_ents = extract_entities(y_pred, token_cls)
     n_true = Counter(e[1] for e in true_ents)
     n_pred = Counter(e[1] for e in pred_ents)
     n_tp = Counter(e[1] for e in true_ents & pred_ents)
@@ -139,7 +130,7 @@ def ids_to_tags(
     label_ids: ArrayLike,
     id2label: Mapping[int, str] | Sequence[str],
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Token-classification outputs to tag sequences for :func:`ner_report`.
 

@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from losslab.labels import IGNORE_INDEX
+
 OPTIONS: dict[str, dict] = {
     "plain": {},
     "label_smoothing": {"label_smoothing": 0.1},
@@ -84,7 +86,7 @@ def _loss_fn(method: str, option: str, h, w, labels, token_weights) -> Callable[
     from losslab.losses.token import token_cross_entropy
 
     opts = {k: v for k, v in OPTIONS[option].items() if k != "token_weights"}
-    count = (labels != -100).sum().clamp(min=1)
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def weighted(per_token: torch.Tensor) -> torch.Tensor:
         return (per_token.float() * token_weights).sum() / count
@@ -129,7 +131,7 @@ def run_case(spec: dict) -> dict:
     w = torch.empty(vocab, d, dtype=dtype).normal_(0.0, d**-0.5, generator=gen).to(device).requires_grad_()
     labels = torch.randint(0, vocab, (n,), generator=gen)
     ignored = torch.randperm(n, generator=gen)[: round(spec["ignored_fraction"] * n)]
-    labels[ignored] = -100
+    labels[ignored] = IGNORE_INDEX
     labels = labels.to(device)
     token_weights = None
     if "token_weights" in OPTIONS[spec["option"]]:

@@ -20,9 +20,11 @@ Probability = Annotated[float, Interval(ge=0, le=1)]
 ClassValues = Sequence[NonNegative] | torch.Tensor | None
 
 
-def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; every other dtype (bfloat16, float16, float32) computes in float32."""
-    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
+    """The dtype a loss is computed in, for a tensor or a dtype: float64 stays float64; every
+    other dtype (bfloat16, float16, float32) computes in float32."""
+    dtype = x.dtype if isinstance(x, torch.Tensor) else x
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def finish(

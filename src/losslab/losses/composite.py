@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from losslab.errors import UserError
+from losslab.labels import IGNORE_INDEX
 from losslab.losses.schedules import Weight, weight_at
 
 
@@ -47,7 +48,7 @@ class LossInputs:
 
     logits: torch.Tensor | None = None
     labels: torch.Tensor | None = None
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     token_weights: torch.Tensor | None = None
     num_items: int | float | torch.Tensor | None = None
     num_sequences: int | float | torch.Tensor | None = None

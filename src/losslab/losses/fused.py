@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from losslab.labels import IGNORE_INDEX
+from losslab.losses.common import compute_dtype
 from losslab.losses.reduction import check_count, check_reduction
 from losslab.losses.token import TOKEN_REDUCTIONS, check_token_options, focal_factor
 
@@ -64,7 +66,7 @@ class _Formula:
 def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
     """Trained tokens per chunk: ``CHUNK_ROWS``, fewer when the chunk's logits (compute dtype)
     would exceed both the weight gradient's size and ``MIN_CHUNK_BYTES``."""
-    itemsize = _compute_dtype(dtype).itemsize
+    itemsize = compute_dtype(dtype).itemsize
     budget = max(MIN_CHUNK_BYTES, vocab * hidden_size * itemsize)
     rows = min(CHUNK_ROWS, budget // max(1, vocab * itemsize))
     return max(1, min(num_rows, rows))
@@ -75,10 +77,6 @@ def _tile_size(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) 
         return vocab
     cols = -(-vocab // -(-(rows * vocab * dtype.itemsize) // CPU_TILE_BYTES))  # equal tiles
     return max(64, min(vocab, cols))
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_terms(
@@ -154,7 +152,7 @@ def _head_pass(
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    cdtype = _compute_dtype(hidden.dtype)
+    cdtype = compute_dtype(hidden.dtype)
     device = hidden.device
     want = row_scale is not None
     grad_hidden, grad_weight, grad_bias = (want and grad_hidden), (want and grad_weight), (want and grad_bias)
@@ -306,7 +304,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
             grad_row_scale = res.row_loss * grad_scale if ctx.needs_input_grad[4] else None
         else:
-            res = _FusedLinearCrossEntropy._pass(ctx, inputs, grad_out.to(_compute_dtype(ctx.dtypes[0])))
+            res = _FusedLinearCrossEntropy._pass(ctx, inputs, grad_out.to(compute_dtype(ctx.dtypes[0])))
             unit, grad_row_scale = True, None
         grads = []
         for g, dtype in zip((res.hidden, res.weight, res.bias), ctx.dtypes):
@@ -347,7 +345,7 @@ def fused_linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     focal_gamma: float = 0.0,
@@ -385,7 +383,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the shape of labels")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    cdtype = _compute_dtype(hidden.dtype)
+    cdtype = compute_dtype(hidden.dtype)
     formula = _Formula(float(label_smoothing), float(z_loss), float(focal_gamma))
 
     mask = labels != ignore_index

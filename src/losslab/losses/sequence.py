@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from losslab.labels import IGNORE_INDEX
 from losslab.losses.common import (
     ClassValues,
     Count,
@@ -45,7 +46,7 @@ def classification_cross_entropy(
     *,
     class_weights: ClassValues = None,
     label_smoothing: Probability = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: Count = None,
@@ -83,7 +84,7 @@ def focal_loss(
     gamma: NonNegative = 2.0,
     alpha: NonNegative | ClassValues = None,
     label_smoothing: Probability = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: Count = None,
@@ -181,7 +182,7 @@ def multiclass_hinge_loss(
     margin: NonNegative = 1.0,
     squared: bool = False,
     class_weights: ClassValues = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: Count = None,

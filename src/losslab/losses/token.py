@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from losslab.losses.common import masked
+from losslab.labels import IGNORE_INDEX
+from losslab.losses.common import compute_dtype, masked
 from losslab.losses.reduction import check_reduction, reduce_loss
 
 TOKEN_REDUCTIONS = ("mean", "sum", "none", "sequence")
@@ -68,7 +69,7 @@ def token_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     focal_gamma: float = 0.0,
@@ -101,7 +102,7 @@ def token_cross_entropy(
     check_token_options(label_smoothing, z_loss, focal_gamma)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdtype = compute_dtype(logits)
     mask = labels != ignore_index
     trained = mask.reshape(-1)
     # only the trained rows are computed: faster when much is ignored, and a NaN in an ignored
@@ -112,7 +113,7 @@ def token_cross_entropy(
     if not bool(trained.all()):  # (no copy when every token is trained)
         rows, targets = rows[trained], targets[trained]
     per_row = token_loss_terms(
-        rows.to(compute_dtype),
+        rows.to(cdtype),
         targets,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
@@ -123,7 +124,7 @@ def token_cross_entropy(
     if token_weights is not None:
         if token_weights.shape != labels.shape:
             raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the shape of labels")
-        per_token = per_token * masked(token_weights.to(compute_dtype), mask)
+        per_token = per_token * masked(token_weights.to(cdtype), mask)
     if reduction == "sequence":
         return sequence_mean(per_token, mask, num_items)
     return reduce_loss(per_token, mask, reduction, num_items)

@@ -10,11 +10,11 @@
 See docs/masking.md.
 """
 
+from losslab.labels import IGNORE_INDEX
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, MaskedSequence, build_samples
 from losslab.masking.collate import PackedCollator, PaddedCollator, block_causal_mask, pack_greedy
 from losslab.masking.policies import MaskPolicy
 from losslab.masking.render import ChatTemplate
-from losslab.masking.spans import IGNORE_INDEX
 from losslab.masking.strategy import Strategy
 
 __all__ = [

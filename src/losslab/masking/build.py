@@ -24,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 from losslab.data.records import SKIP_HINT, SkipLog, Source, describe_validation_error, iter_raw_records, load_records
 from losslab.data.schemas import ChatRecord, InstructionRecord
 from losslab.errors import UserError
+from losslab.labels import IGNORE_INDEX
 from losslab.masking.policies import MaskPolicy, check_role_weights, message_weight, parse_policy
 from losslab.masking.render import PROMPT_STYLES, ChatTemplate, ContentSpan, alpaca_prompt, instruction_messages, tokenizer_adds_bos
-from losslab.masking.spans import IGNORE_INDEX, Region, label_tokens
+from losslab.masking.spans import Region, label_tokens
 from losslab.masking.strategy import Strategy, TextSample, parse_strategy, plan_conversation
 from losslab.masking.truncation import check_side, truncation_slice
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from losslab.errors import UserError
-from losslab.masking.spans import IGNORE_INDEX
+from losslab.labels import IGNORE_INDEX
 
 Sample = Mapping[str, Any]
 

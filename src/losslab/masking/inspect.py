@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import IO
 
 from losslab.errors import UserError
+from losslab.labels import IGNORE_INDEX
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, MaskedSequence
-from losslab.masking.spans import IGNORE_INDEX
 
 TRAINED = "\x1b[30;42m"  # black on green
 DIM = "\x1b[2m"

@@ -40,12 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from losslab.data.prepare import hash_file
-from losslab.data.records import SKIP_HINT, Source, _BadJson, describe_validation_error, iter_raw_records
+from losslab.data.records import SKIP_HINT, Source, UnreadableRecord, describe_validation_error, iter_raw_records
 from losslab.errors import UserError
+from losslab.files import hash_file
+from losslab.labels import IGNORE_INDEX
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, file_schema
 from losslab.masking.render import load_template
-from losslab.masking.spans import IGNORE_INDEX
+from losslab.paths import prepared_cache
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 KEEP_DAYS = 30  # prepared data not used for this long are deleted when new data are prepared
 CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
 # the modules (a package: all its files) whose code decides the cached samples and messages
-SAMPLE_CODE = ("losslab.masking", "losslab.data.records", "losslab.data.schemas", "losslab.errors")
+SAMPLE_CODE = ("losslab.masking", "losslab.data.records", "losslab.data.schemas", "losslab.errors", "losslab.files",
+               "losslab.labels")
 
 
 def build_samples_parallel(
@@ -101,9 +103,7 @@ def build_samples_parallel(
 
 def prepared_dir() -> Path:
     """Where prepared data are cached: ``cache_dir()/prepared`` (``$LOSSLAB_CACHE``, else ``~/.cache/losslab``)."""
-    from losslab.models import cache_dir
-
-    return cache_dir() / "prepared"
+    return prepared_cache()
 
 
 def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None) -> str:
@@ -164,7 +164,7 @@ def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any
     rows: dict[str, list[Any]] = {"line": [], "raw": [], "bad": []}
     valid = 0
     for source, raw in iter_raw_records(path):
-        message = raw.message if isinstance(raw, _BadJson) else None
+        message = raw.message if isinstance(raw, UnreadableRecord) else None
         if limit is not None and message is None and _validation_message(schema, raw) is None:
             if valid >= limit:
                 break

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from losslab.labels import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

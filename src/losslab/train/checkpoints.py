@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from losslab.data.prepare import write_atomic
+from losslab.files import write_atomic
 
 COMPLETE_MARKER = "losslab_checkpoint.json"
 """Written last into ``checkpoint-N``: ``{"step": N, "nonfinite_steps": [...]}``."""

@@ -1,4 +1,5 @@
-"""``losslab train CONFIG.yaml``: validate, build the task, train on the Trainer, evaluate, write outputs.
+"""One training run end to end (:func:`train`): plan the loss, build the task, train on the
+Trainer, evaluate, write the outputs. The command is :mod:`losslab.train.command`.
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``checkpoint-*`` (safetensors, for
 resume), ``model/`` (final weights, safetensors), ``log.jsonl`` (every loss term per step),
@@ -9,7 +10,6 @@ Rerunning the same command resumes from the last complete checkpoint (see
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import signal
@@ -19,16 +19,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from losslab.config import read_config
-from losslab.data.prepare import BUILTIN_DATA_PREFIX, SPLITS, write_atomic
 from losslab.errors import UserError
-from losslab.eval.report import format_metrics_table, write_metrics_json
+from losslab.eval.report import write_metrics_json
+from losslab.files import write_atomic
 from losslab.losses.composite import CompositeLoss
 from losslab.train.adapter import LossAdapter
 from losslab.train.config import TrainConfig
-from losslab.train.plan import LossPlan, plan_loss
+from losslab.train.task import LossPlan, plan_loss
 from losslab.train.task import TaskRun
-from losslab.train.tasks import get_task
+from losslab.train.task import get_task
 
 if TYPE_CHECKING:
     from losslab.train.hooks import EvaluationHook
@@ -187,18 +186,3 @@ def total_steps(config: TrainConfig, n_train: int) -> int:
     world = int(torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
     per_step = t.batch_size * t.grad_accum * world
     return max(1, math.ceil(math.ceil(n_train / per_step) * t.epochs))
-
-
-def run_train(args: argparse.Namespace) -> int:
-    file = read_config(args.config, args.overrides)
-    config = file.validate(TrainConfig)
-    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
-                     term_where=lambda i: file.where("loss", "terms", str(i)))
-    for split in SPLITS:
-        spec = getattr(config.data, split)
-        if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
-            raise UserError(f"data file not found: {spec}", where=file.where("data", split))
-    metrics = train(config, plan=plan)
-    print(format_metrics_table(metrics))
-    print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
-    return 0

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from losslab.labels import IGNORE_INDEX
 from losslab.train.adapter import LossAdapter
 from losslab.train.guard import StepGuard
 
@@ -97,7 +98,7 @@ class LosslabTrainer(StepGuard, Trainer):
                 for b in batch_samples if isinstance(b.get("labels", b.get("shift_labels")), torch.Tensor)]
         if not rows or any(r.dim() < 2 for r in rows):
             return None
-        count = sum(r.ne(-100).any(dim=-1).sum() for r in rows).to(device)
+        count = sum(r.ne(IGNORE_INDEX).any(dim=-1).sum() for r in rows).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return count

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
+from losslab.labels import IGNORE_INDEX
 from losslab.eval.ranking import retrieval_metrics
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import EmbeddingConfig, TrainConfig
 from losslab.train.adapter import TaskForward
-from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import LossNeeds, LossPlan
 from losslab.train.task import TaskRun
 from losslab.train.tasks.backbone import model_kwargs
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
@@ -120,7 +121,7 @@ class TripleCollator:
         roles = ("anchor", "positive", "negative") if self.negatives else ("anchor", "positive")
         batch: dict[str, Any] = collate_texts([f[role] for role in roles for f in features], self.pad_id)
         skip = repeated_replies(features) if self.in_batch else [False] * len(features)
-        batch["labels"] = torch.tensor([-100 if s else 0 for s in skip], dtype=torch.long)
+        batch["labels"] = torch.tensor([IGNORE_INDEX if s else 0 for s in skip], dtype=torch.long)
         batch["return_loss"] = True
         return batch
 
@@ -134,7 +135,7 @@ def make_forward(options: EmbeddingConfig) -> TaskForward:
         n = labels.shape[0]
         vectors = embed(model, batch, options)  # (2B or 3B, D)
         anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
-        trained = labels != -100
+        trained = labels != IGNORE_INDEX
         return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None,
                           target_mask=None if bool(trained.all()) else trained)
 

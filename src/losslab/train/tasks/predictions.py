@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from losslab.data.prepare import write_atomic
+from losslab.files import write_atomic
 
 
 def save_predictions(output_dir: str | Path | None, split: str, rows: Iterable[dict[str, Any]]) -> Path | None:

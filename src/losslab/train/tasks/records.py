@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from losslab.data.prepare import SPLITS, resolve_data_path
+from losslab.data.builtin import SPLITS, resolve_data_path
 from losslab.data.records import SkipLog, Source, load_records
 from losslab.errors import UserError
 from losslab.train.config import TrainConfig

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from losslab.data.prepare import resolve_data_path
+from losslab.data.builtin import resolve_data_path
 from losslab.data.records import iter_raw_records
 from losslab.data.schemas import SCHEMAS, Text
 from losslab.errors import UserError
@@ -22,7 +22,7 @@ from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.adapter import TaskForward
-from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import LossNeeds, LossPlan
 from losslab.train.task import TaskRun
 from losslab.train.tasks.backbone import model_kwargs, set_pad_token
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
+from losslab.labels import IGNORE_INDEX
 from losslab.eval.ner import ids_to_tags, lenient_tag, ner_report
 from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.plan import LossNeeds, LossPlan
+from losslab.train.task import LossNeeds, LossPlan
 from losslab.train.task import TaskRun
 from losslab.train.tasks.backbone import model_kwargs, set_pad_token
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs, pad
@@ -27,7 +28,6 @@ from losslab.train.tasks.labels import label_id, label_vocabulary
 from losslab.train.tasks.predictions import save_predictions
 from losslab.train.tasks.records import SplitRecords, encode_splits, per_record, read_splits, skipped_records
 
-IGNORE = -100
 LOSS_NEEDS = LossNeeds("token_classification", ({"name": "token_cross_entropy", "weight": 1.0},),
                        frozenset({"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items",
                                   "num_examples"}))
@@ -38,7 +38,7 @@ def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
     (special tokens have word id None)."""
     labels, previous = [], None
     for word in word_ids:
-        labels.append(tag_ids[word] if word is not None and word != previous else IGNORE)
+        labels.append(tag_ids[word] if word is not None and word != previous else IGNORE_INDEX)
         if word is not None:
             previous = word
     return labels
@@ -82,7 +82,7 @@ class TokenCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate_texts([f["encoding"] for f in features], self.pad_id)
-        batch["labels"] = pad([f["labels"] for f in features], IGNORE, torch.long)
+        batch["labels"] = pad([f["labels"] for f in features], IGNORE_INDEX, torch.long)
         return batch
 
 
@@ -97,7 +97,7 @@ def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
 
 def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
     """(sum of cross-entropy, correct, scored) over the labelled positions of a batch."""
-    scored = labels != IGNORE
+    scored = labels != IGNORE_INDEX
     nll = F.cross_entropy(logits[scored].double(), labels[scored], reduction="sum")
     return float(nll), int((logits.argmax(-1)[scored] == labels[scored]).sum()), int(scored.sum())
 

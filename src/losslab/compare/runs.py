@@ -1,4 +1,5 @@
-"""Run every variant x seed of a study, sequentially and resumably.
+"""The runs of a study (:class:`Run`: one variant x seed): planning them, training them one after
+the other and resumably, and reading what each wrote (``log.jsonl``, generations).
 
 Each run lives in ``OUTPUT_DIR/runs/<variant>__seed<k>__<hash>/`` where ``hash`` is a hash of
 its resolved training config: a run whose ``metrics.json`` exists is finished and is not run

@@ -1,4 +1,5 @@
-"""``losslab compare STUDY.yaml``: validate, tune (if asked), run variants x seeds, write results and report.
+"""``losslab compare STUDY.yaml``: a study end to end (validate, tune if asked, run variants x seeds,
+write results and report), and the command's handler.
 
 Order: the whole study is validated first (every variant x seed config); then the tuned
 variants' Optuna studies run on the validation split; then every variant x seed runs
@@ -13,7 +14,7 @@ from pathlib import Path
 from losslab.compare.config import Study, load_study
 from losslab.compare.report import markdown_summary, write_report
 from losslab.compare.results import analyze, write_results
-from losslab.compare.runner import execute, plan
+from losslab.compare.runs import execute, plan
 
 
 def compare(study: Study) -> dict:

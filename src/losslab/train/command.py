@@ -1,0 +1,30 @@
+"""``losslab train CONFIG.yaml [--set key=value ...]``: read and check the config (file, line
+and field in every error), then :func:`losslab.train.run.train`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from losslab.config import read_config
+from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
+from losslab.errors import UserError
+from losslab.eval.report import format_metrics_table
+from losslab.train.config import TrainConfig
+from losslab.train.task import plan_loss
+from losslab.train.run import train
+
+
+def run_train(args: argparse.Namespace) -> int:
+    file = read_config(args.config, args.overrides)
+    config = file.validate(TrainConfig)
+    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
+                     term_where=lambda i: file.where("loss", "terms", str(i)))
+    for split in SPLITS:
+        spec = getattr(config.data, split)
+        if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
+            raise UserError(f"data file not found: {spec}", where=file.where("data", split))
+    metrics = train(config, plan=plan)
+    print(format_metrics_table(metrics))
+    print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
+    return 0
