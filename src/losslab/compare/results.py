@@ -51,9 +51,17 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
     return _finite(out)
 
 
+def _baseline(study: Study) -> str:
+    """The baseline variant's name (CompareConfig's validator sets it: None in the YAML means the first variant)."""
+    baseline = study.config.baseline
+    assert baseline is not None, "CompareConfig was not validated"
+    return baseline
+
+
 def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: str, direction: str) -> dict[str, Any]:
     cfg = study.config
-    diffs = [_diff(by[variant, s].metrics.get(metric), by[cfg.baseline, s].metrics.get(metric)) for s in cfg.seeds]
+    baseline = _baseline(study)
+    diffs = [_diff(by[variant, s].metrics.get(metric), by[baseline, s].metrics.get(metric)) for s in cfg.seeds]
     test = sign_flip_test(diffs)
     better = improvement(test.mean_diff, direction)
     result: dict[str, Any] = {**test.to_dict(), "better": better > 0,
@@ -73,9 +81,10 @@ def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str
     from losslab.eval.generation import sentence_statistics
 
     cfg = study.config
+    baseline = _baseline(study)
     per_seed = []
     for seed in cfg.seeds:
-        base = read_generations(by[cfg.baseline, seed].dir, split)
+        base = read_generations(by[baseline, seed].dir, split)
         other = read_generations(by[variant, seed].dir, split)
         keys = [(g.get("prompt"), g["reference"]) for g in base]
         if not base or keys != [(g.get("prompt"), g["reference"]) for g in other]:
@@ -94,9 +103,10 @@ def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: 
     not line up, or the metric is not built from per-example statistics
     (:func:`losslab.compare.examples.example_stats`)."""
     cfg = study.config
+    baseline = _baseline(study)
     pairs = []
     for seed in cfg.seeds:
-        base_run, other_run = by[cfg.baseline, seed], by[variant, seed]
+        base_run, other_run = by[baseline, seed], by[variant, seed]
         base, other = read_predictions(base_run.dir, split), read_predictions(other_run.dir, split)
         if not base or len(base) != len(other) or kind(base) != kind(other):
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,8 +33,10 @@ class Summary:
         return asdict(self)
 
 
-def summarize(values: list[float], *, confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0) -> Summary:
-    """Mean, std and percentile-bootstrap CI of the mean of ``values`` (NaN entries dropped)."""
+def summarize(
+    values: Sequence[float | None], *, confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0
+) -> Summary:
+    """Mean, std and percentile-bootstrap CI of the mean of ``values`` (None and NaN entries dropped)."""
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if len(x) == 0:
         nan = float("nan")
@@ -61,8 +64,9 @@ class PairedTest:
         return asdict(self)
 
 
-def sign_flip_test(diffs: list[float], *, seed: int = 0) -> PairedTest:
-    """Two-sided paired sign-flip permutation test of mean(diffs) = 0 (exact for n <= 16).
+def sign_flip_test(diffs: Sequence[float | None], *, seed: int = 0) -> PairedTest:
+    """Two-sided paired sign-flip permutation test of mean(diffs) = 0 (exact for n <= 16; None and NaN
+    entries dropped).
 
     ``diffs[s] = variant_s - baseline_s`` (same seed: same data order and head initialisation);
     under H0 each ``d_s`` is as likely to be ``+d_s`` as ``-d_s``, so

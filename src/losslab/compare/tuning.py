@@ -20,9 +20,11 @@ from losslab.eval.report import read_metrics_json
 def suggest(trial: Any, key: str, param: Param) -> Any:
     if param.type == "categorical":
         return trial.suggest_categorical(key, param.choices)
+    low, high = param.low, param.high
+    assert low is not None and high is not None, "Param's validator requires low and high for float/int"
     if param.type == "int":
-        return trial.suggest_int(key, int(param.low), int(param.high), log=param.log)
-    return trial.suggest_float(key, param.low, param.high, log=param.log)
+        return trial.suggest_int(key, int(low), int(high), log=param.log)
+    return trial.suggest_float(key, low, high, log=param.log)
 
 
 def study_name(study: Study, variant: Variant) -> str:
@@ -87,10 +89,11 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
                 if not cfg.keep_checkpoints:
                     drop_checkpoints(folder)
         metrics = read_metrics_json(folder / "metrics.json")
-        if metrics.get(t.metric) is None:
+        value = metrics.get(t.metric)
+        if value is None:
             raise UserError(f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
                             f"(available: {', '.join(k for k in metrics if k.startswith('validation/'))})")
-        return float(metrics[t.metric])
+        return float(value)
 
     left = t.trials - sum(tr.state in finished for tr in ostudy.trials)
     if left > 0:

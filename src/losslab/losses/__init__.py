@@ -1,11 +1,10 @@
 """Loss catalogue: pure functions on tensors, their reductions, composition and schedules."""
 
-from losslab.losses.reduction import reduce_loss
-from losslab.losses.token import sequence_mean, token_cross_entropy
-from losslab.losses.fused import fused_linear_cross_entropy  # noqa: F401  (fused loss head)
 from losslab.losses.composite import CompositeLoss, CompositeOutput, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
+from losslab.losses.fused import fused_linear_cross_entropy  # noqa: F401  (fused loss head)
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
+from losslab.losses.reduction import reduce_loss
 from losslab.losses.registry import LOSSES, build_composite, build_term
 from losslab.losses.regularizers import l2_penalty, l2_sp_penalty, select_parameters, snapshot_parameters
 from losslab.losses.schedules import SCHEDULES, build_schedule, build_weight
@@ -18,6 +17,7 @@ from losslab.losses.sequence import (
     mse_loss,
     multiclass_hinge_loss,
 )
+from losslab.losses.token import sequence_mean, token_cross_entropy
 
 __all__ = ["reduce_loss", "sequence_mean", "token_cross_entropy"]
 __all__ += [

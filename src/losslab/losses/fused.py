@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,6 +100,7 @@ def _row_terms(
     eps, zeta, gamma = f.label_smoothing, f.z_loss, f.focal_gamma
     nll = (lse - z_target).clamp(min=0)
     if eps:
+        assert z_mean is not None, "label smoothing needs the mean logit"
         base = (1.0 - eps) * nll + eps * (lse - z_mean)
     else:
         base = nll
@@ -121,6 +123,10 @@ def _row_terms(
         loss = loss + zeta * lse.square()
         coef_p = coef_p + (2.0 * zeta) * lse
     return loss, coef_p, coef_y, coef_c
+
+
+# hidden (n, d), weight (V, d), bias (V,) or None, targets (n,)
+_HeadInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]
 
 
 @dataclass
@@ -155,17 +161,15 @@ def _head_pass(
     cdtype = compute_dtype(hidden.dtype)
     device = hidden.device
     want = row_scale is not None
-    grad_hidden, grad_weight, grad_bias = (want and grad_hidden), (want and grad_weight), (want and grad_bias)
-    out = _HeadGrads(row_loss=torch.empty(n, dtype=cdtype, device=device))
-    if grad_hidden:
-        out.hidden = torch.empty(n, d, dtype=cdtype, device=device)
-    if grad_weight:
-        out.weight = torch.zeros(vocab, d, dtype=cdtype, device=device)
-    if grad_bias:
-        out.bias = torch.zeros(vocab, dtype=cdtype, device=device)
+    # the gradients wanted (None: not computed)
+    g_hidden = torch.empty(n, d, dtype=cdtype, device=device) if want and grad_hidden else None
+    g_weight = torch.zeros(vocab, d, dtype=cdtype, device=device) if want and grad_weight else None
+    g_bias = torch.zeros(vocab, dtype=cdtype, device=device) if want and grad_bias else None
+    row_loss = torch.empty(n, dtype=cdtype, device=device)
+    out = _HeadGrads(row_loss=row_loss, hidden=g_hidden, weight=g_weight, bias=g_bias)
     if n == 0:
-        if grad_hidden:
-            out.hidden.zero_()
+        if g_hidden is not None:
+            g_hidden.zero_()
         return out
 
     w_cast = weight.dtype != cdtype
@@ -217,44 +221,44 @@ def _head_pass(
         z_mean = h_c @ w_mean + b_mean if smoothing else None
         loss, coef_p, coef_y, coef_c = _row_terms(lse, z_target, z_mean, vocab, formula)
         out.row_loss[s:e] = loss
-        if not want:
+        if row_scale is None:
             continue
         scale = row_scale[s:e]
         coef_p, coef_y = coef_p * scale, coef_y * scale
-        # 3. gradient: dz = A p - C e_y - B, p_t = E_t * exp(m_t - lse)
-        if grad_hidden:
-            g_h = out.hidden[s:e]
+        # 3. gradient: dz = A p - C e_y - B, p_t = E_t * exp(m_t - lse); coef_c (B) is not None with smoothing
+        if g_hidden is not None:
+            g_h = g_hidden[s:e]
             torch.mul(w_y, (-coef_y).unsqueeze(1), out=g_h)
-            if smoothing:
+            if coef_c is not None:
                 g_h.sub_(torch.outer(coef_c * scale, w_sum))
         for t, ((v0, v1), z) in enumerate(zip(bounds, tiles)):
             row_factor = coef_p * torch.exp(maxes[t] - lse)  # (r,)
             w_t = weight_tile(v0, v1)
-            if grad_hidden:
+            if g_hidden is not None:
                 g_h.addcmul_(z @ w_t, row_factor.unsqueeze(1))
-            if grad_weight:
-                out.weight[v0:v1].addmm_(z.T, h_c * row_factor.unsqueeze(1))
-            if grad_bias:  # a cascade sum: closer to the reference than addmv_
-                out.bias[v0:v1].add_(torch.sum(z * row_factor.unsqueeze(1), dim=0))
-        if grad_weight:
-            out.weight.index_add_(0, y_c, h_c * (-coef_y).unsqueeze(1))
-        if grad_bias:
-            out.bias.index_add_(0, y_c, -coef_y)
-        if smoothing:
+            if g_weight is not None:
+                g_weight[v0:v1].addmm_(z.T, h_c * row_factor.unsqueeze(1))
+            if g_bias is not None:  # a cascade sum: closer to the reference than addmv_
+                g_bias[v0:v1].add_(torch.sum(z * row_factor.unsqueeze(1), dim=0))
+        if g_weight is not None:
+            g_weight.index_add_(0, y_c, h_c * (-coef_y).unsqueeze(1))
+        if g_bias is not None:
+            g_bias.index_add_(0, y_c, -coef_y)
+        if coef_c is not None:
             coef_c = coef_c * scale
-            if grad_weight:
+            if g_weight is not None:
                 rank_one_w.add_(coef_c @ h_c)
-            if grad_bias:
+            if g_bias is not None:
                 rank_one_b.add_(coef_c.sum())
-    if want and smoothing:
-        if grad_weight:
-            out.weight.sub_(rank_one_w)
-        if grad_bias:
-            out.bias.sub_(rank_one_b)
+    if smoothing:
+        if g_weight is not None:
+            g_weight.sub_(rank_one_w)
+        if g_bias is not None:
+            g_bias.sub_(rank_one_b)
     return out
 
 
-def _without_autocast(device: torch.device) -> AbstractContextManager:
+def _without_autocast(device: torch.device) -> AbstractContextManager[object]:
     """Autocast switched off on ``device``: it would compute ``z_y`` and the gradient matmuls
     in 16 bits against a float32 ``lse`` (losses off by 0.2 for confident tokens), where the
     head computes in its own compute dtype, forward and backward."""
@@ -272,20 +276,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     with the per-token upstream gradient as ``row_scale``.
     """
 
+    # ctx: torch's FunctionCtx, with this class's own attributes (formula, chunk_size, dtypes, scalar, grads)
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, row_scale, formula, chunk_size):
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        row_scale: torch.Tensor | None,
+        formula: _Formula,
+        chunk_size: int | None,
+    ) -> torch.Tensor:
         ctx.formula, ctx.chunk_size = formula, chunk_size
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.scalar = row_scale is not None
         ctx.save_for_backward(hidden, weight, bias, targets, row_scale)
-        if not ctx.scalar:
+        if row_scale is None:
             ctx.grads = None
             return _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), None).row_loss
-        ctx.grads = _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), row_scale.detach())
-        return (row_scale.detach() * ctx.grads.row_loss).sum()
+        grads = ctx.grads = _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), row_scale.detach())
+        return (row_scale.detach() * grads.row_loss).sum()
 
     @staticmethod
-    def _pass(ctx, inputs: tuple, row_scale: torch.Tensor | None) -> _HeadGrads:
+    def _pass(ctx: Any, inputs: _HeadInputs, row_scale: torch.Tensor | None) -> _HeadGrads:
         hidden, weight, bias, targets = inputs
         needs = ctx.needs_input_grad
         with _without_autocast(hidden.device):
@@ -294,9 +308,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        res: _HeadGrads | None
         res, ctx.grads = ctx.grads, None  # release: autograd adopts the buffers without a copy
-        *inputs, row_scale = ctx.saved_tensors
+        hidden, weight, bias, targets, row_scale = ctx.saved_tensors
+        inputs = (hidden, weight, bias, targets)
         if ctx.scalar:
             if res is None:  # second backward through a retained graph
                 res = _FusedLinearCrossEntropy._pass(ctx, inputs, row_scale.detach())
@@ -306,7 +322,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         else:
             res = _FusedLinearCrossEntropy._pass(ctx, inputs, grad_out.to(compute_dtype(ctx.dtypes[0])))
             unit, grad_row_scale = True, None
-        grads = []
+        grads: list[torch.Tensor | None] = []
         for g, dtype in zip((res.hidden, res.weight, res.bias), ctx.dtypes):
             if g is not None:
                 if not unit:
@@ -325,7 +341,7 @@ def _reduction_scale(
     (``reduce_loss`` and ``sequence_mean`` written as weights; the tests hold them equal)."""
     check_count(num_items)
 
-    def count(value, default):
+    def count(value: int | float | torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
         n = default if value is None else value
         return torch.as_tensor(n, dtype=dtype, device=mask.device).clamp(min=1)
 
@@ -397,7 +413,7 @@ def fused_linear_cross_entropy(
     weights = token_weights.to(cdtype) if token_weights is not None else None
 
     if reduction == "none":
-        row_loss = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, None, formula, chunk_size)
+        row_loss: torch.Tensor = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, None, formula, chunk_size)
         per_token = row_loss if all_kept else row_loss.new_zeros(flat_hidden.shape[0]).index_copy(0, keep, row_loss)
         per_token = per_token.reshape(labels.shape)
         if weights is None:
@@ -415,7 +431,8 @@ def fused_linear_cross_entropy(
         # no graph will be recorded (evaluation): the scalar path would compute the gradients
         row_loss = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, None, formula, chunk_size)
         return (row_scale * row_loss).sum()
-    return _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, row_scale, formula, chunk_size)
+    loss: torch.Tensor = _FusedLinearCrossEntropy.apply(rows, weight, bias, targets, row_scale, formula, chunk_size)
+    return loss
 
 
 __all__ = ["default_chunk_size", "fused_linear_cross_entropy"]

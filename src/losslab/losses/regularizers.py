@@ -38,6 +38,7 @@ def select_parameters(
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include and exclude are lists of patterns, not single strings")
+    named: list[tuple[str, torch.Tensor]]
     if isinstance(params, nn.Module):
         named = list(params.named_parameters())
     elif isinstance(params, Mapping):
