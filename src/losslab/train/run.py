@@ -87,7 +87,7 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
 
     from losslab.train.hooks import EvaluationHookCallback
     from losslab.train.guard import Interrupted, keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints, stop_on_signals
-    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
+    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer, WholeRunTrainLossCallback
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def train(config: TrainConfig, *, on_evaluate: EvaluationHook | None = None) -> 
     if config.dtype == "bfloat16" and args.process_index == 0:
         print("note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
               "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on")
-    callbacks = [LossTermsCallback(loss_func), JsonlLogCallback(out / "log.jsonl")]
+    callbacks = [LossTermsCallback(loss_func), WholeRunTrainLossCallback(), JsonlLogCallback(out / "log.jsonl")]
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     if on_evaluate is not None and has_eval:

@@ -54,6 +54,15 @@ def mask_config(data: DataConfig) -> MaskConfig:
                       on_error=data.on_error, kind=data.format)
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["loss", "perplexity", "n_tokens"]
+    if config.eval.generate:
+        names += ["bleu", "chrf", "distinct_1", "distinct_2"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def check_loss(config: TrainConfig) -> None:
     """A term this task cannot feed (e.g. ``bradley_terry``) is a ``UserError``."""
     problems = build_composite(config.loss.terms, total_steps=1, where="loss.terms").missing_inputs(LOGIT_FIELDS | {"hidden_states"})

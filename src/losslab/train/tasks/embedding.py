@@ -210,6 +210,13 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id:
     return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = [*(f"recall@{k}" for k in config.embedding.recall_at), "mrr", "candidates"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def check_loss(config: TrainConfig) -> None:
     """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
     plan_loss(config, "embedding", DEFAULT_TERMS, PROVIDES)

@@ -131,6 +131,13 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
     return namespace(scores(chosen_all, rejected_all), split)
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["pairwise_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "loss"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def check_loss(config: TrainConfig) -> None:
     """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
     plan_loss(config, "reward_model", DEFAULT_TERMS, PROVIDES)

@@ -173,6 +173,16 @@ def check_tags(tags: list[str], train: SplitRecords) -> None:
                     "Convert BILOU tags (U- -> S-, L- -> E-) and IO tags (TYPE -> I-TYPE)", where=where)
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``;
+    a name ending in ``/*`` stands for one name per entity type, known from the data
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["token_accuracy", "loss",
+             *(f"{score}_{avg}" for avg in ("micro", "macro", "weighted") for score in ("precision", "recall", "f1")),
+             *(f"{score}/*" for score in ("precision", "recall", "f1", "support"))]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def check_loss(config: TrainConfig) -> None:
     """A term this task cannot feed is a ``UserError`` (see :func:`plan_loss`)."""
     plan_loss(config, "token_classification", DEFAULT_TERMS, PROVIDES)
