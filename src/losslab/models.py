@@ -176,6 +176,9 @@ def resolve(name: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"model path {name!r} is not a directory with a config.json")
+        if not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")):
+            raise UserError(f"model path {name!r} is a directory without a model or tokenizer in it "
+                            "(no config.json, tokenizer_config.json or tokenizer.json)")
         return str(path)
     return name  # a hub id: works only where a hub is reachable
 
