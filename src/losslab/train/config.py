@@ -45,6 +45,13 @@ class DataConfig(_Section):
     use_margin: bool = Field(True, description="reward_model: pass each pair's `margin` to the loss (e.g. Bradley-Terry with margin) when records have one")
 
 
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _named(cls, spec: str | None) -> str | None:
+        if spec is not None and not spec.strip():
+            raise ValueError("an empty name; give a records file or builtin:NAME")
+        return spec
+
     @field_validator("template")
     @classmethod
     def _template(cls, template: str | None) -> str | None:
