@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from losslab import __version__
 from losslab.errors import UserError
@@ -32,6 +33,90 @@ def _lazy(module: str, function: str) -> Handler:
         return int(getattr(importlib.import_module(module), function)(args) or 0)
 
     return run
+
+
+# ---- option types (a bad value: exit 2, "argument --NAME: ...") and path checks (see check_paths) ----
+
+MAX_INT = 2**31 - 1  # sizes and counts past this are never meant (and overflow tensor indices)
+
+
+def _int_in(low: int, high: int = MAX_INT) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            bound = f">= {low}" if high == MAX_INT else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _input_file(text: str) -> str:
+    """An existing, readable file."""
+    path = Path(text).expanduser()
+    if not text or not path.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {text!r}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file" if path.is_dir() else f"{text!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not readable")
+    return text
+
+
+def _template(text: str) -> str:
+    """A Jinja chat template file (or template text), compiled here: a syntax error names the line."""
+    from losslab.masking.render import load_template
+
+    try:
+        load_template(text if "{{" in text or "{%" in text else _input_file(text))
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _output_file(text: str) -> str:
+    """A file to write: not a directory, in an existing writable directory."""
+    path = Path(text).expanduser()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    return text
+
+
+def _output_dir(text: str) -> str:
+    """A folder to write into: an existing one, or one that can be created."""
+    from losslab.config import output_dir_problem
+
+    problem = output_dir_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -63,13 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
     p.add_argument("--prompt-style", default="chat_template", help="instruction records: alpaca | chat_template")
     p.add_argument("--no-mask-prompt", action="store_true", help="train the prompt too: instruction records train prompt and response, chats train every turn (mask all)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate samples to this many tokens")
+    p.add_argument("--max-length", type=_int_in(1), default=None, help="truncate samples to this many tokens")
     p.add_argument("--truncation", default="end", choices=["end", "start"], help="which end of a sample to drop when it is too long ('end' keeps the start)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad records: stop with an error, or skip and count them")
     p.add_argument("--role-weight", action="append", default=None, metavar="ROLE=W", help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="text format: highlight trained tokens with ANSI colours")
-    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect"))
+    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect", "inspect"),
+                   path_checks={"data": _input_file, "--out": _output_file, "--template": _template})
 
     for name, what, module in (
         ("train", "fine-tune a model from a YAML config", "losslab.train.command"),
@@ -78,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what, formatter_class=_formatter)
         p.add_argument("config", help="YAML config file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
-        p.set_defaults(handler=_lazy(module, f"run_{name}"))
+        p.set_defaults(handler=_lazy(module, f"run_{name}", name), path_checks={"config": _input_file})
 
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -87,15 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="fused loss head vs plain logits + cross-entropy vs PyTorch's chunked path (time, peak memory)",
         formatter_class=_formatter,
     )
-    p.add_argument("--tokens", type=int, default=4096, help="N, tokens per batch")
-    p.add_argument("--hidden", type=int, default=576, help="d, hidden size")
-    p.add_argument("--vocab", type=int, default=49152, help="V, vocabulary size")
-    p.add_argument("--ignored-fraction", type=float, default=0.0, help="fraction of labels set to ignore_index (the all-valid case always runs as well)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per method (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per method before the timed ones")
+    p.add_argument("--tokens", type=_int_in(1), default=4096, help="N, tokens per batch")
+    p.add_argument("--hidden", type=_int_in(1), default=576, help="d, hidden size")
+    p.add_argument("--vocab", type=_int_in(1), default=49152, help="V, vocabulary size")
+    p.add_argument("--ignored-fraction", type=_fraction, default=0.0, help="fraction of labels set to ignore_index (the all-valid case always runs as well)")
+    p.add_argument("--repeats", type=_int_in(1), default=3, help="timed repetitions per method (median reported)")
+    p.add_argument("--warmup", type=_int_in(0), default=1, help="untimed runs per method before the timed ones")
     p.add_argument("--options", nargs="+", default=["plain", "label_smoothing", "focal", "z_loss", "token_weights"], help="loss options to run")
     p.add_argument("--methods", nargs="+", default=["plain", "torch_chunked", "losslab"], help="methods to run (also: liger, on CUDA with liger_kernel installed)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="input dtype")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(handler=_lazy("losslab.losses.bench", "run_bench_loss_head"))
@@ -110,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: $LOSSLAB_CACHE/data or ~/.cache/losslab/data)")
     p.add_argument("--only", action="append", default=None, help="prepare only this dataset (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild even if the files exist")
-    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare"))
+    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare", "data prepare"), path_checks={"--out": _output_dir})
     return parser
 
 
@@ -118,9 +204,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_paths(args)
         return args.handler(args)
     except UserError as exc:
         print(f"losslab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # only on a path the user named (checked above, changed since): others are internal errors
+        path = _user_path(exc, args)
+        if path is None:
+            raise
+        print(f"losslab: error: {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         status = getattr(exc, "exit_status", 130)  # 143 after SIGTERM
@@ -135,6 +228,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
         return status
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The paths on the command line (the subcommand's ``path_checks``): a ``UserError`` naming the
+    option. Run after parsing, before any work (not as argparse types: parsing stays pure syntax)."""
+    for option, check in getattr(args, "path_checks", {}).items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        if value is not None:
+            try:
+                check(value)
+            except argparse.ArgumentTypeError as exc:
+                raise UserError(f"argument {option}: {exc}") from None
+
+
+def _user_path(exc: OSError, args: argparse.Namespace) -> str | None:
+    """The path of ``exc`` when it is one the command line named (or lies inside one), else None."""
+    named = [Path(v).expanduser().absolute() for k, v in vars(args).items()
+             if k in ("data", "config", "out", "template") and isinstance(v, str) and v]
+    for filename in (exc.filename, exc.filename2):
+        if isinstance(filename, (str, os.PathLike)):
+            path = Path(filename).absolute()
+            if any(path == p or path.is_relative_to(p) for p in named):
+                return str(filename)
+    return None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ module only knows YAML and pydantic.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,3 +163,23 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> ConfigF
 def load_config(schema: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
     """Load, override and validate a YAML config before any work starts."""
     return read_config(path, overrides).validate(schema)
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an output folder (an existing file, under a file, not writable),
+    or None when it is one or can be created."""
+    if not path:
+        return "an empty path; give a folder"
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        return f"{path!r} exists and is not a folder"
+    existing = target
+    while not existing.exists():  # the nearest existing folder, where mkdir would start
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{path!r} cannot be created: {str(existing)!r} is a file, not a folder"
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{path!r}: {str(existing)!r} is not writable"
+    return None

@@ -201,6 +201,10 @@ def _loading(name: str) -> Iterator[None]:
         yield
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
+            path = Path(name).expanduser()
+            if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")):
+                raise UserError(f"model path {name!r} is a directory without a model or tokenizer in it "
+                                "(no config.json, tokenizer_config.json or tokenizer.json)") from None
             raise
         raise UserError(f"model {name!r} ships its own Python code (auto_map in its config); losslab does not run "
                         "it unless the config sets trust_remote_code: true (read the code first)") from None

@@ -219,6 +219,10 @@ def test_interruptions_then_rerun_resume_to_the_same_metrics(tmp_path: Path) -> 
     logged = {run: [r for r in rows(tmp_path / run / "log.jsonl") if "loss" in r] for run in ("straight", "killed")}
     assert [r["step"] for r in logged["killed"]] == [r["step"] for r in logged["straight"]] == list(range(1, 7))
     assert [r["loss"] for r in logged["killed"]] == pytest.approx([r["loss"] for r in logged["straight"]], rel=1e-6)
+    # the closing train_loss row: the mean over every step of the run, not over the steps since the restart
+    closing = {run: [r for r in rows(tmp_path / run / "log.jsonl") if "train_loss" in r][-1] for run in ("straight", "killed")}
+    assert closing["killed"]["step"] == closing["straight"]["step"] == 6
+    assert closing["killed"]["train_loss"] == pytest.approx(closing["straight"]["train_loss"], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from losslab.train.run import train
 def test_the_registry_is_the_one_list_of_tasks() -> None:
     for name in tasks.TASKS:
         task = get_task(name)
-        for function in ("loss_needs", "build"):
+        for function in ("loss_needs", "metric_names", "build"):
             assert callable(getattr(task, function)), (name, function)
         TrainConfig(task=name, output_dir="unused", data={"train": "unused"})
     with pytest.raises(ValidationError, match="unknown task 'translation'; choose one of: causal_lm, sequence_classification"):

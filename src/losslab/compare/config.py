@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from losslab.config import load_yaml, read_config, validate
+from losslab.config import ConfigFile, load_yaml, read_config, validate
 from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.files import hash_file
 from losslab.train.config import TrainConfig
-from losslab.train.task import plan_loss
+from losslab.train.task import get_task, plan_loss
 
 
 class _Section(BaseModel):
@@ -105,6 +105,16 @@ class CompareConfig(_Section):
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
     keep_checkpoints: bool = Field(False, description="keep the checkpoint-* folders of finished runs and tuning trials "
                                    "(default: deleted once a run has its metrics.json or a trial has ended; model/ is kept)")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, output_dir: str) -> str:
+        from losslab.config import output_dir_problem
+
+        problem = output_dir_problem(output_dir)
+        if problem:
+            raise ValueError(problem)
+        return output_dir
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:
@@ -272,4 +282,33 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:
                 raise UserError(f"metric {metric.name!r}: variant {variant.name!r} does not evaluate the {split} split "
                                 f"(eval.splits: {trained.eval.splits})", where=str(path))
+        check_metric_names(file, config, variant, trained)
     return study
+
+
+# what ``losslab train`` adds to every task's metrics.json (losslab.train.run.train)
+RUN_METRICS = frozenset({"train/steps", "train/nonfinite_steps"})
+
+
+def produced_metrics(config: TrainConfig) -> set[str]:
+    """The metrics.json names a run of ``config`` writes (``split/*``: one per class or entity type)."""
+    return set(RUN_METRICS) | get_task(config.task).metric_names(config)
+
+
+def metric_matches(name: str, produced: set[str]) -> bool:
+    """``name`` is one of ``produced``, or fills a ``prefix/*`` entry of it."""
+    return name in produced or any(p.endswith("/*") and name.startswith(p[:-1]) and len(name) > len(p) - 1
+                                   for p in produced)
+
+
+def check_metric_names(file: ConfigFile, config: CompareConfig, variant: Variant, trained: TrainConfig) -> None:
+    """Every metric the study compares (and tunes on) is one the variant's runs write: a typo is
+    found before the first run, not after the last."""
+    produced = produced_metrics(trained)
+    wanted = [(metric.name, ("metrics", str(i), "name")) for i, metric in enumerate(config.metrics)]
+    if variant.tune:
+        wanted.append((config.tuning.metric, ("tuning", "metric")))
+    for name, loc in wanted:
+        if not metric_matches(name, produced):
+            raise UserError(f"metric {name!r} is not produced by variant {variant.name!r} (task {trained.task}); "
+                            f"its runs give: {', '.join(sorted(produced))}", where=file.where(*loc))

@@ -383,8 +383,14 @@ def run_bench_loss_head(args: argparse.Namespace) -> int:
             raise UserError(f"--methods: unknown method {name!r}; choose from {', '.join(METHODS)}")
     if any(not 0 <= f < 1 for f in fractions):
         raise UserError("--ignored-fraction: each value must be in [0, 1)")
+    for name in ("tokens", "hidden", "vocab", "repeats"):  # also checked by the CLI's option types
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "warmup", 1) < 0:
+        raise UserError(f"--warmup: must be >= 0, got {args.warmup}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    check_memory(args.tokens, args.hidden, args.vocab, methods, args.device, args.dtype)
     report = bench_loss_head(
         tokens=args.tokens, hidden=args.hidden, vocab=args.vocab, ignored_fractions=tuple(fractions),
         options=options, methods=methods, repeats=args.repeats, warmup=getattr(args, "warmup", 1),
@@ -392,7 +398,30 @@ def run_bench_loss_head(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps(report, indent=1) if args.json else format_table(report))
+    failed = [r for r in report["results"] if r.get("error")]
+    if failed:
+        print(f"losslab bench: {len(failed)} of {len(report['results'])} cases failed (see the table)", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_memory(tokens: int, hidden: int, vocab: int, methods: tuple[str, ...], device: str, dtype: str) -> None:
+    """``UserError`` naming the options when one case's inputs (and the plain method's N x V logits,
+    with their gradients) cannot fit in the device's memory."""
+    from losslab.errors import UserError
+
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    need = 2 * (tokens + vocab) * hidden * size  # h and W with their gradients
+    if "plain" in methods:
+        need += 2 * tokens * vocab * size
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(f"--tokens {tokens} --hidden {hidden} --vocab {vocab}: one case needs about {need / 2**30:.1f} GiB"
+                        f"{' (the plain method holds the N x V logits and their gradient)' if 'plain' in methods else ''}, "
+                        f"more than the {have / 2**30:.1f} GiB of {device}; choose smaller sizes")
 
 
 if __name__ == "__main__":  # worker: one case, the result as one JSON line

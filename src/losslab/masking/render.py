@@ -63,22 +63,38 @@ Message = Mapping[str, Any]  # {"role": str, "content": str, ...}
 
 
 def load_template(template: str | Path) -> str:
-    """A chat template: the Jinja text itself (anything containing ``{{`` or ``{%``) or a file."""
+    """A chat template: the Jinja text itself (anything containing ``{{`` or ``{%``) or a file.
+
+    A file is compiled here, so a syntax error names the file and line (``UserError``)."""
     if isinstance(template, str) and ("{{" in template or "{%" in template):
         return template
     path = Path(template).expanduser()
     if not path.is_file():
         raise UserError(f"chat template file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"chat template is not UTF-8 (byte {exc.start + 1})", where=f"{path}:{line}") from None
+    _compile(source, origin=str(path))
+    return source
 
 
-def _compile(source: str) -> Any:
+def _compile(source: str, origin: str | None = None) -> Any:
     # transformers' own sandboxed environment (trim_blocks, lstrip_blocks, loopcontrols,
     # raise_exception, tojson, strftime_now), cached by template text, so that the text
     # rendered here is exactly what ``tokenizer.apply_chat_template`` produces (tested).
+    # A template is untrusted input: a syntax error is a UserError naming ``origin`` (the
+    # template's file) and the line.
+    from jinja2 import TemplateSyntaxError
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    return _compile_jinja_template(source)
+    try:
+        return _compile_jinja_template(source)
+    except TemplateSyntaxError as exc:  # TemplateAssertionError too (an unknown filter or test)
+        where = f"{origin}:{exc.lineno}" if origin else f"the chat template, line {exc.lineno}"
+        raise UserError(f"invalid Jinja chat template: {exc.message}", where=where) from None
 
 
 class ChatTemplate:

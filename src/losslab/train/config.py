@@ -45,6 +45,28 @@ class DataConfig(_Section):
     use_margin: bool = Field(True, description="reward_model: pass each pair's `margin` to the loss (e.g. Bradley-Terry with margin) when records have one")
 
 
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _named(cls, spec: str | None) -> str | None:
+        if spec is not None and not spec.strip():
+            raise ValueError("an empty name; give a records file or builtin:NAME")
+        return spec
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        """A template file must exist and compile (a syntax error names its file and line)."""
+        if template is not None:
+            from losslab.errors import UserError
+            from losslab.masking.render import load_template
+
+            try:
+                load_template(template)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return template
+
+
 class LossConfig(_Section):
     terms: list[dict[str, Any]] | None = Field(
         None,
@@ -140,6 +162,15 @@ class TrainConfig(_Section):
         if value not in TASKS:
             raise ValueError(f"unknown task {value!r}; choose one of: {', '.join(TASKS)}")
         return value
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, output_dir: str) -> str:
+        from losslab.config import output_dir_problem
+
+        problem = output_dir_problem(output_dir)
+        if problem:
+            raise ValueError(problem)
+        return output_dir
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -90,7 +90,7 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     from losslab.train.hooks import EvaluationHookCallback
     from losslab.train.checkpoints import keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints
     from losslab.train.signals import Interrupted, stop_on_signals
-    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
+    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer, WholeRunTrainLossCallback
 
     plan = plan or plan_loss(config)  # before any model or data is loaded
     out = Path(config.output_dir)
@@ -108,7 +108,7 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     if config.dtype == "bfloat16" and args.process_index == 0:
         print("note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
               "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on")
-    callbacks = [LossTermsCallback(loss_func), JsonlLogCallback(out / "log.jsonl")]
+    callbacks = [LossTermsCallback(loss_func), WholeRunTrainLossCallback(), JsonlLogCallback(out / "log.jsonl")]
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     if on_evaluate is not None and has_eval:

@@ -43,6 +43,35 @@ class LossTermsCallback(TrainerCallback):
             state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})
 
 
+class WholeRunTrainLossCallback(TrainerCallback):
+    """Makes the closing ``train_loss`` log the mean loss over every step of the run, after a resume too.
+
+    On a resume the Trainer restarts its running loss total at 0 and divides by the steps since
+    the restart; the steps before it are added back from the checkpoint's log history (each
+    ``loss`` row is the mean over its logging interval). Exact with ``logging_steps: 1``; with
+    larger intervals, the steps between the last log and the checkpoint are not in the history.
+    Goes before :class:`JsonlLogCallback` in the callback list, so log.jsonl gets the whole-run value."""
+
+    def __init__(self) -> None:
+        self.resumed_at = 0
+        self.resumed_total = 0.0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.resumed_at, self.resumed_total, last = state.global_step, 0.0, 0
+        for row in state.log_history:
+            if "loss" in row and last < row.get("step", 0) <= self.resumed_at:
+                self.resumed_total += row["loss"] * (row["step"] - last)
+                last = row["step"]
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+        if not logs or "train_loss" not in logs or not self.resumed_at or not state.global_step:
+            return
+        since = state.global_step - self.resumed_at
+        logs["train_loss"] = (self.resumed_total + logs["train_loss"] * since) / state.global_step
+        if state.log_history and "train_loss" in state.log_history[-1]:
+            state.log_history[-1]["train_loss"] = logs["train_loss"]
+
+
 class JsonlLogCallback(TrainerCallback):
     """Appends every log line (loss terms, learning rate, grad norm, eval metrics) to ``log.jsonl``."""
 

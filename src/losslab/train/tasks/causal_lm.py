@@ -55,6 +55,15 @@ def loss_needs(config: TrainConfig) -> LossNeeds:
     return LOSS_NEEDS
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["loss", "perplexity", "n_tokens"]
+    if config.eval.generate:
+        names += ["bleu", "chrf", "distinct_1", "distinct_2"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     data = config.data

@@ -178,6 +178,13 @@ def loss_needs(config: TrainConfig) -> LossNeeds:
     return LOSS_NEEDS
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = [*(f"recall@{k}" for k in config.embedding.recall_at), "mrr", "candidates"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModel
 

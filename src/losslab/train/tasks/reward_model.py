@@ -102,6 +102,13 @@ def loss_needs(config: TrainConfig) -> LossNeeds:
     return LOSS_NEEDS
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["pairwise_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "loss"]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 

@@ -185,6 +185,21 @@ def loss_needs(config: TrainConfig) -> LossNeeds:
     return LossNeeds(f"sequence_classification ({label_type})", DEFAULT_TERMS[label_type], PROVIDES[label_type])
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``;
+    a name ending in ``/*`` stands for one name per class, known from the data
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    label_type = detect_label_type(config)
+    if label_type == "regression":
+        names = ["mse", "rmse", "mae", "pearson", "spearman"]
+    else:
+        averages = ("micro", "macro", "weighted") if label_type == "multi_label" else ("macro", "weighted")
+        extra = ["subset_accuracy", "hamming_loss"] if label_type == "multi_label" else ["accuracy"]
+        names = [*extra, "loss", *(f"{score}_{avg}" for avg in averages for score in ("precision", "recall", "f1")),
+                 *(f"{score}/*" for score in ("precision", "recall", "f1", "support"))]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForSequenceClassification
 

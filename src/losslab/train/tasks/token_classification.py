@@ -142,6 +142,16 @@ def loss_needs(config: TrainConfig) -> LossNeeds:
     return LOSS_NEEDS
 
 
+def metric_names(config: TrainConfig) -> set[str]:
+    """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``;
+    a name ending in ``/*`` stands for one name per entity type, known from the data
+    (checked against a real evaluation by tests/train/test_metric_names.py)."""
+    names = ["token_accuracy", "loss",
+             *(f"{score}_{avg}" for avg in ("micro", "macro", "weighted") for score in ("precision", "recall", "f1")),
+             *(f"{score}/*" for score in ("precision", "recall", "f1", "support"))]
+    return {f"{split}/{name}" for split in config.eval.splits for name in names}
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModelForTokenClassification
 
