@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad records: stop with an error, or skip and count them")
     p.add_argument("--role-weight", action="append", default=None, metavar="ROLE=W", help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="text format: highlight trained tokens with ANSI colours")
-    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect", "inspect"),
+    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect"),
                    path_checks={"data": _input_file, "--out": _output_file, "--template": _template})
 
     for name, what, module in (
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what, description=what, formatter_class=_formatter)
         p.add_argument("config", help="YAML config file")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
-        p.set_defaults(handler=_lazy(module, f"run_{name}", name), path_checks={"config": _input_file})
+        p.set_defaults(handler=_lazy(module, f"run_{name}"), path_checks={"config": _input_file})
 
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: $LOSSLAB_CACHE/data or ~/.cache/losslab/data)")
     p.add_argument("--only", action="append", default=None, help="prepare only this dataset (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild even if the files exist")
-    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare", "data prepare"), path_checks={"--out": _output_dir})
+    p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare"), path_checks={"--out": _output_dir})
     return parser
 
 

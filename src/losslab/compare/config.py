@@ -173,6 +173,7 @@ class Study:
 def corner(param: Param, bound: str) -> Any:
     """The ``low`` or ``high`` end of a parameter (first / last choice of a categorical)."""
     if param.type == "categorical":
+        assert param.choices is not None  # (the Param validator requires them for categorical)
         return param.choices[0 if bound == "low" else -1]
     value = getattr(param, bound)
     return int(value) if param.type == "int" else value
@@ -305,7 +306,8 @@ def check_metric_names(file: ConfigFile, config: CompareConfig, variant: Variant
     """Every metric the study compares (and tunes on) is one the variant's runs write: a typo is
     found before the first run, not after the last."""
     produced = produced_metrics(trained)
-    wanted = [(metric.name, ("metrics", str(i), "name")) for i, metric in enumerate(config.metrics)]
+    wanted: list[tuple[str, tuple[str, ...]]] = [(metric.name, ("metrics", str(i), "name"))
+                                                 for i, metric in enumerate(config.metrics)]
     if variant.tune:
         wanted.append((config.tuning.metric, ("tuning", "metric")))
     for name, loc in wanted:

@@ -28,12 +28,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from losslab.labels import IGNORE_INDEX
 
-OPTIONS: dict[str, dict] = {
+OPTIONS: dict[str, dict[str, Any]] = {
     "plain": {},
     "label_smoothing": {"label_smoothing": 0.1},
     "focal": {"focal_gamma": 2.0},
@@ -78,7 +79,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _loss_fn(method: str, option: str, h, w, labels, token_weights) -> Callable[[], torch.Tensor] | None:
+def _loss_fn(method: str, option: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+             token_weights: torch.Tensor | None) -> Callable[[], torch.Tensor] | None:
     """The forward of one method for one option, or None where the method has no such option."""
     import torch.nn.functional as F
 
@@ -89,6 +91,7 @@ def _loss_fn(method: str, option: str, h, w, labels, token_weights) -> Callable[
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def weighted(per_token: torch.Tensor) -> torch.Tensor:
+        assert token_weights is not None  # (only the token_weights option calls it)
         return (per_token.float() * token_weights).sum() / count
 
     if method == "losslab":
@@ -120,7 +123,7 @@ def _loss_fn(method: str, option: str, h, w, labels, token_weights) -> Callable[
     raise ValueError(f"unknown method {method!r}")
 
 
-def run_case(spec: dict) -> dict:
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the inputs, run one method on one option ``warmup + repeats`` times, measure."""
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
@@ -143,13 +146,14 @@ def run_case(spec: dict) -> dict:
     # warm the libraries up on a tiny problem, outside the measurement
     small = _loss_fn(spec["method"], spec["option"], h[:8].detach().requires_grad_(), w[:64].detach().requires_grad_(),
                      labels[:8].clamp(max=63), token_weights[:8] if token_weights is not None else None)
-    small().backward()
+    assert small is not None  # (the same method and option as fn)
+    small().backward()  # type: ignore[no-untyped-call]
 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        cuda_base = torch.cuda.memory_allocated()
     else:
         reset = _reset_peak_rss()
         base = _rss_mb("VmRSS")
@@ -158,7 +162,7 @@ def run_case(spec: dict) -> dict:
     for i in range(spec["warmup"] + spec["repeats"]):
         h.grad = w.grad = None
         t0, c0 = time.perf_counter(), time.process_time()
-        fn().backward()
+        fn().backward()  # type: ignore[no-untyped-call]
         if cuda:
             torch.cuda.synchronize()
         t1, c1 = time.perf_counter(), time.process_time()
@@ -166,7 +170,7 @@ def run_case(spec: dict) -> dict:
             times.append(t1 - t0)
             cpu_times.append(c1 - c0)
     if cuda:
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        peak_mb = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     else:
         peak = _rss_mb("VmHWM")
         peak_mb = peak - base if (peak is not None and base is not None and reset) else float("nan")
@@ -185,7 +189,7 @@ def run_case(spec: dict) -> dict:
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def _run_in_subprocess(spec: dict, timeout: float) -> dict:
+def _run_in_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "losslab.losses.bench", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -195,10 +199,11 @@ def _run_in_subprocess(spec: dict, timeout: float) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**_case_key(spec), "supported": True, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
-def _case_key(spec: dict) -> dict:
+def _case_key(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: spec[k] for k in ("method", "option", "ignored_fraction")}
 
 
@@ -208,12 +213,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def compare(results: list[dict]) -> tuple[list[dict], list[dict]]:
+def compare(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Ratios of each row against the same run's plain / torch_chunked (same option, same
     fraction), and the acceptance checks of the fused head."""
     ok = {(r["method"], r["option"], r["ignored_fraction"]): r for r in results if r.get("supported") and "error" not in r}
 
-    def get(method, option, frac, field):
+    def get(method: str, option: str, frac: float, field: str) -> Any:
         r = ok.get((method, option, frac))
         return r[field] if r else None
 
@@ -268,7 +273,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def format_table(report: dict) -> str:
+def format_table(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
         f"losslab bench loss-head: N={c['tokens']} d={c['hidden']} V={c['vocab']} {c['dtype']} on {c['device']} "
@@ -296,13 +301,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def format_markdown(report: dict) -> str:
+def format_markdown(report: dict[str, Any]) -> str:
     """One row per (option, ignored fraction): each method's time and peak, losslab's ratios."""
     c = report["config"]
     by_key = {(r["method"], r["option"], r["ignored_fraction"]): r for r in report["results"]}
     methods = [m for m in METHODS if any(r["method"] == m for r in report["results"]) and m != "losslab"]
 
-    def cell(r: dict | None) -> str:
+    def cell(r: dict[str, Any] | None) -> str:
         if r is None or not r.get("supported"):
             return "n/a"
         if "error" in r:
@@ -346,7 +351,7 @@ def bench_loss_head(
     dtype: str = "float32",
     timeout: float = 3600.0,
     progress: Callable[[str], None] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Run every (option, ignored fraction, method) case in its own subprocess; return the report."""
     results = []
     for frac in ignored_fractions:

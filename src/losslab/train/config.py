@@ -126,7 +126,8 @@ class TrainingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"], description="splits evaluated at the end")
+    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"],  # type: ignore[arg-type]
+                                                        description="splits evaluated at the end")
     generate: bool = Field(False, description="causal_lm: generate replies and score BLEU, chrF, distinct-1/2")
     max_new_tokens: int = Field(48, ge=1, description="generation length for BLEU/chrF")
     generation_samples: int = Field(32, ge=1, description="held-out prompts generated for BLEU/chrF")

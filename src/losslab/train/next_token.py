@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from losslab.losses.composite import CompositeLoss, LossInputs
 from losslab.train.adapter import LossAdapter
@@ -59,18 +60,20 @@ class NextTokenForward:
         """The shifted :class:`LossInputs` of one batch from the model's outputs."""
         hidden_all = outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
         head = self.lm_head if self.fused else None
+        weight: torch.Tensor | None = head.weight if head is not None else None  # type: ignore[assignment]
+        bias: torch.Tensor | None = getattr(head, "bias", None) if head is not None else None
         return LossInputs(
             logits=None if self.fused else outputs["logits"][:, :-1],
             labels=labels[:, 1:],
             token_weights=token_weights[:, 1:] if token_weights is not None else None,
             hidden_states=hidden_all[-1][:, :-1] if hidden_all is not None else None,
-            lm_head_weight=head.weight if head is not None else None,
-            lm_head_bias=getattr(head, "bias", None) if head is not None else None,
+            lm_head_weight=weight,
+            lm_head_bias=bias,
             attention_mask=attention_mask[:, 1:] if attention_mask is not None else None,
         )
 
 
-def causal_lm_loss(composite: CompositeLoss, *, model: torch.nn.Module | None = None, fused: bool = False,
+def causal_lm_loss(composite: CompositeLoss, *, model: PreTrainedModel | None = None, fused: bool = False,
                    hidden_states: bool = False) -> LossAdapter:
     """losslab's next-token loss as a :class:`LossAdapter`: a ``compute_loss_func`` for a plain
     ``Trainer`` (with :class:`~losslab.train.trainer.LossTermsCallback`), or the loss of
@@ -81,7 +84,7 @@ def causal_lm_loss(composite: CompositeLoss, *, model: torch.nn.Module | None = 
     return LossAdapter(composite, forward, model=model, shifts_labels=True, from_outputs=forward.from_outputs)
 
 
-def lm_head_gives_logits(model: torch.nn.Module) -> bool:
+def lm_head_gives_logits(model: PreTrainedModel) -> bool:
     """Whether ``model``'s logits are its LM head applied to its last hidden state, which is what
     the fused head computes. False for models that soft-cap or scale their logits (Gemma-2's
     ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``): the fused
@@ -104,7 +107,7 @@ def lm_head_gives_logits(model: torch.nn.Module) -> bool:
     return bool(torch.allclose(again, logits, rtol=1e-3, atol=1e-3 * scale))
 
 
-def checked_head(model: torch.nn.Module) -> bool:
+def checked_head(model: PreTrainedModel) -> bool:
     """:func:`lm_head_gives_logits`, or True with a printed note when the model cannot run the
     check outside the training engine (e.g. parameters partitioned by DeepSpeed ZeRO-3)."""
     try:

@@ -70,7 +70,7 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
         report_to=list(t.report_to),
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
-        fsdp=True if t.fsdp else None,
+        fsdp=True if t.fsdp else None,  # type: ignore[arg-type]  # (typed str; True turns FSDP on, as its help says)
         fsdp_config=dict(t.fsdp_config or {}) if t.fsdp else None,
         prediction_loss_only=True,
         use_cpu=not torch.cuda.is_available(),
@@ -112,7 +112,8 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     if on_evaluate is not None and has_eval:
-        callbacks.append(EvaluationHookCallback(on_evaluate, lambda: run.evaluate(trainer.model, run.validation, "validation")))
+        callbacks.append(EvaluationHookCallback(on_evaluate, lambda: run.evaluate(trained_model(trainer), run.validation or [],
+                                                                                  "validation")))
     trainer = LosslabTrainer(
         model=run.model,
         args=args,
@@ -144,12 +145,19 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     for split in config.eval.splits:
         dataset = run.validation if split == "validation" else run.test
         if dataset is not None and len(dataset):
-            metrics.update(run.evaluate(trainer.model, dataset, split))
+            metrics.update(run.evaluate(trained_model(trainer), dataset, split))
     if trainer.is_world_process_zero():
         write_summary(out, {**run.summary, "steps": trainer.state.global_step,
                             "nonfinite_steps": list(trainer.nonfinite_steps)}, quiet=True)
         write_metrics_json(metrics, out / "metrics.json")
     return metrics
+
+
+def trained_model(trainer: Any) -> torch.nn.Module:
+    """The Trainer's model (the best one after ``load_best_model_at_end``)."""
+    model = trainer.model
+    assert model is not None  # (set in the Trainer's constructor)
+    return model
 
 
 def loss_adapter(run: TaskRun, plan: LossPlan, total_steps: int = 1) -> LossAdapter:

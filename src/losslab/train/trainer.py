@@ -57,7 +57,7 @@ class WholeRunTrainLossCallback(TrainerCallback):
         self.resumed_total = 0.0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self.resumed_at, self.resumed_total, last = state.global_step, 0.0, 0
+        self.resumed_at, self.resumed_total, last = state.global_step, 0.0, 0.0
         for row in state.log_history:
             if "loss" in row and last < row.get("step", 0) <= self.resumed_at:
                 self.resumed_total += row["loss"] * (row["step"] - last)

@@ -13,7 +13,7 @@ from losslab.train.config import TrainConfig
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def encode(tokenizer: Any, text: Any, pair: Any = None, *, max_length: int, drop: str = "end", **kwargs: Any) -> tuple[dict[str, list[int]], bool]:
+def encode(tokenizer: Any, text: Any, pair: Any = None, *, max_length: int, drop: str = "end", **kwargs: Any) -> tuple[dict[str, Any], bool]:
     """Tokenise ``text`` (and ``pair``) to at most ``max_length`` tokens, special tokens included.
 
     ``drop``: which end of a too-long text is cut (``"end"`` keeps the start, ``"start"``

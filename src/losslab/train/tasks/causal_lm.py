@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from transformers import PreTrainedModel
 
 from losslab.errors import UserError
 from losslab.eval.generation import generation_report
@@ -110,7 +111,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
         metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
         if config.eval.generate and prompts.get(split):
-            metrics.update(generation_metrics(model, tokenizer, prompts[split][: config.eval.generation_samples],
+            metrics.update(generation_metrics(cast(PreTrainedModel, model), tokenizer, prompts[split][: config.eval.generation_samples],
                                               config.eval.max_new_tokens,
                                               save_to=Path(config.output_dir) / f"generations_{split}.jsonl"))
         return namespace(metrics, split)
@@ -173,7 +174,7 @@ def token_metrics(model: torch.nn.Module, dataset: list[dict], collator: Any, ba
 
 
 @torch.no_grad()
-def greedy_replies(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+def greedy_replies(model: PreTrainedModel, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
                    *, batch_size: int = 16) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens, in prompt order.
 
@@ -193,7 +194,8 @@ def greedy_replies(model: torch.nn.Module, tokenizer: Any, prompts: list[list[in
         for row, i in enumerate(group):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device),
+        out = model.generate(  # type: ignore[operator]  # (mypy resolves it through nn.Module.__getattr__)
+            input_ids=ids.to(device), attention_mask=attention.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for row, i in enumerate(group):
             replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
@@ -201,7 +203,7 @@ def greedy_replies(model: torch.nn.Module, tokenizer: Any, prompts: list[list[in
     return [replies[i] for i in range(len(prompts))]
 
 
-def generation_metrics(model: torch.nn.Module, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int,
+def generation_metrics(model: PreTrainedModel, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int,
                        *, save_to: Path | None = None, batch_size: int = 16) -> dict[str, float]:
     """Greedy replies to held-out prompts, scored against the reference replies.
 

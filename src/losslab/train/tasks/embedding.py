@@ -52,7 +52,7 @@ def conversation_pairs(messages: Sequence[Any], conversation: int, context_turns
 
 def round_robin(groups: Sequence[Sequence[Pair]]) -> list[Pair]:
     """Every group's first item, then every group's second, ..."""
-    out = []
+    out: list[Pair] = []
     for depth in range(max((len(g) for g in groups), default=0)):
         out.extend(g[depth] for g in groups if depth < len(g))
     return out
@@ -168,9 +168,9 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id:
     """Retrieval metrics of ``split``: every context against every distinct reply."""
     candidates: dict[tuple[int, ...], int] = {}
     targets = [candidates.setdefault(tuple(f["positive"]["input_ids"]), len(candidates)) for f in dataset]
-    kwargs = {"pad_id": pad_id, "batch_size": batch_size, "options": options}
-    queries = embed_texts(model, [f["anchor"] for f in dataset], **kwargs)
-    replies = embed_texts(model, [{"input_ids": list(ids)} for ids in candidates], **kwargs)
+    queries = embed_texts(model, [f["anchor"] for f in dataset], pad_id=pad_id, batch_size=batch_size, options=options)
+    replies = embed_texts(model, [{"input_ids": list(ids)} for ids in candidates], pad_id=pad_id, batch_size=batch_size,
+                          options=options)
     return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
 
 

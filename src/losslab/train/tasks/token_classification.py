@@ -163,7 +163,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     check_tags(tags, splits["train"])
     tag2id = {t: i for i, t in enumerate(tags)}
     add_spaces = joins_words(tokenizer)
-    is_space = cache(lambda token_id: not tokenizer.decode([token_id]).strip())  # a few ids, decoded once
+    is_space = cache(lambda token_id: not str(tokenizer.decode([token_id])).strip())  # a few ids, decoded once
 
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
