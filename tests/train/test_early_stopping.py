@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
+from ..conftest import train_config
+
 MAX_STEPS = 30
 PATIENCE = 2
 
@@ -35,15 +37,10 @@ def expected_stop(series: list[tuple[int, float]], patience: int) -> tuple[int, 
 
 def early_stopping_config(out: Path) -> TrainConfig:
     # lr 3e-2 on 8 fixed samples: the validation loss falls, bounces and then rises (overshoot/overfit)
-    return TrainConfig(**{
-        "task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(out),
-        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 48,
-                 "max_train_samples": 8, "max_eval_samples": 8},
-        "loss": {"terms": [{"name": "token_cross_entropy"}]},
-        "training": {"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant",
-                     "eval_steps": 1, "early_stopping_patience": PATIENCE},
-        "eval": {"splits": ["validation"]},
-    })
+    return TrainConfig(**train_config(
+        out, validation=True, data={"max_train_samples": 8, "max_eval_samples": 8},
+        training={"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant", "eval_steps": 1,
+                  "early_stopping_patience": PATIENCE}))
 
 
 def train_one_thread(config: TrainConfig, **kwargs) -> dict[str, float]:

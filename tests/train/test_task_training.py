@@ -17,6 +17,8 @@ from losslab.eval.report import read_metrics_json
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
+from ..conftest import train_config
+
 STEPS = 6
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -34,17 +36,13 @@ def run(tmp_path: Path, task: str, dataset: str, terms: list[dict] | None = None
         **sections: dict) -> tuple[dict, list[dict]]:
     """Train ``task`` for STEPS steps on one fixed batch of 8; returns metrics.json and the
     per-step training rows of log.jsonl."""
-    config = {
-        "task": task,
-        "model": "builtin:tiny-llama",
-        "output_dir": str(tmp_path / "run"),
-        "data": {"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
-                 **({"validation": dataset} if validation else {}), **sections.pop("data", {})},
-        "training": {"max_steps": STEPS, "batch_size": 8, "lr": 3e-3, "scheduler": "constant", "save_steps": 100},
-        **sections,
-    }
-    if terms is not None:
-        config["loss"] = {"terms": terms}
+    config = train_config(
+        tmp_path / "run", task=task, validation=validation,
+        data={"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
+              **sections.pop("data", {})},
+        loss=None if terms is None else {"terms": terms},
+        training={"max_steps": STEPS, "batch_size": 8, "scheduler": "constant", "save_steps": 100},
+        eval=sections.pop("eval", None), **sections)
     train(TrainConfig(**config))
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     metrics = read_metrics_json(tmp_path / "run" / "metrics.json")
