@@ -38,6 +38,33 @@ def smollm2_tokenizer():
     return load_tokenizer("builtin:smollm2-135m-instruct")
 
 
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model (any task) fails the test: bad input must be reported before that.
+    Tokenizers load once per test, however many times a task asks."""
+    import importlib
+
+    import losslab.models
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    tokenizers: dict[str, Any] = {}
+    real = losslab.models.load_tokenizer
+
+    def cached(name: str, **kwargs: Any) -> Any:
+        if name not in tokenizers:
+            tokenizers[name] = real(name, **kwargs)
+        return tokenizers[name]
+
+    for task in ("causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"):
+        module = importlib.import_module(f"losslab.train.tasks.{task}")
+        for name in ("load_model", "load_causal_lm"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, boom)
+        monkeypatch.setattr(module, "load_tokenizer", cached)
+
+
 # ---- the config of a short training run ---------------------------------------------------------
 
 TINY_LLAMA = "builtin:tiny-llama"
