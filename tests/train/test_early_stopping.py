@@ -57,9 +57,15 @@ def eval_series(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
 
 
-def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    metrics = train_one_thread(early_stopping_config(out))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """One uninterrupted run (its folder and metrics), shared by the tests of this module: they only read it."""
+    out = tmp_path_factory.mktemp("early_stopping") / "straight"
+    return out, train_one_thread(early_stopping_config(out))
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(straight_run) -> None:
+    out, metrics = straight_run
     series = eval_series(out)
     assert [s for s, _ in series] == list(range(1, len(series) + 1))  # one evaluation per step
     stop, best_step, best = expected_stop(series, PATIENCE)
@@ -81,12 +87,11 @@ def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_pat
     assert metrics["validation/loss"] != pytest.approx(series[-1][1], rel=1e-3)
 
 
-def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path, straight_run) -> None:
     """Killed at an evaluation while early stopping had already counted a miss, then rerun: the
     run resumes from the checkpoint before and stops at the same step as an uninterrupted run
     (the count of evaluations without improvement is restored, not reset to 0)."""
-    straight = tmp_path / "straight"
-    expected = train_one_thread(early_stopping_config(straight))
+    straight, expected = straight_run
     series = eval_series(straight)
     stop = int(expected["train/steps"])
     counted = stop - 1  # its evaluation was the (PATIENCE - 1)-th miss in a row, its checkpoint holds that count
