@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field
 
-from losslab.config import apply_overrides, load_config
+from losslab.config import apply_overrides, load_config, load_yaml
 from losslab.errors import UserError
+
+from .bad_input import FUZZ
 
 
 class Inner(BaseModel):
@@ -96,3 +100,16 @@ def test_config_file_where_names_line_or_override(tmp_path: Path) -> None:
     path = write(tmp_path, "name: a\nterms:\n  - {name: x}\n  - {name: y}\n")
     assert read_config(path).where("terms", "1") == f"{path}:4: field 'terms.1'"
     assert read_config(path, ["terms=[{name: z}]"]).where("terms", "0") == "--set terms=[{name: z}]: field 'terms.0'"
+
+
+@FUZZ
+@given(st.text(max_size=80) | st.binary(max_size=40).map(lambda b: b.decode("latin-1")))
+def test_fuzz_yaml_text_loads_or_is_a_user_error(tmp_path_factory, text: str) -> None:
+    path = tmp_path_factory.mktemp("yaml") / "cfg.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        data, lines = load_yaml(path)
+    except UserError as exc:
+        assert str(exc).startswith(str(path)), exc
+    else:
+        assert isinstance(data, dict) and all(isinstance(v, int) for v in lines.values())

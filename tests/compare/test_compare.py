@@ -21,6 +21,8 @@ from losslab.compare.config import load_study
 from losslab.compare.study import compare
 from losslab.errors import UserError
 
+from ..conftest import train_config, wait_for
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EVIL = "<script>alert('x')</script>"
 
@@ -28,14 +30,11 @@ EVIL = "<script>alert('x')</script>"
 def study_dict(out: Path) -> dict:
     return {
         "output_dir": str(out),
-        "base": {
-            "task": "causal_lm",
-            "model": "builtin:tiny-llama",
-            "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "test": "builtin:chatterbot",
-                     "max_length": 64, "max_train_samples": 16, "max_eval_samples": 4},
-            "training": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "eval_steps": 2},
-            "eval": {"generate": True, "generation_samples": 3, "max_new_tokens": 6},
-        },
+        "base": train_config(None, validation=True, loss=None,
+                             data={"test": "builtin:chatterbot", "max_length": 64, "max_train_samples": 16,
+                                   "max_eval_samples": 4},
+                             training={"max_steps": 3, "eval_steps": 2},
+                             eval={"generate": True, "generation_samples": 3, "max_new_tokens": 6}),
         "variants": [
             {"name": "ce"},
             {"name": "ce_consistency", "overrides": {"loss.terms": [
@@ -359,10 +358,7 @@ def _compare_cli(study: Path) -> tuple[subprocess.Popen, Path]:
 
 
 def _kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None and time.time() < deadline, "the study ended before the awaited point"
-        time.sleep(0.005)
+    wait_for(condition, proc, timeout=timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
 

@@ -13,6 +13,8 @@ from losslab.masking import parallel, strategy
 from losslab.masking.build import BuildStats, MaskBuilder, MaskConfig, build_samples
 from losslab.masking.parallel import build_samples_parallel
 
+from ..conftest import train_config
+
 
 def chat(*turns: str) -> dict:
     roles = ["user", "assistant"] * len(turns)
@@ -96,9 +98,9 @@ def test_causal_lm_data_num_proc_gives_the_same_training_data(tmp_path, monkeypa
     from losslab.train.tasks import causal_lm
 
     monkeypatch.setattr(parallel, "prepared_dir", lambda: tmp_path / "prepared")
-    cfg = {"task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(tmp_path / "run"),
-           "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 64,
-                    "max_train_samples": 20, "max_eval_samples": 5}}
+    cfg = train_config(tmp_path / "run", validation=True,
+                       data={"max_length": 64, "max_train_samples": 20, "max_eval_samples": 5},
+                       loss=None, training=None, eval=None)
     one = causal_lm.build(TrainConfig.model_validate(cfg))
     cfg["data"]["num_proc"] = 2
     two = causal_lm.build(TrainConfig.model_validate(cfg))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,18 @@ def _child_pids(parent: int, cmdline_has: bytes | None = None) -> list[int]:
 def child_pids() -> Callable[..., list[int]]:
     """``child_pids(parent, cmdline_has=None)``: see :func:`_child_pids`."""
     return _child_pids
+
+
+def signals_delivered(pids: Iterable[int], signals: Iterable[signal.Signals]) -> bool:
+    """None of ``signals`` is still pending for any of ``pids`` (read from /proc): each was ignored,
+    handled or has ended its process. A process that is gone counts as delivered."""
+    mask = sum(1 << (int(s) - 1) for s in signals)
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        pending = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+        if any(p & mask for p in pending):
+            return False
+    return True

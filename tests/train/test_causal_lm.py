@@ -19,21 +19,16 @@ from losslab.train.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from losslab.train.task import plan_loss
 from losslab.train.run import loss_adapter, train
 
+from ..conftest import train_config, wait_for
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def tiny_config(tmp_path: Path, **training) -> dict:
-    return {
-        "task": "causal_lm",
-        "model": "builtin:tiny-llama",
-        "output_dir": str(tmp_path / "run"),
-        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 64,
-                 "max_train_samples": 24, "max_eval_samples": 6},
-        "loss": {"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.05},
-                           {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]},
-        "training": {"max_steps": 6, "batch_size": 4, "lr": 3e-3, **training},
-        "eval": {"splits": ["validation"]},
-    }
+    terms = [{"name": "token_cross_entropy", "label_smoothing": 0.05},
+             {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]
+    return train_config(tmp_path / "run", validation=True, data={"max_length": 64, "max_eval_samples": 6},
+                        loss={"terms": terms}, training=training)
 
 
 def rows(path: Path) -> list[dict]:
@@ -173,13 +168,6 @@ def _cli(config: Path, command: str = "train") -> tuple[subprocess.Popen, Path]:
     return proc, log
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 240, poll: float = 0.005) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the awaited point"
-        time.sleep(poll)
-
-
 def _kill(proc: subprocess.Popen, sig: signal.Signals = signal.SIGKILL) -> int:
     proc.send_signal(sig)
     return proc.wait(timeout=300)
@@ -200,12 +188,12 @@ def test_interruptions_then_rerun_resume_to_the_same_metrics(tmp_path: Path) -> 
     out = tmp_path / "killed"
 
     proc, _ = _cli(config)
-    _wait_for(lambda: (out / "checkpoint-2").is_dir(), proc)  # the save has begun
+    wait_for(lambda: (out / "checkpoint-2").is_dir(), proc)  # the save has begun
     assert _kill(proc) == -signal.SIGKILL
     assert not (out / "metrics.json").exists()
 
     proc, log = _cli(config)
-    _wait_for(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).is_file(), proc)
+    wait_for(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).is_file(), proc)
     assert _kill(proc, signal.SIGINT) == 130, log.read_text()[-2000:]
     stopped = log.read_text()
     assert "losslab: to resume, run the same command again: losslab train" in stopped
@@ -252,7 +240,7 @@ def test_many_sigkills_at_random_points_then_rerun_give_the_same_metrics(tmp_pat
                     return any(p.stat().st_mtime >= launched and not (p / COMPLETE_MARKER).is_file()
                                for p in out.glob("checkpoint-*"))
                 try:
-                    _wait_for(saving, proc, timeout=duration * 3, poll=0.002)
+                    wait_for(saving, proc, timeout=duration * 3, poll=0.002)
                 except AssertionError:
                     break  # finished before a new save
             else:

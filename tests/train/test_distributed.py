@@ -14,17 +14,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ..conftest import free_port, train_config, wait_for
+
 
 def config(out: Path, batch_size: int) -> dict:
-    return {
-        "task": "causal_lm",
-        "model": "builtin:tiny-llama",
-        "output_dir": str(out),
-        "data": {"train": "builtin:chatterbot", "max_length": 48, "max_train_samples": 16},
-        "loss": {"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.1}]},
-        "training": {"max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "save_steps": 100},
-        "eval": {"splits": []},
-    }
+    return train_config(out, data={"max_train_samples": 16},
+                        loss={"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.1}]},
+                        training={"max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "save_steps": 100})
 
 
 def run(cmd: list[str], cwd: Path) -> None:
@@ -53,7 +49,8 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(data))
     run([sys.executable, "-m", "losslab.cli", "train", "one.yaml"], tmp_path)
     torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
-    run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "losslab.cli", "train", "two.yaml"], tmp_path)
+    run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "losslab.cli", "train", "two.yaml"],
+        tmp_path)
     a, b = steps(one), steps(two)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
@@ -81,21 +78,18 @@ def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends
     worker must take its two deliveries as one request; the workers agree on a step, save it
     and stop; the same command then resumes and ends with the weights of an uninterrupted run."""
     import signal
-    import time
 
     torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     data = config(tmp_path / "out", batch_size=2)
     data["training"].update(max_steps=120, save_steps=5, lr=1e-3)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29518", "-m", "losslab.cli", "train", "c.yaml"]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "losslab.cli", "train", "c.yaml"]
     out = tmp_path / "out"
     with (tmp_path / "stopped.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 300
-        while not (out / "checkpoint-5" / "losslab_checkpoint.json").is_file():
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
-            time.sleep(0.01)
+        wait_for(lambda: (out / "checkpoint-5" / "losslab_checkpoint.json").is_file(), proc, timeout=300, poll=0.01,
+                 what=lambda: (tmp_path / "stopped.log").read_text()[-3000:])
         workers = child_pids(proc.pid, b"losslab.cli")
         assert len(workers) == 2, workers
         for pid in workers:

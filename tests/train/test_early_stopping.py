@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
+from ..conftest import train_config
+
 MAX_STEPS = 30
 PATIENCE = 2
 
@@ -35,15 +37,10 @@ def expected_stop(series: list[tuple[int, float]], patience: int) -> tuple[int, 
 
 def early_stopping_config(out: Path) -> TrainConfig:
     # lr 3e-2 on 8 fixed samples: the validation loss falls, bounces and then rises (overshoot/overfit)
-    return TrainConfig(**{
-        "task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(out),
-        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 48,
-                 "max_train_samples": 8, "max_eval_samples": 8},
-        "loss": {"terms": [{"name": "token_cross_entropy"}]},
-        "training": {"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant",
-                     "eval_steps": 1, "early_stopping_patience": PATIENCE},
-        "eval": {"splits": ["validation"]},
-    })
+    return TrainConfig(**train_config(
+        out, validation=True, data={"max_train_samples": 8, "max_eval_samples": 8},
+        training={"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant", "eval_steps": 1,
+                  "early_stopping_patience": PATIENCE}))
 
 
 def train_one_thread(config: TrainConfig, **kwargs) -> dict[str, float]:
@@ -60,9 +57,15 @@ def eval_series(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
 
 
-def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    metrics = train_one_thread(early_stopping_config(out))
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """One uninterrupted run (its folder and metrics), shared by the tests of this module: they only read it."""
+    out = tmp_path_factory.mktemp("early_stopping") / "straight"
+    return out, train_one_thread(early_stopping_config(out))
+
+
+def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(straight_run) -> None:
+    out, metrics = straight_run
     series = eval_series(out)
     assert [s for s, _ in series] == list(range(1, len(series) + 1))  # one evaluation per step
     stop, best_step, best = expected_stop(series, PATIENCE)
@@ -84,12 +87,11 @@ def test_early_stopping_stops_at_the_right_evaluation_and_keeps_the_best(tmp_pat
     assert metrics["validation/loss"] != pytest.approx(series[-1][1], rel=1e-3)
 
 
-def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path) -> None:
+def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path, straight_run) -> None:
     """Killed at an evaluation while early stopping had already counted a miss, then rerun: the
     run resumes from the checkpoint before and stops at the same step as an uninterrupted run
     (the count of evaluations without improvement is restored, not reset to 0)."""
-    straight = tmp_path / "straight"
-    expected = train_one_thread(early_stopping_config(straight))
+    straight, expected = straight_run
     series = eval_series(straight)
     stop = int(expected["train/steps"])
     counted = stop - 1  # its evaluation was the (PATIENCE - 1)-th miss in a row, its checkpoint holds that count

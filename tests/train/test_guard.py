@@ -22,20 +22,14 @@ from losslab.train.task import plan_loss
 from losslab.train.tasks import causal_lm
 from losslab.train.trainer import LosslabTrainer
 
+from ..conftest import train_config, wait_for
+from .conftest import signals_delivered
+
 BATCH = 4
 
 
 def config(out: Path, **training) -> dict:
-    return {
-        "task": "causal_lm",
-        "model": "builtin:tiny-llama",
-        "output_dir": str(out),
-        "data": {"train": "builtin:chatterbot", "max_length": 48, "max_train_samples": 24},
-        "loss": {"terms": [{"name": "token_cross_entropy"}]},
-        "training": {"max_steps": 6, "batch_size": BATCH, "lr": 3e-3, "scheduler": "constant", "save_steps": 2,
-                     **training},
-        "eval": {"splits": []},
-    }
+    return train_config(out, training={"batch_size": BATCH, "scheduler": "constant", "save_steps": 2, **training})
 
 
 @pytest.fixture
@@ -292,7 +286,6 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, 
     """The Trainer's loaders (train, eval, test; accelerate's wrappers around torch's DataLoader)
     start workers that ignore both signals, after the Trainer's own seeding."""
     import signal
-    import time
 
     from losslab.train.signals import WorkerIgnoresStopSignals
 
@@ -315,7 +308,7 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, 
     for pid in workers:
         os.kill(pid, signal.SIGTERM)
         os.kill(pid, signal.SIGINT)
-    time.sleep(1.0)
+    wait_for(lambda: signals_delivered(workers, (signal.SIGTERM, signal.SIGINT)), timeout=30)
     got += list(batches)
     assert len(got) == len(task.train) // BATCH
 
@@ -328,7 +321,6 @@ def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
     (A spawned worker still starting up, before its worker_init_fn, is not covered.)"""
     import os
     import signal
-    import time
 
     from torch.utils.data import DataLoader
 
@@ -341,7 +333,7 @@ def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
     for worker in batches._workers:
         os.kill(worker.pid, signal.SIGTERM)
         os.kill(worker.pid, signal.SIGINT)
-    time.sleep(1.0)
+    wait_for(lambda: signals_delivered([w.pid for w in batches._workers], (signal.SIGTERM, signal.SIGINT)), timeout=30)
     assert all(w.is_alive() for w in batches._workers)
     assert torch.cat([*first, *batches]).tolist() == list(range(40))
 
@@ -355,7 +347,6 @@ def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "out"
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(out, max_steps=300, save_steps=5, dataloader_workers=2)))
@@ -363,10 +354,8 @@ def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_
     with (tmp_path / "log.txt").open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", str(tmp_path / "c.yaml")], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 240
-        while not (out / "checkpoint-5" / COMPLETE_MARKER).is_file():
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
-            time.sleep(0.01)
+        wait_for(lambda: (out / "checkpoint-5" / COMPLETE_MARKER).is_file(), proc, timeout=240, poll=0.01,
+                 what=lambda: (tmp_path / "log.txt").read_text()[-3000:])
         os.killpg(proc.pid, getattr(signal, signame))
         assert proc.wait(timeout=120) == 128 + getattr(signal, signame), (tmp_path / "log.txt").read_text()[-3000:]
     text = (tmp_path / "log.txt").read_text()

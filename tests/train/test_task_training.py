@@ -17,6 +17,8 @@ from losslab.eval.report import read_metrics_json
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
+from ..conftest import train_config
+
 STEPS = 6
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -34,17 +36,13 @@ def run(tmp_path: Path, task: str, dataset: str, terms: list[dict] | None = None
         **sections: dict) -> tuple[dict, list[dict]]:
     """Train ``task`` for STEPS steps on one fixed batch of 8; returns metrics.json and the
     per-step training rows of log.jsonl."""
-    config = {
-        "task": task,
-        "model": "builtin:tiny-llama",
-        "output_dir": str(tmp_path / "run"),
-        "data": {"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
-                 **({"validation": dataset} if validation else {}), **sections.pop("data", {})},
-        "training": {"max_steps": STEPS, "batch_size": 8, "lr": 3e-3, "scheduler": "constant", "save_steps": 100},
-        **sections,
-    }
-    if terms is not None:
-        config["loss"] = {"terms": terms}
+    config = train_config(
+        tmp_path / "run", task=task, validation=validation,
+        data={"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
+              **sections.pop("data", {})},
+        loss=None if terms is None else {"terms": terms},
+        training={"max_steps": STEPS, "batch_size": 8, "scheduler": "constant", "save_steps": 100},
+        eval=sections.pop("eval", None), **sections)
     train(TrainConfig(**config))
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     metrics = read_metrics_json(tmp_path / "run" / "metrics.json")
@@ -164,6 +162,10 @@ EXAMPLE_CASES = {
 }
 TINY = ["training.max_steps=2", "training.batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=8",
         "data.max_length=32"]
+# causal_lm's example trains the 135M SmolLM2: two steps of 2 samples, 2 samples per evaluated split
+# (a quarter of the others' tokens; it still evaluates and generates on both splits)
+TINY_CAUSAL_LM = ["training.max_steps=2", "training.batch_size=2", "data.max_train_samples=4", "data.max_eval_samples=2",
+                  "data.max_length=128", "eval.generation_samples=2", "eval.max_new_tokens=4"]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_CASES))
@@ -172,7 +174,7 @@ def test_example_parses_and_runs(name: str, tmp_path: Path) -> None:
     full = load_config(TrainConfig, EXAMPLES / name)
     assert full.task == task
     assert full.data.validation and full.data.test
-    tiny = [*TINY, "data.max_length=128", "eval.generation_samples=2", "eval.max_new_tokens=4"] if task == "causal_lm" else TINY
+    tiny = TINY_CAUSAL_LM if task == "causal_lm" else TINY
     config = load_config(TrainConfig, EXAMPLES / name, [*tiny, f"output_dir={tmp_path}"])
     metrics = train(config)
     assert metrics["train/steps"] == 2

@@ -15,20 +15,18 @@ from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 
+from ..conftest import train_config
+
 
 def test_every_loss_term_is_a_tensorboard_scalar(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    config = TrainConfig(**{
-        "task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": str(out),
-        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot", "max_length": 48,
-                 "max_train_samples": 8, "max_eval_samples": 4},
-        "loss": {"terms": [{"name": "token_cross_entropy"},
-                           {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]},
-        "training": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "eval_steps": 2, "report_to": ["tensorboard"]},
-        "eval": {"splits": ["validation"]},
-    })
+    config = TrainConfig(**train_config(
+        out, validation=True, data={"max_train_samples": 8, "max_eval_samples": 4},
+        loss={"terms": [{"name": "token_cross_entropy"},
+                        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]},
+        training={"max_steps": 4, "eval_steps": 2, "report_to": ["tensorboard"]}))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
