@@ -1,20 +1,7 @@
-"""``losslab bench loss-head``: time and peak memory of three ways to train an LM head.
-
-Methods, each run in its own subprocess so its peak memory is measured alone:
-
-- ``plain``: ``logits = h @ W.T`` then the loss on the full logits (``F.cross_entropy`` where
-  PyTorch has the option, losslab's ``token_cross_entropy`` for focal and z-loss);
-- ``torch_chunked``: PyTorch's ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
-  (plain and token weights only: its chunked path has no label smoothing, focal or z-loss);
-- ``losslab``: :func:`losslab.losses.fused.fused_linear_cross_entropy`;
-- ``liger`` (CUDA, when ``liger_kernel`` is installed): Liger Kernel's fused linear
-  cross-entropy (plain, label smoothing, z-loss).
-
-Each case times forward + backward (``warmup`` untimed runs, then ``repeats`` timed runs;
-the median is reported, with the process CPU time as a contention check) and reports the
-peak extra memory: peak RSS (``VmHWM``, reset after the inputs are built) minus the RSS after
-the inputs are built, or ``torch.cuda.max_memory_allocated`` minus the allocated bytes on
-CUDA. Ratios compare methods of the same run, same option and same ignored fraction.
+"""``losslab bench loss-head``: time and peak memory of three ways to train an LM head (plain
+logits + loss, PyTorch's chunked ``linear_cross_entropy``, losslab's fused head; Liger Kernel's
+on CUDA when installed), each case in its own subprocess. docs/fused-head.md#benchmark says
+what each method is and how time and peak memory are measured.
 """
 
 from __future__ import annotations

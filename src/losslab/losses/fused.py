@@ -2,34 +2,8 @@
 
 ``fused_linear_cross_entropy(hidden, weight, labels, ...)`` equals
 ``token_cross_entropy(hidden @ weight.T + bias, labels, ...)`` (same keyword arguments, same
-result, same gradients) but never holds the logits of more than one chunk of tokens.
-
-How it works (per chunk of ``chunk_size`` trained tokens, ignored tokens dropped first):
-
-1. forward, one vocabulary tile at a time (tiles bound the float32 copy of a 16-bit weight):
-   ``z = h_c @ W_t.T (+ b_t)``, the tile's row max ``m_t``, then ``z <- exp(z - m_t)`` in place
-   and its row sum; after the last tile ``lse = logsumexp`` follows from the ``(m_t, sum_t)``.
-   A tile whose logits are all -inf (a padded vocabulary masked by a -inf bias) is shifted by
-   0 instead of ``m_t = -inf``, as ``torch.logsumexp`` does: its ``exp`` is 0, not NaN.
-2. per-row scalars from ``lse``, the target logit ``h . W[y]`` and (label smoothing) the
-   mean logit ``h . mean_v(W_v)``: the loss and the three coefficients of its gradient
-   ``dl/dz = A p - C e_y - B`` (see :func:`_row_terms`);
-3. gradient, tile by tile: ``p_t = exp(z - m_t) * exp(m_t - lse)`` is never formed, the
-   per-row factor ``A exp(m_t - lse)`` is folded into the small operands:
-   ``grad_h_c += diag(s) (E_t @ W_t)`` and ``grad_W_t += E_t.T @ (s * h_c)``.
-   The target term ``-C e_y`` is a gather / ``index_add_`` and the label-smoothing constant
-   ``-B`` is rank one, so no option adds a pass over the chunk's logits.
-
-For ``mean``, ``sum`` and ``sequence`` the reduction is linear, so each token's factor is
-known before the loss: the gradients are computed in the forward pass and only scaled by the
-upstream gradient in backward. For ``none`` the upstream gradient is per token, so the
-forward computes losses only and backward recomputes the chunks (one extra matmul). Without
-a graph to record (``torch.no_grad``, ``inference_mode``, or no input requiring grad) every
-reduction computes losses only.
-bfloat16/float16 inputs are computed and accumulated in float32 (logits, softmax, weight
-gradient), float64 stays float64, also under ``torch.autocast`` (which the head switches off:
-it would run the matmuls in 16 bits against a float32 ``lse``). A frozen weight
-(``requires_grad=False``, the LoRA case) skips the weight-gradient matmul entirely.
+result, same gradients) but never holds the logits of more than one chunk of tokens. How it
+works (chunks, vocabulary tiles, the gradient in the forward pass, dtypes): docs/fused-head.md.
 """
 
 from __future__ import annotations
