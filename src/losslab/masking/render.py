@@ -96,6 +96,13 @@ class ChatTemplate:
         self.source: str = source
         self._compiled = _compile(source)
         self._variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as apply_chat_template
+        # added tokens (<|end|>, <|user|>, ...): the tokenizer cuts a text at these before anything else,
+        # so a trained region that ends inside one would be rounded up to the whole token
+        added = [tok for tok in tokenizer.added_tokens_decoder.values() if tok.content]
+        contents = sorted({tok.content for tok in added}, key=len, reverse=True)  # longest first: leftmost-longest
+        self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self._added_longest = len(contents[0]) if contents else 0
+        self._lstrip = frozenset(tok.content for tok in added if getattr(tok, "lstrip", False))
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for ``messages`` (roles and contents only)."""
@@ -106,6 +113,24 @@ class ChatTemplate:
             )
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
+
+    def token_boundary(self, text: str, pos: int, floor: int) -> int:
+        """``pos`` moved back (not below ``floor``) so that ``text[:pos]`` does not end inside an added token.
+
+        An added token whose text ``pos`` cuts (``<|end|>\n<|`` cuts ``<|user|>``) is left out
+        whole, with the whitespace in front of it when the token takes that too (``lstrip``).
+        """
+        if self._added is None or pos <= floor:
+            return pos
+        for match in self._added.finditer(text, max(0, floor - self._added_longest + 1), pos + self._added_longest):
+            if match.start() >= pos:
+                break
+            if match.end() > pos:  # pos falls inside this token
+                cut = match.start()
+                if match.group() in self._lstrip:
+                    cut = len(text[:cut].rstrip())
+                return max(floor, cut)
+        return pos
 
     @cached_property
     def reply_header(self) -> tuple[str, bool] | None:

@@ -19,7 +19,11 @@ Trained region of assistant turn ``i`` in a rendered text (character offsets):
   ``<|im_end|>`` (ChatML), ``<|eot_id|>`` (Llama 3), ``<end_of_turn>`` (Gemma), ``</s>``
   (Mistral, Zephyr); never the next role header, which is absent when the conversation
   ends there, nor the newline between turns, which the model never generates (it stops
-  at the end-of-turn token).
+  at the end-of-turn token). Where the two tails part inside a token the tokenizer adds
+  (Phi-3: ``<|end|>\n<|user|>`` against ``<|end|>\n<|endoftext|>`` share ``<|end|>\n<|``),
+  the common text is cut back to before that token (:meth:`ChatTemplate.token_boundary`),
+  so the turn trains ``<|end|>`` and never the next header, which rounding the region to
+  whole tokens would otherwise take.
 
 Strategies: ``concat`` renders the conversation up to its last trained turn once and
 trains every trained turn in it; ``expand`` renders ``messages[:i+1]`` for each trained
@@ -216,6 +220,8 @@ def _concat_sample(
                 raise UserError(f"the chat template rewrites assistant message {i + 1} so that its end cannot be "
                                 "found in the whole conversation; use --strategy expand (or auto)")
             tail = text[body_end : body_end + common_prefix_len(text[body_end:], prefixes[i][end_alone:])]
+        if i < n - 1:  # the tail is cut where the two texts part: never inside a token the tokenizer adds
+            tail = text[body_end : template.token_boundary(text, body_end + len(tail), body_end)]
         end = body_end + len(close_text(tail))
         regions.append(Region(start, end, weights[i], i))
         floor = end
