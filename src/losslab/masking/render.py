@@ -94,7 +94,7 @@ class ChatTemplate:
         else:
             source = load_template(template)
         self.source: str = source
-        self._compiled = _compile(source)
+        self._compiled = _with_cached_checks(_compile(source), source)
         self._variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as apply_chat_template
         # added tokens (<|end|>, <|user|>, ...): the tokenizer cuts a text at these before anything else,
         # so a trained region that ends inside one would be rounded up to the whole token
@@ -106,10 +106,15 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for ``messages`` (roles and contents only)."""
-        plain = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        return self.render_plain(plain_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def render_plain(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """:meth:`render` for messages that are already :func:`plain_messages` (not copied again;
+        the sandbox forbids a template to change them)."""
         try:
             return self._compiled.render(
-                messages=plain, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self._variables
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **self._variables,
             )
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
@@ -177,6 +182,47 @@ class ChatTemplate:
         return Rendered(text, tuple(spans.get(i, ContentSpan(None, None)) for i in everything))
 
 
+def plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Messages as the template sees them: plain dicts of a ``str`` role and content."""
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def _with_cached_checks(compiled: Any, source: str) -> Any:
+    """The same template, compiled in a copy of its sandboxed environment that remembers its
+    attribute checks.
+
+    Every ``loop.first`` or ``message.content`` in a template costs a sandbox check
+    (``is_safe_attribute``), which for Jinja's sandboxes depends only on the object's type and
+    the attribute's name (internal attributes, underscores, methods that modify a list, dict
+    or set), never on the value; rendering every prefix of a conversation spends most of its
+    time there. The answer is kept per (type, name) and computed by the sandbox itself the
+    first time, so the same accesses are allowed and refused as before. An environment whose
+    check is not one of Jinja's own (it might look at the value) is left as it is. The
+    environment is an overlay: the template that ``transformers`` caches for
+    ``apply_chat_template`` is not changed.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
+
+    env = compiled.environment
+    check = type(env).is_safe_attribute
+    if check not in (ImmutableSandboxedEnvironment.is_safe_attribute, SandboxedEnvironment.is_safe_attribute):
+        return compiled
+    fast = env.overlay()
+    known: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(obj: Any, attr: str, value: Any) -> bool:
+        kind = type(obj)
+        safe = known.get((kind, attr))
+        if safe is None:
+            safe = bool(check(fast, obj, attr, value))
+            if obj.__class__ is kind:  # an object that reports another class is checked every time
+                known[(kind, attr)] = safe
+        return safe
+
+    fast.is_safe_attribute = is_safe_attribute
+    return fast.from_string(source)
+
+
 def common_prefix_len(a: str, b: str) -> int:
     """Length of the longest common prefix (binary search over C-level slice compares)."""
     lo, hi = 0, min(len(a), len(b))
@@ -226,11 +272,12 @@ def _marked_spans(
     o1, o2, c1, c2 = marks
     chosen = set(which)
     marked = [
-        {"role": m["role"], "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else m["content"]}
+        {"role": str(m["role"]),
+         "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else str(m["content"])}
         for i, m in enumerate(messages)
     ]
     try:
-        rendered = template.render(marked)
+        rendered = template.render_plain(marked)
     except UserError:  # the template refuses the marked contents: as good as a different text
         return None
     pattern = re.compile(f"{re.escape(o1)}(\\d+){re.escape(o2)}|{re.escape(c1)}(\\d+){re.escape(c2)}")

@@ -42,7 +42,7 @@ from typing import Any
 
 from losslab.errors import UserError
 from losslab.masking.policies import MaskPolicy, is_trained
-from losslab.masking.render import ChatTemplate, ContentSpan, common_prefix_len
+from losslab.masking.render import ChatTemplate, ContentSpan, common_prefix_len, plain_messages
 from losslab.masking.spans import Region
 
 
@@ -104,8 +104,9 @@ def plan_conversation(
     if not assistants and policy is not MaskPolicy.ALL:
         raise UserError("the conversation has no assistant turn, so nothing would be trained (mask policy "
                         f"{policy.value!r}); add one, or use --mask all")
+    plain = plain_messages(messages)  # once: every prefix render below takes a slice of it
     if policy is MaskPolicy.ALL:
-        prefixes = {i: template.render(messages[: i + 1]) for i in assistants if i < len(messages) - 1}
+        prefixes = {i: template.render_plain(plain[: i + 1]) for i in assistants if i < len(messages) - 1}
         sample = _concat_sample(template, messages, assistants, prefixes, weights, all_messages=True)
         return Plan([sample], Strategy.CONCAT)
     trained = [
@@ -116,7 +117,7 @@ def plan_conversation(
         chosen = Strategy.CONCAT if strategy is Strategy.AUTO else strategy
         return Plan([], chosen)  # every trained turn has weight 0
     last = trained[-1]
-    prefixes = {i: template.render(messages[: i + 1]) for i in trained}
+    prefixes = {i: template.render_plain(plain[: i + 1]) for i in trained}
     stable = all(prefixes[last].startswith(prefixes[i]) for i in trained[:-1])
     use_concat = strategy is Strategy.CONCAT or (strategy is Strategy.AUTO and stable)
     if use_concat or stable:
