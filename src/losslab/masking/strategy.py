@@ -106,7 +106,7 @@ def plan_conversation(
                         f"{policy.value!r}); add one, or use --mask all")
     plain = plain_messages(messages)  # once: every prefix render below takes a slice of it
     if policy is MaskPolicy.ALL:
-        prefixes = {i: template.render_plain(plain[: i + 1]) for i in assistants if i < len(messages) - 1}
+        prefixes = template.render_prefixes(plain, [i for i in assistants if i < len(messages) - 1])
         sample = _concat_sample(template, messages, assistants, prefixes, weights, all_messages=True)
         return Plan([sample], Strategy.CONCAT)
     trained = [
@@ -117,7 +117,7 @@ def plan_conversation(
         chosen = Strategy.CONCAT if strategy is Strategy.AUTO else strategy
         return Plan([], chosen)  # every trained turn has weight 0
     last = trained[-1]
-    prefixes = {i: template.render_plain(plain[: i + 1]) for i in trained}
+    prefixes = template.render_prefixes(plain, trained)
     stable = all(prefixes[last].startswith(prefixes[i]) for i in trained[:-1])
     use_concat = strategy is Strategy.CONCAT or (strategy is Strategy.AUTO and stable)
     if use_concat or stable:
