@@ -244,7 +244,7 @@ class MaskBuilder:
             if labels:  # nothing predicts the first token (the loss shifts): it is never a target
                 labels[0], weights[0] = IGNORE_INDEX, 0.0
             seq = MaskedSequence(list(ids[cut]), labels, weights, source, sample.text,
-                                 [tuple(o) for o in offsets[cut]], sample.turn)
+                                 [o if type(o) is tuple else tuple(o) for o in offsets[cut]], sample.turn)
             if seq.trained == 0:
                 if stats is not None:
                     why = "with no trained token left after truncation" if len(ids) > len(seq.input_ids) else \
@@ -274,6 +274,9 @@ class MaskBuilder:
         where an added token starts has exactly the tokens of the longest text up to it:
         one tokenisation serves them all. Any other text is tokenised on its own.
         """
+        if len(texts) == 1:  # one text (concat): tokenised as it is, without a batch around it
+            enc = self.tokenizer(texts[0], add_special_tokens=False, return_offsets_mapping=True)
+            return [(enc["input_ids"], enc["offset_mapping"])]
         out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         longest = max(texts, key=len)
         if len(texts) > 1 and all(longest.startswith(t) for t in texts):
