@@ -91,7 +91,7 @@ class MaskedSequence:
 
     @property
     def trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def to_sample(self) -> dict[str, Any]:
         return {
@@ -244,7 +244,7 @@ class MaskBuilder:
             if labels:  # nothing predicts the first token (the loss shifts): it is never a target
                 labels[0], weights[0] = IGNORE_INDEX, 0.0
             seq = MaskedSequence(list(ids[cut]), labels, weights, source, sample.text,
-                                 [o if type(o) is tuple else tuple(o) for o in offsets[cut]], sample.turn)
+                                 _pairs(offsets[cut]), sample.turn)
             if seq.trained == 0:
                 if stats is not None:
                     why = "with no trained token left after truncation" if len(ids) > len(seq.input_ids) else \
@@ -341,6 +341,14 @@ class MaskBuilder:
         if self.config.on_error == "raise":
             raise UserError(message, where=str(source))
         skipped.add(f"{source}: {message}")
+
+
+def _pairs(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Offsets as a list of tuples. One tokenizer call gives them all of one type; a fast
+    tokenizer's are tuples already, and are not copied one by one."""
+    if offsets and type(offsets[0]) is not tuple:
+        return [(o[0], o[1]) for o in offsets]
+    return list(offsets)
 
 
 def _count_unrendered(sample: TextSample, stats: BuildStats) -> None:

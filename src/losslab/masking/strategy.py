@@ -30,7 +30,10 @@ trains every trained turn in it; ``expand`` renders ``messages[:i+1]`` for each 
 turn ``i`` and trains only that turn; ``auto`` renders every ``messages[:i+1]`` (needed for
 the end-of-turn rule anyway) and uses ``concat`` when each is a prefix of the last one
 ("prefix-stable": under causal attention both strategies then see the same tokens before
-every trained token, so their per-token losses are equal), else ``expand``.
+every trained token, so their per-token losses are equal), else ``expand``. Every
+``messages[:i+1]`` is its exact render: for a one-pass template
+(:attr:`ChatTemplate.loops_once`) all of them come from one observed render of the whole
+(:meth:`ChatTemplate.render_prefixes`), for any other each is rendered.
 """
 
 from __future__ import annotations
