@@ -105,3 +105,17 @@ def test_masks_are_those_of_rendering_every_prefix(tokenizer, monkeypatch, famil
     monkeypatch.setattr(ChatTemplate, "loops_once", False)
     slow = [s.__dict__ for s in MaskBuilder(tok, config).iter_sequences(records)]
     assert fast == slow and len(fast) >= 10
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *PHI3], ids=lambda f: f.name)
+def test_one_text_is_tokenised_as_the_tokenizer_call_does(tokenizer, family: Family) -> None:
+    tok = family_tokenizer(tokenizer, family)
+    builder = MaskBuilder(tok, MaskConfig(template=template_of(family)))
+    template = ChatTemplate(tok, template_of(family))
+    for messages in conversations(3, 6):
+        try:
+            text = template.render([m for m in messages if family.system or m["role"] != "system"])
+        except Exception:  # noqa: BLE001
+            continue
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert builder._tokenize_one(text) == (enc["input_ids"], enc["offset_mapping"])

@@ -274,9 +274,8 @@ class MaskBuilder:
         where an added token starts has exactly the tokens of the longest text up to it:
         one tokenisation serves them all. Any other text is tokenised on its own.
         """
-        if len(texts) == 1:  # one text (concat): tokenised as it is, without a batch around it
-            enc = self.tokenizer(texts[0], add_special_tokens=False, return_offsets_mapping=True)
-            return [(enc["input_ids"], enc["offset_mapping"])]
+        if len(texts) == 1:  # one text (concat)
+            return [self._tokenize_one(texts[0])]
         out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         longest = max(texts, key=len)
         if len(texts) > 1 and all(longest.startswith(t) for t in texts):
@@ -293,6 +292,21 @@ class MaskBuilder:
             enc = self.tokenizer([texts[j] for j in rest], add_special_tokens=False, return_offsets_mapping=True)
             out.update(zip(rest, zip(enc["input_ids"], enc["offset_mapping"])))
         return [out[j] for j in range(len(texts))]
+
+    def _tokenize_one(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(input_ids, offsets)`` of one text: what ``tokenizer(text, add_special_tokens=False,
+        return_offsets_mapping=True)`` gives, read straight from the Rust tokenizer when the
+        call would change none of its settings (no truncation or padding set, special tokens
+        split as the tokenizer says), which skips building the attention mask and the batch
+        around them; else through that call."""
+        tok = self.tokenizer
+        backend = getattr(tok, "_tokenizer", None)
+        if (backend is not None and backend.truncation is None and backend.padding is None
+                and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+            enc = backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        out = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return out["input_ids"], out["offset_mapping"]
 
     # -- many records -----------------------------------------------------------------------
 
