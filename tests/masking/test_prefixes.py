@@ -14,10 +14,10 @@ from .conftest import FAMILIES, PHI3, REASONING, Family, family_tokenizer, templ
 
 ONE_PASS = [
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}",
-    "{% if messages[0]['role'] == 'system' %}S{% endif %}{% for m in messages %}{% if loop.first %}F{% endif %}"
-    "{{ loop.index0 }}{{ m.content | trim | upper }}{{ m['content'].strip() }}{% endfor %}{{ eos_token }}",
-    "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
-    "{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% else %}END{% endif %}",
+    ("{% if messages[0]['role'] == 'system' %}S{% endif %}{% for m in messages %}{% if loop.first %}F{% endif %}"
+     "{{ loop.index0 }}{{ m.content | trim | upper }}{{ m['content'].strip() }}{% endfor %}{{ eos_token }}"),
+    ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}"
+     "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% else %}END{% endif %}"),
 ]
 NOT_ONE_PASS = [
     "{% for m in messages %}{{ m.content }}{% if loop.last %}LAST{% endif %}{% endfor %}",  # looks at the end

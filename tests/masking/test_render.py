@@ -87,10 +87,10 @@ def test_the_remembered_attribute_checks_refuse_what_the_sandbox_refuses(tokeniz
     refused = 0
     for escape in ESCAPES:
         template = ChatTemplate(tokenizer, "{% for m in messages %}{{ loop.first }}{% endfor %}" + escape)
-        expected = _outcome(lambda: tokenizer.apply_chat_template(messages, chat_template=template.source,
-                                                                  tokenize=False))
+        expected = _outcome(lambda t=template: tokenizer.apply_chat_template(messages, chat_template=t.source,
+                                                                             tokenize=False))
         for _ in range(3):
-            assert _outcome(lambda: template.render(messages)) == expected, escape
+            assert _outcome(lambda t=template: t.render(messages)) == expected, escape
         try:
             template._compiled.render(messages=messages)
         except SecurityError:

@@ -112,10 +112,10 @@ class ChatTemplate:
         """:meth:`render` for messages that are already :func:`plain_messages` (not copied again;
         the sandbox forbids a template to change them)."""
         try:
-            return self._compiled.render(
+            return str(self._compiled.render(
                 messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                 **self._variables,
-            )
+            ))
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
 
