@@ -300,7 +300,7 @@ class MaskBuilder:
         split as the tokenizer says), which skips building the attention mask and the batch
         around them; else through that call."""
         tok = self.tokenizer
-        backend = getattr(tok, "_tokenizer", None)
+        backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
         if (backend is not None and backend.truncation is None and backend.padding is None
                 and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
             enc = backend.encode(text, add_special_tokens=False)
