@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from tokenizers import AddedToken
 
 from losslab.masking.build import MaskedSequence
 from losslab.masking.spans import IGNORE_INDEX
@@ -50,6 +51,20 @@ FAMILIES = [
 REASONING = Family(
     "qwen3_reasoning", "qwen3_reasoning.jinja", "<|im_end|>", {"additional_special_tokens": ["<think>", "</think>"]}
 )
+# Phi-3 style: the end of the conversation is `<|end|>\n` + EOS (`<|endoftext|>`) where a continuing one
+# has `<|end|>\n<|user|>`, so a conversation prefix is not a prefix of the whole (auto expands). Phi-3-mini's
+# tokenizer marks its role and end tokens rstrip (each takes the whitespace after it); Phi-3.5 is tested with
+# plain special tokens, so both tokenisations of `<|end|>\n` are covered.
+_PHI_ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PHI3 = [
+    Family("phi3", "phi3.jinja", "<|end|>", {
+        "bos_token": "<s>", "eos_token": "<|endoftext|>",
+        "additional_special_tokens": [AddedToken(t, rstrip=True, normalized=False, special=True) for t in _PHI_ROLES],
+    }),
+    Family("phi3_5", "phi3_5.jinja", "<|end|>", {
+        "bos_token": "<s>", "eos_token": "<|endoftext|>", "additional_special_tokens": _PHI_ROLES,
+    }),
+]
 _TOKENIZERS: dict[str, object] = {}
 
 

@@ -59,3 +59,44 @@ def test_reply_header(tokenizer) -> None:
     assert ChatTemplate(tokenizer, BRANCHING).reply_header == ("<assistant>", False)
     headers = {f.name: ChatTemplate(family_tokenizer(tokenizer, f), template_of(f)).reply_header for f in FAMILIES}
     assert headers["gemma"] == ("<start_of_turn>model\n", True) and headers["mistral"] == ("", False)
+
+
+ESCAPES = [
+    "{{ messages.append('x') }}",  # a method that modifies a list (the immutable sandbox)
+    "{{ messages[0].clear() }}",
+    "{{ messages[0].update(role='system') }}",
+    "{{ raise_exception.__code__.co_consts }}",  # internal attributes
+    "{% for m in messages %}{{ m.__class__.__init__.__globals__['os'] }}{% endfor %}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+]
+
+
+def _outcome(render) -> str:
+    try:
+        return "text: " + render()
+    except Exception as exc:  # noqa: BLE001
+        return "refused: " + str(exc).split("SecurityError: ")[-1]
+
+
+def test_the_remembered_attribute_checks_refuse_what_the_sandbox_refuses(tokenizer) -> None:
+    """Templates are untrusted: the sandbox's attribute checks are kept per (type, name), and each
+    render, first or later, gives what transformers' own sandbox gives (the text, or the refusal)."""
+    from jinja2.exceptions import SecurityError
+
+    messages = [{"role": "user", "content": "hi"}]
+    refused = 0
+    for escape in ESCAPES:
+        template = ChatTemplate(tokenizer, "{% for m in messages %}{{ loop.first }}{% endfor %}" + escape)
+        expected = _outcome(lambda t=template: tokenizer.apply_chat_template(messages, chat_template=t.source,
+                                                                             tokenize=False))
+        for _ in range(3):
+            assert _outcome(lambda t=template: t.render(messages)) == expected, escape
+        try:
+            template._compiled.render(messages=messages)
+        except SecurityError:
+            refused += 1
+    assert refused >= 4
+    allowed = ChatTemplate(tokenizer, "{% for m in messages %}{{ loop.first }}{{ m.items() | list | length }}"
+                                      "{{ m['content'].upper() }}{% endfor %}")
+    for _ in range(2):
+        assert allowed.render(messages) == "True2HI"

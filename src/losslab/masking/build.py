@@ -92,7 +92,7 @@ class MaskedSequence:
 
     @property
     def trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def to_sample(self) -> dict[str, Any]:
         return {
@@ -245,7 +245,7 @@ class MaskBuilder:
             if labels:  # nothing predicts the first token (the loss shifts): it is never a target
                 labels[0], weights[0] = IGNORE_INDEX, 0.0
             seq = MaskedSequence(list(ids[cut]), labels, weights, source, sample.text,
-                                 [tuple(o) for o in offsets[cut]], sample.turn)
+                                 _pairs(offsets[cut]), sample.turn)
             if seq.trained == 0:
                 if stats is not None:
                     why = "with no trained token left after truncation" if len(ids) > len(seq.input_ids) else \
@@ -275,6 +275,8 @@ class MaskBuilder:
         where an added token starts has exactly the tokens of the longest text up to it:
         one tokenisation serves them all. Any other text is tokenised on its own.
         """
+        if len(texts) == 1:  # one text (concat)
+            return [self._tokenize_one(texts[0])]
         out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
         longest = max(texts, key=len)
         if len(texts) > 1 and all(longest.startswith(t) for t in texts):
@@ -291,6 +293,21 @@ class MaskBuilder:
             enc = self.tokenizer([texts[j] for j in rest], add_special_tokens=False, return_offsets_mapping=True)
             out.update(zip(rest, zip(enc["input_ids"], enc["offset_mapping"])))
         return [out[j] for j in range(len(texts))]
+
+    def _tokenize_one(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(input_ids, offsets)`` of one text: what ``tokenizer(text, add_special_tokens=False,
+        return_offsets_mapping=True)`` gives, read straight from the Rust tokenizer when the
+        call would change none of its settings (no truncation or padding set, special tokens
+        split as the tokenizer says), which skips building the attention mask and the batch
+        around them; else through that call."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
+        if (backend is not None and backend.truncation is None and backend.padding is None
+                and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+            enc = backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        out = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return out["input_ids"], out["offset_mapping"]
 
     # -- many records -----------------------------------------------------------------------
 
@@ -339,6 +356,14 @@ class MaskBuilder:
         if self.config.on_error == "raise":
             raise UserError(message, where=str(source))
         skipped.add(f"{source}: {message}")
+
+
+def _pairs(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Offsets as a list of tuples. One tokenizer call gives them all of one type; a fast
+    tokenizer's are tuples already, and are not copied one by one."""
+    if offsets and type(offsets[0]) is not tuple:
+        return [(o[0], o[1]) for o in offsets]
+    return list(offsets)
 
 
 def _count_unrendered(sample: TextSample, stats: BuildStats) -> None:

@@ -17,7 +17,7 @@ the lost side, and the caller falls back to the generation-prompt rule.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -110,18 +110,86 @@ class ChatTemplate:
         else:
             source = load_template(template)
         self.source: str = source
-        self._compiled = _compile(source)
+        self._compiled = _with_cached_checks(_compile(source), source)
         self._variables = dict(tokenizer.special_tokens_map)  # bos_token, eos_token, ... as apply_chat_template
+        # added tokens (<|end|>, <|user|>, ...): the tokenizer cuts a text at these before anything else,
+        # so a trained region that ends inside one would be rounded up to the whole token
+        added = [tok for tok in tokenizer.added_tokens_decoder.values() if tok.content]
+        contents = sorted({tok.content for tok in added}, key=len, reverse=True)  # longest first: leftmost-longest
+        self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self._added_longest = len(contents[0]) if contents else 0
+        self._lstrip = frozenset(tok.content for tok in added if getattr(tok, "lstrip", False))
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The template's text for ``messages`` (roles and contents only)."""
-        plain = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        return self.render_plain(plain_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def render_plain(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """:meth:`render` for messages that are already :func:`plain_messages` (not copied again;
+        the sandbox forbids a template to change them)."""
         try:
-            return self._compiled.render(
-                messages=plain, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **self._variables
-            )
+            return str(self._compiled.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                **self._variables,
+            ))
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
+
+    def token_boundary(self, text: str, pos: int, floor: int) -> int:
+        """``pos`` moved back (not below ``floor``) so that ``text[:pos]`` does not end inside an added token.
+
+        An added token whose text ``pos`` cuts (``<|end|>\n<|`` cuts ``<|user|>``) is left out
+        whole, with the whitespace in front of it when the token takes that too (``lstrip``).
+        """
+        if self._added is None or pos <= floor:
+            return pos
+        for match in self._added.finditer(text, max(0, floor - self._added_longest + 1), pos + self._added_longest):
+            if match.start() >= pos:
+                break
+            if match.end() > pos:  # pos falls inside this token
+                cut = match.start()
+                if match.group() in self._lstrip:
+                    cut = len(text[:cut].rstrip())
+                return max(floor, cut)
+        return pos
+
+    @cached_property
+    def loops_once(self) -> bool:
+        """Whether the template is one pass over ``messages`` (:func:`_one_pass`), so that every
+        prefix's render can be cut from one observed render of the whole (:meth:`render_prefixes`)."""
+        try:
+            return _one_pass(self._compiled.environment.parse(self.source))
+        except Exception:  # noqa: BLE001  (a template the parser refuses is rendered prefix by prefix)
+            return False
+
+    def render_prefixes(self, messages: list[dict[str, str]], ends: Sequence[int]) -> dict[int, str]:
+        """``{i: render_plain(messages[: i + 1]) for i in ends}`` (plain messages, ``i`` ascending).
+
+        For a one-pass template (:attr:`loops_once`) the text of ``messages[:k]`` is everything
+        the template writes before it asks for message ``k``, then what it writes after its
+        loop (which depends on no message), so ONE render of ``messages[: max(ends) + 1]``,
+        noting where each message is asked for, gives every prefix's exact text. Any other
+        template, or a render that fails, is rendered prefix by prefix.
+        """
+        if not ends:
+            return {}
+        if self.loops_once:
+            observed = _Observed(messages[: max(ends) + 1])
+            pieces: list[str] = []
+            try:
+                for piece in self._compiled.generate(
+                    messages=observed, tools=None, documents=None, add_generation_prompt=False, **self._variables
+                ):
+                    pieces.append(piece)
+                    observed.written += len(piece)
+            except Exception:  # noqa: BLE001  (rendered one by one below, for the same error as before)
+                pass
+            else:
+                text, asked = "".join(pieces), observed.asked
+                if len(asked) == len(observed) + 1:  # the loop asked for every message, then for the end
+                    after = text[asked[-1] :]
+                    return {i: text[: asked[i + 1]] + after for i in ends}
+        return {i: self.render_plain(messages[: i + 1]) for i in ends}
 
     @cached_property
     def reply_header(self) -> tuple[str, bool] | None:
@@ -166,6 +234,138 @@ class ChatTemplate:
                 one = one if one is not None else _marked_spans(self, messages, (i,), marks, text, inner=True)
                 spans.update(one or {})
         return Rendered(text, tuple(spans.get(i, ContentSpan(None, None)) for i in everything))
+
+
+def plain_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Messages as the template sees them: plain dicts of a ``str`` role and content."""
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def _with_cached_checks(compiled: Any, source: str) -> Any:
+    """The same template, compiled in a copy of its sandboxed environment that remembers its
+    attribute checks.
+
+    Every ``loop.first`` or ``message.content`` in a template costs a sandbox check
+    (``is_safe_attribute``), which for Jinja's sandboxes depends only on the object's type and
+    the attribute's name (internal attributes, underscores, methods that modify a list, dict
+    or set), never on the value; rendering every prefix of a conversation spends most of its
+    time there. The answer is kept per (type, name) and computed by the sandbox itself the
+    first time, so the same accesses are allowed and refused as before. An environment whose
+    check is not one of Jinja's own (it might look at the value) is left as it is. The
+    environment is an overlay: the template that ``transformers`` caches for
+    ``apply_chat_template`` is not changed.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
+
+    env = compiled.environment
+    check = type(env).is_safe_attribute
+    if check not in (ImmutableSandboxedEnvironment.is_safe_attribute, SandboxedEnvironment.is_safe_attribute):
+        return compiled
+    fast = env.overlay()
+    known: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(obj: Any, attr: str, value: Any) -> bool:
+        kind = type(obj)
+        safe = known.get((kind, attr))
+        if safe is None:
+            safe = bool(check(fast, obj, attr, value))
+            if obj.__class__ is kind:  # an object that reports another class is checked every time
+                known[(kind, attr)] = safe
+        return safe
+
+    fast.is_safe_attribute = is_safe_attribute
+    return fast.from_string(source)
+
+
+class _Observed(list):  # type: ignore[type-arg]
+    """The messages list of a render that notes how much text was written when the template's
+    loop asked for each message (``asked[k]``) and for the end of the list (``asked[-1]``)."""
+
+    def __init__(self, items: list[dict[str, str]]) -> None:
+        super().__init__(items)
+        self.written = 0
+        self.asked: list[int] = []
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        for item in list.__iter__(self):
+            self.asked.append(self.written)
+            yield item
+        self.asked.append(self.written)
+
+
+# What a one-pass template may contain (module jinja2.nodes): output, conditions, and
+# expressions without side effects. No assignment, macro, call block ({% generation %}),
+# include, filter block, break/continue, ...
+_ONE_PASS_NODES = (
+    "Template", "Output", "TemplateData", "Const", "If", "For", "Name", "Getattr", "Getitem", "Slice", "BinExpr",
+    "UnaryExpr", "Concat", "Compare", "Operand", "CondExpr", "Filter", "Test", "Call", "Keyword", "List", "Tuple",
+    "Dict", "Pair",
+)
+_PURE_FILTERS = frozenset({
+    "trim", "length", "count", "upper", "lower", "string", "tojson", "replace", "default", "d", "first", "last",
+    "join", "list", "capitalize", "title", "int", "float", "abs", "round", "indent", "wordcount", "safe", "items",
+    "e", "escape", "center", "truncate", "striptags", "reverse", "sort", "unique", "min", "max", "sum", "map",
+    "select", "reject", "selectattr", "rejectattr", "attr", "batch", "slice", "dictsort", "format", "groupby",
+})
+_PURE_METHODS = frozenset({
+    "strip", "lstrip", "rstrip", "split", "rsplit", "splitlines", "startswith", "endswith", "upper", "lower", "title",
+    "capitalize", "replace", "find", "rfind", "count", "join", "partition", "rpartition", "get", "items", "keys",
+    "values",
+})
+_PREFIX_LOOP_ATTRIBUTES = frozenset({"first", "index", "index0"})  # never loop.last, loop.length, loop.revindex
+
+
+def _one_pass(template: Any) -> bool:
+    """Whether a parsed template is ``pre + for message in messages: body + post`` where ``pre``
+    and ``body`` see of ``messages`` only ``messages[0]`` and the loop's own message, ``body``
+    sees of the loop only ``loop.first`` / ``loop.index`` / ``loop.index0`` (nothing about the
+    messages after it), nothing is assigned, and every call, filter and test is a pure function
+    (or ``raise_exception``). Then a template run on ``messages[:k]`` runs exactly as on the
+    whole list until its loop asks for message ``k``, and writes the same ``post`` after its
+    loop. A conservative check: anything else, e.g. ``loop.last``, ``messages | length``,
+    ``messages[-1]``, ``{% set %}``, a namespace, is False.
+    """
+    from jinja2 import nodes
+
+    allowed = tuple(getattr(nodes, name) for name in _ONE_PASS_NODES)
+    loops = list(template.find_all(nodes.For))
+    if len(loops) != 1 or loops[0] not in template.body:  # one loop, at the top level
+        return False
+    (loop,) = loops
+    if not (isinstance(loop.target, nodes.Name) and isinstance(loop.iter, nodes.Name) and loop.iter.name == "messages"
+            and not loop.recursive and loop.test is None and not loop.else_):
+        return False
+
+    def ok(node: Any, parent: Any, in_loop: bool) -> bool:
+        if not isinstance(node, allowed):
+            return False
+        if isinstance(node, nodes.Name):
+            if node.ctx != "load":
+                return node is loop.target
+            if node.name == "messages":
+                return node is loop.iter or (
+                    isinstance(parent, nodes.Getitem) and parent.node is node and isinstance(parent.arg, nodes.Const)
+                    and type(parent.arg.value) is int and parent.arg.value == 0
+                )
+            if node.name == "loop":
+                return in_loop and isinstance(parent, nodes.Getattr) and parent.attr in _PREFIX_LOOP_ATTRIBUTES
+            return node.name not in ("self", "varargs", "kwargs", "caller")
+        if isinstance(node, nodes.Getattr) and node.attr.startswith("_"):
+            return False
+        if isinstance(node, nodes.Filter) and (node.node is None or node.name not in _PURE_FILTERS):
+            return False
+        if isinstance(node, nodes.Call):
+            if node.dyn_args is not None or node.dyn_kwargs is not None:
+                return False
+            callee = node.node
+            if not ((isinstance(callee, nodes.Name) and callee.name == "raise_exception")
+                    or (isinstance(callee, nodes.Getattr) and callee.attr in _PURE_METHODS)):
+                return False
+        inside = in_loop or node is loop
+        return all(ok(child, node, inside and not (node is loop and child is loop.iter))
+                   for child in node.iter_child_nodes())
+
+    return ok(template, None, False)
 
 
 def common_prefix_len(a: str, b: str) -> int:
@@ -217,11 +417,12 @@ def _marked_spans(
     o1, o2, c1, c2 = marks
     chosen = set(which)
     marked = [
-        {"role": m["role"], "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else m["content"]}
+        {"role": str(m["role"]),
+         "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else str(m["content"])}
         for i, m in enumerate(messages)
     ]
     try:
-        rendered = template.render(marked)
+        rendered = template.render_plain(marked)
     except UserError:  # the template refuses the marked contents: as good as a different text
         return None
     pattern = re.compile(f"{re.escape(o1)}(\\d+){re.escape(o2)}|{re.escape(c1)}(\\d+){re.escape(c2)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def label_tokens(
     post-processor adds) it is never trained. Regions must not overlap each other.
     """
     ids = np.asarray(input_ids, dtype=np.int64)
-    offs = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+    # (T, 2); fromiter over the flat pairs is several times faster than asarray on a list of tuples
+    offs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
     ends = offs[:, 1]
     zero_width = ends <= offs[:, 0]
     starts = np.where(zero_width, ends - 1, offs[:, 0])

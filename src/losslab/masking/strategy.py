@@ -19,14 +19,21 @@ Trained region of assistant turn ``i`` in a rendered text (character offsets):
   ``<|im_end|>`` (ChatML), ``<|eot_id|>`` (Llama 3), ``<end_of_turn>`` (Gemma), ``</s>``
   (Mistral, Zephyr); never the next role header, which is absent when the conversation
   ends there, nor the newline between turns, which the model never generates (it stops
-  at the end-of-turn token).
+  at the end-of-turn token). Where the two tails part inside a token the tokenizer adds
+  (Phi-3: ``<|end|>\n<|user|>`` against ``<|end|>\n<|endoftext|>`` share ``<|end|>\n<|``),
+  the common text is cut back to before that token (:meth:`ChatTemplate.token_boundary`),
+  so the turn trains ``<|end|>`` and never the next header, which rounding the region to
+  whole tokens would otherwise take.
 
 Strategies: ``concat`` renders the conversation up to its last trained turn once and
 trains every trained turn in it; ``expand`` renders ``messages[:i+1]`` for each trained
 turn ``i`` and trains only that turn; ``auto`` renders every ``messages[:i+1]`` (needed for
 the end-of-turn rule anyway) and uses ``concat`` when each is a prefix of the last one
 ("prefix-stable": under causal attention both strategies then see the same tokens before
-every trained token, so their per-token losses are equal), else ``expand``.
+every trained token, so their per-token losses are equal), else ``expand``. Every
+``messages[:i+1]`` is its exact render: for a one-pass template
+(:attr:`ChatTemplate.loops_once`) all of them come from one observed render of the whole
+(:meth:`ChatTemplate.render_prefixes`), for any other each is rendered.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from typing import Any
 
 from losslab.errors import UserError
 from losslab.masking.policies import MaskPolicy, is_trained
-from losslab.masking.render import ChatTemplate, ContentSpan, common_prefix_len
+from losslab.masking.render import ChatTemplate, ContentSpan, common_prefix_len, plain_messages
 from losslab.masking.spans import Region
 
 
@@ -100,8 +107,9 @@ def plan_conversation(
     if not assistants and policy is not MaskPolicy.ALL:
         raise UserError("the conversation has no assistant turn, so nothing would be trained (mask policy "
                         f"{policy.value!r}); add one, or use --mask all")
+    plain = plain_messages(messages)  # once: every prefix render below takes a slice of it
     if policy is MaskPolicy.ALL:
-        prefixes = {i: template.render(messages[: i + 1]) for i in assistants if i < len(messages) - 1}
+        prefixes = template.render_prefixes(plain, [i for i in assistants if i < len(messages) - 1])
         sample = _concat_sample(template, messages, assistants, prefixes, weights, all_messages=True)
         return Plan([sample], Strategy.CONCAT)
     trained = [
@@ -112,7 +120,7 @@ def plan_conversation(
         chosen = Strategy.CONCAT if strategy is Strategy.AUTO else strategy
         return Plan([], chosen)  # every trained turn has weight 0
     last = trained[-1]
-    prefixes = {i: template.render(messages[: i + 1]) for i in trained}
+    prefixes = template.render_prefixes(plain, trained)
     stable = all(prefixes[last].startswith(prefixes[i]) for i in trained[:-1])
     use_concat = strategy is Strategy.CONCAT or (strategy is Strategy.AUTO and stable)
     if use_concat or stable:
@@ -216,6 +224,8 @@ def _concat_sample(
                 raise UserError(f"the chat template rewrites assistant message {i + 1} so that its end cannot be "
                                 "found in the whole conversation; use --strategy expand (or auto)")
             tail = text[body_end : body_end + common_prefix_len(text[body_end:], prefixes[i][end_alone:])]
+        if i < n - 1:  # the tail is cut where the two texts part: never inside a token the tokenizer adds
+            tail = text[body_end : template.token_boundary(text, body_end + len(tail), body_end)]
         end = body_end + len(close_text(tail))
         regions.append(Region(start, end, weights[i], i))
         floor = end
