@@ -95,15 +95,18 @@ def test_second_run_reuses_the_cache_and_a_changed_input_rebuilds(tmp_path, smol
 
 def test_causal_lm_data_num_proc_gives_the_same_training_data(tmp_path, monkeypatch):
     from losslab.train.config import TrainConfig
+    from losslab.train.task import plan_loss
     from losslab.train.tasks import causal_lm
 
     monkeypatch.setattr(parallel, "prepared_dir", lambda: tmp_path / "prepared")
     cfg = train_config(tmp_path / "run", validation=True,
                        data={"max_length": 64, "max_train_samples": 20, "max_eval_samples": 5},
                        loss=None, training=None, eval=None)
-    one = causal_lm.build(TrainConfig.model_validate(cfg))
+    config = TrainConfig.model_validate(cfg)
+    one = causal_lm.build(config, plan_loss(config))
     cfg["data"]["num_proc"] = 2
-    two = causal_lm.build(TrainConfig.model_validate(cfg))
+    config = TrainConfig.model_validate(cfg)
+    two = causal_lm.build(config, plan_loss(config))
     assert two.train == one.train and two.validation == one.validation and two.summary == one.summary
     assert len(list((tmp_path / "prepared").iterdir())) == 2  # train and validation
 

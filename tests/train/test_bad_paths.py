@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-import losslab.compare.run
+import losslab.compare.study
 import losslab.train.run
 from losslab.cli import main
 
@@ -25,7 +25,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("training started before the bad input was reported")
 
     monkeypatch.setattr(losslab.train.run, "train", boom)
-    monkeypatch.setattr(losslab.compare.run, "compare", boom)
+    monkeypatch.setattr(losslab.compare.study, "compare", boom)
 
 
 def _files(tmp_path: Path) -> dict[str, str]:

@@ -12,19 +12,19 @@ from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table
 from losslab.train.config import TrainConfig
 from losslab.train.task import plan_loss
-from losslab.train.run import train
+from losslab.train import run
 
 
 def run_train(args: argparse.Namespace) -> int:
     file = read_config(args.config, args.overrides)
     config = file.validate(TrainConfig)
-    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
-                     term_where=lambda i: file.where("loss", "terms", str(i)))
-    for split in SPLITS:
+    for split in SPLITS:  # (a task's loss needs may read the first training record)
         spec = getattr(config.data, split)
         if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
             raise UserError(f"data file not found: {spec}", where=file.where("data", split))
-    metrics = train(config, plan=plan)
+    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
+                     term_where=lambda i: file.where("loss", "terms", str(i)))
+    metrics = run.train(config, plan=plan)
     print(format_metrics_table(metrics))
     print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")
     return 0
