@@ -28,18 +28,18 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the Rust tokenizer's thread p
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from losslab.data.records import Source  # noqa: E402
-from losslab.data.schemas import ChatRecord  # noqa: E402
-from losslab.masking import BuildStats, MaskBuilder, MaskConfig  # noqa: E402
-from losslab.models import load_tokenizer  # noqa: E402
-from losslab.paths import package_dir  # noqa: E402
+from losslab.data.records import Source
+from losslab.data.schemas import ChatRecord
+from losslab.masking import BuildStats, MaskBuilder, MaskConfig
+from losslab.models import load_tokenizer
+from losslab.paths import package_dir
 
 
 def chitchat_conversations(limit: int | None = None) -> list[ChatRecord]:

@@ -19,19 +19,19 @@ os.environ.setdefault("RAYON_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
 
-from datasets.utils.logging import disable_progress_bar  # noqa: E402
+from datasets.utils.logging import disable_progress_bar
 
-from losslab.data.builtin import resolve_data_path  # noqa: E402
-from losslab.masking import BuildStats, MaskConfig, build_samples  # noqa: E402
-from losslab.masking.parallel import build_samples_parallel  # noqa: E402
-from losslab.models import load_tokenizer  # noqa: E402
+from losslab.data.builtin import resolve_data_path
+from losslab.masking import BuildStats, MaskConfig, build_samples
+from losslab.masking.parallel import build_samples_parallel
+from losslab.models import load_tokenizer
 
 
 def cpu_seconds() -> float:

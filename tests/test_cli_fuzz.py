@@ -129,7 +129,7 @@ CASES = [(command, option, value if isinstance(value, tuple) else (value, None))
 def test_bad_option_exits_2_naming_it(command: tuple[str, ...], option: str, case: tuple[str, str | None],
                                       paths: dict[str, str], capsys: pytest.CaptureFixture,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import losslab.losses.bench as bench
+    from losslab.losses import bench
 
     def no_workers(*args: object, **kwargs: object) -> None:
         raise AssertionError("a benchmark worker started before the bad option was reported")
@@ -149,7 +149,7 @@ def test_bench_sizes_that_cannot_fit_in_memory_name_the_options(capsys: pytest.C
 
 
 def test_bench_exits_1_when_a_case_fails(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import losslab.losses.bench as bench
+    from losslab.losses import bench
 
     monkeypatch.setattr(bench, "_run_in_subprocess", lambda spec, timeout: {**bench._case_key(spec), "supported": True,
                                                                             "error": "exit 1: boom"})
@@ -160,7 +160,7 @@ def test_bench_exits_1_when_a_case_fails(capsys: pytest.CaptureFixture, monkeypa
 
 def test_an_oserror_on_a_named_path_is_exit_2_and_others_are_not_caught(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import losslab.data.prepare as prepare
+    from losslab.data import prepare
 
     out = tmp_path / "out"
 

@@ -15,7 +15,6 @@ from typing import Protocol, TypeVar
 from losslab.errors import UserError
 
 
-
 class Hasher(Protocol):
     """What :func:`hash_file` needs of a ``hashlib`` object."""
 

@@ -89,8 +89,7 @@ def test_an_example_counts_once_however_many_seeds_saw_it(tmp_path: Path) -> Non
     """Three seeds with the same outputs carry no more evidence than one: the same interval
     and p-value (resampling the 3N outputs as independent would shrink both about sqrt(3)-fold).
     Examples that do not line up across seeds or runs get no test."""
-    from losslab.compare.examples import example_stats
-    from losslab.compare.examples import example_id
+    from losslab.compare.examples import example_id, example_stats
     from losslab.compare.results import _over_examples
 
     study, _ = fabricate(tmp_path)

@@ -19,7 +19,6 @@ from losslab.errors import UserError
 
 from ..bad_input import CHAT, FUZZ, GOOD, JSON_VALUES, re_escape
 
-
 # ---- one valid record per schema, and the bad variants of each ----------------------------------
 
 SURROGATE = '"a\\ud800b"'  # a lone surrogate, as JSON writes it

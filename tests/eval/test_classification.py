@@ -235,7 +235,7 @@ def test_regression_by_hand():
 
 
 def test_regression_against_scipy_and_edge_cases():
-    import scipy.stats as stats  # the test extra installs it
+    from scipy import stats  # the test extra installs it
     rng = np.random.default_rng(3)
     t = rng.normal(size=30)
     p = np.round(t + rng.normal(size=30), 1)  # rounding makes ties

@@ -146,7 +146,7 @@ def test_paired_bootstrap_generic_known_cases():
 
 
 def test_paired_bootstrap_bleu_and_chrf():
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
     rng = np.random.default_rng(0)
     refs = [" ".join(rng.choice(words, 8)) for _ in range(40)]
     good = list(refs)  # system B reproduces the references

@@ -25,7 +25,6 @@ from losslab.train.config import TrainConfig
 from ..bad_input import CHAT, FUZZ, GOOD, JSON_SCALARS, JSON_VALUES, config_file, run_cli
 from ..conftest import train_config
 
-
 # ---- train configs: the matrix, in-process through the CLI --------------------------------------
 
 # (what is appended to / replaced in the base config, the field named, its line)

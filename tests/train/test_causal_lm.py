@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from losslab.config import load_config
-from losslab.train.config import TrainConfig
 from losslab.train.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
-from losslab.train.task import plan_loss
+from losslab.train.config import TrainConfig
 from losslab.train.run import loss_adapter, train
+from losslab.train.task import plan_loss
 
 from ..conftest import train_config, wait_for
 
@@ -79,11 +79,10 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
     """Feature terms ask the model for hidden states (with or without logits) and match the
     loss functions applied to the model's own last hidden states."""
     import torch
+    from transformers import TrainingArguments
 
     from losslab.losses.dialogue import semantic_alignment_loss
     from losslab.train.tasks.causal_lm import build
-    from transformers import TrainingArguments
-
     from losslab.train.trainer import LosslabTrainer
 
     cfg = tiny_config(tmp_path, max_steps=1)

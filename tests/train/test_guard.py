@@ -15,9 +15,16 @@ from safetensors.torch import load_file
 from losslab import cli
 from losslab.train import run as train_run
 from losslab.train import tasks
+from losslab.train.checkpoints import (
+    COMPLETE_MARKER,
+    is_complete,
+    keep_log_rows,
+    last_complete_checkpoint,
+    read_marker,
+    remove_incomplete_checkpoints,
+    rotate_checkpoints,
+)
 from losslab.train.config import TrainConfig
-from losslab.train.checkpoints import (COMPLETE_MARKER, is_complete, keep_log_rows, last_complete_checkpoint, read_marker,
-                                       remove_incomplete_checkpoints, rotate_checkpoints)
 from losslab.train.task import plan_loss
 from losslab.train.tasks import causal_lm
 from losslab.train.trainer import LosslabTrainer

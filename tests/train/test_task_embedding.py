@@ -100,8 +100,8 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
 
     from losslab.losses.pairwise import info_nce_loss
     from losslab.train.config import TrainConfig
-    from losslab.train.task import plan_loss
     from losslab.train.run import loss_adapter
+    from losslab.train.task import plan_loss
     from losslab.train.tasks.embedding import build, embed
 
     chats = [("hi there", "Hello!"), ("how is the weather", "Sunny and warm today."), ("good morning", "Hello!")]

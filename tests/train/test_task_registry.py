@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from losslab.losses.composite import LossInputs
 from losslab.train import tasks
 from losslab.train.config import TrainConfig
-from losslab.train.task import LossNeeds, LossPlan, TaskRun, get_task, plan_loss
 from losslab.train.run import train
+from losslab.train.task import LossNeeds, LossPlan, TaskRun, get_task, plan_loss
 
 
 def test_the_registry_is_the_one_list_of_tasks() -> None:

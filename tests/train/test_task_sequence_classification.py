@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from losslab.data.records import Source
 from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.task import plan_loss
-from losslab.data.records import Source
 from losslab.train.tasks.sequence_classification import TextCollator, detect_label_type, evaluate, target
 
 

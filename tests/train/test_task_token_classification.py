@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from losslab.labels import IGNORE_INDEX as IGNORE
 from losslab.models import load_tokenizer
 from losslab.train.task import plan_loss
 from losslab.train.tasks.batches import encode
-from losslab.labels import IGNORE_INDEX as IGNORE
 from losslab.train.tasks.token_classification import TokenCollator, align_labels, evaluate
 
 TAGS = ["O", "B-PER", "I-PER", "B-LOC"]

@@ -12,7 +12,7 @@ from losslab.losses.registry import build_composite
 from losslab.models import load_causal_lm
 from losslab.train.adapter import LossAdapter
 from losslab.train.next_token import causal_lm_loss
-from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer
+from losslab.train.trainer import JsonlLogCallback, LosslabTrainer, LossTermsCallback
 
 LENGTHS = [5, 11, 3, 8]  # uneven on purpose
 
@@ -230,8 +230,16 @@ def test_item_count_is_over_shifted_targets_whatever_the_model_class(tmp_path) -
 def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -> None:
     """Gemma-2 soft-caps its logits, Cohere and Granite scale them: the fused head (h @ W.T)
     would train another loss than the model's, so losslab detects it (Llama's head is linear)."""
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     from losslab.train.next_token import lm_head_gives_logits
 

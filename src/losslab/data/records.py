@@ -22,7 +22,6 @@ from pydantic import BaseModel, ValidationError
 from losslab.errors import UserError
 from losslab.files import read_utf8
 
-
 SKIP_HINT = " (to skip such records: data.on_error: skip in a config, --on-error skip for losslab inspect)"
 
 

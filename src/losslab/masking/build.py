@@ -26,7 +26,14 @@ from losslab.data.schemas import ChatRecord, InstructionRecord
 from losslab.errors import UserError
 from losslab.labels import IGNORE_INDEX
 from losslab.masking.policies import MaskPolicy, check_role_weights, message_weight, parse_policy
-from losslab.masking.render import PROMPT_STYLES, ChatTemplate, ContentSpan, alpaca_prompt, instruction_messages, tokenizer_adds_bos
+from losslab.masking.render import (
+    PROMPT_STYLES,
+    ChatTemplate,
+    ContentSpan,
+    alpaca_prompt,
+    instruction_messages,
+    tokenizer_adds_bos,
+)
 from losslab.masking.spans import Region, label_tokens
 from losslab.masking.strategy import Strategy, TextSample, parse_strategy, plan_conversation
 from losslab.masking.truncation import check_side, truncation_slice
@@ -387,7 +394,7 @@ def _first_record(path: str | Path) -> tuple[Source | None, Any]:
     return first
 
 
-def file_schema(kind: str, path: str | Path) -> type[ChatRecord] | type[InstructionRecord]:
+def file_schema(kind: str, path: str | Path) -> type[ChatRecord | InstructionRecord]:
     """The record schema of a file: ``kind``, or for ``auto`` its first record's fields
     (an error names the record it could not tell)."""
     source, first = _first_record(path) if kind == "auto" else (None, None)
@@ -397,7 +404,7 @@ def file_schema(kind: str, path: str | Path) -> type[ChatRecord] | type[Instruct
         raise UserError(str(exc), where=str(source) if source else str(path)) from None
 
 
-def _schema(kind: str, record: Any) -> type[ChatRecord] | type[InstructionRecord]:
+def _schema(kind: str, record: Any) -> type[ChatRecord | InstructionRecord]:
     if kind == "chat":
         return ChatRecord
     if kind == "instruction":

@@ -10,9 +10,9 @@ from losslab.config import read_config
 from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table
+from losslab.train import run
 from losslab.train.config import TrainConfig
 from losslab.train.task import plan_loss
-from losslab.train import run
 
 
 def run_train(args: argparse.Namespace) -> int:

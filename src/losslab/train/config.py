@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 
 from losslab.train.tasks import TASKS
 
-
 # loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
 PER_ROW_TERMS = ("semantic_alignment", "semantic_l2")
 

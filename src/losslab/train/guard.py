@@ -13,9 +13,18 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from losslab.errors import UserError
-from losslab.train.checkpoints import (COMPLETE_MARKER, checkpoints, fsync_tree, is_complete, last_complete_checkpoint,
-                                       mark_complete, read_marker, rotate_checkpoints)
+from losslab.train.checkpoints import (
+    COMPLETE_MARKER,
+    checkpoints,
+    fsync_tree,
+    is_complete,
+    last_complete_checkpoint,
+    mark_complete,
+    read_marker,
+    rotate_checkpoints,
+)
 from losslab.train.signals import workers_leave_stop_signals
+
 
 class TrainingDiverged(UserError):
     """Too many non-finite steps, or non-finite weights: the run stops (CLI exit status 2)."""

@@ -25,9 +25,7 @@ from losslab.files import write_atomic
 from losslab.losses.composite import CompositeLoss
 from losslab.train.adapter import LossAdapter
 from losslab.train.config import TrainConfig
-from losslab.train.task import LossPlan, plan_loss
-from losslab.train.task import TaskRun
-from losslab.train.task import get_task
+from losslab.train.task import LossPlan, TaskRun, get_task, plan_loss
 
 if TYPE_CHECKING:
     from losslab.train.hooks import EvaluationHook
@@ -87,10 +85,10 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     (see :mod:`losslab.train.hooks`); it may raise to stop the run (Optuna pruning)."""
     from transformers import EarlyStoppingCallback, set_seed
 
-    from losslab.train.hooks import EvaluationHookCallback
     from losslab.train.checkpoints import keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints
+    from losslab.train.hooks import EvaluationHookCallback
     from losslab.train.signals import Interrupted, stop_on_signals
-    from losslab.train.trainer import JsonlLogCallback, LossTermsCallback, LosslabTrainer, WholeRunTrainLossCallback
+    from losslab.train.trainer import JsonlLogCallback, LosslabTrainer, LossTermsCallback, WholeRunTrainLossCallback
 
     plan = plan or plan_loss(config)  # before any model or data is loaded
     out = Path(config.output_dir)

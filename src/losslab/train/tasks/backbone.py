@@ -17,6 +17,6 @@ def model_kwargs(config: TrainConfig) -> dict[str, Any]:
 
 def set_pad_token(model: torch.nn.Module, tokenizer: Any) -> None:
     """Decoder backbones read the score at the last non-padding token: they need the pad id."""
-    config: Any = getattr(model, "config")
+    config: Any = model.config
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tokenizer.pad_token_id

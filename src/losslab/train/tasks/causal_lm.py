@@ -18,12 +18,12 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel
 
+from losslab.data.builtin import resolve_data_path
+from losslab.data.records import iter_raw_records
 from losslab.errors import UserError
 from losslab.eval.generation import generation_report
 from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
-from losslab.data.builtin import resolve_data_path
-from losslab.data.records import iter_raw_records
 from losslab.files import write_atomic
 from losslab.masking import BuildStats, ChatTemplate, MaskConfig, PackedCollator, PaddedCollator, build_samples
 from losslab.masking.parallel import build_samples_parallel
@@ -31,8 +31,7 @@ from losslab.masking.render import alpaca_prompt, instruction_messages
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
 from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
-from losslab.train.task import LossNeeds, LossPlan
-from losslab.train.task import TaskRun
+from losslab.train.task import LossNeeds, LossPlan, TaskRun
 
 LOSS_NEEDS = LossNeeds("causal_lm", ({"name": "token_cross_entropy", "weight": 1.0},), LOGIT_FIELDS | {"hidden_states"})
 

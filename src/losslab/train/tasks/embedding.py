@@ -15,15 +15,14 @@ import torch.nn.functional as F
 
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
-from losslab.labels import IGNORE_INDEX
 from losslab.eval.ranking import retrieval_metrics
 from losslab.eval.report import namespace
+from losslab.labels import IGNORE_INDEX
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
-from losslab.train.config import EmbeddingConfig, TrainConfig
 from losslab.train.adapter import TaskForward
-from losslab.train.task import LossNeeds, LossPlan
-from losslab.train.task import TaskRun
+from losslab.train.config import EmbeddingConfig, TrainConfig
+from losslab.train.task import LossNeeds, LossPlan, TaskRun
 from losslab.train.tasks.backbone import model_kwargs
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
 from losslab.train.tasks.records import SplitRecords, encode_splits, read_splits, sample_limit, skipped_records

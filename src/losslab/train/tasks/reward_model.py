@@ -18,8 +18,7 @@ from losslab.eval.report import namespace
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.task import LossNeeds, LossPlan
-from losslab.train.task import TaskRun
+from losslab.train.task import LossNeeds, LossPlan, TaskRun
 from losslab.train.tasks.backbone import model_kwargs, set_pad_token
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
 from losslab.train.tasks.predictions import save_predictions

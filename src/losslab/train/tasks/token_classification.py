@@ -14,14 +14,13 @@ import torch.nn.functional as F
 
 from losslab.data.schemas import SCHEMAS
 from losslab.errors import UserError
-from losslab.labels import IGNORE_INDEX
 from losslab.eval.ner import ids_to_tags, lenient_tag, ner_report
 from losslab.eval.report import namespace
+from losslab.labels import IGNORE_INDEX
 from losslab.losses.composite import LossInputs
 from losslab.models import load_model, load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.task import LossNeeds, LossPlan
-from losslab.train.task import TaskRun
+from losslab.train.task import LossNeeds, LossPlan, TaskRun
 from losslab.train.tasks.backbone import model_kwargs, set_pad_token
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs, pad
 from losslab.train.tasks.labels import label_id, label_vocabulary
