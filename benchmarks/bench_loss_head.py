@@ -43,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             print(f"== V={vocab}, round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
             report = bench_loss_head(
-                tokens=args.tokens, hidden=args.hidden, vocab=vocab,
-                ignored_fractions=(0.0, args.ignored_fraction), options=tuple(args.options), repeats=args.repeats,
-                device=args.device, dtype=args.dtype,
+                tokens=args.tokens,
+                hidden=args.hidden,
+                vocab=vocab,
+                ignored_fractions=(0.0, args.ignored_fraction),
+                options=tuple(args.options),
+                repeats=args.repeats,
+                device=args.device,
+                dtype=args.dtype,
                 progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
             )
             loads = [r["loadavg_before"] for r in report["results"] if "loadavg_before" in r]
@@ -60,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out_dir / (args.out_name or f"loss_head_{args.device.split(':')[0]}")
     command = "python benchmarks/bench_loss_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stem.with_suffix(".json").write_text(json.dumps({"command": command.strip(), "runs": everything}, indent=1) + "\n")
-    md = [f"# Loss-head benchmark ({args.device})", "", f"Command: `{command.strip()}` "
-          f"(machine: {os.cpu_count()} CPUs). Each table is the round with the least contention "
-          f"(lowest mean load average) of {args.rounds}; ratios are within that round.", ""]
+    md = [
+        f"# Loss-head benchmark ({args.device})",
+        "",
+        f"Command: `{command.strip()}` "
+        f"(machine: {os.cpu_count()} CPUs). Each table is the round with the least contention "
+        f"(lowest mean load average) of {args.rounds}; ratios are within that round.",
+        "",
+    ]
     for report in chosen:
         md += [format_markdown(report), ""]
     stem.with_suffix(".md").write_text("\n".join(md))

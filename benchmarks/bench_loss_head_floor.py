@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     best = {name: min(t) for name, t in times.items()}
-    print(f"N={args.tokens} d={args.hidden} V={args.vocab} float32, {torch.get_num_threads()} threads, "
-          f"min of {args.repeats}")
+    print(
+        f"N={args.tokens} d={args.hidden} V={args.vocab} float32, {torch.get_num_threads()} threads, "
+        f"min of {args.repeats}"
+    )
     for name, t in best.items():
         print(f"  {name:14s} {t:6.2f} s   {t / best['plain']:.2f}x plain   {t / best['three matmuls']:.2f}x matmuls")
 

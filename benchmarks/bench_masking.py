@@ -92,8 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N conversations")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--strategies", nargs="+", default=["concat", "expand", "auto"],
-                        choices=["concat", "expand", "auto"], help="mask builders to time beside the bare baseline")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=["concat", "expand", "auto"],
+        choices=["concat", "expand", "auto"],
+        help="mask builders to time beside the bare baseline",
+    )
     args = parser.parse_args(argv)
 
     if hasattr(os, "sched_setaffinity"):
@@ -104,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     records = chitchat_conversations(args.limit)
     turns = sum(len(r.messages) for r in records)
-    print(f"{len(records)} conversations, {turns} messages ({turns / len(records):.1f} per conversation)",
-          file=sys.stderr)
+    print(
+        f"{len(records)} conversations, {turns} messages ({turns / len(records):.1f} per conversation)", file=sys.stderr
+    )
 
     results: dict[str, Any] = {"conversations": len(records), "messages": turns, "strategies": {}}
     plain = [[{"role": m.role, "content": m.content} for m in r.messages] for r in records]
@@ -122,18 +128,28 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.strategies:
                 seconds_of[name] += run(builders[name], records[k : k + chunk], stats_of[name], k + 1)
         for name, seconds in seconds_of.items():
-            print(f"  {name:6s} round {r + 1}: {len(records) / seconds:8.1f} conversations/s "
-                  f"(load average {load})", file=sys.stderr, flush=True)
+            print(
+                f"  {name:6s} round {r + 1}: {len(records) / seconds:8.1f} conversations/s (load average {load})",
+                file=sys.stderr,
+                flush=True,
+            )
             if name not in best or seconds < best[name][0]:
                 best[name] = (seconds, stats_of.get(name), load)
         if "concat" in seconds_of:
             ratios.append(seconds_of["bare"] / seconds_of["concat"])
     for name, (seconds, stats, load) in best.items():
-        row: dict[str, Any] = {"conversations_per_second": len(records) / seconds, "seconds": seconds,
-                               "load_average": load}
+        row: dict[str, Any] = {
+            "conversations_per_second": len(records) / seconds,
+            "seconds": seconds,
+            "load_average": load,
+        }
         if stats is not None:
-            row.update(samples=stats.samples, tokens=stats.tokens, trained_tokens=stats.trained_tokens,
-                       chosen=dict(stats.strategies))
+            row.update(
+                samples=stats.samples,
+                tokens=stats.tokens,
+                trained_tokens=stats.trained_tokens,
+                chosen=dict(stats.strategies),
+            )
         results["strategies"][name] = row
     bare_speed = results["strategies"]["bare"]["conversations_per_second"]
     for row in results["strategies"].values():
@@ -147,18 +163,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| bare `apply_chat_template(tokenize=True)` | {r['conversations_per_second']:.0f} | 1.00 | | | |")
             continue
         chosen = f" ({', '.join(f'{k}: {v}' for k, v in r['chosen'].items())})" if name == "auto" else ""
-        print(f"| {name}{chosen} | {r['conversations_per_second']:.0f} | {r['over_bare']:.2f} | {r['samples']} | "
-              f"{r['tokens']} | {r['trained_tokens']} |")
+        print(
+            f"| {name}{chosen} | {r['conversations_per_second']:.0f} | {r['over_bare']:.2f} | {r['samples']} | "
+            f"{r['tokens']} | {r['trained_tokens']} |"
+        )
     if ratios:
         print(f"\nconcat / bare per round (same load): {', '.join(f'{x:.2f}' for x in ratios)}")
     if "concat" in results["strategies"] and "expand" in results["strategies"]:
         concat, expand = results["strategies"]["concat"], results["strategies"]["expand"]
         results["expand_over_concat_tokens"] = expand["tokens"] / concat["tokens"]
-        print(f"\nexpand processes {results['expand_over_concat_tokens']:.2f}x the tokens of concat "
-              f"for the same {concat['trained_tokens']} trained tokens")
+        print(
+            f"\nexpand processes {results['expand_over_concat_tokens']:.2f}x the tokens of concat "
+            f"for the same {concat['trained_tokens']} trained tokens"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -59,23 +59,33 @@ def main() -> None:
     t, c = time.perf_counter(), cpu_seconds()
     want = build_samples(path, tokenizer, config, stats=stats, limit=args.limit)
     base, base_cpu = time.perf_counter() - t, cpu_seconds() - c
-    print(f"num_proc=1 (build_samples): {base:.1f} s wall, {base_cpu:.1f} s CPU, {stats.records} records, {stats.summary()}")
-    out = {"data": str(path), "records": stats.records, "samples": stats.samples, "num_proc=1": base,
-           "num_proc=1 cpu": base_cpu}
+    print(
+        f"num_proc=1 (build_samples): {base:.1f} s wall, {base_cpu:.1f} s CPU, {stats.records} records, {stats.summary()}"
+    )
+    out = {
+        "data": str(path),
+        "records": stats.records,
+        "samples": stats.samples,
+        "num_proc=1": base,
+        "num_proc=1 cpu": base_cpu,
+    }
     for n in args.num_proc:
         with tempfile.TemporaryDirectory() as cache:
             times, cpu = [], []
             for _ in ("cold", "cached"):
                 got_stats = BuildStats()
                 t, c = time.perf_counter(), cpu_seconds()
-                got = build_samples_parallel(path, tokenizer, config, num_proc=n, stats=got_stats, limit=args.limit,
-                                             cache=Path(cache))
+                got = build_samples_parallel(
+                    path, tokenizer, config, num_proc=n, stats=got_stats, limit=args.limit, cache=Path(cache)
+                )
                 times.append(time.perf_counter() - t)
                 cpu.append(cpu_seconds() - c)
                 assert got == want and got_stats.summary() == stats.summary(), "different samples or statistics"
-        print(f"num_proc={n}: {times[0]:.1f} s wall cold ({base / times[0]:.2f}x), {cpu[0]:.1f} s CPU in all processes; "
-              f"{times[1]:.1f} s cached "
-              f"({base / times[1]:.1f}x); same samples and statistics")
+        print(
+            f"num_proc={n}: {times[0]:.1f} s wall cold ({base / times[0]:.2f}x), {cpu[0]:.1f} s CPU in all processes; "
+            f"{times[1]:.1f} s cached "
+            f"({base / times[1]:.1f}x); same samples and statistics"
+        )
         out[f"num_proc={n}"] = times[0]
         out[f"num_proc={n} cpu"] = cpu[0]
         out[f"num_proc={n} cached"] = times[1]

@@ -26,11 +26,19 @@ from losslab.train.next_token import causal_lm_loss
 from losslab.train.trainer import JsonlLogCallback, LossTermsCallback
 
 CHATS = [
-    [("user", "Hi! How are you today?"), ("assistant", "I'm well, thanks. And you?"),
-     ("user", "Tired, but fine."), ("assistant", "Get some rest tonight, then.")],
+    [
+        ("user", "Hi! How are you today?"),
+        ("assistant", "I'm well, thanks. And you?"),
+        ("user", "Tired, but fine."),
+        ("assistant", "Get some rest tonight, then."),
+    ],
     [("user", "What is your favourite colour?"), ("assistant", "Blue, like the sea.")],
-    [("user", "Do you like music?"), ("assistant", "Yes, mostly jazz."), ("user", "Who?"),
-     ("assistant", "Miles Davis, above all.")],
+    [
+        ("user", "Do you like music?"),
+        ("assistant", "Yes, mostly jazz."),
+        ("user", "Who?"),
+        ("assistant", "Miles Davis, above all."),
+    ],
     [("user", "Good night!"), ("assistant", "Good night, sleep well.")],
 ]
 
@@ -52,16 +60,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def collate(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in pad(batch).items() if k in ("input_ids", "attention_mask", "labels")}
 
-    loss = causal_lm_loss(build_composite([
-        {"name": "token_cross_entropy", "label_smoothing": 0.1},
-        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}},
-    ], total_steps=args.steps), model=model)
+    loss = causal_lm_loss(
+        build_composite(
+            [
+                {"name": "token_cross_entropy", "label_smoothing": 0.1},
+                {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}},
+            ],
+            total_steps=args.steps,
+        ),
+        model=model,
+    )
     out = Path(args.out)
     trainer = Trainer(
         model=model,
-        args=TrainingArguments(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=2,
-                               learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no",
-                               remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0),
+        args=TrainingArguments(
+            output_dir=str(out),
+            max_steps=args.steps,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            remove_unused_columns=False,
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        ),
         train_dataset=samples,
         data_collator=collate,
         compute_loss_func=loss,
@@ -70,8 +94,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.train()
     steps = [r for r in trainer.state.log_history if "loss/token_cross_entropy" in r]
     for r in steps:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
-                          if k == "step" or k.startswith(("loss", "weight/"))}))
+        print(
+            json.dumps(
+                {
+                    k: round(v, 4) if isinstance(v, float) else v
+                    for k, v in r.items()
+                    if k == "step" or k.startswith(("loss", "weight/"))
+                }
+            )
+        )
     print(f"log: {out / 'log.jsonl'}")
     return {"steps": steps, "samples": samples}
 

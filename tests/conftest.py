@@ -113,8 +113,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], bool], proc: Any = None, timeout: float = 240, poll: float = 0.005,
-             what: Callable[[], str] | str = "") -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    proc: Any = None,
+    timeout: float = 240,
+    poll: float = 0.005,
+    what: Callable[[], str] | str = "",
+) -> None:
     """Poll ``condition`` every ``poll`` seconds until it holds; fail after ``timeout`` seconds, or
     as soon as ``proc`` (a ``subprocess.Popen``) has ended. ``what``: text (or a function giving
     it, e.g. the tail of a log) added to the failure message."""

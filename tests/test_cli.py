@@ -33,11 +33,26 @@ def test_help_everywhere_shows_defaults(argv: list[str], capsys) -> None:
 
 def test_contract_options_exist() -> None:
     parser = build_parser()
-    args = parser.parse_args(["inspect", "d.jsonl", "--tokenizer", "builtin:tiny-llama", "--mask", "last",
-                              "--strategy", "expand", "--format", "jsonl", "--out", "o.jsonl"])
+    args = parser.parse_args(
+        [
+            "inspect",
+            "d.jsonl",
+            "--tokenizer",
+            "builtin:tiny-llama",
+            "--mask",
+            "last",
+            "--strategy",
+            "expand",
+            "--format",
+            "jsonl",
+            "--out",
+            "o.jsonl",
+        ]
+    )
     assert (args.mask, args.strategy, args.format) == ("last", "expand", "jsonl")
-    args = parser.parse_args(["bench", "loss-head", "--tokens", "8", "--hidden", "4", "--vocab", "16",
-                              "--ignored-fraction", "0.5", "--json"])
+    args = parser.parse_args(
+        ["bench", "loss-head", "--tokens", "8", "--hidden", "4", "--vocab", "16", "--ignored-fraction", "0.5", "--json"]
+    )
     assert (args.tokens, args.hidden, args.vocab, args.ignored_fraction, args.json) == (8, 4, 16, 0.5, True)
     args = parser.parse_args(["train", "c.yaml", "--set", "a.b=1", "--set", "c=2"])
     assert args.overrides == ["a.b=1", "c=2"]
@@ -49,6 +64,5 @@ def test_bad_usage_exits_2() -> None:
 
 
 def test_console_script_installed() -> None:
-    done = subprocess.run(["losslab", "--version"], capture_output=True, text=True,
-                          env={"PATH": f"{sys.prefix}/bin"})
+    done = subprocess.run(["losslab", "--version"], capture_output=True, text=True, env={"PATH": f"{sys.prefix}/bin"})
     assert done.returncode == 0 and __version__ in done.stdout

@@ -30,9 +30,14 @@ def paths(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "dir").mkdir()
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}", encoding="utf-8")
     (tmp_path / "latin1.jinja").write_bytes(b"{{ messages }}\n\xe9\n")
-    return {"file": str(tmp_path / "data.jsonl"), "dir": str(tmp_path / "dir"), "missing": str(tmp_path / "missing"),
-            "under_file": str(tmp_path / "data.jsonl" / "sub"), "bad_template": str(tmp_path / "bad.jinja"),
-            "latin1": str(tmp_path / "latin1.jinja")}
+    return {
+        "file": str(tmp_path / "data.jsonl"),
+        "dir": str(tmp_path / "dir"),
+        "missing": str(tmp_path / "missing"),
+        "under_file": str(tmp_path / "data.jsonl" / "sub"),
+        "bad_template": str(tmp_path / "bad.jinja"),
+        "latin1": str(tmp_path / "latin1.jinja"),
+    }
 
 
 # option -> bad values ("{file}" etc. are filled from `paths`), per subcommand; each must exit 2 naming
@@ -40,21 +45,36 @@ def paths(tmp_path: Path) -> dict[str, str]:
 BAD: dict[tuple[str, ...], dict[str, list]] = {
     ("inspect",): {
         "data": ["", "{missing}", "{dir}"],
-        "--tokenizer": [("", "model path"), ("{missing}", "could not be loaded"), ("{dir}", "model path"),
-                        ("{file}", "model path"), ("builtin:nope", "unknown builtin model")],
+        "--tokenizer": [
+            ("", "model path"),
+            ("{missing}", "could not be loaded"),
+            ("{dir}", "model path"),
+            ("{file}", "model path"),
+            ("builtin:nope", "unknown builtin model"),
+        ],
         "--mask": [("", "mask policy"), ("bogus", "mask policy"), ("-1", "mask policy")],
         "--strategy": ["", "both"],
         "--format": ["", "pdf"],
         "--out": ["", "{dir}", "{under_file}", "{missing}/x.txt"],
-        "--template": ["", "{missing}", "{dir}", ("{bad_template}", "bad.jinja:2: invalid Jinja chat template"),
-                       ("{latin1}", "latin1.jinja:2: chat template is not UTF-8")],
+        "--template": [
+            "",
+            "{missing}",
+            "{dir}",
+            ("{bad_template}", "bad.jinja:2: invalid Jinja chat template"),
+            ("{latin1}", "latin1.jinja:2: chat template is not UTF-8"),
+        ],
         "--prompt-style": [("", "prompt_style"), ("bogus", "prompt_style")],
         "--max-length": ["0", "-1", "abc", "1.5", HUGE],
         "--truncation": ["", "middle"],
         "--limit": ["-1", "abc", HUGE],
         "--on-error": ["", "ignore"],
-        "--role-weight": [("x", "--role-weight"), ("user=abc", "--role-weight"), ("robot=1", "unknown role 'robot'"),
-                          ("user=-1", "weight of 'user'"), ("user=nan", "weight of 'user'")],
+        "--role-weight": [
+            ("x", "--role-weight"),
+            ("user=abc", "--role-weight"),
+            ("robot=1", "unknown role 'robot'"),
+            ("user=-1", "weight of 'user'"),
+            ("user=nan", "weight of 'user'"),
+        ],
         "--color": ["", "rainbow"],
     },
     ("bench", "loss-head"): {
@@ -70,10 +90,14 @@ BAD: dict[tuple[str, ...], dict[str, list]] = {
         "--out": ["", "{file}", "{under_file}"],
         "--only": [("", "unknown dataset"), ("bogus", "unknown dataset")],
     },
-    ("train",): {"config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
-                 "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")]},
-    ("compare",): {"config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
-                   "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")]},
+    ("train",): {
+        "config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
+        "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")],
+    },
+    ("compare",): {
+        "config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
+        "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")],
+    },
 }
 FLAGS = {"--no-mask-prompt", "--force", "--json", "--help", "--version"}  # no value to get wrong
 
@@ -96,9 +120,13 @@ def test_every_option_of_every_subcommand_has_bad_values() -> None:
 
 def _argv(command: tuple[str, ...], option: str, value: str, paths: dict[str, str]) -> list[str]:
     value = value.format(**paths)
-    good = {("inspect",): [paths["file"], "--tokenizer", "builtin:tiny-llama"], ("train",): [paths["file"]],
-            ("compare",): [paths["file"]], ("bench", "loss-head"): ["--tokens", "8", "--hidden", "4", "--vocab", "16"],
-            ("data", "prepare"): ["--only", "bogus-but-never-reached"]}[command]
+    good = {
+        ("inspect",): [paths["file"], "--tokenizer", "builtin:tiny-llama"],
+        ("train",): [paths["file"]],
+        ("compare",): [paths["file"]],
+        ("bench", "loss-head"): ["--tokens", "8", "--hidden", "4", "--vocab", "16"],
+        ("data", "prepare"): ["--only", "bogus-but-never-reached"],
+    }[command]
     if option.startswith("--"):
         if option == "--only":
             good = []
@@ -120,15 +148,23 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     return code, err
 
 
-CASES = [(command, option, value if isinstance(value, tuple) else (value, None))
-         for command, cases in BAD.items() for option, values in cases.items() for value in values]
+CASES = [
+    (command, option, value if isinstance(value, tuple) else (value, None))
+    for command, cases in BAD.items()
+    for option, values in cases.items()
+    for value in values
+]
 
 
-@pytest.mark.parametrize(("command", "option", "case"), CASES,
-                         ids=[f"{' '.join(c)} {o}={v[0]!r}" for c, o, v in CASES])
-def test_bad_option_exits_2_naming_it(command: tuple[str, ...], option: str, case: tuple[str, str | None],
-                                      paths: dict[str, str], capsys: pytest.CaptureFixture,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("command", "option", "case"), CASES, ids=[f"{' '.join(c)} {o}={v[0]!r}" for c, o, v in CASES])
+def test_bad_option_exits_2_naming_it(
+    command: tuple[str, ...],
+    option: str,
+    case: tuple[str, str | None],
+    paths: dict[str, str],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from losslab.losses import bench
 
     def no_workers(*args: object, **kwargs: object) -> None:
@@ -151,15 +187,20 @@ def test_bench_sizes_that_cannot_fit_in_memory_name_the_options(capsys: pytest.C
 def test_bench_exits_1_when_a_case_fails(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from losslab.losses import bench
 
-    monkeypatch.setattr(bench, "_run_in_subprocess", lambda spec, timeout: {**bench._case_key(spec), "supported": True,
-                                                                            "error": "exit 1: boom"})
-    code, err = run_cli(["bench", "loss-head", "--tokens", "8", "--hidden", "4", "--vocab", "16", "--options", "plain"],
-                        capsys)
+    monkeypatch.setattr(
+        bench,
+        "_run_in_subprocess",
+        lambda spec, timeout: {**bench._case_key(spec), "supported": True, "error": "exit 1: boom"},
+    )
+    code, err = run_cli(
+        ["bench", "loss-head", "--tokens", "8", "--hidden", "4", "--vocab", "16", "--options", "plain"], capsys
+    )
     assert code == 1 and "cases failed" in err, err
 
 
-def test_an_oserror_on_a_named_path_is_exit_2_and_others_are_not_caught(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_oserror_on_a_named_path_is_exit_2_and_others_are_not_caught(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from losslab.data import prepare
 
     out = tmp_path / "out"
@@ -179,15 +220,23 @@ def test_an_oserror_on_a_named_path_is_exit_2_and_others_are_not_caught(tmp_path
         main(["data", "prepare", "--out", str(out)])
 
 
-@pytest.mark.parametrize(("argv", "expected"), [
-    (["inspect", "{file}", "--tokenizer", "builtin:tiny-llama", "--template", "{bad_template}"],
-     "bad.jinja:2: invalid Jinja chat template: unexpected '}'"),
-    (["bench", "loss-head", "--vocab", "0"], "argument --vocab: must be >= 1, got 0"),
-    (["data", "prepare", "--out", "{under_file}"], "argument --out: "),
-])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["inspect", "{file}", "--tokenizer", "builtin:tiny-llama", "--template", "{bad_template}"],
+            "bad.jinja:2: invalid Jinja chat template: unexpected '}'",
+        ),
+        (["bench", "loss-head", "--vocab", "0"], "argument --vocab: must be >= 1, got 0"),
+        (["data", "prepare", "--out", "{under_file}"], "argument --out: "),
+    ],
+)
 def test_subprocess_exits_2_without_traceback(argv: list[str], expected: str, paths: dict[str, str]) -> None:
-    done = subprocess.run([sys.executable, "-m", "losslab.cli", *(a.format(**paths) for a in argv)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "losslab.cli", *(a.format(**paths) for a in argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and expected in done.stderr, done.stderr
-

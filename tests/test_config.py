@@ -70,8 +70,14 @@ def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
         load_config(Outer, path)
 
 
-@pytest.mark.parametrize(("bad", "message"), [("novalue", "--set expects KEY=VALUE"), ("=3", "--set expects KEY=VALUE"),
-                                              ("name.x=1", "--set name.x: cannot set 'x' inside a str")])
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("novalue", "--set expects KEY=VALUE"),
+        ("=3", "--set expects KEY=VALUE"),
+        ("name.x=1", "--set name.x: cannot set 'x' inside a str"),
+    ],
+)
 def test_bad_overrides(bad: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         apply_overrides({"name": "a"}, [bad])

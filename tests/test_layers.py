@@ -35,7 +35,12 @@ def imports(module: str) -> Iterable[tuple[str, str | None, int]]:
             for alias in node.names:
                 if alias.name.split(".")[0] == "losslab":
                     yield alias.name, None, node.lineno
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "losslab":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.split(".")[0] == "losslab"
+        ):
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
                 yield (sub, None, node.lineno) if sub in MODULES else (node.module, alias.name, node.lineno)

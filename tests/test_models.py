@@ -30,8 +30,10 @@ def test_smollm2_is_the_real_model(smollm2_tokenizer) -> None:
     assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     # a pretrained instruct model answers a greeting sensibly: low loss on a plain reply
     text = smollm2_tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"},
-         {"role": "assistant", "content": "The capital of France is Paris."}],
+        [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is Paris."},
+        ],
         tokenize=False,
     )
     ids = smollm2_tokenizer(text, return_tensors="pt")["input_ids"]

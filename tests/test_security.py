@@ -91,16 +91,24 @@ def test_model_without_safetensors_weights_is_refused_without_unpickling(tmp_pat
 
     from losslab.models import load_causal_lm, load_model
 
-    LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1).save_pretrained(tmp_path)
+    LlamaConfig(
+        vocab_size=32,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ).save_pretrained(tmp_path)
     torch.save({"model.embed_tokens.weight": torch.zeros(32, 8)}, tmp_path / "pytorch_model.bin")
 
     def no_unpickling(*args, **kwargs):
         raise AssertionError("torch.load called")
 
     monkeypatch.setattr(torch, "load", no_unpickling)
-    for load in (lambda: load_causal_lm(str(tmp_path)),
-                 lambda: load_model(AutoModelForSequenceClassification, str(tmp_path), num_labels=2)):
+    for load in (
+        lambda: load_causal_lm(str(tmp_path)),
+        lambda: load_model(AutoModelForSequenceClassification, str(tmp_path), num_labels=2),
+    ):
         with pytest.raises(UserError, match="no safetensors weights"):
             load()
 
@@ -111,11 +119,20 @@ def test_model_without_safetensors_weights_is_refused_without_unpickling(tmp_pat
 @pytest.fixture
 def custom_code_model(tmp_path: Path) -> Path:
     """A model folder whose config points at Python files that leave a marker when imported."""
-    auto_map = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel",
-                "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    auto_map = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilModel",
+        "AutoModelForSequenceClassification": "modeling_evil.EvilModel",
+    }
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": auto_map}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "EvilTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]},
+            }
+        )
+    )
     for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
         (tmp_path / name).write_text(MARKER_CODE)
     return tmp_path
@@ -127,8 +144,11 @@ def test_custom_model_code_is_refused_without_trust_remote_code(custom_code_mode
     from losslab.models import load_causal_lm, load_model, load_tokenizer
 
     name = str(custom_code_model)
-    for load in (lambda: load_tokenizer(name), lambda: load_causal_lm(name),
-                 lambda: load_model(AutoModelForSequenceClassification, name, num_labels=2)):
+    for load in (
+        lambda: load_tokenizer(name),
+        lambda: load_causal_lm(name),
+        lambda: load_model(AutoModelForSequenceClassification, name, num_labels=2),
+    ):
         with pytest.raises(UserError, match="trust_remote_code: true"):
             load()
     assert not (custom_code_model / "EXECUTED").exists()
@@ -138,8 +158,16 @@ def test_train_cli_refuses_custom_code_with_exit_2(custom_code_model: Path, tmp_
     from losslab.cli import main
 
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"task": "causal_lm", "model": str(custom_code_model),
-                                      "output_dir": str(tmp_path / "out"), "data": {"train": "builtin:chatterbot"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "causal_lm",
+                "model": str(custom_code_model),
+                "output_dir": str(tmp_path / "out"),
+                "data": {"train": "builtin:chatterbot"},
+            }
+        )
+    )
     assert main(["train", str(config)]) == 2
     assert "trust_remote_code" in capsys.readouterr().err
     assert not (custom_code_model / "EXECUTED").exists()
@@ -162,8 +190,12 @@ def test_yaml_python_tags_are_refused_with_file_and_line(tmp_path: Path, command
 
     marker = tmp_path / "PWNED"
     path = tmp_path / "config.yaml"
-    path.write_text(f"output_dir: out\ndata:\n  train: x.jsonl\nseed: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(UserError, match=r"config\.yaml:4: invalid YAML: could not determine a constructor.*python/object"):
+    path.write_text(
+        f"output_dir: out\ndata:\n  train: x.jsonl\nseed: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    with pytest.raises(
+        UserError, match=r"config\.yaml:4: invalid YAML: could not determine a constructor.*python/object"
+    ):
         load_study(path) if command == "compare" else load_config(TrainConfig, path)
     assert not marker.exists()
 
@@ -175,8 +207,12 @@ def test_inspect_html_escapes_dataset_text(tmp_path: Path, smollm2_tokenizer) ->
     from losslab.masking import BuildStats, MaskBuilder
     from losslab.masking.inspect import format_html
 
-    record = {"messages": [{"role": "user", "content": f"{EVIL} and {EVIL_IMG}"},
-                           {"role": "assistant", "content": f"reply {EVIL}</pre></body>"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": f"{EVIL} and {EVIL_IMG}"},
+            {"role": "assistant", "content": f"reply {EVIL}</pre></body>"},
+        ]
+    }
     stats = BuildStats()
     seqs = list(MaskBuilder(smollm2_tokenizer).iter_sequences([record], stats))
     page = format_html(seqs, stats, title=f"inspect {EVIL}")
@@ -192,14 +228,34 @@ def test_compare_report_escapes_variant_metric_and_title_text(tmp_path: Path) ->
 
     metric_name = f"test/{EVIL_IMG}"
     summary = {"per_seed": {"0": 0.5, "1": 0.6}, "n": 2, "mean": 0.55, "std": 0.07, "ci_low": 0.5, "ci_high": 0.6}
-    paired = {"n": 2, "mean_diff": 0.02, "diffs": [0.01, 0.03], "p_value": 0.5, "method": "exact sign-flip permutation",
-              "better": True, "significant": False, "mark": ""}
+    paired = {
+        "n": 2,
+        "mean_diff": 0.02,
+        "diffs": [0.01, 0.03],
+        "p_value": 0.5,
+        "method": "exact sign-flip permutation",
+        "better": True,
+        "significant": False,
+        "mark": "",
+    }
     results = {
-        "study": {"baseline": EVIL, "seeds": [0, 1], "confidence": 0.95, "alpha": 0.05, "n_bootstrap": 10,
-                  "metrics": [{"name": metric_name, "direction": "max"}]},
-        "variants": {EVIL: {"metrics": {metric_name: summary}, "vs_baseline": {}, "overrides": {"data.mask": EVIL}},
-                     "other": {"metrics": {metric_name: summary}, "vs_baseline": {metric_name: paired},
-                               "overrides": {}, "tuned": {"loss.terms.1.weight": EVIL}}},
+        "study": {
+            "baseline": EVIL,
+            "seeds": [0, 1],
+            "confidence": 0.95,
+            "alpha": 0.05,
+            "n_bootstrap": 10,
+            "metrics": [{"name": metric_name, "direction": "max"}],
+        },
+        "variants": {
+            EVIL: {"metrics": {metric_name: summary}, "vs_baseline": {}, "overrides": {"data.mask": EVIL}},
+            "other": {
+                "metrics": {metric_name: summary},
+                "vs_baseline": {metric_name: paired},
+                "overrides": {},
+                "tuned": {"loss.terms.1.weight": EVIL},
+            },
+        },
         "tuning": {},
     }
     page = render_report(results, [], title=EVIL)
@@ -215,10 +271,18 @@ def test_compare_report_escapes_variant_metric_and_title_text(tmp_path: Path) ->
 
 
 def _study(tmp_path: Path, **extra) -> Path:
-    data = {"output_dir": str(tmp_path / "study"),
-            "base": {"task": "causal_lm", "model": "builtin:tiny-llama", "data": {"train": "builtin:chatterbot"},
-                     "training": {"max_steps": 1}},
-            "variants": [{"name": "ce"}], "metrics": [{"name": "validation/loss", "direction": "min"}], **extra}
+    data = {
+        "output_dir": str(tmp_path / "study"),
+        "base": {
+            "task": "causal_lm",
+            "model": "builtin:tiny-llama",
+            "data": {"train": "builtin:chatterbot"},
+            "training": {"max_steps": 1},
+        },
+        "variants": [{"name": "ce"}],
+        "metrics": [{"name": "validation/loss", "direction": "min"}],
+        **extra,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

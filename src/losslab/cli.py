@@ -71,7 +71,9 @@ def _input_file(text: str) -> str:
     if not text or not path.exists():
         raise argparse.ArgumentTypeError(f"file not found: {text!r}")
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file" if path.is_dir() else f"{text!r} is not a file")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a directory, not a file" if path.is_dir() else f"{text!r} is not a file"
+        )
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text!r} is not readable")
     return text
@@ -141,21 +143,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", help="records file (jsonl, json, csv, parquet): chat or instruction records")
     p.add_argument("--tokenizer", default="builtin:smollm2-135m-instruct", help=f"tokenizer: {MODEL_NAMES_HELP}")
-    p.add_argument("--mask", default=None, help="mask policy: assistant | last | completion | all; default: assistant for chat, completion for instruction")
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="mask policy: assistant | last | completion | all; default: assistant for chat, completion for instruction",
+    )
     p.add_argument("--strategy", default="auto", choices=["auto", "concat", "expand"], help="multi-turn strategy")
     p.add_argument("--format", default="text", choices=["text", "html", "jsonl"], help="output format")
     p.add_argument("--out", default=None, help="write the output here instead of stdout")
     p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
     p.add_argument("--prompt-style", default="chat_template", help="instruction records: alpaca | chat_template")
-    p.add_argument("--no-mask-prompt", action="store_true", help="train the prompt too: instruction records train prompt and response, chats train every turn (mask all)")
+    p.add_argument(
+        "--no-mask-prompt",
+        action="store_true",
+        help="train the prompt too: instruction records train prompt and response, chats train every turn (mask all)",
+    )
     p.add_argument("--max-length", type=_int_in(1), default=None, help="truncate samples to this many tokens")
-    p.add_argument("--truncation", default="end", choices=["end", "start"], help="which end of a sample to drop when it is too long ('end' keeps the start)")
+    p.add_argument(
+        "--truncation",
+        default="end",
+        choices=["end", "start"],
+        help="which end of a sample to drop when it is too long ('end' keeps the start)",
+    )
     p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad records: stop with an error, or skip and count them")
-    p.add_argument("--role-weight", action="append", default=None, metavar="ROLE=W", help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight")
-    p.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="text format: highlight trained tokens with ANSI colours")
-    p.set_defaults(handler=_lazy("losslab.masking.inspect", "run_inspect"),
-                   path_checks={"data": _input_file, "--out": _output_file, "--template": _template})
+    p.add_argument(
+        "--on-error",
+        default="raise",
+        choices=["raise", "skip"],
+        help="bad records: stop with an error, or skip and count them",
+    )
+    p.add_argument(
+        "--role-weight",
+        action="append",
+        default=None,
+        metavar="ROLE=W",
+        help="token weight of a role (system, user, assistant, tool), repeatable; multiplies each message's own weight",
+    )
+    p.add_argument(
+        "--color",
+        default="auto",
+        choices=["auto", "always", "never"],
+        help="text format: highlight trained tokens with ANSI colours",
+    )
+    p.set_defaults(
+        handler=_lazy("losslab.masking.inspect", "run_inspect"),
+        path_checks={"data": _input_file, "--out": _output_file, "--template": _template},
+    )
 
     for name, what, module in (
         ("train", "fine-tune a model from a YAML config", "losslab.train.command"),
@@ -163,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=what, description=what, formatter_class=_formatter)
         p.add_argument("config", help="YAML config file")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (dotted key), repeatable")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (dotted key), repeatable",
+        )
         p.set_defaults(handler=_lazy(module, f"run_{name}"), path_checks={"config": _input_file})
 
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)
@@ -176,11 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_int_in(1), default=4096, help="N, tokens per batch")
     p.add_argument("--hidden", type=_int_in(1), default=576, help="d, hidden size")
     p.add_argument("--vocab", type=_int_in(1), default=49152, help="V, vocabulary size")
-    p.add_argument("--ignored-fraction", type=_fraction, default=0.0, help="fraction of labels set to ignore_index (the all-valid case always runs as well)")
+    p.add_argument(
+        "--ignored-fraction",
+        type=_fraction,
+        default=0.0,
+        help="fraction of labels set to ignore_index (the all-valid case always runs as well)",
+    )
     p.add_argument("--repeats", type=_int_in(1), default=3, help="timed repetitions per method (median reported)")
     p.add_argument("--warmup", type=_int_in(0), default=1, help="untimed runs per method before the timed ones")
-    p.add_argument("--options", nargs="+", default=["plain", "label_smoothing", "focal", "z_loss", "token_weights"], help="loss options to run")
-    p.add_argument("--methods", nargs="+", default=["plain", "torch_chunked", "losslab"], help="methods to run (also: liger, on CUDA with liger_kernel installed)")
+    p.add_argument(
+        "--options",
+        nargs="+",
+        default=["plain", "label_smoothing", "focal", "z_loss", "token_weights"],
+        help="loss options to run",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["plain", "torch_chunked", "losslab"],
+        help="methods to run (also: liger, on CUDA with liger_kernel installed)",
+    )
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="input dtype")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -193,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare the embedded datasets from installed packages as JSONL splits",
         formatter_class=_formatter,
     )
-    p.add_argument("--out", default=None, help="output directory (default: $LOSSLAB_CACHE/data or ~/.cache/losslab/data)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: $LOSSLAB_CACHE/data or ~/.cache/losslab/data)"
+    )
     p.add_argument("--only", action="append", default=None, help="prepare only this dataset (repeatable)")
     p.add_argument("--force", action="store_true", help="rebuild even if the files exist")
     p.set_defaults(handler=_lazy("losslab.data.prepare", "run_prepare"), path_checks={"--out": _output_dir})
@@ -223,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "compare"):
             command = shlex.join(["losslab", *(sys.argv[1:] if argv is None else argv)])
             if "LOCAL_RANK" in os.environ:
-                print("losslab: to resume, run the same launch command again (torchrun / accelerate launch ...)",
-                      file=sys.stderr)
+                print(
+                    "losslab: to resume, run the same launch command again (torchrun / accelerate launch ...)",
+                    file=sys.stderr,
+                )
             else:
                 print(f"losslab: to resume, run the same command again: {command}", file=sys.stderr)
         return status
@@ -244,8 +303,11 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def _user_path(exc: OSError, args: argparse.Namespace) -> str | None:
     """The path of ``exc`` when it is one the command line named (or lies inside one), else None."""
-    named = [Path(v).expanduser().absolute() for k, v in vars(args).items()
-             if k in ("data", "config", "out", "template") and isinstance(v, str) and v]
+    named = [
+        Path(v).expanduser().absolute()
+        for k, v in vars(args).items()
+        if k in ("data", "config", "out", "template") and isinstance(v, str) and v
+    ]
     for filename in (exc.filename, exc.filename2):
         if isinstance(filename, (str, os.PathLike)):
             path = Path(filename).absolute()

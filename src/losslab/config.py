@@ -59,7 +59,9 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], i
     try:
         return data, (_line_index(node) if node is not None else {})
     except DuplicateKey as dup:
-        raise UserError(f"field {dup.key!r}: key given twice (also on line {dup.first})", where=f"{path}:{dup.again}") from None
+        raise UserError(
+            f"field {dup.key!r}: key given twice (also on line {dup.first})", where=f"{path}:{dup.again}"
+        ) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -96,8 +98,13 @@ def override_paths(overrides: list[str]) -> dict[tuple[str, ...], str]:
     return {tuple(item.partition("=")[0].strip().split(".")): item for item in overrides if "=" in item}
 
 
-def locate(loc: tuple[str, ...], *, source: str, lines: dict[tuple[str, ...], int] | None = None,
-           overridden: dict[tuple[str, ...], str] | None = None) -> str:
+def locate(
+    loc: tuple[str, ...],
+    *,
+    source: str,
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: dict[tuple[str, ...], str] | None = None,
+) -> str:
     """Where the value at key path ``loc`` came from: ``--set KEY=VALUE`` when an override set it
     (or a mapping around it), else ``FILE:LINE`` of the nearest key written in the file."""
     for path, item in (overridden or {}).items():
@@ -107,8 +114,14 @@ def locate(loc: tuple[str, ...], *, source: str, lines: dict[tuple[str, ...], in
     return f"{source}:{line}" if line else source
 
 
-def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[tuple[str, ...], int] | None = None,
-             overridden: dict[tuple[str, ...], str] | None = None) -> M:
+def validate(
+    schema: type[M],
+    data: dict[str, Any],
+    *,
+    source: str,
+    lines: dict[tuple[str, ...], int] | None = None,
+    overridden: dict[tuple[str, ...], str] | None = None,
+) -> M:
     """Validate ``data`` against ``schema``; errors name the file and line (or the ``--set``
     override) and the field."""
     try:
@@ -121,8 +134,10 @@ def validate(schema: type[M], data: dict[str, Any], *, source: str, lines: dict[
             field = ".".join(loc) or "(top level)"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                msg = (f"unknown key (check the spelling; the keys are the fields of {schema.__module__}."
-                       f"{schema.__name__} and its sections, described in the docs)")
+                msg = (
+                    f"unknown key (check the spelling; the keys are the fields of {schema.__module__}."
+                    f"{schema.__name__} and its sections, described in the docs)"
+                )
             problems.append(f"{where}: field {field!r}: {msg}")
         raise UserError("invalid config:\n  " + "\n  ".join(problems)) from None
 
@@ -147,7 +162,9 @@ class ConfigFile:
 
     def where(self, *loc: str) -> str:
         """``FILE:LINE: field 'a.b'`` (or ``--set a.b=...: field 'a.b'``) for the key path ``loc``."""
-        return f"{locate(loc, source=self.source, lines=self.lines, overridden=self.overridden)}: field {'.'.join(loc)!r}"
+        return (
+            f"{locate(loc, source=self.source, lines=self.lines, overridden=self.overridden)}: field {'.'.join(loc)!r}"
+        )
 
     def validate(self, schema: type[M]) -> M:
         return validate(schema, self.data, source=self.source, lines=self.lines, overridden=self.overridden)

@@ -202,18 +202,28 @@ def _loading(name: str) -> Iterator[None]:
     except ValueError as exc:
         if "trust_remote_code" not in str(exc):
             path = Path(name).expanduser()
-            if path.is_dir() and not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")):
-                raise UserError(f"model path {name!r} is a directory without a model or tokenizer in it "
-                                "(no config.json, tokenizer_config.json or tokenizer.json)") from None
+            if path.is_dir() and not any(
+                (path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")
+            ):
+                raise UserError(
+                    f"model path {name!r} is a directory without a model or tokenizer in it "
+                    "(no config.json, tokenizer_config.json or tokenizer.json)"
+                ) from None
             raise
-        raise UserError(f"model {name!r} ships its own Python code (auto_map in its config); losslab does not run "
-                        "it unless the config sets trust_remote_code: true (read the code first)") from None
+        raise UserError(
+            f"model {name!r} ships its own Python code (auto_map in its config); losslab does not run "
+            "it unless the config sets trust_remote_code: true (read the code first)"
+        ) from None
     except OSError as exc:
         if "safetensors" not in str(exc):
             known = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
-            raise UserError(f"model {name!r} could not be loaded: {str(exc).splitlines()[0]} Give one of {known}, "
-                            "a local model directory, or a hub id on a machine that can reach the hub "
-                            "(it is cached after the first download)") from None
-        raise UserError(f"model {name!r} has no safetensors weights (model.safetensors); losslab does not load "
-                        "pickle-based weights such as pytorch_model.bin, which can run code when loaded. Convert "
-                        "them once where you trust the file: model.save_pretrained(dir) writes safetensors") from None
+            raise UserError(
+                f"model {name!r} could not be loaded: {str(exc).splitlines()[0]} Give one of {known}, "
+                "a local model directory, or a hub id on a machine that can reach the hub "
+                "(it is cached after the first download)"
+            ) from None
+        raise UserError(
+            f"model {name!r} has no safetensors weights (model.safetensors); losslab does not load "
+            "pickle-based weights such as pytorch_model.bin, which can run code when loaded. Convert "
+            "them once where you trust the file: model.save_pretrained(dir) writes safetensors"
+        ) from None

@@ -28,7 +28,11 @@ COMPARE_CASES: list[tuple[str, str, str]] = [
     ("    overrides: {}\n", "    overrides: {training.lr: -1}\n", "'training.lr'"),
     ("    overrides: {}\n", "    overrides: {loss.terms: [{name: nope}]}\n", "unknown loss 'nope'"),
     ("    overrides: {}\n", "    overrides: {training.warmup: 2.5}\n", "'training.warmup'"),
-    ("    overrides: {}\n", "    overrides: {}\n    tune: {training.lr: {low: .nan, high: 1}}\n", "'variants.0.tune.training.lr.low'"),
+    (
+        "    overrides: {}\n",
+        "    overrides: {}\n    tune: {training.lr: {low: .nan, high: 1}}\n",
+        "'variants.0.tune.training.lr.low'",
+    ),
     ("    overrides: {}\n", "    overrides: {}\n    tune: {training.lr: {low: 1, high: 0}}\n", "low"),
     ("    overrides: {}\n", "    overrides: {}\n    colour: red\n", "'variants.0.colour'"),
     ("  - name: ce\n", "  - name: c/e\n", "'variants.0.name'"),
@@ -41,7 +45,9 @@ COMPARE_CASES: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("old", "new", "expected"), COMPARE_CASES, ids=[f"compare-{i}" for i in range(len(COMPARE_CASES))])
+@pytest.mark.parametrize(
+    ("old", "new", "expected"), COMPARE_CASES, ids=[f"compare-{i}" for i in range(len(COMPARE_CASES))]
+)
 def test_bad_compare_config_exits_2(tmp_path: Path, capsys, no_model, old: str, new: str, expected: str) -> None:
     train_cfg = config_file(tmp_path, "")
     (tmp_path / "train.yaml").write_text(train_cfg.read_text(encoding="utf-8"), encoding="utf-8")

@@ -30,19 +30,32 @@ EVIL = "<script>alert('x')</script>"
 def study_dict(out: Path) -> dict:
     return {
         "output_dir": str(out),
-        "base": train_config(None, validation=True, loss=None,
-                             data={"test": "builtin:chatterbot", "max_length": 64, "max_train_samples": 16,
-                                   "max_eval_samples": 4},
-                             training={"max_steps": 3, "eval_steps": 2},
-                             eval={"generate": True, "generation_samples": 3, "max_new_tokens": 6}),
+        "base": train_config(
+            None,
+            validation=True,
+            loss=None,
+            data={"test": "builtin:chatterbot", "max_length": 64, "max_train_samples": 16, "max_eval_samples": 4},
+            training={"max_steps": 3, "eval_steps": 2},
+            eval={"generate": True, "generation_samples": 3, "max_new_tokens": 6},
+        ),
         "variants": [
             {"name": "ce"},
-            {"name": "ce_consistency", "overrides": {"loss.terms": [
-                {"name": "token_cross_entropy"},
-                {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}}]}},
+            {
+                "name": "ce_consistency",
+                "overrides": {
+                    "loss.terms": [
+                        {"name": "token_cross_entropy"},
+                        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.3, "end": 0.0}},
+                    ]
+                },
+            },
         ],
         "seeds": [0, 1],
-        "metrics": [{"name": "validation/loss", "direction": "min"}, {"name": "test/bleu"}, {"name": "test/distinct_1"}],
+        "metrics": [
+            {"name": "validation/loss", "direction": "min"},
+            {"name": "test/bleu"},
+            {"name": "test/distinct_1"},
+        ],
         "stats": {"n_bootstrap": 200},
     }
 
@@ -79,7 +92,10 @@ def test_results_json_has_every_variant_seed_and_ci(finished) -> None:
         for run_dir in entry["runs"].values():
             assert Path(run_dir).name.startswith(f"{name}__seed") and (Path(run_dir) / "metrics.json").is_file()
             # finished: the checkpoints (model + optimizer state) are gone, the model stays
-            assert not list(Path(run_dir).glob("checkpoint-*")) and (Path(run_dir) / "model" / "model.safetensors").is_file()
+            assert (
+                not list(Path(run_dir).glob("checkpoint-*"))
+                and (Path(run_dir) / "model" / "model.safetensors").is_file()
+            )
         for metric in ("validation/loss", "test/bleu", "test/distinct_1"):
             m = entry["metrics"][metric]
             assert set(m["per_seed"]) == {"0", "1"} and all(v is not None for v in m["per_seed"].values())
@@ -183,8 +199,11 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
         load_study(write_study(tmp_path, data))
     data = study_dict(tmp_path / "out")  # a term the task cannot feed: refused up front, not when its run starts
     data["variants"][-1]["overrides"]["loss.terms"] = [{"name": "token_cross_entropy"}, {"name": "bradley_terry"}]
-    with pytest.raises(UserError, match=r"study\.yaml:\d+ \(variant '\w+'\): field 'loss.terms': .*bradley_terry.*"
-                                        r"a causal_lm batch provides"):
+    with pytest.raises(
+        UserError,
+        match=r"study\.yaml:\d+ \(variant '\w+'\): field 'loss.terms': .*bradley_terry.*"
+        r"a causal_lm batch provides",
+    ):
         load_study(write_study(tmp_path, data))
 
 
@@ -204,24 +223,40 @@ def _chromium() -> str | None:
     return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell; .ci/run does)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell; .ci/run does)"
+)
 def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
     import subprocess
 
     tmp, results, _ = finished
     html = (tmp / "out" / "report.html").read_text()
     # a probe copy: after load, write what the browser rendered (tables, decoded images) into the DOM
-    probe = html.replace("</body>", "<script>window.onload = () => { document.body.setAttribute('data-probe', JSON.stringify({"
-                         "tables: document.querySelectorAll('table').length, "
-                         "images: [...document.images].map(i => i.complete ? i.naturalWidth : 0)})); };</script></body>")
+    probe = html.replace(
+        "</body>",
+        "<script>window.onload = () => { document.body.setAttribute('data-probe', JSON.stringify({"
+        "tables: document.querySelectorAll('table').length, "
+        "images: [...document.images].map(i => i.complete ? i.naturalWidth : 0)})); };</script></body>",
+    )
     (tmp_path / "probe.html").write_text(probe)
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-            "--window-size=1280,2400", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*base, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=90)
+    base = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--allow-file-access-from-files",
+        "--window-size=1280,2400",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [*base, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=90
+    )
     found = json.loads(__import__("html").unescape(dom.stdout.split('data-probe="', 1)[1].split('"', 1)[0]))
     assert found["tables"] >= 4 and len(found["images"]) >= 3 and min(found["images"]) > 100
     shot = tmp_path / "report.png"
-    subprocess.run([*base, f"--screenshot={shot}", (tmp / "out" / "report.html").as_uri()], capture_output=True, timeout=90)
+    subprocess.run(
+        [*base, f"--screenshot={shot}", (tmp / "out" / "report.html").as_uri()], capture_output=True, timeout=90
+    )
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
     shutil.copy(shot, tmp / "out" / "report.png")
 
@@ -234,7 +269,10 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     data["base"]["eval"] = {"splits": ["validation"]}
     data["metrics"] = [{"name": "validation/loss", "direction": "min"}]
     data["variants"][0]["tune"] = {"loss.terms.1.weight.start": {"low": 0.1, "high": 0.7}}
-    data["tuning"] = {"trials": 2, "sampler": "random"}  # random: a resume seeded like the first attempt would repeat it
+    data["tuning"] = {
+        "trials": 2,
+        "sampler": "random",
+    }  # random: a resume seeded like the first attempt would repeat it
     path = write_study(tmp_path, data)
     results = compare(load_study(path))
     tuning = results["tuning"]["ce_consistency"]
@@ -242,7 +280,9 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     best = tuning["best_params"]["loss.terms.1.weight.start"]
     assert 0.1 <= best <= 0.7 and results["variants"]["ce_consistency"]["tuned"] == tuning["best_params"]
     run_dir = Path(results["variants"]["ce_consistency"]["runs"]["1"])
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["terms"][1]["weight"]["start"] == pytest.approx(best)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]["terms"][1]["weight"][
+        "start"
+    ] == pytest.approx(best)
     # more trials: the study resumes from the stored two
     data["tuning"]["trials"] = 3
     again = compare(load_study(write_study(tmp_path, data)))
@@ -263,7 +303,9 @@ def test_tuning_selects_on_validation_and_a_changed_direction_is_a_new_study(tmp
     data["tuning"] = {"metric": "validation/loss", "direction": "min"}
     data["base"]["eval"]["splits"] = ["test"]
     data["metrics"] = [{"name": "test/bleu"}]
-    with pytest.raises(UserError, match=r"variant 'ce_consistency' is tuned on 'validation/loss' but does not evaluate"):
+    with pytest.raises(
+        UserError, match=r"variant 'ce_consistency' is tuned on 'validation/loss' but does not evaluate"
+    ):
         load_study(write_study(tmp_path, data))
     del data["base"]["eval"]["splits"]
     study = load_study(write_study(tmp_path, data))
@@ -297,8 +339,10 @@ def test_pruning_stops_a_clearly_worse_trial_at_its_first_evaluation(tmp_path: P
     study = load_study(write_study(tmp_path, data))
     study.out.mkdir(parents=True)
     # two trials that learn, then one that cannot (lr 1e-9): the median pruner (2 startup trials) must stop it
-    planted = optuna.create_study(study_name=study_name(study, study.config.variants[0]),
-                                  storage=f"sqlite:///{(study.out / 'tuning.db').resolve()}")
+    planted = optuna.create_study(
+        study_name=study_name(study, study.config.variants[0]),
+        storage=f"sqlite:///{(study.out / 'tuning.db').resolve()}",
+    )
     for lr in (3e-3, 3e-3, 1e-9):
         planted.enqueue_trial({"training.lr": lr})
     tuning = tune_variant(study, study.config.variants[0])
@@ -351,9 +395,13 @@ def _compare_cli(study: Path) -> tuple[subprocess.Popen, Path]:
     """Start `losslab compare STUDY` in a subprocess (output to a file)."""
     log = study.with_suffix(f".{time.monotonic_ns()}.log")
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "compare", str(study)],
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "losslab.cli", "compare", str(study)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     return proc, log
 
 
@@ -410,9 +458,13 @@ def test_many_random_sigkills_then_rerun_give_the_same_results(tmp_path: Path) -
             proc, _ = _compare_cli(study)
             launched = time.time()
             if i == 0:  # aim at a checkpoint save: a folder this process made, not yet marked complete
+
                 def saving() -> bool:
-                    return any(p.stat().st_mtime >= launched and not (p / "losslab_checkpoint.json").is_file()
-                               for p in out.glob("runs/*/checkpoint-*"))
+                    return any(
+                        p.stat().st_mtime >= launched and not (p / "losslab_checkpoint.json").is_file()
+                        for p in out.glob("runs/*/checkpoint-*")
+                    )
+
                 while not saving() and proc.poll() is None:
                     time.sleep(0.002)
             else:
@@ -426,6 +478,8 @@ def test_many_random_sigkills_then_rerun_give_the_same_results(tmp_path: Path) -
         proc, log = _compare_cli(study)
         assert proc.wait(timeout=900) == 0, log.read_text()[-2000:]
         identical += _without_dir(json.loads((out / "results.json").read_text()), out) == expected
-    print(f"\ncompare kill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
-          f"{identical}/{series} reruns with identical results.json")
+    print(
+        f"\ncompare kill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
+        f"{identical}/{series} reruns with identical results.json"
+    )
     assert identical == series

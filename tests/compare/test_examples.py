@@ -30,23 +30,43 @@ def predictions(seed: int, flips: int) -> list[dict]:
     pred = np.where(np.arange(N) % 3 == seed % 3, gold, (gold + 1) % 3)
     wrong = [i for i in range(N) if pred[i] != gold[i]]
     pred[wrong[:flips]] = gold[wrong[:flips]]
-    return [{"text": EVIL if i == 0 else f"text {i}", "gold": NAMES[g], "predicted": NAMES[p],
-             "score": round(0.4 + 0.01 * ((i + flips + seed) % 50), 2)}  # a run's own confidence
-            for i, (g, p) in enumerate(zip(gold, pred))]
+    return [
+        {
+            "text": EVIL if i == 0 else f"text {i}",
+            "gold": NAMES[g],
+            "predicted": NAMES[p],
+            "score": round(0.4 + 0.01 * ((i + flips + seed) % 50), 2),
+        }  # a run's own confidence
+        for i, (g, p) in enumerate(zip(gold, pred))
+    ]
 
 
 def fabricate(tmp_path: Path) -> tuple[object, list[Run]]:
     study_file = tmp_path / "study.yaml"
-    study_file.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"),
-        "base": {"task": "sequence_classification", "model": "builtin:minilm-l6",
-                 "data": {"train": "builtin:sentiment", "test": "builtin:sentiment"}},
-        "variants": [{"name": "ce"}, {"name": "same", "overrides": {"training.lr": 1e-4}},
-                     {"name": "better", "overrides": {"training.lr": 2e-4}}],
-        "seeds": [0, 1],
-        "metrics": [{"name": "test/accuracy"}, {"name": "test/f1_macro"}, {"name": "test/loss", "direction": "min"}],
-        "stats": {"n_bootstrap": 500},
-    }))
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "base": {
+                    "task": "sequence_classification",
+                    "model": "builtin:minilm-l6",
+                    "data": {"train": "builtin:sentiment", "test": "builtin:sentiment"},
+                },
+                "variants": [
+                    {"name": "ce"},
+                    {"name": "same", "overrides": {"training.lr": 1e-4}},
+                    {"name": "better", "overrides": {"training.lr": 2e-4}},
+                ],
+                "seeds": [0, 1],
+                "metrics": [
+                    {"name": "test/accuracy"},
+                    {"name": "test/f1_macro"},
+                    {"name": "test/loss", "direction": "min"},
+                ],
+                "stats": {"n_bootstrap": 500},
+            }
+        )
+    )
     study = load_study(study_file)
     runs = []
     for variant, flips in (("ce", 0), ("same", 0), ("better", 20)):
@@ -56,8 +76,9 @@ def fabricate(tmp_path: Path) -> tuple[object, list[Run]]:
             rows = predictions(seed, flips)
             (folder / "predictions_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             report = classification_report([r["gold"] for r in rows], [r["predicted"] for r in rows], labels=NAMES)
-            write_metrics_json(namespace({**report.to_dict(), "loss": 1.0 - flips / 100 + seed / 10}, "test"),
-                               folder / "metrics.json")
+            write_metrics_json(
+                namespace({**report.to_dict(), "loss": 1.0 - flips / 100 + seed / 10}, "test"), folder / "metrics.json"
+            )
             runs.append(Run(variant, seed, {}, folder).load())
     return study, runs
 
@@ -77,8 +98,12 @@ def test_identical_predictions_give_p_1_and_a_planted_gain_is_significant(analys
     # over both seeds: the baseline is right on 20 of 60 per seed, the variant on 40
     assert acc["score_a"] == pytest.approx(1 / 3) and acc["score_b"] == pytest.approx(2 / 3)
     assert acc["delta"] == pytest.approx(1 / 3) and acc["ci_low"] > 0 and acc["p_value"] < 0.01 and acc["significant"]
-    pooled_base = [r for run in runs if run.variant == "ce" for r in
-                   map(json.loads, (run.dir / "predictions_test.jsonl").read_text().splitlines())]
+    pooled_base = [
+        r
+        for run in runs
+        if run.variant == "ce"
+        for r in map(json.loads, (run.dir / "predictions_test.jsonl").read_text().splitlines())
+    ]
     f1 = classification_report([r["gold"] for r in pooled_base], [r["predicted"] for r in pooled_base], labels=NAMES)
     assert better["test/f1_macro"]["examples"]["score_a"] == pytest.approx(f1.to_dict()["f1_macro"])
     assert better["test/f1_macro"]["examples"]["p_value"] < 0.01
@@ -147,19 +172,29 @@ def test_summary_and_report_show_the_predictions_side_by_side(analysed) -> None:
 def test_ner_and_reward_statistics_and_display_by_hand() -> None:
     from losslab.compare.examples import display, example_stats
 
-    ner = [{"tokens": ["John", "Smith", "in", "Paris"], "gold": ["B-PER", "I-PER", "O", "B-LOC"],
-            "predicted": ["B-PER", "I-PER", "O", "B-PER"]},
-           {"tokens": ["hi"], "gold": ["O"], "predicted": ["B-LOC"]}]
+    ner = [
+        {
+            "tokens": ["John", "Smith", "in", "Paris"],
+            "gold": ["B-PER", "I-PER", "O", "B-LOC"],
+            "predicted": ["B-PER", "I-PER", "O", "B-PER"],
+        },
+        {"tokens": ["hi"], "gold": ["O"], "predicted": ["B-LOC"]},
+    ]
     stats, score = example_stats("f1_micro", ner, [])
     assert stats.tolist() == [[1, 2, 2, 3, 4], [0, 1, 0, 0, 1]]  # tp, predicted, true entities, right / scored words
     assert score(stats.sum(axis=0)) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
     assert example_stats("token_accuracy", ner, [])[1](stats.sum(axis=0)) == pytest.approx(3 / 5)
     assert example_stats("f1/PER", ner, []) is None  # per-type NER scores: not bootstrapped
-    assert display(ner[0]) == ("John Smith in Paris", "John/B-PER Smith/I-PER in Paris/B-LOC",
-                               "John/B-PER Smith/I-PER in Paris/B-PER")
-    pairs = [{"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 1.0, "reward_rejected": 0.5},
-             {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 0.0},
-             {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 2.0}]
+    assert display(ner[0]) == (
+        "John Smith in Paris",
+        "John/B-PER Smith/I-PER in Paris/B-LOC",
+        "John/B-PER Smith/I-PER in Paris/B-PER",
+    )
+    pairs = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 1.0, "reward_rejected": 0.5},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 0.0},
+        {"prompt": "q", "chosen": "a", "rejected": "b", "reward_chosen": 0.0, "reward_rejected": 2.0},
+    ]
     stats, score = example_stats("pairwise_accuracy", pairs, [])
     assert score(stats.sum(axis=0)) == pytest.approx(1.5 / 3)  # a tie counts half
     stats, score = example_stats("reward_margin", pairs, [])

@@ -95,12 +95,24 @@ RECORD_CASES: list[tuple[str, str, str]] = [
     ("regression", _raw_field("regression", "label", "-1e999"), "too large"),
     ("preference", _raw_field("preference", "margin", "NaN"), "NaN"),
     ("preference", _raw_field("preference", "margin", "9" * 400), "'margin': number 999"),
-    ("chat", json.dumps(CHAT).replace('"hello"}', '"hello", "weight": ' + "9" * 400 + "}"), "'messages.1.weight': number 999"),
+    (
+        "chat",
+        json.dumps(CHAT).replace('"hello"}', '"hello", "weight": ' + "9" * 400 + "}"),
+        "'messages.1.weight': number 999",
+    ),
     ("chat", json.dumps(CHAT).replace('"hello"}', '"hello", "weight": 1e400}'), "too large"),
     # lone surrogates (JSON escapes that are not text)
-    *[(s, _raw_field(s, f, SURROGATE), f"'{f}'") for s, f in
-      [("instruction", "output"), ("classification", "text"), ("classification", "label"), ("regression", "text"),
-       ("preference", "chosen"), ("preference", "prompt")]],
+    *[
+        (s, _raw_field(s, f, SURROGATE), f"'{f}'")
+        for s, f in [
+            ("instruction", "output"),
+            ("classification", "text"),
+            ("classification", "label"),
+            ("regression", "text"),
+            ("preference", "chosen"),
+            ("preference", "prompt"),
+        ]
+    ],
     ("chat", json.dumps(CHAT).replace('"hello"', SURROGATE), "'messages.1.content'"),
     ("ner", json.dumps(GOOD["ner"]).replace('"runs"', SURROGATE), "'tokens.1'"),
     # wrong label sets inside a record, identical preference answers
@@ -111,8 +123,11 @@ RECORD_CASES: list[tuple[str, str, str]] = [
     ("instruction", json.dumps({**GOOD["instruction"], "Unnamed: 0": 3}), "field 'Unnamed: 0': Extra inputs"),
     ("instruction", json.dumps({**GOOD["instruction"], "größe": 3}), "field 'größe': Extra inputs"),
     ("classification", json.dumps({**GOOD["classification"], "str": 3}), "field 'str': Extra inputs"),
-    ("chat", json.dumps({"messages": [{"role": "user", "content": "x", "tool-call": {}}]}),
-     "field 'messages.0.tool-call': Extra inputs"),
+    (
+        "chat",
+        json.dumps({"messages": [{"role": "user", "content": "x", "tool-call": {}}]}),
+        "field 'messages.0.tool-call': Extra inputs",
+    ),
 ]
 RECORD_IDS = [f"{s}-{i}" for i, (s, _, _) in enumerate(RECORD_CASES)]
 
@@ -138,20 +153,32 @@ def test_bad_record_names_file_line_field_or_is_counted(tmp_path: Path, schema: 
     assert skipped.count == 1 and skipped.examples == [message.split(" (to skip such records")[0]]
 
 
-@pytest.mark.parametrize(("bad", "expected"), [
-    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 (byte 47)"),
-    (b"\xff\xfe{\x00}\x00", "not UTF-8 (byte 1)"),
-])
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8 (byte 47)"),
+        (b"\xff\xfe{\x00}\x00", "not UTF-8 (byte 1)"),
+    ],
+)
 def test_invalid_utf8_line(tmp_path: Path, bad: bytes, expected: str) -> None:
     path = _file(tmp_path, "chat", bad)
     with pytest.raises(UserError, match=rf"data.jsonl:2: {re_escape(expected)}"):
         list(load_records(path, SCHEMAS["chat"]))
 
 
-
-
 # valid but odd: kept exactly as written
-ODD_TEXTS = ["", " ", "a\x00b", "\x1b[31mred\x1b[0m", "tab\there", "\r", "\u2028", "\ue000\ue003", "\U0010fffd", "x" * 100_000]
+ODD_TEXTS = [
+    "",
+    " ",
+    "a\x00b",
+    "\x1b[31mred\x1b[0m",
+    "tab\there",
+    "\r",
+    "\u2028",
+    "\ue000\ue003",
+    "\U0010fffd",
+    "x" * 100_000,
+]
 
 
 @pytest.mark.parametrize("text", ODD_TEXTS, ids=[repr(t[:12]) for t in ODD_TEXTS])
@@ -177,7 +204,10 @@ def test_invalid_utf8_after_a_byte_order_mark_is_placed_in_the_file(tmp_path: Pa
 
 
 def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
-    for suffix, body in ((".jsonl", json.dumps(GOOD["classification"])), (".json", json.dumps([GOOD["classification"]]))):
+    for suffix, body in (
+        (".jsonl", json.dumps(GOOD["classification"])),
+        (".json", json.dumps([GOOD["classification"]])),
+    ):
         path = tmp_path / f"bom{suffix}"
         path.write_bytes(b"\xef\xbb\xbf" + body.encode())
         assert [r.text for _, r in load_records(path, SCHEMAS["classification"])] == ["nice"]
@@ -199,7 +229,9 @@ FILE_CASES: list[tuple[str, bytes, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("suffix", "body", "expected"), FILE_CASES, ids=[f"{s}-{i}" for i, (s, _, _) in enumerate(FILE_CASES)])
+@pytest.mark.parametrize(
+    ("suffix", "body", "expected"), FILE_CASES, ids=[f"{s}-{i}" for i, (s, _, _) in enumerate(FILE_CASES)]
+)
 def test_unreadable_file_names_the_file(tmp_path: Path, suffix: str, body: bytes, expected: str) -> None:
     path = tmp_path / f"data{suffix}"
     path.write_bytes(body)
@@ -220,8 +252,10 @@ LINE_BYTES = st.binary(max_size=60).map(lambda b: b.replace(b"\n", b" "))
 
 
 @FUZZ
-@given(schema=st.sampled_from(sorted(GOOD)), lines=st.lists(st.one_of(LINE_BYTES, JSON_VALUES.map(lambda v: json.dumps(v).encode())),
-                                                         max_size=5))
+@given(
+    schema=st.sampled_from(sorted(GOOD)),
+    lines=st.lists(st.one_of(LINE_BYTES, JSON_VALUES.map(lambda v: json.dumps(v).encode())), max_size=5),
+)
 @example(schema="chat", lines=[b"\xef\xbb\xbf"])  # a file that is only a byte-order mark: empty
 @example(schema="chat", lines=[b"{}", b"\xef\xbb\xbf"])  # one after line 1 is content: invalid JSON
 def test_fuzz_any_bytes_give_records_errors_or_counted_skips(tmp_path_factory, schema: str, lines: list[bytes]) -> None:
@@ -242,11 +276,15 @@ def test_fuzz_any_bytes_give_records_errors_or_counted_skips(tmp_path_factory, s
 
 def _mutations() -> st.SearchStrategy[tuple[str, str, Any]]:
     """(schema, field, a bad or odd value) for one top-level field of a good record."""
-    values = st.one_of(JSON_VALUES, st.text(alphabet=st.characters(codec=None), max_size=8),
-                       st.sampled_from(["\x00", "\x1b", "\ud800", "\udfff", "", " "]),
-                       st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]))
+    values = st.one_of(
+        JSON_VALUES,
+        st.text(alphabet=st.characters(codec=None), max_size=8),
+        st.sampled_from(["\x00", "\x1b", "\ud800", "\udfff", "", " "]),
+        st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]),
+    )
     return st.tuples(st.sampled_from(sorted(GOOD)), st.data(), values).map(
-        lambda t: (t[0], t[1].draw(st.sampled_from(sorted(GOOD[t[0]]))), t[2]))
+        lambda t: (t[0], t[1].draw(st.sampled_from(sorted(GOOD[t[0]]))), t[2])
+    )
 
 
 @FUZZ
@@ -263,9 +301,12 @@ def test_fuzz_mutated_field_is_accepted_or_named(tmp_path_factory, mutation: tup
     except UserError as exc:
         message = str(exc)
         assert message.startswith(f"{path}:2: "), message
-        assert f"'{field}" in message or "invalid JSON" in message or f"'{'tokens' if field == 'tags' else field}" in message, message
+        assert (
+            f"'{field}" in message
+            or "invalid JSON" in message
+            or f"'{'tokens' if field == 'tags' else field}" in message
+        ), message
     else:
         dumped = record.model_dump()
         assert all(not isinstance(v, float) or math.isfinite(v) for v in dumped.values())
         json.dumps(dumped).encode("utf-8")  # valid Unicode throughout
-

@@ -80,7 +80,14 @@ def test_preference_pairs_are_ordered(prepared: Path) -> None:
 
 def test_sentiment_thresholds() -> None:
     assert [sentiment_class(x) for x in (-4, -0.51, -0.5, 0, 0.5, 0.51, 4)] == [
-        "negative", "negative", "neutral", "neutral", "neutral", "positive", "positive"]
+        "negative",
+        "negative",
+        "neutral",
+        "neutral",
+        "neutral",
+        "positive",
+        "positive",
+    ]
 
 
 def test_split_is_a_function_of_the_key() -> None:

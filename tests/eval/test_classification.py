@@ -45,7 +45,11 @@ def test_report_by_hand():
     rep = classification_report(Y_TRUE, Y_PRED, labels=NAMES)
     m = rep.to_dict()
     assert m["accuracy"] == pytest.approx(0.6)
-    for name, p, r, f, s in [("neg", 2 / 3, 1 / 2, 4 / 7, 4), ("neu", 1 / 2, 2 / 3, 4 / 7, 3), ("pos", 2 / 3, 2 / 3, 2 / 3, 3)]:
+    for name, p, r, f, s in [
+        ("neg", 2 / 3, 1 / 2, 4 / 7, 4),
+        ("neu", 1 / 2, 2 / 3, 4 / 7, 3),
+        ("pos", 2 / 3, 2 / 3, 2 / 3, 3),
+    ]:
         assert m[f"precision/{name}"] == pytest.approx(p)
         assert m[f"recall/{name}"] == pytest.approx(r)
         assert m[f"f1/{name}"] == pytest.approx(f)
@@ -70,7 +74,9 @@ def test_to_dict_prefix_and_text_table():
     rep = classification_report(Y_TRUE, Y_PRED, labels=NAMES)
     flat = rep.to_dict("test", per_class=False)
     assert flat["test/accuracy"] == pytest.approx(0.6)
-    assert set(flat) == {"test/accuracy"} | {f"test/{m}_{a}" for m in ("precision", "recall", "f1") for a in ("macro", "weighted")}
+    assert set(flat) == {"test/accuracy"} | {
+        f"test/{m}_{a}" for m in ("precision", "recall", "f1") for a in ("macro", "weighted")
+    }
     text = rep.format(digits=2)
     lines = text.splitlines()
     assert lines[0].split() == ["precision", "recall", "f1-score", "support"]
@@ -114,11 +120,14 @@ def test_empty_and_bad_inputs_raise():
 
 def test_report_without_classes_is_all_zero():
     rep = report_from_counts([], [], [], [])
-    assert rep.to_dict() == {f"{m}_{a}": 0.0 for a in ("micro", "macro", "weighted") for m in ("precision", "recall", "f1")}
+    assert rep.to_dict() == {
+        f"{m}_{a}": 0.0 for a in ("micro", "macro", "weighted") for m in ("precision", "recall", "f1")
+    }
 
 
 def test_against_sklearn_on_random_data():
     import sklearn.metrics as sk  # the test extra installs it
+
     rng = np.random.default_rng(0)
     for trial in range(5):
         c = int(rng.integers(2, 7))
@@ -199,6 +208,7 @@ def test_multilabel_by_hand():
 
 def test_multilabel_against_sklearn():
     import sklearn.metrics as sk  # the test extra installs it
+
     rng = np.random.default_rng(2)
     t = rng.integers(0, 2, (40, 5))
     prob = np.clip(t * 0.6 + rng.random((40, 5)) * 0.5, 0, 1)
@@ -236,6 +246,7 @@ def test_regression_by_hand():
 
 def test_regression_against_scipy_and_edge_cases():
     from scipy import stats  # the test extra installs it
+
     rng = np.random.default_rng(3)
     t = rng.normal(size=30)
     p = np.round(t + rng.normal(size=30), 1)  # rounding makes ties

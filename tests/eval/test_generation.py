@@ -45,9 +45,22 @@ def test_equal_to_sacrebleu_cli(tmp_path):
     (tmp_path / "hyp.txt").write_text("\n".join(HYPS) + "\n", encoding="utf-8")
     (tmp_path / "ref.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
     out = subprocess.run(
-        [sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
-         "-m", "bleu", "chrf", "-w", "6"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "sacrebleu",
+            str(tmp_path / "ref.txt"),
+            "-i",
+            str(tmp_path / "hyp.txt"),
+            "-m",
+            "bleu",
+            "chrf",
+            "-w",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     cli_bleu, cli_chrf = json.loads(out)
     bleu, chrf = corpus_bleu(HYPS, REFS), corpus_chrf(HYPS, REFS)

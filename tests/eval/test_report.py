@@ -21,7 +21,13 @@ from losslab.eval.report import (
     write_metrics_json,
 )
 
-METRICS = {"validation/loss": 1.5, "validation/f1_macro": 0.5, "test/loss": 1.25, "test/bleu": 31.0, "test/support/PER": 7}
+METRICS = {
+    "validation/loss": 1.5,
+    "validation/f1_macro": 0.5,
+    "test/loss": 1.25,
+    "test/bleu": 31.0,
+    "test/support/PER": 7,
+}
 
 
 def test_text_table_pivots_splits_into_columns():
@@ -62,7 +68,13 @@ def test_namespace():
 
 def test_write_metrics_json(tmp_path):
     path = tmp_path / "run" / "metrics.json"
-    metrics = {**METRICS, "test/ppl": math.inf, "test/acc": np.float32(0.5), "test/n": np.int64(3), "test/t": torch.tensor(0.25)}
+    metrics = {
+        **METRICS,
+        "test/ppl": math.inf,
+        "test/acc": np.float32(0.5),
+        "test/n": np.int64(3),
+        "test/t": torch.tensor(0.25),
+    }
     assert write_metrics_json(metrics, path) == path
     data = json.loads(path.read_text())  # strict JSON: no NaN / Infinity tokens
     assert list(data) == list(metrics)

@@ -99,7 +99,9 @@ CASES: dict[str, Case] = {
     "focal_fractional_gamma": class_case(focal_loss, gamma=0.5),
     "hinge": class_case(multiclass_hinge_loss, margin=1.0),
     "hinge_squared": class_case(multiclass_hinge_loss, squared=True, class_weights=[1.0, 2.0, 0.5, 1.0]),
-    "binary_cross_entropy": elementwise_case(binary_cross_entropy, True, pos_weight=[1.0, 2.0, 0.5, 3.0], label_smoothing=0.1),
+    "binary_cross_entropy": elementwise_case(
+        binary_cross_entropy, True, pos_weight=[1.0, 2.0, 0.5, 3.0], label_smoothing=0.1
+    ),
     "binary_focal": elementwise_case(binary_focal_loss, True, gamma=2.0, alpha=0.25),
     "mse": elementwise_case(mse_loss, False),
     "huber": elementwise_case(huber_loss, False, delta=0.7),
@@ -167,4 +169,3 @@ def test_every_case_uses_a_distinct_function_or_option():
         inputs, fn = build(name, torch.float64)
         values[name] = round(fn(*inputs).item(), 9)
     assert len(set(values.values())) == len(values)
-

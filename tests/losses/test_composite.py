@@ -90,8 +90,15 @@ def test_all_weights_zero_still_gives_a_total_backward_accepts():
 def test_log_dict_is_flat_floats():
     out = build_composite(ENHANCED, total_steps=110)(dialogue_batch(), step=60)
     logged = out.log_dict()
-    assert set(logged) == {"loss", "loss/ce", "loss/consistency", "loss/semantic_l2",
-                           "weight/ce", "weight/consistency", "weight/semantic_l2"}
+    assert set(logged) == {
+        "loss",
+        "loss/ce",
+        "loss/consistency",
+        "loss/semantic_l2",
+        "weight/ce",
+        "weight/consistency",
+        "weight/semantic_l2",
+    }
     assert all(isinstance(v, float) and math.isfinite(v) for v in logged.values())
     assert logged["loss"] == pytest.approx(out.total.item())
 
@@ -100,8 +107,13 @@ def test_composite_knows_no_loss_names_any_term_object_works():
     def constant(inputs: LossInputs) -> torch.Tensor:
         return inputs.logits.sum() * 0 + 3.0
 
-    term = LossTerm(label="three", name="custom", weight=CosineSchedule(start=1.0, end=0.0, total_steps=2),
-                    compute=constant, requires=(frozenset({"logits"}),))
+    term = LossTerm(
+        label="three",
+        name="custom",
+        weight=CosineSchedule(start=1.0, end=0.0, total_steps=2),
+        compute=constant,
+        requires=(frozenset({"logits"}),),
+    )
     out = CompositeLoss([term])(dialogue_batch(), step=1)
     assert out.weights == {"three": pytest.approx(0.5)} and out.total.item() == pytest.approx(1.5)
     with pytest.raises(UserError, match="term 'three' \\(custom\\) needs logits"):
@@ -120,8 +132,12 @@ def test_context_mask_defaults_and_override():
 
 def test_micro_batches_add_up_for_count_normalised_terms():
     """With the global counts in the batch, the composite of 2 micro-batches sums to the whole."""
-    loss = build_composite([{"name": "token_cross_entropy", "label_smoothing": 0.1},
-                            {"name": "token_cross_entropy", "label": "per_seq", "reduction": "sequence", "weight": 0.5}])
+    loss = build_composite(
+        [
+            {"name": "token_cross_entropy", "label_smoothing": 0.1},
+            {"name": "token_cross_entropy", "label": "per_seq", "reduction": "sequence", "weight": 0.5},
+        ]
+    )
     batch = dialogue_batch()
     counts = {"num_items": int((batch.labels != -100).sum()), "num_sequences": B}
     whole = loss(LossInputs(logits=batch.logits, labels=batch.labels), step=0).total

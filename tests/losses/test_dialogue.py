@@ -158,8 +158,15 @@ def test_consistency_with_a_minus_inf_logit_drops_that_token(gen, kind):
         want = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean()
     else:
         log_m = torch.log((log_p.exp() + log_q.exp()) / 2)
-        want = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="none")
-                      + F.kl_div(log_m, log_q, log_target=True, reduction="none")).sum(-1).mean()
+        want = (
+            0.5
+            * (
+                F.kl_div(log_m, log_p, log_target=True, reduction="none")
+                + F.kl_div(log_m, log_q, log_target=True, reduction="none")
+            )
+            .sum(-1)
+            .mean()
+        )
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad[..., :V], torch.autograd.grad(want, exact)[0])
     assert (grad[..., V:] == 0).all()
@@ -198,10 +205,14 @@ def test_nan_outside_the_masks_reaches_neither_loss_nor_gradients(gen):
 
     both = context.any(-1) & trained.any(-1)
     for fn, reference in (
-        (lambda x: semantic_l2_loss(x, context),
-         lambda x: pooled(x, context).square().mean(-1)[context.any(-1)].mean()),
-        (lambda x: semantic_alignment_loss(x, context, trained),
-         lambda x: (1 - F.cosine_similarity(pooled(x, trained), pooled(x, context)))[both].mean()),
+        (
+            lambda x: semantic_l2_loss(x, context),
+            lambda x: pooled(x, context).square().mean(-1)[context.any(-1)].mean(),
+        ),
+        (
+            lambda x: semantic_alignment_loss(x, context, trained),
+            lambda x: (1 - F.cosine_similarity(pooled(x, trained), pooled(x, context)))[both].mean(),
+        ),
     ):
         got = fn(poisoned)
         (got_grad,) = torch.autograd.grad(got, poisoned)

@@ -66,7 +66,10 @@ def make_case(
         "bias": (torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.5).to(dtype).to(device).requires_grad_()
         if bias
         else None,
-        "token_weights": (torch.rand(shape, generator=gen, dtype=torch.float64) * 2).to(dtype).to(device).requires_grad_()
+        "token_weights": (torch.rand(shape, generator=gen, dtype=torch.float64) * 2)
+        .to(dtype)
+        .to(device)
+        .requires_grad_()
         if weights
         else None,
     }
@@ -92,7 +95,9 @@ def fused(case: dict, **kwargs) -> torch.Tensor:
 
 
 def leaves(case: dict) -> list[torch.Tensor]:
-    return [case[k] for k in ("hidden", "weight", "bias", "token_weights") if case[k] is not None and case[k].requires_grad]
+    return [
+        case[k] for k in ("hidden", "weight", "bias", "token_weights") if case[k] is not None and case[k].requires_grad
+    ]
 
 
 def loss_and_grads(fn, case: dict, upstream_seed: int = 7, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -172,16 +177,23 @@ def test_extreme_logits_stay_finite() -> None:
 
 @pytest.mark.parametrize(
     "formula",
-    [_Formula(0.0, 0.0, 0.0), _Formula(0.3, 0.0, 0.0), _Formula(0.0, 0.0, 2.0), _Formula(0.0, 0.0, 0.7),
-     _Formula(0.0, 0.05, 0.0), _Formula(0.2, 0.01, 1.5)],
+    [
+        _Formula(0.0, 0.0, 0.0),
+        _Formula(0.3, 0.0, 0.0),
+        _Formula(0.0, 0.0, 2.0),
+        _Formula(0.0, 0.0, 0.7),
+        _Formula(0.0, 0.05, 0.0),
+        _Formula(0.2, 0.01, 1.5),
+    ],
 )
 def test_row_gradient_is_the_derivative_of_token_loss_terms(formula: _Formula) -> None:
     """dl/dz = A p - C e_y - B (the coefficients from _row_terms) equals autograd of the formula."""
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(20, 11, generator=gen, dtype=torch.float64) * 2).requires_grad_()
     targets = torch.randint(0, 11, (20,), generator=gen)
-    loss = token_loss_terms(logits, targets, label_smoothing=formula.label_smoothing, z_loss=formula.z_loss,
-                            focal_gamma=formula.focal_gamma)
+    loss = token_loss_terms(
+        logits, targets, label_smoothing=formula.label_smoothing, z_loss=formula.z_loss, focal_gamma=formula.focal_gamma
+    )
     (want,) = torch.autograd.grad(loss.sum(), logits)
     z = logits.detach()
     lse = torch.logsumexp(z, dim=1)
@@ -219,9 +231,18 @@ def test_gradcheck_float64(reduction: str) -> None:
     case = make_case(dtype=torch.float64, shape=(2, 5), d=3, vocab=7, ignored=0.3, weights=True, seed=5)
 
     def fn(hidden, weight, bias, token_weights):
-        return fused_linear_cross_entropy(hidden, weight, case["labels"], bias=bias, token_weights=token_weights,
-                                          reduction=reduction, chunk_size=3, label_smoothing=0.2,
-                                          focal_gamma=1.5, z_loss=0.05)
+        return fused_linear_cross_entropy(
+            hidden,
+            weight,
+            case["labels"],
+            bias=bias,
+            token_weights=token_weights,
+            reduction=reduction,
+            chunk_size=3,
+            label_smoothing=0.2,
+            focal_gamma=1.5,
+            z_loss=0.05,
+        )
 
     assert torch.autograd.gradcheck(fn, (case["hidden"], case["weight"], case["bias"], case["token_weights"]))
 
@@ -277,8 +298,10 @@ def test_bfloat16_inputs_compute_in_float32() -> None:
     assert got.dtype == torch.float32
     assert [g.dtype for g in got_grads] == [torch.bfloat16] * 4
     # against the reference on the same (bfloat16-valued) inputs upcast to float32
-    up = {k: (v.detach().float().requires_grad_() if v is not None and v.is_floating_point() else v)
-          for k, v in case.items()}
+    up = {
+        k: (v.detach().float().requires_grad_() if v is not None and v.is_floating_point() else v)
+        for k, v in case.items()
+    }
     want, want_grads = loss_and_grads(reference, up, label_smoothing=0.1, z_loss=1e-3)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
     for g, w in zip(got_grads, want_grads):  # float32 gradients, rounded once to bfloat16
@@ -336,8 +359,15 @@ def test_accumulation_split_invariance() -> None:
     whole = fused(case, chunk_size=64, label_smoothing=0.1)
     total = int((case["labels"] != -100).sum())
     parts = sum(
-        fused_linear_cross_entropy(case["hidden"][i], case["weight"], case["labels"][i], bias=case["bias"],
-                                   token_weights=case["token_weights"][i], num_items=total, label_smoothing=0.1)
+        fused_linear_cross_entropy(
+            case["hidden"][i],
+            case["weight"],
+            case["labels"][i],
+            bias=case["bias"],
+            token_weights=case["token_weights"][i],
+            num_items=total,
+            label_smoothing=0.1,
+        )
         for i in range(8)
     )
     torch.testing.assert_close(parts, whole, rtol=RTOL, atol=ATOL)
@@ -366,10 +396,12 @@ def test_bad_inputs_are_rejected() -> None:
 
 def test_rejects_non_finite_options_and_negative_counts() -> None:
     case = make_case()
-    for kwargs, message in (({"z_loss": math.nan}, "z_loss must be >= 0 and finite; got nan"),
-                            ({"focal_gamma": math.nan}, "focal_gamma must be >= 0 and finite; got nan"),
-                            ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
-                            ({"num_items": -5, "reduction": "sequence"}, "num_items must be a finite number >= 0")):
+    for kwargs, message in (
+        ({"z_loss": math.nan}, "z_loss must be >= 0 and finite; got nan"),
+        ({"focal_gamma": math.nan}, "focal_gamma must be >= 0 and finite; got nan"),
+        ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
+        ({"num_items": -5, "reduction": "sequence"}, "num_items must be a finite number >= 0"),
+    ):
         with pytest.raises(ValueError, match=message):
             fused(case, **kwargs)
 
@@ -383,9 +415,13 @@ def confident_case(dtype: torch.dtype, device: str = "cpu") -> dict:
     weight = torch.randn(1000, 64, generator=gen) / 8
     labels = torch.randint(0, 1000, (32,), generator=gen)
     hidden = weight[labels] * torch.linspace(1, 60, 32)[:, None] + 0.1 * torch.randn(32, 64, generator=gen)
-    return {"hidden": hidden.to(device=device, dtype=dtype).requires_grad_(),
-            "weight": weight.to(device=device, dtype=dtype).requires_grad_(), "labels": labels.to(device),
-            "bias": None, "token_weights": None}
+    return {
+        "hidden": hidden.to(device=device, dtype=dtype).requires_grad_(),
+        "weight": weight.to(device=device, dtype=dtype).requires_grad_(),
+        "labels": labels.to(device),
+        "bias": None,
+        "token_weights": None,
+    }
 
 
 def float64_reference(case: dict, **kwargs) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -433,8 +469,10 @@ def test_a_vocabulary_tile_of_minus_inf_logits(monkeypatch: pytest.MonkeyPatch, 
         case["bias"][100:] = -math.inf  # tiles 2 to 4 entirely, tile 1 in part
     case["labels"] = torch.where(case["labels"] == -100, -100, case["labels"] % 100)
     got, got_grads = loss_and_grads(fused, case, reduction=reduction, chunk_size=8, focal_gamma=0.5)
-    exact = {k: v.detach().double().requires_grad_() if v is not None and v.is_floating_point() else v
-             for k, v in case.items()}
+    exact = {
+        k: v.detach().double().requires_grad_() if v is not None and v.is_floating_point() else v
+        for k, v in case.items()
+    }
 
     def plain(c: dict, **_) -> torch.Tensor:  # float64 PyTorch: (1 - p_y)^0.5 * CE, times the weights
         log_p = torch.log_softmax(c["hidden"] @ c["weight"].T + c["bias"], dim=-1)
@@ -507,8 +545,16 @@ def test_cuda_masks_and_bfloat16() -> None:
 def test_bench_case_runs_every_method_in_process() -> None:
     from losslab.losses.bench import run_case
 
-    spec = {"tokens": 64, "hidden": 16, "vocab": 128, "ignored_fraction": 0.5, "repeats": 1, "warmup": 0,
-            "device": "cpu", "dtype": "float32"}
+    spec = {
+        "tokens": 64,
+        "hidden": 16,
+        "vocab": 128,
+        "ignored_fraction": 0.5,
+        "repeats": 1,
+        "warmup": 0,
+        "device": "cpu",
+        "dtype": "float32",
+    }
     for method in ("plain", "torch_chunked", "losslab"):
         for option in ("plain", "focal", "token_weights"):
             result = run_case({**spec, "method": method, "option": option})
@@ -522,14 +568,26 @@ def test_bench_ratios_and_acceptance_checks() -> None:
     from losslab.losses.bench import compare, format_markdown, format_table
 
     def row(method, option, frac, t, mb):
-        return {"method": method, "option": option, "ignored_fraction": frac, "supported": True,
-                "time_s": t, "cpu_s": t, "peak_mb": mb}
+        return {
+            "method": method,
+            "option": option,
+            "ignored_fraction": frac,
+            "supported": True,
+            "time_s": t,
+            "cpu_s": t,
+            "peak_mb": mb,
+        }
 
-    results = [row("plain", "plain", 0.0, 10.0, 2000.0), row("torch_chunked", "plain", 0.0, 20.0, 300.0),
-               row("losslab", "plain", 0.0, 5.0, 250.0), row("losslab", "plain", 0.5, 2.5, 240.0),
-               row("plain", "plain", 0.5, 8.0, 2000.0), row("plain", "focal", 0.0, 12.0, 3000.0),
-               row("losslab", "focal", 0.0, 6.0, 250.0),
-               {"method": "torch_chunked", "option": "focal", "ignored_fraction": 0.0, "supported": False}]
+    results = [
+        row("plain", "plain", 0.0, 10.0, 2000.0),
+        row("torch_chunked", "plain", 0.0, 20.0, 300.0),
+        row("losslab", "plain", 0.0, 5.0, 250.0),
+        row("losslab", "plain", 0.5, 2.5, 240.0),
+        row("plain", "plain", 0.5, 8.0, 2000.0),
+        row("plain", "focal", 0.0, 12.0, 3000.0),
+        row("losslab", "focal", 0.0, 6.0, 250.0),
+        {"method": "torch_chunked", "option": "focal", "ignored_fraction": 0.0, "supported": False},
+    ]
     rows, checks = compare(results)
     ours = next(r for r in rows if (r["method"], r["option"], r["ignored_fraction"]) == ("losslab", "plain", 0.0))
     assert ours["time_vs_plain"] == 0.5 and ours["memory_vs_plain"] == 0.125
@@ -538,8 +596,20 @@ def test_bench_ratios_and_acceptance_checks() -> None:
     assert got[("time_vs_plain", "plain, ignored 0")] == (0.5, True)
     assert got[("half_ignored_vs_all_valid", "plain, ignored 0.5 vs 0")] == (0.5, True)
     assert got[("option_time_cost", "focal vs plain, ignored 0")] == (1.2, False)
-    report = {"config": {"tokens": 1, "hidden": 1, "vocab": 1, "dtype": "float32", "device": "cpu", "threads": 1,
-                         "repeats": 1, "warmup": 0}, "results": rows, "acceptance": checks}
+    report = {
+        "config": {
+            "tokens": 1,
+            "hidden": 1,
+            "vocab": 1,
+            "dtype": "float32",
+            "device": "cpu",
+            "threads": 1,
+            "repeats": 1,
+            "warmup": 0,
+        },
+        "results": rows,
+        "acceptance": checks,
+    }
     assert "n/a" in format_table(report) and "MISS" in format_table(report)
     assert "| focal | 0 | 12.00 s, 3,000 MB | n/a | 6.00 s, 250 MB | 0.50 / 0.08 | - |" in format_markdown(report)
 
@@ -551,9 +621,30 @@ def test_bench_cli_runs_each_case_in_a_subprocess() -> None:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "losslab.cli", "bench", "loss-head", "--tokens", "64", "--hidden", "16", "--vocab",
-         "256", "--ignored-fraction", "0.5", "--repeats", "1", "--options", "plain", "z_loss", "--json"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "losslab.cli",
+            "bench",
+            "loss-head",
+            "--tokens",
+            "64",
+            "--hidden",
+            "16",
+            "--vocab",
+            "256",
+            "--ignored-fraction",
+            "0.5",
+            "--repeats",
+            "1",
+            "--options",
+            "plain",
+            "z_loss",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -42,8 +42,14 @@ def test_bradley_terry_matches_brute_force(gen, reduce_like, margin, center, red
         x = chosen[i].item() - rejected[i].item() - m_i
         expected[i] = (math.log1p(math.exp(-x)) + center * (chosen[i].item() + rejected[i].item()) ** 2) * weights[i]
     got = bradley_terry_loss(
-        chosen, rejected, margin=m, center_rewards_coefficient=center, mask=mask, weights=weights,
-        reduction=reduction, num_items=num_items,
+        chosen,
+        rejected,
+        margin=m,
+        center_rewards_coefficient=center,
+        mask=mask,
+        weights=weights,
+        reduction=reduction,
+        num_items=num_items,
     )
     torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
 
@@ -57,7 +63,9 @@ def test_margin_ranking_matches_torch(gen, reduce_like, margin, with_target, red
     target = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, 1.0], dtype=torch.float64) if with_target else None
     reference_target = target if with_target else torch.ones(N, dtype=torch.float64)
     expected = F.margin_ranking_loss(chosen, rejected, reference_target, margin=margin, reduction="none")
-    got = margin_ranking_loss(chosen, rejected, target, margin=margin, mask=mask, reduction=reduction, num_items=num_items)
+    got = margin_ranking_loss(
+        chosen, rejected, target, margin=margin, mask=mask, reduction=reduction, num_items=num_items
+    )
     torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
 
 
@@ -88,7 +96,9 @@ def test_triplet_matches_brute_force(gen, reduce_like, distance, swap, margin, r
         if swap:
             d_neg = min(d_neg, brute_distance(p[i], n[i], distance))
         expected[i] = max(0.0, brute_distance(a[i], p[i], distance) - d_neg + margin)
-    got = triplet_loss(a, p, n, margin=margin, distance=distance, swap=swap, mask=mask, reduction=reduction, num_items=num_items)
+    got = triplet_loss(
+        a, p, n, margin=margin, distance=distance, swap=swap, mask=mask, reduction=reduction, num_items=num_items
+    )
     torch.testing.assert_close(got, reduce_like(expected, mask, reduction, num_items))
 
 
@@ -134,8 +144,14 @@ def test_info_nce_matches_brute_force(gen, reduce_like, temperature, normalize, 
     mask = pairs(gen)[3]
     expected = brute_info_nce(q, k, negatives, mask.tolist(), temperature, normalize, symmetric)
     got = info_nce_loss(
-        q, k, negatives=negatives, temperature=temperature, normalize=normalize, symmetric=symmetric,
-        mask=mask, reduction=reduction,
+        q,
+        k,
+        negatives=negatives,
+        temperature=temperature,
+        normalize=normalize,
+        symmetric=symmetric,
+        mask=mask,
+        reduction=reduction,
     )
     torch.testing.assert_close(got, reduce_like(expected, mask, reduction))
 
@@ -177,8 +193,10 @@ def test_info_nce_masked_rows_are_not_negatives(gen):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: triplet_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), distance="hamming"),
-         "distance must be one of .*'hamming'"),
+        (
+            lambda: triplet_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2), distance="hamming"),
+            "distance must be one of .*'hamming'",
+        ),
         (lambda: info_nce_loss(torch.zeros(2, 2), torch.zeros(2, 2), temperature=0.0), "temperature must be > 0"),
         (lambda: bradley_terry_loss(torch.zeros(2), torch.zeros(3)), r"shapes must match: rewards_chosen \(2,\)"),
         (lambda: margin_ranking_loss(torch.zeros(2), torch.zeros(2), margin=-1.0), "margin must be >= 0"),
@@ -197,8 +215,9 @@ def test_a_trailing_dim_of_one_is_not_broadcast_against_per_pair_values(gen):
     mr = F.margin_ranking_loss(chosen, rejected, target, margin=0.2, reduction="none")
     for column in ((lambda t: t[:, None]), (lambda t: t)):
         for per_pair in ((lambda t: t), (lambda t: t[:, None])):
-            got = bradley_terry_loss(column(chosen), column(rejected), margin=per_pair(margins), mask=mask,
-                                     weights=weights, reduction="none")
+            got = bradley_terry_loss(
+                column(chosen), column(rejected), margin=per_pair(margins), mask=mask, weights=weights, reduction="none"
+            )
             torch.testing.assert_close(got.reshape(N), torch.where(mask, bt, 0.0))
             got = margin_ranking_loss(column(chosen), column(rejected), per_pair(target), margin=0.2, reduction="none")
             torch.testing.assert_close(got.reshape(N), mr)
@@ -234,21 +253,40 @@ def test_nan_in_masked_pairs_reaches_neither_loss_nor_gradients(gen):
     # plain PyTorch on the trained pairs only, in float64
     keep = mask.nonzero().squeeze(1)
     count = len(keep)
-    check(lambda c, r, m, w: bradley_terry_loss(c, r, margin=m, mask=mask, weights=w, center_rewards_coefficient=0.1),
-          lambda c, r, m, w: ((-F.logsigmoid(c - r - m) + 0.1 * (c + r).square()) * w)[keep].sum() / count,
-          (chosen, rejected, margins, weights))
-    check(lambda c, r, w: margin_ranking_loss(c, r, margin=0.5, mask=mask, weights=w),
-          lambda c, r, w: (F.margin_ranking_loss(c, r, torch.ones(N, dtype=torch.float64), margin=0.5,
-                                                 reduction="none") * w)[keep].sum() / count,
-          (chosen, rejected, weights))
-    check(lambda a, p, n: triplet_loss(a, p, n, distance="cosine", mask=mask),
-          lambda a, p, n: (1.0 - F.cosine_similarity(a, p) + F.cosine_similarity(a, n)).clamp(min=0)[keep].mean(),
-          (a, p, n))
-    check(lambda q, k: info_nce_loss(q, k, temperature=0.5, symmetric=True, mask=mask),
-          lambda q, k: 0.5 * sum(F.cross_entropy(s, torch.arange(count)) for s in
-                                 (F.normalize(q[keep]) @ F.normalize(k[keep]).T / 0.5,
-                                  F.normalize(k[keep]) @ F.normalize(q[keep]).T / 0.5)),
-          (a, p))
+    check(
+        lambda c, r, m, w: bradley_terry_loss(c, r, margin=m, mask=mask, weights=w, center_rewards_coefficient=0.1),
+        lambda c, r, m, w: ((-F.logsigmoid(c - r - m) + 0.1 * (c + r).square()) * w)[keep].sum() / count,
+        (chosen, rejected, margins, weights),
+    )
+    check(
+        lambda c, r, w: margin_ranking_loss(c, r, margin=0.5, mask=mask, weights=w),
+        lambda c, r, w: (
+            (F.margin_ranking_loss(c, r, torch.ones(N, dtype=torch.float64), margin=0.5, reduction="none") * w)[
+                keep
+            ].sum()
+            / count
+        ),
+        (chosen, rejected, weights),
+    )
+    check(
+        lambda a, p, n: triplet_loss(a, p, n, distance="cosine", mask=mask),
+        lambda a, p, n: (1.0 - F.cosine_similarity(a, p) + F.cosine_similarity(a, n)).clamp(min=0)[keep].mean(),
+        (a, p, n),
+    )
+    check(
+        lambda q, k: info_nce_loss(q, k, temperature=0.5, symmetric=True, mask=mask),
+        lambda q, k: (
+            0.5
+            * sum(
+                F.cross_entropy(s, torch.arange(count))
+                for s in (
+                    F.normalize(q[keep]) @ F.normalize(k[keep]).T / 0.5,
+                    F.normalize(k[keep]) @ F.normalize(q[keep]).T / 0.5,
+                )
+            )
+        ),
+        (a, p),
+    )
 
 
 def test_rejects_non_finite_options():

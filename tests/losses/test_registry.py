@@ -93,33 +93,67 @@ def multilabel(batch: LossInputs) -> LossInputs:
 EXAMPLES = {
     "token_cross_entropy": (
         {"label_smoothing": 0.1, "z_loss": 1e-3, "focal_gamma": 1.0},
-        lambda b: token_cross_entropy(b.logits, b.labels, label_smoothing=0.1, z_loss=1e-3, focal_gamma=1.0,
-                                      token_weights=b.token_weights, num_items=b.num_items),
+        lambda b: token_cross_entropy(
+            b.logits,
+            b.labels,
+            label_smoothing=0.1,
+            z_loss=1e-3,
+            focal_gamma=1.0,
+            token_weights=b.token_weights,
+            num_items=b.num_items,
+        ),
     ),
     "cross_entropy": (
         {"class_weights": [1.0, 2.0, 0.5], "label_smoothing": 0.1},
-        lambda b: classification_cross_entropy(b.class_logits, b.class_targets, class_weights=[1.0, 2.0, 0.5],
-                                               label_smoothing=0.1, weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: classification_cross_entropy(
+            b.class_logits,
+            b.class_targets,
+            class_weights=[1.0, 2.0, 0.5],
+            label_smoothing=0.1,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "focal": (
         {"gamma": 1.0, "alpha": [0.2, 0.3, 0.5], "reduction": "sum"},
-        lambda b: focal_loss(b.class_logits, b.class_targets, gamma=1.0, alpha=[0.2, 0.3, 0.5],
-                             weights=b.sample_weights, reduction="sum"),
+        lambda b: focal_loss(
+            b.class_logits, b.class_targets, gamma=1.0, alpha=[0.2, 0.3, 0.5], weights=b.sample_weights, reduction="sum"
+        ),
     ),
     "multiclass_hinge": (
         {"margin": 0.5, "squared": True},
-        lambda b: multiclass_hinge_loss(b.class_logits, b.class_targets, margin=0.5, squared=True,
-                                        weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: multiclass_hinge_loss(
+            b.class_logits,
+            b.class_targets,
+            margin=0.5,
+            squared=True,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "binary_cross_entropy": (
         {"pos_weight": 2.0, "label_smoothing": 0.05},
-        lambda b: binary_cross_entropy(b.class_logits, b.class_targets, pos_weight=2.0, label_smoothing=0.05,
-                                       mask=b.target_mask, weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: binary_cross_entropy(
+            b.class_logits,
+            b.class_targets,
+            pos_weight=2.0,
+            label_smoothing=0.05,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "binary_focal": (
         {"gamma": 1.0, "alpha": 0.5},
-        lambda b: binary_focal_loss(b.class_logits, b.class_targets, gamma=1.0, alpha=0.5, mask=b.target_mask,
-                                    weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: binary_focal_loss(
+            b.class_logits,
+            b.class_targets,
+            gamma=1.0,
+            alpha=0.5,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "mse": (
         {"reduction": "sum"},
@@ -127,30 +161,60 @@ EXAMPLES = {
     ),
     "huber": (
         {"delta": 0.5},
-        lambda b: huber_loss(b.predictions, b.targets, delta=0.5, mask=b.target_mask, weights=b.sample_weights,
-                             num_items=b.num_examples),
+        lambda b: huber_loss(
+            b.predictions, b.targets, delta=0.5, mask=b.target_mask, weights=b.sample_weights, num_items=b.num_examples
+        ),
     ),
     "bradley_terry": (
         {"center_rewards_coefficient": 0.01},
-        lambda b: bradley_terry_loss(b.rewards_chosen, b.rewards_rejected, margin=b.margins,
-                                     center_rewards_coefficient=0.01, mask=b.target_mask, weights=b.sample_weights,
-                                     num_items=b.num_examples),
+        lambda b: bradley_terry_loss(
+            b.rewards_chosen,
+            b.rewards_rejected,
+            margin=b.margins,
+            center_rewards_coefficient=0.01,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "margin_ranking": (
         {"margin": 0.5},
-        lambda b: margin_ranking_loss(b.rewards_chosen, b.rewards_rejected, margin=0.5, mask=b.target_mask,
-                                      weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: margin_ranking_loss(
+            b.rewards_chosen,
+            b.rewards_rejected,
+            margin=0.5,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "triplet": (
         {"margin": 0.5, "distance": "cosine", "swap": True},
-        lambda b: triplet_loss(b.anchor, b.positive, b.negative, margin=0.5, distance="cosine", swap=True,
-                               mask=b.target_mask, weights=b.sample_weights, num_items=b.num_examples),
+        lambda b: triplet_loss(
+            b.anchor,
+            b.positive,
+            b.negative,
+            margin=0.5,
+            distance="cosine",
+            swap=True,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "info_nce": (
         {"temperature": 0.5, "symmetric": True, "normalize": False},
-        lambda b: info_nce_loss(b.anchor, b.positive, negatives=b.negative, temperature=0.5, symmetric=True,
-                                normalize=False, mask=b.target_mask, weights=b.sample_weights,
-                                num_items=b.num_examples),
+        lambda b: info_nce_loss(
+            b.anchor,
+            b.positive,
+            negatives=b.negative,
+            temperature=0.5,
+            symmetric=True,
+            normalize=False,
+            mask=b.target_mask,
+            weights=b.sample_weights,
+            num_items=b.num_examples,
+        ),
     ),
     "consistency": (
         {"divergence": "kl"},
@@ -192,8 +256,9 @@ def test_every_entry_builds_from_a_config_dict_and_equals_its_function(name):
     assert value.ndim == 0 and torch.isfinite(value)
     expected = direct(batch)
     torch.testing.assert_close(value, expected)
-    leaves = [t for t in (*vars(batch).values(), *batch.model.parameters())
-              if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves = [
+        t for t in (*vars(batch).values(), *batch.model.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
     got = torch.autograd.grad(value, leaves, allow_unused=True)
     want = torch.autograd.grad(expected, leaves, allow_unused=True)
     assert any(g is not None and bool(g.abs().sum() > 0) for g in got)  # it reaches the batch's leaves
@@ -232,19 +297,28 @@ def test_docs_list_exactly_the_registry_with_every_option():
     [
         ({"name": "focl"}, "unknown loss 'focl'; allowed: token_cross_entropy, cross_entropy, focal,"),
         ({"weight": 1.0}, "unknown loss None; allowed:"),
-        ({"name": "focal", "gama": 2}, "unknown option(s) gama; allowed: name, weight, label, gamma, alpha, label_smoothing, reduction"),
+        (
+            {"name": "focal", "gama": 2},
+            "unknown option(s) gama; allowed: name, weight, label, gamma, alpha, label_smoothing, reduction",
+        ),
         ({"name": "focal", "gamma": -1}, "option gamma=-1: Input should be greater than or equal to 0"),
         ({"name": "focal", "gamma": "2"}, "option gamma='2': Input should be a valid number"),
         ({"name": "cross_entropy", "class_weights": [1, -1, 1]}, "option class_weights=[1, -1, 1]"),
         ({"name": "cross_entropy", "label_smoothing": 1.5}, "less than or equal to 1"),
         ({"name": "token_cross_entropy", "label_smoothing": 2.0}, "label_smoothing must be in [0, 1]; got 2.0"),
-        ({"name": "token_cross_entropy", "reduction": "none"}, "reduction must be one of mean, sum, sequence; got 'none'"),
+        (
+            {"name": "token_cross_entropy", "reduction": "none"},
+            "reduction must be one of mean, sum, sequence; got 'none'",
+        ),
         ({"name": "token_cross_entropy", "chunk_size": 0}, "option chunk_size=0"),
         ({"name": "token_cross_entropy", "ignore_index": 0}, "unknown option(s) ignore_index"),
         ({"name": "mse", "num_items": 4}, "unknown option(s) num_items"),
         ({"name": "l2", "reduction": "none"}, "reduction must be one of sum, mean; got 'none'"),
         ({"name": "l2", "include": "*.weight"}, "'str' instances are not allowed as a Sequence value"),
-        ({"name": "triplet", "distance": "l3"}, "Input should be 'euclidean', 'squared_euclidean', 'cosine' or 'manhattan'"),
+        (
+            {"name": "triplet", "distance": "l3"},
+            "Input should be 'euclidean', 'squared_euclidean', 'cosine' or 'manhattan'",
+        ),
         ({"name": "consistency", "divergence": "tv"}, "Input should be 'js', 'kl' or 'l1'"),
         ({"name": "multiclass_hinge", "squared": "yes"}, "option squared='yes': Input should be a valid boolean"),
         ({"name": "info_nce", "temperature": 0}, "greater than 0"),
@@ -284,7 +358,10 @@ def test_build_composite_errors():
         build_composite([{"name": "mse"}, {"name": "nope"}])
     with pytest.raises(UserError, match="repeated: mse"):
         build_composite([{"name": "mse"}, {"name": "mse", "weight": 2}])
-    assert [t.label for t in build_composite([{"name": "mse"}, {"name": "mse", "label": "mse_2"}]).terms] == ["mse", "mse_2"]
+    assert [t.label for t in build_composite([{"name": "mse"}, {"name": "mse", "label": "mse_2"}]).terms] == [
+        "mse",
+        "mse_2",
+    ]
     with pytest.raises(UserError, match="expected a list of loss terms"):
         build_composite({"name": "mse"})
     with pytest.raises(UserError, match="at least one term"):
@@ -334,12 +411,27 @@ def test_token_term_uses_the_fused_head_when_logits_are_absent(monkeypatch, redu
     options = {"label_smoothing": 0.1, "z_loss": 1e-3, "focal_gamma": 1.0, "reduction": reduction}
     term = build_term({"name": "token_cross_entropy", "chunk_size": 4, **options})
     logits = b.hidden_states @ b.lm_head_weight.T + b.lm_head_bias
-    with_logits = term(LossInputs(logits=logits, labels=b.labels, token_weights=b.token_weights,
-                                  num_items=b.num_items, num_sequences=b.num_sequences))
+    with_logits = term(
+        LossInputs(
+            logits=logits,
+            labels=b.labels,
+            token_weights=b.token_weights,
+            num_items=b.num_items,
+            num_sequences=b.num_sequences,
+        )
+    )
     assert calls == []
-    fused = term(LossInputs(hidden_states=b.hidden_states, lm_head_weight=b.lm_head_weight, lm_head_bias=b.lm_head_bias,
-                            labels=b.labels, token_weights=b.token_weights, num_items=b.num_items,
-                            num_sequences=b.num_sequences))
+    fused = term(
+        LossInputs(
+            hidden_states=b.hidden_states,
+            lm_head_weight=b.lm_head_weight,
+            lm_head_bias=b.lm_head_bias,
+            labels=b.labels,
+            token_weights=b.token_weights,
+            num_items=b.num_items,
+            num_sequences=b.num_sequences,
+        )
+    )
     torch.testing.assert_close(fused, with_logits)
     (call,) = calls
     assert call["hidden"] == (B, T, H) and call["labels"] == (B, T) and call["chunk_size"] == 4
@@ -351,12 +443,22 @@ def test_token_term_uses_the_fused_head_when_logits_are_absent(monkeypatch, redu
 def test_token_term_with_the_real_fused_head():
     b = full_batch()
     for reduction in ("mean", "sequence"):
-        term = build_term({"name": "token_cross_entropy", "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": reduction})
+        term = build_term(
+            {"name": "token_cross_entropy", "label_smoothing": 0.1, "z_loss": 1e-3, "reduction": reduction}
+        )
         logits = b.hidden_states @ b.lm_head_weight.T + b.lm_head_bias
         counts = {"num_items": b.num_items, "num_sequences": b.num_sequences}
         expected = term(LossInputs(logits=logits, labels=b.labels, token_weights=b.token_weights, **counts))
-        got = term(LossInputs(hidden_states=b.hidden_states, lm_head_weight=b.lm_head_weight,
-                              lm_head_bias=b.lm_head_bias, labels=b.labels, token_weights=b.token_weights, **counts))
+        got = term(
+            LossInputs(
+                hidden_states=b.hidden_states,
+                lm_head_weight=b.lm_head_weight,
+                lm_head_bias=b.lm_head_bias,
+                labels=b.labels,
+                token_weights=b.token_weights,
+                **counts,
+            )
+        )
         torch.testing.assert_close(got, expected)
         grads = torch.autograd.grad(got, [b.hidden_states, b.lm_head_weight])
         expected_grads = torch.autograd.grad(expected, [b.hidden_states, b.lm_head_weight])

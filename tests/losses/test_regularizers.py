@@ -38,7 +38,11 @@ def test_select_parameters(include, exclude, trainable_only, expected):
 @pytest.mark.parametrize("exclude", [(), ("*bias", "1.*")])
 def test_l2_matches_brute_force(reduction, exclude):
     model = tiny_model()
-    chosen = [p for n, p in model.named_parameters() if p.requires_grad and not (exclude and ("bias" in n or n.startswith("1.")))]
+    chosen = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and not (exclude and ("bias" in n or n.startswith("1.")))
+    ]
     got = l2_penalty(model, exclude=exclude, reduction=reduction)
     if reduction == "none":
         assert got.tolist() == pytest.approx([brute_half_square([p]) for p in chosen])

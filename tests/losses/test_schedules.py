@@ -25,9 +25,15 @@ from losslab.losses.schedules import (
         (ConstantSchedule(start=0.5, warmup_steps=4), {0: 0.0, 1: 0.125, 2: 0.25, 4: 0.5, 99: 0.5}),
         (ConstantSchedule(start=1.0, warmup_steps=2, warmup_start=0.5), {0: 0.5, 1: 0.75, 2: 1.0}),
         (LinearSchedule(start=0.7, end=0.1, total_steps=6), {0: 0.7, 3: 0.4, 6: 0.1, 60: 0.1}),
-        (LinearSchedule(start=0.7, end=0.1, total_steps=12, warmup_steps=2), {0: 0.0, 1: 0.35, 2: 0.7, 7: 0.4, 12: 0.1}),
+        (
+            LinearSchedule(start=0.7, end=0.1, total_steps=12, warmup_steps=2),
+            {0: 0.0, 1: 0.35, 2: 0.7, 7: 0.4, 12: 0.1},
+        ),
         (LinearSchedule(start=0.0, end=1.0, total_steps=4), {1: 0.25, 2: 0.5, 5: 1.0}),
-        (CosineSchedule(start=1.0, end=0.0, total_steps=4), {0: 1.0, 1: (1 + math.cos(math.pi / 4)) / 2, 2: 0.5, 4: 0.0, 9: 0.0}),
+        (
+            CosineSchedule(start=1.0, end=0.0, total_steps=4),
+            {0: 1.0, 1: (1 + math.cos(math.pi / 4)) / 2, 2: 0.5, 4: 0.0, 9: 0.0},
+        ),
         (CosineSchedule(start=0.7, end=0.1, total_steps=110, warmup_steps=10), {5: 0.35, 10: 0.7, 60: 0.4, 110: 0.1}),
         (StepSchedule(start=1.0, gamma=0.5, step_size=10), {0: 1.0, 9: 1.0, 10: 0.5, 25: 0.25}),
         (StepSchedule(start=1.0, gamma=0.1, milestones=(5, 8)), {4: 1.0, 5: 0.1, 7: 0.1, 8: 0.01}),
@@ -61,12 +67,24 @@ def test_build_from_config_and_total_steps_from_the_trainer():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"schedule": "exponential", "start": 1}, "unknown schedule 'exponential'; allowed: constant, linear, cosine, step"),
+        (
+            {"schedule": "exponential", "start": 1},
+            "unknown schedule 'exponential'; allowed: constant, linear, cosine, step",
+        ),
         ({"start": 1}, "unknown schedule None; allowed: constant"),
-        ({"schedule": "cosine", "start": 1, "end": 0, "total_steps": 9, "warmup": 3}, "unknown key(s) warmup; allowed: schedule, start, warmup_steps"),
-        ({"schedule": "cosine", "start": 1, "end": 0}, "cosine schedule needs total_steps (or a run length from the trainer)"),
+        (
+            {"schedule": "cosine", "start": 1, "end": 0, "total_steps": 9, "warmup": 3},
+            "unknown key(s) warmup; allowed: schedule, start, warmup_steps",
+        ),
+        (
+            {"schedule": "cosine", "start": 1, "end": 0},
+            "cosine schedule needs total_steps (or a run length from the trainer)",
+        ),
         ({"schedule": "linear", "start": 1}, "linear schedule needs end, total_steps"),
-        ({"schedule": "linear", "start": 1, "end": 0, "total_steps": 5, "warmup_steps": 5}, "total_steps must be an integer >= 6"),
+        (
+            {"schedule": "linear", "start": 1, "end": 0, "total_steps": 5, "warmup_steps": 5},
+            "total_steps must be an integer >= 6",
+        ),
         ({"schedule": "constant", "start": "high"}, "start must be a finite number"),
         ({"schedule": "constant", "start": 1, "warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
         ({"schedule": "step", "start": 1}, "give exactly one of step_size"),

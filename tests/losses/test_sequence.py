@@ -39,8 +39,12 @@ def label_batch(gen: torch.Generator):
     return logits, targets, mask, weights
 
 
-CE_OPTIONS = [{}, {"class_weights": [2.0, 0.5, 1.0, 3.0]}, {"label_smoothing": 0.2},
-              {"class_weights": [2.0, 0.5, 1.0, 3.0], "label_smoothing": 0.2}]
+CE_OPTIONS = [
+    {},
+    {"class_weights": [2.0, 0.5, 1.0, 3.0]},
+    {"label_smoothing": 0.2},
+    {"class_weights": [2.0, 0.5, 1.0, 3.0], "label_smoothing": 0.2},
+]
 
 
 @pytest.mark.parametrize("options", CE_OPTIONS, ids=["plain", "class_weights", "smoothing", "both"])
@@ -108,8 +112,12 @@ def test_focal_with_gamma_zero_is_cross_entropy(gen):
     )
 
 
-BCE_OPTIONS = [{}, {"pos_weight": [1.0, 2.0, 0.5, 3.0]}, {"label_smoothing": 0.1},
-               {"pos_weight": 2.0, "label_smoothing": 0.1}]
+BCE_OPTIONS = [
+    {},
+    {"pos_weight": [1.0, 2.0, 0.5, 3.0]},
+    {"label_smoothing": 0.1},
+    {"pos_weight": 2.0, "label_smoothing": 0.1},
+]
 
 
 @pytest.mark.parametrize("options", BCE_OPTIONS, ids=["plain", "pos_weight", "smoothing", "both"])
@@ -119,10 +127,15 @@ def test_binary_cross_entropy_matches_torch(gen, reduce_like, options, reduction
     logits, targets, mask, weights = label_batch(gen)
     eps = options.get("label_smoothing", 0.0)
     pw = options.get("pos_weight")
-    per_item = F.binary_cross_entropy_with_logits(
-        logits, targets * (1 - eps) + eps / 2,
-        pos_weight=None if pw is None else torch.as_tensor(pw, dtype=torch.float64), reduction="none",
-    ) * weights
+    per_item = (
+        F.binary_cross_entropy_with_logits(
+            logits,
+            targets * (1 - eps) + eps / 2,
+            pos_weight=None if pw is None else torch.as_tensor(pw, dtype=torch.float64),
+            reduction="none",
+        )
+        * weights
+    )
     got = binary_cross_entropy(
         logits, targets, mask=mask, weights=weights, reduction=reduction, num_items=num_items, **options
     )
@@ -147,7 +160,9 @@ def brute_binary_focal(logits, targets, gamma, alpha):
 def test_binary_focal_matches_brute_force(gen, reduce_like, gamma, alpha, reduction, num_items):
     logits, targets, mask, _ = label_batch(gen)
     per_item = brute_binary_focal(logits, targets, gamma, alpha)
-    got = binary_focal_loss(logits, targets, gamma=gamma, alpha=alpha, mask=mask, reduction=reduction, num_items=num_items)
+    got = binary_focal_loss(
+        logits, targets, gamma=gamma, alpha=alpha, mask=mask, reduction=reduction, num_items=num_items
+    )
     torch.testing.assert_close(got, reduce_like(per_item, mask, reduction, num_items))
 
 
@@ -165,8 +180,13 @@ def test_multiclass_hinge_matches_torch(gen, reduce_like, squared, margin, class
         logits[trained], targets[trained], p=2 if squared else 1, margin=margin, weight=w, reduction="none"
     )
     got = multiclass_hinge_loss(
-        logits, targets, margin=margin, squared=squared, class_weights=class_weights,
-        reduction=reduction, num_items=num_items,
+        logits,
+        targets,
+        margin=margin,
+        squared=squared,
+        class_weights=class_weights,
+        reduction=reduction,
+        num_items=num_items,
     )
     torch.testing.assert_close(got, reduce_like(per_item, trained, reduction, num_items))
 
@@ -193,9 +213,13 @@ def test_hand_worked_numbers():
     one = torch.tensor([1])
     w = [2.0, 0.5]
     ce = classification_cross_entropy(two, one, class_weights=w, label_smoothing=0.2).item()
-    assert ce == pytest.approx(0.8 * 0.5 * math.log(4 / 3) + 0.2 / 2 * (2 * math.log(4) + 0.5 * math.log(4 / 3)), rel=1e-6)
+    assert ce == pytest.approx(
+        0.8 * 0.5 * math.log(4 / 3) + 0.2 / 2 * (2 * math.log(4) + 0.5 * math.log(4 / 3)), rel=1e-6
+    )
     assert ce == pytest.approx(0.115073 + 0.291643, abs=1e-6)
-    assert focal_loss(two, one, gamma=2.0, alpha=[0.1, 0.9]).item() == pytest.approx(0.9 / 16 * math.log(4 / 3), rel=1e-6)
+    assert focal_loss(two, one, gamma=2.0, alpha=[0.1, 0.9]).item() == pytest.approx(
+        0.9 / 16 * math.log(4 / 3), rel=1e-6
+    )
     # sigmoid(0) = 1/2: BCE = ln 2, times pos_weight for a positive; focal: a_t (1 - p_t)^2 ln 2
     zero, positive = torch.tensor([[0.0]]), torch.tensor([[1.0]])
     assert binary_cross_entropy(zero, positive, pos_weight=3.0).item() == pytest.approx(3 * math.log(2), rel=1e-6)
@@ -215,13 +239,24 @@ def test_hand_worked_numbers():
     [
         (lambda: focal_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), gamma=-1.0), "gamma must be >= 0"),
         (lambda: binary_focal_loss(torch.zeros(2), torch.zeros(2), alpha=1.5), "alpha must be >= 0.0 and <= 1.0"),
-        (lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1.0]),
-         "class_weights has 1 entries but there are 3 classes"),
-        (lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2)), "integer class indices"),  # float targets
+        (
+            lambda: classification_cross_entropy(
+                torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), class_weights=[1.0]
+            ),
+            "class_weights has 1 entries but there are 3 classes",
+        ),
+        (
+            lambda: classification_cross_entropy(torch.zeros(2, 3), torch.zeros(2)),
+            "integer class indices",
+        ),  # float targets
         (lambda: huber_loss(torch.zeros(2), torch.zeros(2), delta=0.0), "delta must be > 0"),
         (lambda: mse_loss(torch.zeros(2), torch.zeros(3)), r"shapes must match: predictions \(2,\)"),
-        (lambda: multiclass_hinge_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="mean_of_means"),
-         "reduction must be one of .*'mean_of_means'"),
+        (
+            lambda: multiclass_hinge_loss(
+                torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="mean_of_means"
+            ),
+            "reduction must be one of .*'mean_of_means'",
+        ),
     ],
 )
 def test_rejects_bad_arguments(call, message):
@@ -275,8 +310,10 @@ def class_reference(name, x, y, w):
     return torch.where(keep, per_item * w, 0.0)
 
 
-@pytest.mark.parametrize("name, fn", [("cross_entropy", classification_cross_entropy), ("focal", focal_loss),
-                                      ("hinge", multiclass_hinge_loss)])
+@pytest.mark.parametrize(
+    "name, fn",
+    [("cross_entropy", classification_cross_entropy), ("focal", focal_loss), ("hinge", multiclass_hinge_loss)],
+)
 def test_nan_at_ignored_items_reaches_neither_loss_nor_gradients_class(gen, name, fn):
     logits, targets, weights = class_batch(gen)
     ignored = targets == -100
@@ -304,10 +341,19 @@ def elementwise_reference(name, x, y):
     return F.huber_loss(x, y, reduction="none")
 
 
-@pytest.mark.parametrize("name, fn", [("binary_cross_entropy", binary_cross_entropy), ("binary_focal", binary_focal_loss),
-                                      ("mse", mse_loss), ("huber", huber_loss)])
+@pytest.mark.parametrize(
+    "name, fn",
+    [
+        ("binary_cross_entropy", binary_cross_entropy),
+        ("binary_focal", binary_focal_loss),
+        ("mse", mse_loss),
+        ("huber", huber_loss),
+    ],
+)
 @pytest.mark.parametrize("per_example_mask", [False, True])
-def test_nan_in_masked_items_reaches_neither_loss_nor_gradients_elementwise(gen, reduce_like, name, fn, per_example_mask):
+def test_nan_in_masked_items_reaches_neither_loss_nor_gradients_elementwise(
+    gen, reduce_like, name, fn, per_example_mask
+):
     """docs/losses.md: a NaN in a padded item cannot leak; not into the gradients either."""
     logits, targets, mask, weights = label_batch(gen)
     mask[3] = False  # a whole example masked: its (per-example) weight may be NaN too

@@ -42,7 +42,9 @@ def split_options(options: dict, weights: torch.Tensor) -> dict:
     return kwargs
 
 
-def brute_force_token_loss(logits, labels, weights, *, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0, weighted=False):
+def brute_force_token_loss(
+    logits, labels, weights, *, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0, weighted=False
+):
     """Per-token losses from a Python loop over the formula in float64 (0 at ignored tokens)."""
     out = torch.zeros(labels.shape, dtype=torch.float64)
     for b in range(labels.shape[0]):
@@ -79,7 +81,9 @@ def test_matches_brute_force(gen, options, reduction, num_items):
     logits, labels, weights = make_batch(gen)
     per_token = brute_force_token_loss(logits, labels, weights, **options)
     expected = expected_token_reduction(per_token, labels, reduction, num_items)
-    got = token_cross_entropy(logits, labels, reduction=reduction, num_items=num_items, **split_options(options, weights))
+    got = token_cross_entropy(
+        logits, labels, reduction=reduction, num_items=num_items, **split_options(options, weights)
+    )
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -132,7 +136,9 @@ def test_float32_and_bfloat16_inputs(gen, dtype):
     loss.backward()
     assert loss.dtype == torch.float32 and low.grad.dtype == dtype and torch.isfinite(low.grad).all()
     # computed in float32 from the given values: equal to the float64 loss of the same values
-    exact = token_cross_entropy(low.detach().double(), labels, **{**options, "token_weights": weights.to(dtype).double()})
+    exact = token_cross_entropy(
+        low.detach().double(), labels, **{**options, "token_weights": weights.to(dtype).double()}
+    )
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6)
 
 
@@ -185,8 +191,12 @@ def test_token_weights_scale_the_numerator_only(gen):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"), ({"z_loss": -1.0}, "z_loss must be >= 0"),
-     ({"focal_gamma": -0.5}, "focal_gamma must be >= 0"), ({"reduction": "avg"}, "reduction must be one of .*'avg'")],
+    [
+        ({"label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\]"),
+        ({"z_loss": -1.0}, "z_loss must be >= 0"),
+        ({"focal_gamma": -0.5}, "focal_gamma must be >= 0"),
+        ({"reduction": "avg"}, "reduction must be one of .*'avg'"),
+    ],
 )
 def test_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -237,14 +247,16 @@ def test_nan_at_ignored_tokens_reaches_neither_loss_nor_gradients(gen):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"z_loss": float("nan")}, "z_loss must be >= 0 and finite; got nan"),
-     ({"z_loss": float("inf")}, "z_loss must be >= 0 and finite; got inf"),
-     ({"focal_gamma": float("nan")}, "focal_gamma must be >= 0 and finite; got nan"),
-     ({"label_smoothing": float("nan")}, r"label_smoothing must be in \[0, 1\]; got nan"),
-     ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
-     ({"num_items": torch.tensor(-5.0)}, "num_items must be a finite number >= 0"),
-     ({"num_items": float("nan")}, "num_items must be a finite number >= 0; got nan"),
-     ({"num_items": -1, "reduction": "sequence"}, "num_items must be a finite number >= 0; got -1")],
+    [
+        ({"z_loss": float("nan")}, "z_loss must be >= 0 and finite; got nan"),
+        ({"z_loss": float("inf")}, "z_loss must be >= 0 and finite; got inf"),
+        ({"focal_gamma": float("nan")}, "focal_gamma must be >= 0 and finite; got nan"),
+        ({"label_smoothing": float("nan")}, r"label_smoothing must be in \[0, 1\]; got nan"),
+        ({"num_items": -5}, "num_items must be a finite number >= 0; got -5"),
+        ({"num_items": torch.tensor(-5.0)}, "num_items must be a finite number >= 0"),
+        ({"num_items": float("nan")}, "num_items must be a finite number >= 0; got nan"),
+        ({"num_items": -1, "reduction": "sequence"}, "num_items must be a finite number >= 0; got -1"),
+    ],
 )
 def test_rejects_non_finite_options_and_negative_counts(kwargs, message):
     """NaN passes every ``<`` check, and a negative count clamped to 1 turns mean into sum."""

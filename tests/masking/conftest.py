@@ -33,17 +33,26 @@ FAMILIES = [
     Family("smollm2", None, "<|im_end|>", {}),
     Family("chatml_qwen2", "chatml_qwen2.jinja", "<|im_end|>", {}),
     Family(
-        "llama3", "llama3.jinja", "<|eot_id|>",
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-         "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]},
+        "llama3",
+        "llama3.jinja",
+        "<|eot_id|>",
+        {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+        },
     ),
     Family(
-        "gemma", "gemma.jinja", "<end_of_turn>",
+        "gemma",
+        "gemma.jinja",
+        "<end_of_turn>",
         {"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
         system=False,
     ),
     Family(
-        "mistral", "mistral.jinja", "</s>",
+        "mistral",
+        "mistral.jinja",
+        "</s>",
         {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]},
     ),
     Family("zephyr", "zephyr.jinja", "</s>", {"bos_token": "<s>", "eos_token": "</s>"}),
@@ -57,13 +66,28 @@ REASONING = Family(
 # plain special tokens, so both tokenisations of `<|end|>\n` are covered.
 _PHI_ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 PHI3 = [
-    Family("phi3", "phi3.jinja", "<|end|>", {
-        "bos_token": "<s>", "eos_token": "<|endoftext|>",
-        "additional_special_tokens": [AddedToken(t, rstrip=True, normalized=False, special=True) for t in _PHI_ROLES],
-    }),
-    Family("phi3_5", "phi3_5.jinja", "<|end|>", {
-        "bos_token": "<s>", "eos_token": "<|endoftext|>", "additional_special_tokens": _PHI_ROLES,
-    }),
+    Family(
+        "phi3",
+        "phi3.jinja",
+        "<|end|>",
+        {
+            "bos_token": "<s>",
+            "eos_token": "<|endoftext|>",
+            "additional_special_tokens": [
+                AddedToken(t, rstrip=True, normalized=False, special=True) for t in _PHI_ROLES
+            ],
+        },
+    ),
+    Family(
+        "phi3_5",
+        "phi3_5.jinja",
+        "<|end|>",
+        {
+            "bos_token": "<s>",
+            "eos_token": "<|endoftext|>",
+            "additional_special_tokens": _PHI_ROLES,
+        },
+    ),
 ]
 _TOKENIZERS: dict[str, object] = {}
 

@@ -33,7 +33,9 @@ MESSAGES = [
 
 
 def build(tokenizer, family: Family, messages, strategy: str):
-    builder = MaskBuilder(family_tokenizer(tokenizer, family), MaskConfig(template=template_of(family), strategy=strategy))
+    builder = MaskBuilder(
+        family_tokenizer(tokenizer, family), MaskConfig(template=template_of(family), strategy=strategy)
+    )
     return list(builder.iter_sequences([{"messages": messages}]))
 
 
@@ -69,8 +71,9 @@ def test_template_text_is_what_transformers_renders(tokenizer, family: Family) -
     template = ChatTemplate(tok, template_of(family))
     for messages in (MESSAGES, MESSAGES[:3], MESSAGES[1:5]):
         for prompt in (False, True):
-            expected = tok.apply_chat_template(messages, chat_template=template.source, tokenize=False,
-                                               add_generation_prompt=prompt)
+            expected = tok.apply_chat_template(
+                messages, chat_template=template.source, tokenize=False, add_generation_prompt=prompt
+            )
             assert template.render(messages, add_generation_prompt=prompt) == expected
 
 
@@ -103,8 +106,9 @@ def test_expand_trains_each_turn_to_the_end_of_its_conversation(tokenizer, famil
 def test_auto_expands_phi3(tokenizer) -> None:
     family = PHI3[0]
     template = ChatTemplate(family_tokenizer(tokenizer, family), template_of(family))
-    plan = plan_conversation(template, MESSAGES, policy=MaskPolicy.ASSISTANT, weights=[1.0] * len(MESSAGES),
-                             strategy=Strategy.AUTO)
+    plan = plan_conversation(
+        template, MESSAGES, policy=MaskPolicy.ASSISTANT, weights=[1.0] * len(MESSAGES), strategy=Strategy.AUTO
+    )
     assert plan.prefix_stable is False and plan.strategy is Strategy.EXPAND
 
 

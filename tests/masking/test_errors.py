@@ -21,8 +21,10 @@ BAD = [
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}', "messages.0.content"),
     ('{"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "x"}]}', "messages.0.content"),
     ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]}', "no assistant turn"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": -1}]}',
-     "messages.1.weight"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "weight": -1}]}',
+        "messages.1.weight",
+    ),
 ]
 
 
@@ -54,8 +56,10 @@ def test_policy_all_accepts_a_conversation_without_assistant(tokenizer) -> None:
 
 def test_template_exception_names_the_line(tmp_path: Path, tokenizer) -> None:
     gemma = next(f for f in FAMILIES if f.name == "gemma")
-    twice_user = '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, ' \
-                 '{"role": "assistant", "content": "c"}]}'
+    twice_user = (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, '
+        '{"role": "assistant", "content": "c"}]}'
+    )
     path = write_jsonl(tmp_path / "data.jsonl", GOOD, twice_user)
     builder = MaskBuilder(family_tokenizer(tokenizer, gemma), MaskConfig(template=template_of(gemma)))
     with pytest.raises(UserError, match=r"data.jsonl:2: the chat template failed.*roles must alternate"):
@@ -87,5 +91,8 @@ def test_cli_reports_the_line_and_exits_2(tmp_path: Path, capsys) -> None:
 
 def test_missing_template_file(tokenizer) -> None:
     with pytest.raises(UserError, match="chat template file not found"):
-        build_samples([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
-                      tokenizer, MaskConfig(template="no/such/template.jinja"))
+        build_samples(
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}],
+            tokenizer,
+            MaskConfig(template="no/such/template.jinja"),
+        )

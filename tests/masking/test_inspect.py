@@ -74,17 +74,23 @@ def test_jsonl_follows_the_contract(tmp_path: Path, capsys) -> None:
 
 
 def test_reasoning_template_summary_says_expand(tmp_path: Path, capsys) -> None:
-    record = {"messages": [
-        {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>easy</think>2"},
-        {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>also easy</think>4"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "1+1?"},
+            {"role": "assistant", "content": "<think>easy</think>2"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "<think>also easy</think>4"},
+        ]
+    }
     path = write_jsonl(tmp_path / "r.jsonl", json.dumps(record))
     template = str(TEMPLATES / "qwen3_reasoning.jinja")
     assert main(["inspect", str(path), "--template", template, "--format", "jsonl"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 2
-    assert "strategy: auto -> expand for 1 conversation; expand where the chat template renders a " \
-           "conversation prefix differently from the whole" in err
+    assert (
+        "strategy: auto -> expand for 1 conversation; expand where the chat template renders a "
+        "conversation prefix differently from the whole" in err
+    )
 
 
 def test_instruction_options(tmp_path: Path, capsys) -> None:
@@ -106,6 +112,8 @@ def test_a_bad_record_leaves_an_existing_out_file_untouched(tmp_path: Path, caps
     out.write_text("the previous view")
     assert main(["inspect", str(path), "--format", "html", "--out", str(out)]) == 2
     assert f"{path}:2" in capsys.readouterr().err
-    assert out.read_text() == "the previous view" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (
+        out.read_text() == "the previous view" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    )
     assert main(["inspect", str(data(tmp_path)), "--format", "html", "--out", str(out)]) == 0
     assert "samples: 2" in out.read_text(encoding="utf-8")

@@ -42,14 +42,17 @@ def reference(path: Path, tokenizer, config: MaskConfig, limit: int | None = Non
     return build_samples(path, tokenizer, config, stats=stats, limit=limit), stats
 
 
-@pytest.mark.parametrize(("strategy", "limit"), [("concat", None), ("expand", None), ("expand", 1), ("concat", 3), ("expand", 9)])
+@pytest.mark.parametrize(
+    ("strategy", "limit"), [("concat", None), ("expand", None), ("expand", 1), ("concat", 3), ("expand", 9)]
+)
 def test_same_samples_masks_and_counts_as_one_process(tmp_path, smollm2_tokenizer, strategy, limit):
     path = write_records(tmp_path / "train.jsonl")
     config = MaskConfig(on_error="skip", strategy=strategy, max_length=48)
     want, want_stats = reference(path, smollm2_tokenizer, config, limit)
     stats = BuildStats()
-    got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, stats=stats, limit=limit,
-                                 cache=tmp_path / "cache", batch_size=4)
+    got = build_samples_parallel(
+        path, smollm2_tokenizer, config, num_proc=2, stats=stats, limit=limit, cache=tmp_path / "cache", batch_size=4
+    )
     assert got == want
     assert stats.summary() == want_stats.summary()
     assert stats.skipped == want_stats.skipped  # same count and same messages (file:line), same order
@@ -81,12 +84,15 @@ def test_second_run_reuses_the_cache_and_a_changed_input_rebuilds(tmp_path, smol
 
     monkeypatch.setattr(parallel, "_encode_batch", fail)
     stats = BuildStats()
-    assert build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache",
-                                  stats=stats) == first
+    assert (
+        build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache", stats=stats)
+        == first
+    )
     assert stats.summary() == reference(path, smollm2_tokenizer, config)[1].summary()
     with pytest.raises(AssertionError, match="encoded again"):  # another mask config: another fingerprint
-        build_samples_parallel(path, smollm2_tokenizer, MaskConfig(on_error="skip", max_length=16), num_proc=1,
-                               cache=tmp_path / "cache")
+        build_samples_parallel(
+            path, smollm2_tokenizer, MaskConfig(on_error="skip", max_length=16), num_proc=1, cache=tmp_path / "cache"
+        )
     with path.open("a") as fh:  # another file content: another fingerprint
         fh.write(json.dumps(chat("new", "record")) + "\n")
     with pytest.raises(AssertionError, match="encoded again"):
@@ -99,9 +105,14 @@ def test_causal_lm_data_num_proc_gives_the_same_training_data(tmp_path, monkeypa
     from losslab.train.tasks import causal_lm
 
     monkeypatch.setattr(parallel, "prepared_dir", lambda: tmp_path / "prepared")
-    cfg = train_config(tmp_path / "run", validation=True,
-                       data={"max_length": 64, "max_train_samples": 20, "max_eval_samples": 5},
-                       loss=None, training=None, eval=None)
+    cfg = train_config(
+        tmp_path / "run",
+        validation=True,
+        data={"max_length": 64, "max_train_samples": 20, "max_eval_samples": 5},
+        loss=None,
+        training=None,
+        eval=None,
+    )
     config = TrainConfig.model_validate(cfg)
     one = causal_lm.build(config, plan_loss(config))
     cfg["data"]["num_proc"] = 2
@@ -116,7 +127,9 @@ def test_num_proc_is_refused_for_tasks_that_do_not_use_it(tmp_path):
     from losslab.train.config import TrainConfig
 
     path = tmp_path / "c.yaml"
-    path.write_text("task: sequence_classification\noutput_dir: out\ndata:\n  train: builtin:sentiment\n  num_proc: 2\n")
+    path.write_text(
+        "task: sequence_classification\noutput_dir: out\ndata:\n  train: builtin:sentiment\n  num_proc: 2\n"
+    )
     with pytest.raises(UserError, match="num_proc > 1 is for causal_lm"):
         load_config(TrainConfig, path)
 
@@ -135,8 +148,10 @@ def test_parquet_values_json_cannot_hold_are_judged_like_one_process(tmp_path, s
     stats = BuildStats()
     got = build_samples_parallel(path, smollm2_tokenizer, config, num_proc=2, cache=tmp_path / "cache", stats=stats)
     assert got == want_samples == [] and stats.summary() == want.summary()
-    assert stats.skipped.examples == [f"{path}:1: field 'created': Extra inputs are not permitted",
-                                      f"{path}:2: field 'created': Extra inputs are not permitted"]
+    assert stats.skipped.examples == [
+        f"{path}:1: field 'created': Extra inputs are not permitted",
+        f"{path}:2: field 'created': Extra inputs are not permitted",
+    ]
 
 
 def test_a_template_file_is_fingerprinted_by_its_contents_also_under_home(tmp_path, smollm2_tokenizer, monkeypatch):
@@ -157,8 +172,10 @@ def test_special_token_text_is_reported_as_by_one_process(tmp_path, smollm2_toke
     path.write_text("\n".join(json.dumps(r) for r in (chat("hi", "hello"), mention, mention)) + "\n")
     want, want_stats = reference(path, smollm2_tokenizer, MaskConfig())
     stats = BuildStats()
-    assert build_samples_parallel(path, smollm2_tokenizer, MaskConfig(), num_proc=1, stats=stats,
-                                  cache=tmp_path / "cache") == want
+    assert (
+        build_samples_parallel(path, smollm2_tokenizer, MaskConfig(), num_proc=1, stats=stats, cache=tmp_path / "cache")
+        == want
+    )
     assert stats.control == want_stats.control and stats.control.count == 2
     assert stats.summary() == want_stats.summary() and f"(first: {path}:2, '<|im_end|>')" in stats.summary()
 

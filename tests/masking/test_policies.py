@@ -14,8 +14,13 @@ ROLES = ("system", "user", "assistant", "tool")
 # (policy, role, is_last_assistant) -> trained
 TRUTH = {
     **{(MaskPolicy.ALL, r, last): True for r in ROLES for last in (False, True)},
-    **{(p, r, last): False for p in (MaskPolicy.ASSISTANT, MaskPolicy.LAST, MaskPolicy.COMPLETION)
-       for r in ROLES if r != "assistant" for last in (False, True)},
+    **{
+        (p, r, last): False
+        for p in (MaskPolicy.ASSISTANT, MaskPolicy.LAST, MaskPolicy.COMPLETION)
+        for r in ROLES
+        if r != "assistant"
+        for last in (False, True)
+    },
     (MaskPolicy.ASSISTANT, "assistant", False): True,
     (MaskPolicy.ASSISTANT, "assistant", True): True,
     (MaskPolicy.COMPLETION, "assistant", False): True,

@@ -14,10 +14,14 @@ from .conftest import FAMILIES, PHI3, REASONING, Family, family_tokenizer, templ
 
 ONE_PASS = [
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}",
-    ("{% if messages[0]['role'] == 'system' %}S{% endif %}{% for m in messages %}{% if loop.first %}F{% endif %}"
-     "{{ loop.index0 }}{{ m.content | trim | upper }}{{ m['content'].strip() }}{% endfor %}{{ eos_token }}"),
-    ("{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}"
-     "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% else %}END{% endif %}"),
+    (
+        "{% if messages[0]['role'] == 'system' %}S{% endif %}{% for m in messages %}{% if loop.first %}F{% endif %}"
+        "{{ loop.index0 }}{{ m.content | trim | upper }}{{ m['content'].strip() }}{% endfor %}{{ eos_token }}"
+    ),
+    (
+        "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}"
+        "{% endif %}{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% else %}END{% endif %}"
+    ),
 ]
 NOT_ONE_PASS = [
     "{% for m in messages %}{{ m.content }}{% if loop.last %}LAST{% endif %}{% endfor %}",  # looks at the end
@@ -88,8 +92,12 @@ def test_a_failing_render_fails_as_before(tokenizer) -> None:
     from losslab.errors import UserError
 
     template = ChatTemplate(tokenizer, ONE_PASS[2])
-    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-                {"role": "tool", "content": "t"}, {"role": "assistant", "content": "b"}]
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "tool", "content": "t"},
+        {"role": "assistant", "content": "b"},
+    ]
     with pytest.raises(UserError, match="bad role"):
         template.render_prefixes(plain_messages(messages), [1, 3])
 

@@ -33,8 +33,11 @@ message = st.fixed_dictionaries(
 )
 conversations = st.lists(message, min_size=1, max_size=7)
 # LOSSLAB_HYPOTHESIS_EXAMPLES=1000 for a longer search by hand
-SETTINGS = settings(max_examples=int(os.environ.get("LOSSLAB_HYPOTHESIS_EXAMPLES", "60")), deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("LOSSLAB_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 Reference = Callable[[list[dict]], tuple[str, list[tuple[int, int]], list[tuple[int, int]]]]
 
@@ -108,13 +111,18 @@ def check_against_reference(seqs, messages, policy: str, reference: Reference) -
 
 
 def build(tokenizer, messages, template, **config):
-    return list(MaskBuilder(tokenizer, MaskConfig(template=template, **config)).iter_sequences([{"messages": messages}]))
+    return list(
+        MaskBuilder(tokenizer, MaskConfig(template=template, **config)).iter_sequences([{"messages": messages}])
+    )
 
 
 @pytest.mark.parametrize("family_name", ["smollm2", "llama3"])
 @SETTINGS
-@given(messages=conversations, policy=st.sampled_from(["assistant", "last"]),
-       strategy=st.sampled_from(["auto", "concat", "expand"]))
+@given(
+    messages=conversations,
+    policy=st.sampled_from(["assistant", "last"]),
+    strategy=st.sampled_from(["auto", "concat", "expand"]),
+)
 def test_trained_tokens_lie_in_assistant_turns(tokenizer, family_name, messages, policy, strategy) -> None:
     family = next(f for f in FAMILIES if f.name == family_name)
     reference = chatml_reference if family_name == "smollm2" else llama3_reference

@@ -87,8 +87,9 @@ def test_the_remembered_attribute_checks_refuse_what_the_sandbox_refuses(tokeniz
     refused = 0
     for escape in ESCAPES:
         template = ChatTemplate(tokenizer, "{% for m in messages %}{{ loop.first }}{% endfor %}" + escape)
-        expected = _outcome(lambda t=template: tokenizer.apply_chat_template(messages, chat_template=t.source,
-                                                                             tokenize=False))
+        expected = _outcome(
+            lambda t=template: tokenizer.apply_chat_template(messages, chat_template=t.source, tokenize=False)
+        )
         for _ in range(3):
             assert _outcome(lambda t=template: t.render(messages)) == expected, escape
         try:
@@ -96,7 +97,9 @@ def test_the_remembered_attribute_checks_refuse_what_the_sandbox_refuses(tokeniz
         except SecurityError:
             refused += 1
     assert refused >= 4
-    allowed = ChatTemplate(tokenizer, "{% for m in messages %}{{ loop.first }}{{ m.items() | list | length }}"
-                                      "{{ m['content'].upper() }}{% endfor %}")
+    allowed = ChatTemplate(
+        tokenizer,
+        "{% for m in messages %}{{ loop.first }}{{ m.items() | list | length }}{{ m['content'].upper() }}{% endfor %}",
+    )
     for _ in range(2):
         assert allowed.render(messages) == "True2HI"

@@ -26,8 +26,7 @@ def test_tokens_overlapping_a_region_are_trained_with_its_weight() -> None:
 
 def test_default_weight_zero_width_tokens_and_weight_zero() -> None:
     offsets = [(0, 0), (0, 3), (3, 6), (6, 9), (9, 9)]
-    labels, weights = label_tokens([1, 2, 3, 4, 5], offsets, [Region(3, 6, 0.0), Region(6, 9, 2.0)],
-                                   default_weight=1.0)
+    labels, weights = label_tokens([1, 2, 3, 4, 5], offsets, [Region(3, 6, 0.0), Region(6, 9, 2.0)], default_weight=1.0)
     assert labels == [X, 2, X, 4, 5]  # (0, 0): added by a post-processor; (9, 9) ends the region
     assert weights == [0.0, 1.0, 0.0, 2.0, 2.0]
 
@@ -45,8 +44,12 @@ def test_trimmed_offsets_train_the_whitespace_tokens_of_a_reply(tokenizer) -> No
     whitespace-only token inside a reply gets zero-width offsets, and is trained all the same."""
     trimmed = copy.deepcopy(tokenizer)
     trimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    record = {"messages": [{"role": "user", "content": "q"},
-                           {"role": "assistant", "content": "def f():\n    return  1\n\n\nx =   2"}]}
+    record = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "def f():\n    return  1\n\n\nx =   2"},
+        ]
+    }
     (want,) = MaskBuilder(tokenizer).iter_sequences([record])
     (got,) = MaskBuilder(trimmed).iter_sequences([record])
     assert sum(start == end for start, end in got.offsets) >= 3 and got.offsets != want.offsets

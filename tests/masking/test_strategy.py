@@ -22,8 +22,9 @@ SYSTEM = {"role": "system", "content": "Answer with a number."}
 
 def plan(tokenizer, family, messages, strategy="auto", policy=MaskPolicy.ASSISTANT):
     template = ChatTemplate(family_tokenizer(tokenizer, family), template_of(family))
-    return plan_conversation(template, messages, policy=policy, weights=[1.0] * len(messages),
-                             strategy=Strategy(strategy))
+    return plan_conversation(
+        template, messages, policy=policy, weights=[1.0] * len(messages), strategy=Strategy(strategy)
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -62,8 +63,10 @@ def test_auto_reports_its_choice(tokenizer) -> None:
     seqs = list(MaskBuilder(tok, MaskConfig(template=template_of(REASONING))).iter_sequences(records, stats))
     assert len(seqs) == 3  # two turns expanded + one single-turn conversation
     assert stats.strategies == {"expand": 1, "concat": 1}
-    assert "strategy: auto -> concat for 1 conversation, expand for 1 conversation; expand where the chat " \
-           "template renders a conversation prefix differently from the whole" in stats.summary()
+    assert (
+        "strategy: auto -> concat for 1 conversation, expand for 1 conversation; expand where the chat "
+        "template renders a conversation prefix differently from the whole" in stats.summary()
+    )
     stats = BuildStats()
     list(MaskBuilder(tokenizer).iter_sequences([{"messages": MESSAGES}], stats))
     assert stats.summary().endswith("strategy: auto -> concat for 1 conversation")
@@ -86,7 +89,8 @@ def test_forced_concat_on_a_reasoning_template_follows_the_whole_rendering(token
     # is template text the model generates after the prompt, so it is trained with the content
     assert "<think>\n\n</think>\n\n6<|im_end|>" in sample.text
     assert [sample.text[r.start : r.end] for r in sample.regions] == [
-        "4<|im_end|>", "<think>\n\n</think>\n\n6<|im_end|>"
+        "4<|im_end|>",
+        "<think>\n\n</think>\n\n6<|im_end|>",
     ]
 
 
@@ -102,8 +106,12 @@ def test_a_turn_trains_what_the_model_generates_after_the_generation_prompt(toke
     """Everything after ``render(messages[:i], add_generation_prompt=True)`` up to the end of the
     turn, template text included: Qwen3's empty <think> block in front of a plain reply,
     Mistral's space after [/INST]; nothing of the prompt."""
-    messages = [*MESSAGES[:1], {"role": "assistant", "content": "4"}, *MESSAGES[2:3],
-                {"role": "assistant", "content": "42 apples"}]
+    messages = [
+        *MESSAGES[:1],
+        {"role": "assistant", "content": "4"},
+        *MESSAGES[2:3],
+        {"role": "assistant", "content": "42 apples"},
+    ]
     template = ChatTemplate(family_tokenizer(tokenizer, family), template_of(family))
     samples = plan(tokenizer, family, messages, strategy="expand").samples
     assert [s.turn for s in samples] == [1, 3]

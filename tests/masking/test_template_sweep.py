@@ -68,37 +68,113 @@ class Family:
 CHATML = ("<|im_start|>", "<|im_end|>")
 FAMILIES = [
     Family("llama2", "llama2.jinja", "[/INST]", " </s>", "<s>", "</s>", leads=(" ",)),
-    Family("llama3_3", "llama3_3.jinja", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
-           "<|begin_of_text|>", "<|eot_id|>",
-           ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>")),
+    Family(
+        "llama3_3",
+        "llama3_3.jinja",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"),
+    ),
     Family("mistral_v0_1", "mistral_v0_1.jinja", "[/INST]", "</s>", "<s>", "</s>", leads=(" ",)),
     Family("mistral_nemo", "mistral_nemo.jinja", "[/INST]", "</s>", "<s>", "</s>", ("[INST]", "[/INST]")),
-    Family("gemma2", "gemma2.jinja", "<start_of_turn>model\n", "<end_of_turn>", "<bos>", "<eos>",
-           ("<start_of_turn>", "<end_of_turn>"), system=False),
+    Family(
+        "gemma2",
+        "gemma2.jinja",
+        "<start_of_turn>model\n",
+        "<end_of_turn>",
+        "<bos>",
+        "<eos>",
+        ("<start_of_turn>", "<end_of_turn>"),
+        system=False,
+    ),
     Family("qwen2_5", "qwen2_5.jinja", "<|im_start|>assistant\n", "<|im_end|>", None, "<|im_end|>", CHATML),
-    Family("qwen3", "qwen3.jinja", "<|im_start|>assistant\n", "<|im_end|>", None, "<|im_end|>", CHATML,
-           plain=("<think>", "</think>"), leads=("", THINK)),
-    Family("phi3", "phi3.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
-           ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>"),
+    Family(
+        "qwen3",
+        "qwen3.jinja",
+        "<|im_start|>assistant\n",
+        "<|im_end|>",
+        None,
+        "<|im_end|>",
+        CHATML,
+        plain=("<think>", "</think>"),
+        leads=("", THINK),
+    ),
+    Family(
+        "phi3",
+        "phi3.jinja",
+        "<|assistant|>\n",
+        "<|end|>",
+        "<s>",
+        "<|endoftext|>",
+        ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+        end_of_text="<|end|>\n<|endoftext|>",
+    ),
     # the same, with control tokens that swallow the newline after them (added tokens with rstrip)
-    Family("phi3_rstrip", "phi3.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
-           ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>", rstrip=True),
-    Family("phi3_5", "phi3_5.jinja", "<|assistant|>\n", "<|end|>", "<s>", "<|endoftext|>",
-           ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"), end_of_text="<|end|>\n<|endoftext|>"),
-    Family("phi4", "phi4.jinja", "<|im_start|>assistant<|im_sep|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>",
-           (*CHATML, "<|im_sep|>")),
-    Family("deepseek_coder", "deepseek_coder.jinja", "### Response:\n", "\n<|EOT|>", "<｜begin▁of▁sentence｜>",
-           "<|EOT|>"),
-    Family("command_r", "command_r.jinja", "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
-           "<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>",
-           ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>")),
-    Family("granite3_3", "granite3_3.jinja", "<|start_of_role|>assistant<|end_of_role|>", "<|end_of_text|>",
-           "<|end_of_text|>", "<|end_of_text|>", ("<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>")),
+    Family(
+        "phi3_rstrip",
+        "phi3.jinja",
+        "<|assistant|>\n",
+        "<|end|>",
+        "<s>",
+        "<|endoftext|>",
+        ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+        end_of_text="<|end|>\n<|endoftext|>",
+        rstrip=True,
+    ),
+    Family(
+        "phi3_5",
+        "phi3_5.jinja",
+        "<|assistant|>\n",
+        "<|end|>",
+        "<s>",
+        "<|endoftext|>",
+        ("<|user|>", "<|assistant|>", "<|system|>", "<|end|>"),
+        end_of_text="<|end|>\n<|endoftext|>",
+    ),
+    Family(
+        "phi4",
+        "phi4.jinja",
+        "<|im_start|>assistant<|im_sep|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_end|>",
+        (*CHATML, "<|im_sep|>"),
+    ),
+    Family(
+        "deepseek_coder", "deepseek_coder.jinja", "### Response:\n", "\n<|EOT|>", "<｜begin▁of▁sentence｜>", "<|EOT|>"
+    ),
+    Family(
+        "command_r",
+        "command_r.jinja",
+        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>",
+        "<|END_OF_TURN_TOKEN|>",
+        "<BOS_TOKEN>",
+        "<|END_OF_TURN_TOKEN|>",
+        ("<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>"),
+    ),
+    Family(
+        "granite3_3",
+        "granite3_3.jinja",
+        "<|start_of_role|>assistant<|end_of_role|>",
+        "<|end_of_text|>",
+        "<|end_of_text|>",
+        "<|end_of_text|>",
+        ("<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"),
+    ),
     Family("olmo2", "olmo2.jinja", "<|assistant|>\n", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"),
     Family("smollm2", None, "<|im_start|>assistant\n", "<|im_end|>", "<|im_start|>", "<|im_end|>", CHATML),
     Family("yi1_5", "yi1_5.jinja", "<|im_start|>assistant\n", "<|im_end|>", "<|startoftext|>", "<|im_end|>", CHATML),
-    Family("openchat3_5", "openchat3_5.jinja", "GPT4 Correct Assistant:", "<|end_of_turn|>", "<s>",
-           "<|end_of_turn|>", leads=(" ",)),
+    Family(
+        "openchat3_5",
+        "openchat3_5.jinja",
+        "GPT4 Correct Assistant:",
+        "<|end_of_turn|>",
+        "<s>",
+        "<|end_of_turn|>",
+        leads=(" ",),
+    ),
     Family("internlm2", "internlm2.jinja", "<|im_start|>assistant\n", "<|im_end|>", "<s>", "</s>", CHATML),
 ]
 
@@ -170,8 +246,9 @@ def render(tok: Any, family: Family, messages: Sequence[dict[str, str]]) -> str:
     return text
 
 
-def expected_regions(family: Family, text: str, messages: Sequence[dict[str, str]],
-                     trained: set[int]) -> list[tuple[int, int]]:
+def expected_regions(
+    family: Family, text: str, messages: Sequence[dict[str, str]], trained: set[int]
+) -> list[tuple[int, int]]:
     """Character regions [start, end) trained in ``text`` (the render of ``messages``)."""
     regions = []
     cursor = 0
@@ -187,8 +264,9 @@ def expected_regions(family: Family, text: str, messages: Sequence[dict[str, str
         assert text[start:at] in family.leads, f"{family.name}: unexpected {text[start:at]!r} before the reply"
         body_end = at + len(m["content"])
         closing = family.final if i == last and i == len(messages) - 1 else family.end_of_turn
-        assert text.startswith(closing, body_end), \
-            f"{family.name}: {closing!r} expected after assistant message {i}, got {text[body_end:body_end + 30]!r}"
+        assert text.startswith(closing, body_end), (
+            f"{family.name}: {closing!r} expected after assistant message {i}, got {text[body_end : body_end + 30]!r}"
+        )
         end = body_end + len(closing)
         if i in trained:
             regions.append((start, end))
@@ -196,8 +274,9 @@ def expected_regions(family: Family, text: str, messages: Sequence[dict[str, str
     return regions
 
 
-def expected_labels(ids: Sequence[int], offsets: Sequence[tuple[int, int]],
-                    regions: Sequence[tuple[int, int]]) -> list[int]:
+def expected_labels(
+    ids: Sequence[int], offsets: Sequence[tuple[int, int]], regions: Sequence[tuple[int, int]]
+) -> list[int]:
     labels = []
     for k, (tok_id, (a, b)) in enumerate(zip(ids, offsets)):
         covered = range(a, b) if b > a else range(b - 1, b)  # a zero-width token stands for the char before
@@ -213,19 +292,21 @@ def describe(tok: Any, seq: MaskedSequence, expected: list[int]) -> str:
         if got != want:
             a, b = seq.offsets[k]
             what = "trained, should not be" if want == IGNORE_INDEX else "not trained, should be"
-            rows.append(f"  token {k} {seq.text[a:b]!r} (id {seq.input_ids[k]}): {what}; "
-                        f"context {seq.text[max(0, a - 25):b + 25]!r}")
+            rows.append(
+                f"  token {k} {seq.text[a:b]!r} (id {seq.input_ids[k]}): {what}; "
+                f"context {seq.text[max(0, a - 25) : b + 25]!r}"
+            )
     return "\n".join(rows)
 
 
-def check(tok: Any, family: Family, seq: MaskedSequence, messages: Sequence[dict[str, str]],
-          trained: set[int]) -> None:
+def check(tok: Any, family: Family, seq: MaskedSequence, messages: Sequence[dict[str, str]], trained: set[int]) -> None:
     text = render(tok, family, messages)
     assert seq.text == text, f"{family.name}: losslab's text differs from apply_chat_template's"
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     assert seq.input_ids == enc["input_ids"], f"{family.name}: tokens differ from tokenising the text alone"
-    expected = expected_labels(enc["input_ids"], enc["offset_mapping"], expected_regions(family, text, messages,
-                                                                                         trained))
+    expected = expected_labels(
+        enc["input_ids"], enc["offset_mapping"], expected_regions(family, text, messages, trained)
+    )
     assert seq.labels == expected, f"{family.name}: mask differs from the expected one:\n{describe(tok, seq, expected)}"
     assert seq.weights == [0.0 if label == IGNORE_INDEX else 1.0 for label in seq.labels]
     # the same in words: no header / role token of this family is ever trained

@@ -178,7 +178,9 @@ def test_weights_multiply_role_and_message_weights(tokenizer) -> None:
         {"role": "user", "content": "c"},
         {"role": "assistant", "content": "third"},
     ]
-    (seq,) = MaskBuilder(tokenizer, MaskConfig(role_weights={"assistant": 2.0})).iter_sequences([{"messages": messages}])
+    (seq,) = MaskBuilder(tokenizer, MaskConfig(role_weights={"assistant": 2.0})).iter_sequences(
+        [{"messages": messages}]
+    )
     by_weight: dict[float, str] = {}
     for (start, end), w in zip(seq.offsets, seq.weights):
         if w:
@@ -214,15 +216,21 @@ def test_special_token_text_in_a_message_is_counted_and_reported(tokenizer) -> N
     """A reply that mentions <|im_end|> holds that special token, trained mid-reply. The tokens
     stay as the text says; the records are counted and the first one is named."""
     plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    mention = {"messages": [{"role": "user", "content": "How do turns end?"},
-                            {"role": "assistant", "content": "With <|im_end|>, then <|im_start|>."}]}
+    mention = {
+        "messages": [
+            {"role": "user", "content": "How do turns end?"},
+            {"role": "assistant", "content": "With <|im_end|>, then <|im_start|>."},
+        ]
+    }
     stats = BuildStats()
     _, seq, _ = MaskBuilder(tokenizer).iter_sequences([plain, mention, mention], stats)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert [t for t, lab in zip(seq.input_ids, seq.labels) if lab != IGNORE_INDEX].count(im_end) == 2
     assert stats.control.count == 2
-    assert stats.summary().endswith("; warning: 2 records with a special token's text in a message, tokenised as "
-                                    "that token (first: <records>:2, '<|im_end|>')")
+    assert stats.summary().endswith(
+        "; warning: 2 records with a special token's text in a message, tokenised as "
+        "that token (first: <records>:2, '<|im_end|>')"
+    )
     stats = BuildStats()  # the template's own control tokens, and the EOS after an Alpaca response, are not counted
     list(MaskBuilder(tokenizer).iter_sequences([plain], stats))
     alpaca = MaskBuilder(tokenizer, MaskConfig(prompt_style="alpaca"))

@@ -70,7 +70,11 @@ CONFIG_CASES: list[tuple[str, str, int | None]] = [
     ("loss:\n  terms: [{name: focal, weight: .nan}]\n", "loss.terms.0", 7),
     ("loss:\n  terms: [{name: focal, weight: {schedule: exponential, start: 0, end: 1}}]\n", "loss.terms.0", 7),
     ("loss:\n  terms: [{name: focal, weight: {schedule: cosine, start: 0}}]\n", "loss.terms.0", 7),
-    ("loss:\n  terms: [{name: focal, weight: {schedule: linear, start: 0, end: 1, warmup_steps: -3}}]\n", "loss.terms.0", 7),
+    (
+        "loss:\n  terms: [{name: focal, weight: {schedule: linear, start: 0, end: 1, warmup_steps: -3}}]\n",
+        "loss.terms.0",
+        7,
+    ),
     ("data.train", "data.train", 5),  # data file that does not exist (see _config)
     ("data:\n  max_length: 4\n", "data.max_length", 5),
     ("data:\n  max_length: 100000000000000000000000\n", "data.max_length", 5),
@@ -84,11 +88,12 @@ CONFIG_CASES: list[tuple[str, str, int | None]] = [
 ]
 
 
-
-
-@pytest.mark.parametrize(("change", "field", "line"), CONFIG_CASES, ids=[c[1] + f"-{i}" for i, c in enumerate(CONFIG_CASES)])
-def test_bad_train_config_exits_2_naming_file_line_field(tmp_path: Path, capsys, no_model, change: str, field: str,
-                                                          line: int | None) -> None:
+@pytest.mark.parametrize(
+    ("change", "field", "line"), CONFIG_CASES, ids=[c[1] + f"-{i}" for i, c in enumerate(CONFIG_CASES)]
+)
+def test_bad_train_config_exits_2_naming_file_line_field(
+    tmp_path: Path, capsys, no_model, change: str, field: str, line: int | None
+) -> None:
     path = config_file(tmp_path, change)
     code, err = run_cli(["train", str(path)], capsys)
     assert code == 2, err
@@ -116,14 +121,17 @@ def test_set_override_errors_name_the_field(tmp_path: Path, capsys, no_model) ->
     assert code == 2 and "KEY=VALUE" in err
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (b"task: causal_lm\n\xff\n", r"cfg.yaml:2: not UTF-8"),
-    (b"task: [causal_lm\n", r"cfg.yaml:2: invalid YAML"),
-    (b"- a list\n", r"cfg.yaml: a config must be a YAML mapping"),
-    (b"", r"cfg.yaml: a config must be a YAML mapping"),
-    (b"seed: !!python/object/apply:os.system [echo]\n", r"cfg.yaml:1: invalid YAML"),
-    (b"data:\n  train: a\n  train: b\n", r"cfg.yaml:3: field 'data.train': key given twice \(also on line 2\)"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"task: causal_lm\n\xff\n", r"cfg.yaml:2: not UTF-8"),
+        (b"task: [causal_lm\n", r"cfg.yaml:2: invalid YAML"),
+        (b"- a list\n", r"cfg.yaml: a config must be a YAML mapping"),
+        (b"", r"cfg.yaml: a config must be a YAML mapping"),
+        (b"seed: !!python/object/apply:os.system [echo]\n", r"cfg.yaml:1: invalid YAML"),
+        (b"data:\n  train: a\n  train: b\n", r"cfg.yaml:3: field 'data.train': key given twice \(also on line 2\)"),
+    ],
+)
 def test_unreadable_config(tmp_path: Path, capsys, text: bytes, expected: str) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_bytes(text)
@@ -139,10 +147,18 @@ CHAT_LINE = json.dumps(CHAT)
 TASK_DATA: dict[str, tuple[str, list[str]]] = {
     "causal_lm": ("", [CHAT_LINE, CHAT_LINE]),
     "sequence_classification": ("", [json.dumps({"text": "a", "label": "x"}), json.dumps({"text": "b", "label": "y"})]),
-    "token_classification": ("", [json.dumps({"tokens": ["Ann"], "tags": ["B-PER"]}), json.dumps({"tokens": ["x"], "tags": ["O"]})]),
+    "token_classification": (
+        "",
+        [json.dumps({"tokens": ["Ann"], "tags": ["B-PER"]}), json.dumps({"tokens": ["x"], "tags": ["O"]})],
+    ),
     "reward_model": ("", [json.dumps(GOOD["preference"]), json.dumps(GOOD["preference"])]),
-    "embedding": ("", [CHAT_LINE, json.dumps({"messages": [{"role": "user", "content": "q"},
-                                                           {"role": "assistant", "content": "r"}]})]),
+    "embedding": (
+        "",
+        [
+            CHAT_LINE,
+            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}),
+        ],
+    ),
 }
 # (task, split with the bad record, bad line, extra config, what the message names)
 DATA_CASES: list[tuple[str, str, str, str, str]] = [
@@ -150,7 +166,13 @@ DATA_CASES: list[tuple[str, str, str, str, str]] = [
     ("causal_lm", "train", '{"messages": [{"role": "user", "content": "x"}]}', "", "no assistant turn"),
     ("causal_lm", "train", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "", "'messages.0.content'"),
     ("causal_lm", "validation", '{"messages": [', "", "invalid JSON"),
-    ("causal_lm", "train", '{"instruction": "x", "output": "y"}', "", "'instruction'"),  # an instruction record in a chat file
+    (
+        "causal_lm",
+        "train",
+        '{"instruction": "x", "output": "y"}',
+        "",
+        "'instruction'",
+    ),  # an instruction record in a chat file
     ("sequence_classification", "train", '{"text": "a", "label": 1.5}', "", "'label'"),
     ("sequence_classification", "validation", '{"text": "c", "label": "z"}', "", "unknown label 'z'"),
     ("sequence_classification", "train", '{"text": "c", "label": "z"}', "  label_names: [x, y]\n", "unknown label 'z'"),
@@ -158,8 +180,20 @@ DATA_CASES: list[tuple[str, str, str, str, str]] = [
     ("sequence_classification", "train", '{"text": "c", "label": NaN}', "", "NaN"),
     ("sequence_classification", "train", '{"txt": "c", "label": "x"}', "", "'txt'"),
     ("token_classification", "train", '{"tokens": ["a", "b"], "tags": ["O"]}', "", "1 tags for 2 tokens"),
-    ("token_classification", "validation", '{"tokens": ["a"], "tags": ["B-LOC"]}', "", "field 'tags': unknown label 'B-LOC'"),
-    ("token_classification", "train", '{"tokens": ["a"], "tags": ["I-PER"]}', "  label_names: [O, B-PER]\n", "unknown label 'I-PER'"),
+    (
+        "token_classification",
+        "validation",
+        '{"tokens": ["a"], "tags": ["B-LOC"]}',
+        "",
+        "field 'tags': unknown label 'B-LOC'",
+    ),
+    (
+        "token_classification",
+        "train",
+        '{"tokens": ["a"], "tags": ["I-PER"]}',
+        "  label_names: [O, B-PER]\n",
+        "unknown label 'I-PER'",
+    ),
     ("token_classification", "train", '{"tokens": [], "tags": []}', "", "'tokens'"),
     ("reward_model", "train", '{"prompt": "p", "chosen": "a", "rejected": "a"}', "", "'rejected'"),
     ("reward_model", "train", '{"prompt": [], "chosen": "a", "rejected": "b"}', "", "'prompt'"),
@@ -181,18 +215,29 @@ def _task_config(tmp_path: Path, task: str, split: str, bad: str | None, extra: 
         files[name].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     model = "builtin:minilm-l6" if task == "embedding" else "builtin:tiny-llama"
     path = tmp_path / "cfg.yaml"
-    config = train_config(tmp_path / "out", task=task, model=model, loss=None,  # the task's default loss
-                          data={**{k: str(v) for k, v in files.items()}, "on_error": on_error, "max_length": 64,
-                                "max_train_samples": None},
-                          training={"max_steps": 1, "batch_size": 2, "lr": None})
+    config = train_config(
+        tmp_path / "out",
+        task=task,
+        model=model,
+        loss=None,  # the task's default loss
+        data={
+            **{k: str(v) for k, v in files.items()},
+            "on_error": on_error,
+            "max_length": 64,
+            "max_train_samples": None,
+        },
+        training={"max_steps": 1, "batch_size": 2, "lr": None},
+    )
     path.write_text(yaml.safe_dump(config).replace("data:\n", "data:\n" + extra), encoding="utf-8")
     return path
 
 
-@pytest.mark.parametrize(("task", "split", "bad", "extra", "expected"), DATA_CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(DATA_CASES)])
-def test_bad_data_exits_2_before_the_model_loads(tmp_path: Path, capsys, no_model, task: str, split: str, bad: str,
-                                                  extra: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "split", "bad", "extra", "expected"), DATA_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(DATA_CASES)]
+)
+def test_bad_data_exits_2_before_the_model_loads(
+    tmp_path: Path, capsys, no_model, task: str, split: str, bad: str, extra: str, expected: str
+) -> None:
     path = _task_config(tmp_path, task, split, bad, extra)
     code, err = run_cli(["train", str(path)], capsys)
     assert code == 2, err
@@ -207,8 +252,12 @@ def test_good_data_reaches_the_model(tmp_path: Path, capsys, no_model, task: str
 
 
 def test_skipped_records_are_counted_and_listed_in_summary_json(tmp_path: Path, capsys) -> None:
-    bad = [('{"text": "c", "label": NaN}', "invalid JSON (NaN"), ('{"text": 1, "label": "x"}', "field 'text'"),
-           ('{"text": "c\\ud800", "label": "x"}', "field 'text': not valid Unicode"), ("{oops", "invalid JSON")]
+    bad = [
+        ('{"text": "c", "label": NaN}', "invalid JSON (NaN"),
+        ('{"text": 1, "label": "x"}', "field 'text'"),
+        ('{"text": "c\\ud800", "label": "x"}', "field 'text': not valid Unicode"),
+        ("{oops", "invalid JSON"),
+    ]
     path = _task_config(tmp_path, "sequence_classification", "train", None, "", on_error="skip")
     train = tmp_path / "train.jsonl"
     good = train.read_text(encoding="utf-8").splitlines()
@@ -239,13 +288,38 @@ def test_causal_lm_reports_skipped_and_dropped_before_its_model(tmp_path: Path, 
 
 # ---- fuzzing configs ----------------------------------------------------------------------------
 
-CONFIG_PATHS = ["seed", "task", "model", "dtype", "training.lr", "training.batch_size", "training.warmup", "training.epochs",
-                "training.max_steps", "training.scheduler", "training.grad_accum", "data.max_length", "data.on_error",
-                "data.mask", "data.role_weights", "loss.terms", "loss.terms.0.weight", "loss.terms.0.name",
-                "eval.splits", "embedding.recall_at", "training.nope", "nope"]
-ODD_VALUES = st.one_of(JSON_VALUES, st.sampled_from([math.nan, math.inf, -math.inf, -1, 0, 0.5, 1.5, 2**40, "", "\x00", "1e-3"]),
-                       st.fixed_dictionaries({"schedule": st.sampled_from(["cosine", "step", "bogus"]),
-                                              "start": JSON_SCALARS}, optional={"end": JSON_SCALARS}))
+CONFIG_PATHS = [
+    "seed",
+    "task",
+    "model",
+    "dtype",
+    "training.lr",
+    "training.batch_size",
+    "training.warmup",
+    "training.epochs",
+    "training.max_steps",
+    "training.scheduler",
+    "training.grad_accum",
+    "data.max_length",
+    "data.on_error",
+    "data.mask",
+    "data.role_weights",
+    "loss.terms",
+    "loss.terms.0.weight",
+    "loss.terms.0.name",
+    "eval.splits",
+    "embedding.recall_at",
+    "training.nope",
+    "nope",
+]
+ODD_VALUES = st.one_of(
+    JSON_VALUES,
+    st.sampled_from([math.nan, math.inf, -math.inf, -1, 0, 0.5, 1.5, 2**40, "", "\x00", "1e-3"]),
+    st.fixed_dictionaries(
+        {"schedule": st.sampled_from(["cosine", "step", "bogus"]), "start": JSON_SCALARS},
+        optional={"end": JSON_SCALARS},
+    ),
+)
 
 
 @FUZZ
@@ -253,8 +327,13 @@ ODD_VALUES = st.one_of(JSON_VALUES, st.sampled_from([math.nan, math.inf, -math.i
 def test_fuzz_train_config_is_valid_or_a_user_error(changes: dict[str, Any]) -> None:
     from losslab.compare.config import set_dotted
 
-    data = {"task": "sequence_classification", "model": "builtin:tiny-llama", "output_dir": "out", "data": {"train": "t.jsonl"},
-            "loss": {"terms": [{"name": "cross_entropy", "weight": 1.0}]}}
+    data = {
+        "task": "sequence_classification",
+        "model": "builtin:tiny-llama",
+        "output_dir": "out",
+        "data": {"train": "t.jsonl"},
+        "loss": {"terms": [{"name": "cross_entropy", "weight": 1.0}]},
+    }
     try:
         set_dotted(data, changes)
         config = validate(TrainConfig, data, source="cfg.yaml")
@@ -268,7 +347,6 @@ def test_fuzz_train_config_is_valid_or_a_user_error(changes: dict[str, Any]) -> 
     assert 0 <= config.seed < 2**32 and config.data.max_length <= 1 << 24
 
 
-
 # ---- the real command, as a user runs it ---------------------------------------------------------
 
 
@@ -280,8 +358,9 @@ def test_losslab_train_subprocess_exits_2_without_traceback(tmp_path: Path, case
     else:
         path = config_file(tmp_path, "training:\n  warmup: 1.5\n")
         expected = f"{path}:7: field 'training.warmup'"
-    done = subprocess.run([sys.executable, "-m", "losslab.cli", "train", str(path)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "losslab.cli", "train", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and expected in done.stderr, done.stderr
     assert not (tmp_path / "out" / "model").exists()

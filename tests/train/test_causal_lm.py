@@ -25,10 +25,17 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def tiny_config(tmp_path: Path, **training) -> dict:
-    terms = [{"name": "token_cross_entropy", "label_smoothing": 0.05},
-             {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]
-    return train_config(tmp_path / "run", validation=True, data={"max_length": 64, "max_eval_samples": 6},
-                        loss={"terms": terms}, training=training)
+    terms = [
+        {"name": "token_cross_entropy", "label_smoothing": 0.05},
+        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}},
+    ]
+    return train_config(
+        tmp_path / "run",
+        validation=True,
+        data={"max_length": 64, "max_eval_samples": 6},
+        loss={"terms": terms},
+        training=training,
+    )
 
 
 def rows(path: Path) -> list[dict]:
@@ -86,22 +93,29 @@ def test_semantic_terms_get_the_last_hidden_states(tmp_path: Path) -> None:
     from losslab.train.trainer import LosslabTrainer
 
     cfg = tiny_config(tmp_path, max_steps=1)
-    for terms in ([{"name": "token_cross_entropy"}, {"name": "semantic_alignment", "weight": 0.5}],
-                  [{"name": "token_cross_entropy"}, {"name": "consistency", "weight": 0.3},
-                   {"name": "semantic_alignment", "weight": 0.2}]):
+    for terms in (
+        [{"name": "token_cross_entropy"}, {"name": "semantic_alignment", "weight": 0.5}],
+        [
+            {"name": "token_cross_entropy"},
+            {"name": "consistency", "weight": 0.3},
+            {"name": "semantic_alignment", "weight": 0.2},
+        ],
+    ):
         cfg["loss"]["terms"] = terms
         config = TrainConfig.model_validate(cfg)
         plan = plan_loss(config)
         run = build(config, plan)
         loss_func = loss_adapter(run, plan)
         assert run.forward.hidden_states
-        trainer = LosslabTrainer(model=run.model, args=TrainingArguments(output_dir=str(tmp_path / "trainer")),
-                                 loss_func=loss_func)
+        trainer = LosslabTrainer(
+            model=run.model, args=TrainingArguments(output_dir=str(tmp_path / "trainer")), loss_func=loss_func
+        )
         batch = run.collator(run.train[:3])
         total = trainer.compute_loss(run.model, dict(batch))
         with torch.no_grad():
-            hidden = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               output_hidden_states=True).hidden_states[-1][:, :-1]
+            hidden = run.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+            ).hidden_states[-1][:, :-1]
         labels = batch["labels"][:, 1:]
         trained = labels != -100
         context = batch["attention_mask"][:, 1:].bool() & ~trained
@@ -120,6 +134,7 @@ def test_eval_mask_fixes_the_evaluated_tokens(tmp_path: Path) -> None:
         return [s["labels"] for s in run.validation]
 
     cfg = tiny_config(tmp_path, max_steps=1)
+
     def built(cfg):
         config = TrainConfig.model_validate(cfg)
         return build(config, plan_loss(config))
@@ -162,8 +177,13 @@ def _cli(config: Path, command: str = "train") -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = config.with_suffix(f".{time.monotonic_ns()}.log")
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", command, str(config)], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "losslab.cli", command, str(config)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     return proc, log
 
 
@@ -207,7 +227,9 @@ def test_interruptions_then_rerun_resume_to_the_same_metrics(tmp_path: Path) -> 
     assert [r["step"] for r in logged["killed"]] == [r["step"] for r in logged["straight"]] == list(range(1, 7))
     assert [r["loss"] for r in logged["killed"]] == pytest.approx([r["loss"] for r in logged["straight"]], rel=1e-6)
     # the closing train_loss row: the mean over every step of the run, not over the steps since the restart
-    closing = {run: [r for r in rows(tmp_path / run / "log.jsonl") if "train_loss" in r][-1] for run in ("straight", "killed")}
+    closing = {
+        run: [r for r in rows(tmp_path / run / "log.jsonl") if "train_loss" in r][-1] for run in ("straight", "killed")
+    }
     assert closing["killed"]["step"] == closing["straight"]["step"] == 6
     assert closing["killed"]["train_loss"] == pytest.approx(closing["straight"]["train_loss"], rel=1e-6)
 
@@ -235,9 +257,13 @@ def test_many_sigkills_at_random_points_then_rerun_give_the_same_metrics(tmp_pat
             proc, _ = _cli(config)
             launched = time.time()
             if i == 1:  # aim at a checkpoint save: a folder this process made, not yet marked complete
+
                 def saving() -> bool:
-                    return any(p.stat().st_mtime >= launched and not (p / COMPLETE_MARKER).is_file()
-                               for p in out.glob("checkpoint-*"))
+                    return any(
+                        p.stat().st_mtime >= launched and not (p / COMPLETE_MARKER).is_file()
+                        for p in out.glob("checkpoint-*")
+                    )
+
                 try:
                     wait_for(saving, proc, timeout=duration * 3, poll=0.002)
                 except AssertionError:
@@ -253,8 +279,10 @@ def test_many_sigkills_at_random_points_then_rerun_give_the_same_metrics(tmp_pat
         assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
         got = json.loads((out / "metrics.json").read_text())
         identical += got == pytest.approx(expected, rel=1e-6)
-    print(f"\nkill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
-          f"{identical}/{series} reruns with identical metrics")
+    print(
+        f"\nkill figures: {kills} SIGKILLs in {series} series, {during_save} left an incomplete checkpoint, "
+        f"{identical}/{series} reruns with identical metrics"
+    )
     assert identical == series
 
 

@@ -12,8 +12,12 @@ from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.run import check_best_model_metric, train, training_arguments
 
-BASE = {"task": "causal_lm", "model": "builtin:tiny-llama", "output_dir": ".",
-        "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot"}}
+BASE = {
+    "task": "causal_lm",
+    "model": "builtin:tiny-llama",
+    "output_dir": ".",
+    "data": {"train": "builtin:chatterbot", "validation": "builtin:chatterbot"},
+}
 
 
 def config(**sections) -> TrainConfig:
@@ -23,17 +27,29 @@ def config(**sections) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
-@pytest.mark.parametrize(("sections", "message"), [
-    ({"data": {"packing": True}, "loss": {"terms": [{"name": "token_cross_entropy", "reduction": "sequence"}]}},
-     r"loss.terms.0 \(token_cross_entropy, reduction sequence\) works on whole samples"),
-    ({"data": {"packing": True}, "loss": {"terms": [{"name": "token_cross_entropy"}, {"name": "semantic_alignment"}]}},
-     r"loss.terms.1 \(semantic_alignment\) works on whole samples"),
-    ({"training": {"metric_for_best_model": "accuracy"}}, "'accuracy' is not measured during training"),
-    ({"data": {"validation": None}, "training": {"early_stopping_patience": 2}}, "needs validation data"),
-    ({"training": {"early_stopping_patience": 2, "save_steps": 4}}, "needs training.eval_steps"),
-    ({"training": {"early_stopping_patience": 2, "save_steps": 5, "eval_steps": 2}},
-     r"save_steps \(5\) must be a multiple of training.eval_steps \(2\)"),
-])
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {"data": {"packing": True}, "loss": {"terms": [{"name": "token_cross_entropy", "reduction": "sequence"}]}},
+            r"loss.terms.0 \(token_cross_entropy, reduction sequence\) works on whole samples",
+        ),
+        (
+            {
+                "data": {"packing": True},
+                "loss": {"terms": [{"name": "token_cross_entropy"}, {"name": "semantic_alignment"}]},
+            },
+            r"loss.terms.1 \(semantic_alignment\) works on whole samples",
+        ),
+        ({"training": {"metric_for_best_model": "accuracy"}}, "'accuracy' is not measured during training"),
+        ({"data": {"validation": None}, "training": {"early_stopping_patience": 2}}, "needs validation data"),
+        ({"training": {"early_stopping_patience": 2, "save_steps": 4}}, "needs training.eval_steps"),
+        (
+            {"training": {"early_stopping_patience": 2, "save_steps": 5, "eval_steps": 2}},
+            r"save_steps \(5\) must be a multiple of training.eval_steps \(2\)",
+        ),
+    ],
+)
 def test_settings_that_do_not_go_together_are_refused(sections: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         config(**sections)
@@ -41,16 +57,30 @@ def test_settings_that_do_not_go_together_are_refused(sections: dict, message: s
 
 def test_settings_that_go_together_are_accepted() -> None:
     config(data={"packing": True}, loss={"terms": [{"name": "token_cross_entropy"}, {"name": "consistency"}]})
-    config(training={"early_stopping_patience": 2, "save_steps": 4, "eval_steps": 2,
-                     "metric_for_best_model": "eval_loss/token_cross_entropy"})
+    config(
+        training={
+            "early_stopping_patience": 2,
+            "save_steps": 4,
+            "eval_steps": 2,
+            "metric_for_best_model": "eval_loss/token_cross_entropy",
+        }
+    )
     config(training={"metric_for_best_model": "loss"})
 
 
 def test_a_constant_schedule_with_warmup_warms_up() -> None:
     """The Trainer's `constant` schedule ignores warmup steps; losslab asks for constant_with_warmup."""
-    assert training_arguments(config(training={"scheduler": "constant", "warmup": 3}), has_eval=False).lr_scheduler_type == "constant_with_warmup"
-    assert training_arguments(config(training={"scheduler": "constant"}), has_eval=False).lr_scheduler_type == "constant"
-    assert training_arguments(config(training={"scheduler": "cosine", "warmup": 3}), has_eval=False).lr_scheduler_type == "cosine"
+    assert (
+        training_arguments(config(training={"scheduler": "constant", "warmup": 3}), has_eval=False).lr_scheduler_type
+        == "constant_with_warmup"
+    )
+    assert (
+        training_arguments(config(training={"scheduler": "constant"}), has_eval=False).lr_scheduler_type == "constant"
+    )
+    assert (
+        training_arguments(config(training={"scheduler": "cosine", "warmup": 3}), has_eval=False).lr_scheduler_type
+        == "cosine"
+    )
 
 
 def test_best_model_metric_must_name_a_term_of_the_run() -> None:
@@ -75,9 +105,16 @@ def test_a_causal_lm_term_it_cannot_feed_fails_before_data_and_model_load(monkey
         train(config(loss={"terms": [{"name": "bradley_terry"}]}))
 
 
-@pytest.mark.parametrize(("task", "term"), [("causal_lm", "bradley_terry"), ("sequence_classification", "bradley_terry"),
-                                            ("token_classification", "info_nce"), ("reward_model", "consistency"),
-                                            ("embedding", "bradley_terry")])
+@pytest.mark.parametrize(
+    ("task", "term"),
+    [
+        ("causal_lm", "bradley_terry"),
+        ("sequence_classification", "bradley_terry"),
+        ("token_classification", "info_nce"),
+        ("reward_model", "consistency"),
+        ("embedding", "bradley_terry"),
+    ],
+)
 def test_every_task_refuses_a_term_it_cannot_feed_without_loading_anything(task: str, term: str, monkeypatch) -> None:
     """``plan_loss``, which ``losslab compare`` runs for every variant before the first run."""
     import importlib

@@ -18,9 +18,12 @@ from ..conftest import free_port, train_config, wait_for
 
 
 def config(out: Path, batch_size: int) -> dict:
-    return train_config(out, data={"max_train_samples": 16},
-                        loss={"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.1}]},
-                        training={"max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "save_steps": 100})
+    return train_config(
+        out,
+        data={"max_train_samples": 16},
+        loss={"terms": [{"name": "token_cross_entropy", "label_smoothing": 0.1}]},
+        training={"max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "save_steps": 100},
+    )
 
 
 def run(cmd: list[str], cwd: Path) -> None:
@@ -34,8 +37,10 @@ def steps(out: Path) -> list[dict]:
     return [r for r in rows if "grad_norm" in r]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_two_processes_equal_one(tmp_path: Path) -> None:
     """Training steps, the evaluation during training (with a per-batch regulariser, which the
     Trainer's cross-process item count must not multiply) and the final weights."""
@@ -49,15 +54,29 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(data))
     run([sys.executable, "-m", "losslab.cli", "train", "one.yaml"], tmp_path)
     torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
-    run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "losslab.cli", "train", "two.yaml"],
-        tmp_path)
+    run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "losslab.cli",
+            "train",
+            "two.yaml",
+        ],
+        tmp_path,
+    )
     a, b = steps(one), steps(two)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
-    evals = [[r for r in json.loads(f"[{','.join((out / 'log.jsonl').read_text().splitlines())}]") if "eval_loss" in r]
-             for out in (one, two)]
+    evals = [
+        [r for r in json.loads(f"[{','.join((out / 'log.jsonl').read_text().splitlines())}]") if "eval_loss" in r]
+        for out in (one, two)
+    ]
     assert len(evals[0]) == len(evals[1]) == 1
     for key in ("eval_loss", "eval_loss/token_cross_entropy", "eval_loss/l2"):
         assert evals[1][0][key] == pytest.approx(evals[0][0][key], rel=1e-5), key
@@ -69,10 +88,13 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends_with_the_same_weights(
-        tmp_path: Path, child_pids) -> None:
+    tmp_path: Path, child_pids
+) -> None:
     """What a cluster does at preemption or a time limit (SLURM signals every process of the job
     step): SIGTERM to each worker and to torchrun, which forwards it to the workers again. Each
     worker must take its two deliveries as one request; the workers agree on a step, save it
@@ -87,9 +109,16 @@ def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "losslab.cli", "train", "c.yaml"]
     out = tmp_path / "out"
     with (tmp_path / "stopped.log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: (out / "checkpoint-5" / "losslab_checkpoint.json").is_file(), proc, timeout=300, poll=0.01,
-                 what=lambda: (tmp_path / "stopped.log").read_text()[-3000:])
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for(
+            lambda: (out / "checkpoint-5" / "losslab_checkpoint.json").is_file(),
+            proc,
+            timeout=300,
+            poll=0.01,
+            what=lambda: (tmp_path / "stopped.log").read_text()[-3000:],
+        )
         workers = child_pids(proc.pid, b"losslab.cli")
         assert len(workers) == 2, workers
         for pid in workers:

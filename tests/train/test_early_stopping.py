@@ -37,10 +37,21 @@ def expected_stop(series: list[tuple[int, float]], patience: int) -> tuple[int, 
 
 def early_stopping_config(out: Path) -> TrainConfig:
     # lr 3e-2 on 8 fixed samples: the validation loss falls, bounces and then rises (overshoot/overfit)
-    return TrainConfig(**train_config(
-        out, validation=True, data={"max_train_samples": 8, "max_eval_samples": 8},
-        training={"max_steps": MAX_STEPS, "batch_size": 8, "lr": 3e-2, "scheduler": "constant", "eval_steps": 1,
-                  "early_stopping_patience": PATIENCE}))
+    return TrainConfig(
+        **train_config(
+            out,
+            validation=True,
+            data={"max_train_samples": 8, "max_eval_samples": 8},
+            training={
+                "max_steps": MAX_STEPS,
+                "batch_size": 8,
+                "lr": 3e-2,
+                "scheduler": "constant",
+                "eval_steps": 1,
+                "early_stopping_patience": PATIENCE,
+            },
+        )
+    )
 
 
 def train_one_thread(config: TrainConfig, **kwargs) -> dict[str, float]:
@@ -111,4 +122,3 @@ def test_a_resumed_run_keeps_its_patience_count(tmp_path: Path, straight_run) ->
     metrics = train_one_thread(early_stopping_config(out))
     assert metrics["train/steps"] == stop
     assert metrics["validation/loss"] == pytest.approx(expected["validation/loss"], rel=1e-5)
-

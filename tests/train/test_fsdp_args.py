@@ -16,8 +16,17 @@ def test_fsdp_is_off_by_default() -> None:
 
 
 def test_fsdp_config_becomes_the_plugin_arguments() -> None:
-    args = training_arguments(config(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
-                                                             "state_dict_type": "FULL_STATE_DICT"}), has_eval=False)
+    args = training_arguments(
+        config(
+            fsdp=True,
+            fsdp_config={
+                "version": 2,
+                "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        ),
+        has_eval=False,
+    )
     assert args.fsdp is True
     assert args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"

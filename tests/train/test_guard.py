@@ -89,6 +89,7 @@ def build(cfg):
 
 def without_batches(monkeypatch, steps: set[int]) -> None:
     """The causal_lm task minus the samples of these optimizer steps."""
+
     def change(run):
         run.train = [f for i, f in enumerate(run.train) if i // BATCH + 1 not in steps]
 
@@ -128,7 +129,9 @@ def test_nonfinite_steps_are_skipped_counted_and_logged(tmp_path: Path, sequenti
     assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_run_stops_at_the_limit_with_a_message_and_exit_status_2(tmp_path: Path, sequential, monkeypatch, capsys) -> None:
+def test_run_stops_at_the_limit_with_a_message_and_exit_status_2(
+    tmp_path: Path, sequential, monkeypatch, capsys
+) -> None:
     with monkeypatch.context() as m:
         without_batches(m, {3})
         train_run.train(TrainConfig.model_validate(config(tmp_path / "ref", max_steps=3, save_steps=3)))
@@ -152,6 +155,7 @@ def test_run_stops_at_the_limit_with_a_message_and_exit_status_2(tmp_path: Path,
 def test_batches_without_trained_tokens_give_zero_loss_and_no_update(tmp_path: Path, monkeypatch) -> None:
     """Every label -100: loss 0, gradient 0 (AdamW's first step then moves nothing), not a
     non-finite step."""
+
     def change(run):
         for f in run.train:
             f["labels"] = [-100] * len(f["labels"])
@@ -180,7 +184,10 @@ def test_incomplete_checkpoints_are_ignored_removed_and_rotated_last(tmp_path: P
     for step, complete in ((2, True), (4, True), (6, False), (10, False)):
         checkpoint(tmp_path, step, complete=complete)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-    assert sorted(remove_incomplete_checkpoints(tmp_path)) == [str(tmp_path / "checkpoint-10"), str(tmp_path / "checkpoint-6")]
+    assert sorted(remove_incomplete_checkpoints(tmp_path)) == [
+        str(tmp_path / "checkpoint-10"),
+        str(tmp_path / "checkpoint-6"),
+    ]
     checkpoint(tmp_path, 6, complete=True)
     checkpoint(tmp_path, 8, complete=True)
     rotate_checkpoints(tmp_path, keep=2, protect=str(tmp_path / "checkpoint-2"))
@@ -202,9 +209,13 @@ def test_resume_refuses_an_incomplete_checkpoint(tmp_path: Path) -> None:
 
     cfg = TrainConfig.model_validate(config(tmp_path / "run", max_steps=1))
     task = build(cfg)
-    trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
-                             train_dataset=task.train, data_collator=task.collator,
-                             loss_func=train_run.loss_adapter(task, plan_loss(cfg)))
+    trainer = LosslabTrainer(
+        model=task.model,
+        args=train_run.training_arguments(cfg, has_eval=False),
+        train_dataset=task.train,
+        data_collator=task.collator,
+        loss_func=train_run.loss_adapter(task, plan_loss(cfg)),
+    )
     folder = checkpoint(tmp_path / "run", 1, complete=False)
     with pytest.raises(UserError, match="incomplete"):
         trainer.train(resume_from_checkpoint=str(folder))
@@ -235,8 +246,15 @@ def test_save_total_limit_1_with_a_best_model_keeps_what_a_rerun_needs(tmp_path:
 
     from losslab.train.signals import Interrupted
 
-    data = config(tmp_path / "out", max_steps=5, save_steps=None, eval_steps=1, save_total_limit=1,
-                  early_stopping_patience=100, greater_is_better=True)  # the loss falls, so the "best" is step 1
+    data = config(
+        tmp_path / "out",
+        max_steps=5,
+        save_steps=None,
+        eval_steps=1,
+        save_total_limit=1,
+        early_stopping_patience=100,
+        greater_is_better=True,
+    )  # the loss falls, so the "best" is step 1
     data["data"]["validation"] = "builtin:chatterbot"
     data["data"]["max_eval_samples"] = 8
     cfg = TrainConfig.model_validate(data)
@@ -298,9 +316,14 @@ def test_trainer_data_loader_workers_outlive_sigint_and_sigterm(tmp_path: Path, 
 
     cfg = TrainConfig.model_validate(config(tmp_path / "out", dataloader_workers=2))
     task = build(cfg)
-    trainer = LosslabTrainer(model=task.model, args=train_run.training_arguments(cfg, has_eval=False),
-                             train_dataset=task.train, eval_dataset=task.train[:8], data_collator=task.collator,
-                             loss_func=train_run.loss_adapter(task, plan_loss(cfg)))
+    trainer = LosslabTrainer(
+        model=task.model,
+        args=train_run.training_arguments(cfg, has_eval=False),
+        train_dataset=task.train,
+        eval_dataset=task.train[:8],
+        data_collator=task.collator,
+        loss_func=train_run.loss_adapter(task, plan_loss(cfg)),
+    )
     train = trainer.get_train_dataloader()
     init = train.base_dataloader.worker_init_fn
     assert isinstance(init, WorkerIgnoresStopSignals) and init.inner is not None  # the Trainer's seeding kept
@@ -333,8 +356,13 @@ def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
 
     from losslab.train.signals import WorkerIgnoresStopSignals
 
-    loader = DataLoader(list(range(40)), batch_size=4, num_workers=2, multiprocessing_context=context,
-                        worker_init_fn=WorkerIgnoresStopSignals())
+    loader = DataLoader(
+        list(range(40)),
+        batch_size=4,
+        num_workers=2,
+        multiprocessing_context=context,
+        worker_init_fn=WorkerIgnoresStopSignals(),
+    )
     batches = iter(loader)
     first = [next(batches), next(batches)]  # one from each worker: both have started
     for worker in batches._workers:
@@ -347,7 +375,8 @@ def test_data_loader_workers_outlive_sigint_and_sigterm(context: str) -> None:
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_with_a_checkpoint(
-        tmp_path: Path, signame: str) -> None:
+    tmp_path: Path, signame: str
+) -> None:
     """Ctrl-C in a terminal, or SIGTERM to the process group (a cluster, killpg), also reaches the
     data-loader workers: they keep serving, the run stops once, with a checkpoint, exit 128 + signal."""
     import os
@@ -359,10 +388,20 @@ def test_a_stop_signal_to_the_process_group_with_data_loader_workers_stops_once_
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config(out, max_steps=300, save_steps=5, dataloader_workers=2)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with (tmp_path / "log.txt").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "losslab.cli", "train", str(tmp_path / "c.yaml")], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: (out / "checkpoint-5" / COMPLETE_MARKER).is_file(), proc, timeout=240, poll=0.01,
-                 what=lambda: (tmp_path / "log.txt").read_text()[-3000:])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "losslab.cli", "train", str(tmp_path / "c.yaml")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: (out / "checkpoint-5" / COMPLETE_MARKER).is_file(),
+            proc,
+            timeout=240,
+            poll=0.01,
+            what=lambda: (tmp_path / "log.txt").read_text()[-3000:],
+        )
         os.killpg(proc.pid, getattr(signal, signame))
         assert proc.wait(timeout=120) == 128 + getattr(signal, signame), (tmp_path / "log.txt").read_text()[-3000:]
     text = (tmp_path / "log.txt").read_text()

@@ -31,11 +31,26 @@ def test_metric_names_are_the_names_evaluate_gives(tmp_path: Path, task: str, da
     torch.set_num_threads(1)
     if data == "multi_label":
         data = str(tmp_path / "ml.jsonl")
-        Path(data).write_text("".join(json.dumps({"text": t, "label": labels}) + "\n" for t, labels in
-                                      [("a", ["red"]), ("b", ["blue", "red"]), ("c", []), ("d", ["blue"])]))
-    config = TrainConfig(task=task, model="builtin:tiny-llama", output_dir=str(tmp_path / "out"),
-                         data={"train": data, "validation": data, "test": data, "max_train_samples": 4, "max_eval_samples": 4,
-                               "max_length": 256}, **sections)
+        Path(data).write_text(
+            "".join(
+                json.dumps({"text": t, "label": labels}) + "\n"
+                for t, labels in [("a", ["red"]), ("b", ["blue", "red"]), ("c", []), ("d", ["blue"])]
+            )
+        )
+    config = TrainConfig(
+        task=task,
+        model="builtin:tiny-llama",
+        output_dir=str(tmp_path / "out"),
+        data={
+            "train": data,
+            "validation": data,
+            "test": data,
+            "max_train_samples": 4,
+            "max_eval_samples": 4,
+            "max_length": 256,
+        },
+        **sections,
+    )
     names = get_task(task).metric_names(config)
     run = get_task(task).build(config, plan_loss(config))
     produced: set[str] = set()
@@ -44,6 +59,8 @@ def test_metric_names_are_the_names_evaluate_gives(tmp_path: Path, task: str, da
         produced |= set(run.evaluate(run.model, dataset, split)) if dataset else set()
     exact = {n for n in names if not n.endswith("/*")}
     assert exact <= produced, sorted(exact - produced)
-    assert all(metric_matches(name, names) for name in produced), sorted(n for n in produced if not metric_matches(n, names))
+    assert all(metric_matches(name, names) for name in produced), sorted(
+        n for n in produced if not metric_matches(n, names)
+    )
     for pattern in names - exact:
         assert any(name.startswith(pattern[:-1]) for name in produced), pattern

@@ -20,8 +20,9 @@ def test_the_quickstart_trains_with_a_plain_trainer(tmp_path: Path, capsys) -> N
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["weight/consistency"] for r in steps] == pytest.approx([0.3, 0.225, 0.15, 0.075])  # the schedule moves
     for r in steps:  # the Trainer's loss is the weighted sum of the logged terms
-        assert r["loss"] == pytest.approx(r["loss/token_cross_entropy"] + r["weight/consistency"] * r["loss/consistency"],
-                                          rel=1e-4)
+        assert r["loss"] == pytest.approx(
+            r["loss/token_cross_entropy"] + r["weight/consistency"] * r["loss/consistency"], rel=1e-4
+        )
     assert steps[-1]["loss/token_cross_entropy"] < steps[0]["loss/token_cross_entropy"]
     tokenizer = module.load_tokenizer("builtin:tiny-llama")
     first = result["samples"][0]

@@ -19,13 +19,21 @@ from losslab.train.tasks.embedding import (
     round_robin,
 )
 
-CHAT = [Message(role="system", content="S"), Message(role="user", content="u1"), Message(role="assistant", content="a1"),
-        Message(role="user", content="u2"), Message(role="assistant", content="a2")]
+CHAT = [
+    Message(role="system", content="S"),
+    Message(role="user", content="u1"),
+    Message(role="assistant", content="a1"),
+    Message(role="user", content="u2"),
+    Message(role="assistant", content="a2"),
+]
 
 
 def test_pairs_from_a_conversation() -> None:
     assert [(p.context, p.reply) for p in conversation_pairs(CHAT, 0, context_turns=1)] == [("u1", "a1"), ("u2", "a2")]
-    assert [(p.context, p.reply) for p in conversation_pairs(CHAT, 0, context_turns=2)] == [("u1", "a1"), ("a1\nu2", "a2")]
+    assert [(p.context, p.reply) for p in conversation_pairs(CHAT, 0, context_turns=2)] == [
+        ("u1", "a1"),
+        ("a1\nu2", "a2"),
+    ]
     assert [p.context for p in conversation_pairs(CHAT, 0, context_turns=0)] == ["u1", "u1\na1\nu2"]  # system left out
 
 
@@ -35,8 +43,13 @@ def test_round_robin_spreads_the_first_pairs_over_conversations() -> None:
 
 
 def test_negatives_come_from_other_conversations_and_a_fixed_seed() -> None:
-    pool = [p for c in range(4) for p in conversation_pairs([*CHAT[:3], Message(role="user", content=f"x{c}"),
-                                                             Message(role="assistant", content=f"r{c}")], c, 1)]
+    pool = [
+        p
+        for c in range(4)
+        for p in conversation_pairs(
+            [*CHAT[:3], Message(role="user", content=f"x{c}"), Message(role="assistant", content=f"r{c}")], c, 1
+        )
+    ]
     first = negative_replies(pool, pool, seed=0)
     assert first == negative_replies(pool, pool, seed=0)
     by_reply = {p.reply: p.conversation for p in pool if p.reply.startswith("r")}
@@ -52,12 +65,16 @@ def test_pooling_ignores_padding() -> None:
     assert pool_states(hidden, mask, "mean", False).tolist() == [[2.0, 1.0], [0.0, 4.0]]
     assert pool_states(hidden, mask, "cls", False).tolist() == [[1.0, 0.0], [0.0, 4.0]]
     assert pool_states(hidden, mask, "last", False).tolist() == [[3.0, 2.0], [0.0, 4.0]]
-    assert torch.linalg.vector_norm(pool_states(hidden, mask, "mean", True), dim=-1).tolist() == pytest.approx([1.0, 1.0])
+    assert torch.linalg.vector_norm(pool_states(hidden, mask, "mean", True), dim=-1).tolist() == pytest.approx(
+        [1.0, 1.0]
+    )
 
 
 def test_collator_rows_are_contexts_replies_negatives() -> None:
-    features = [{"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [3]}},
-                {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [6]}}]
+    features = [
+        {"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [3]}},
+        {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [6]}},
+    ]
     assert TripleCollator(0, negatives=True)(features)["input_ids"].flatten().tolist() == [1, 4, 2, 5, 3, 6]
     batch = TripleCollator(0, negatives=False)(features)
     assert batch["input_ids"].flatten().tolist() == [1, 4, 2, 5]
@@ -106,10 +123,18 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
 
     chats = [("hi there", "Hello!"), ("how is the weather", "Sunny and warm today."), ("good morning", "Hello!")]
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
-                            for u, a in chats))
-    config = TrainConfig(task="embedding", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
-                         data={"train": str(data), "max_length": 16})
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}) + "\n"
+            for u, a in chats
+        )
+    )
+    config = TrainConfig(
+        task="embedding",
+        model="builtin:tiny-llama",
+        output_dir=str(tmp_path / "run"),
+        data={"train": str(data), "max_length": 16},
+    )
     plan = plan_loss(config)
     run = build(config, plan)
     batch = run.collator(run.train)
@@ -124,9 +149,11 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
 
 
 def test_collator_leaves_out_replies_that_are_negatives_of_the_batch() -> None:
-    features = [{"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [5]}},
-                {"anchor": {"input_ids": [3]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [7]}},
-                {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [8]}}]
+    features = [
+        {"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [5]}},
+        {"anchor": {"input_ids": [3]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [7]}},
+        {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [8]}},
+    ]
     # row 1's reply is row 0's negative; row 2's reply repeats row 0's
     assert TripleCollator(0, negatives=True, in_batch=True)(features)["labels"].tolist() == [0, -100, -100]
     # triplet alone has no in-batch negatives: every pair trains

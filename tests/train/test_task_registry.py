@@ -25,7 +25,9 @@ def test_the_registry_is_the_one_list_of_tasks() -> None:
         for function in ("loss_needs", "metric_names", "build"):
             assert callable(getattr(task, function)), (name, function)
         TrainConfig(task=name, output_dir="unused", data={"train": "unused"})
-    with pytest.raises(ValidationError, match="unknown task 'translation'; choose one of: causal_lm, sequence_classification"):
+    with pytest.raises(
+        ValidationError, match="unknown task 'translation'; choose one of: causal_lm, sequence_classification"
+    ):
         TrainConfig(task="translation", output_dir="unused", data={"train": "unused"})
 
 
@@ -73,21 +75,43 @@ class ToyTask:
                 return {f"{split}/mse": float(((model(batch["x"]) - batch["labels"]) ** 2).mean())}
 
         torch.manual_seed(config.seed)
-        return TaskRun(model=Regression(), tokenizer=None, train=data, validation=data[:16], test=None,
-                       collator=collate, forward=forward, evaluate=evaluate, summary={"task": "toy"})
+        return TaskRun(
+            model=Regression(),
+            tokenizer=None,
+            train=data,
+            validation=data[:16],
+            test=None,
+            collator=collate,
+            forward=forward,
+            evaluate=evaluate,
+            summary={"task": "toy"},
+        )
 
 
 def test_a_toy_task_trains_through_the_same_adapter(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(tasks.TASKS, "toy", ToyTask())
-    config = TrainConfig.model_validate({
-        "task": "toy", "output_dir": str(tmp_path / "run"), "data": {"train": "unused"},
-        "loss": {"terms": [{"name": "mse"}, {"name": "l2", "weight": 1e-4}]},
-        "training": {"max_steps": 40, "batch_size": 16, "lr": 0.05, "logging_steps": 1, "warmup": 0, "scheduler": "constant"},
-        "eval": {"splits": ["validation"]},
-    })
+    config = TrainConfig.model_validate(
+        {
+            "task": "toy",
+            "output_dir": str(tmp_path / "run"),
+            "data": {"train": "unused"},
+            "loss": {"terms": [{"name": "mse"}, {"name": "l2", "weight": 1e-4}]},
+            "training": {
+                "max_steps": 40,
+                "batch_size": 16,
+                "lr": 0.05,
+                "logging_steps": 1,
+                "warmup": 0,
+                "scheduler": "constant",
+            },
+            "eval": {"splits": ["validation"]},
+        }
+    )
     assert plan_loss(config).note == "mse, l2"
     with pytest.raises(Exception, match="bradley_terry.*a toy batch provides num_examples, predictions, targets"):
-        plan_loss(config.model_copy(update={"loss": config.loss.model_copy(update={"terms": [{"name": "bradley_terry"}]})}))
+        plan_loss(
+            config.model_copy(update={"loss": config.loss.model_copy(update={"terms": [{"name": "bradley_terry"}]})})
+        )
     metrics = train(config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss/mse" in r]

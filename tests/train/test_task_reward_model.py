@@ -23,8 +23,9 @@ def chat_tokenizer():
 def test_chat_template_input_keeps_the_answer_when_cut(chat_tokenizer) -> None:
     prompt, answer = "Write a tweet with a positive tone.", "What a lovely sunny day in the park!"
     full, cut = encode_answer(chat_tokenizer, prompt, answer, max_length=512)
-    text = chat_tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                                              tokenize=False)
+    text = chat_tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False
+    )
     assert not cut
     assert full["input_ids"] == chat_tokenizer(text, add_special_tokens=False)["input_ids"]
     short, cut = encode_answer(chat_tokenizer, prompt, answer, max_length=20)
@@ -45,13 +46,23 @@ def test_message_prompts_render_as_the_conversation(chat_tokenizer) -> None:
 def test_encoder_input_is_a_text_pair() -> None:
     tokenizer = load_tokenizer("builtin:minilm-l6")
     ids, _ = encode_answer(tokenizer, "the prompt", "an answer", max_length=64)
-    assert tokenizer.convert_ids_to_tokens(ids["input_ids"]) == ["[CLS]", "the", "prompt", "[SEP]", "an", "answer", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(ids["input_ids"]) == [
+        "[CLS]",
+        "the",
+        "prompt",
+        "[SEP]",
+        "an",
+        "answer",
+        "[SEP]",
+    ]
     assert ids["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
 
 
 def test_collator_puts_chosen_rows_first_and_margins_when_present() -> None:
-    features = [{"chosen": {"input_ids": [1, 2]}, "rejected": {"input_ids": [3]}, "margin": 2.0},
-                {"chosen": {"input_ids": [4]}, "rejected": {"input_ids": [5, 6, 7]}}]
+    features = [
+        {"chosen": {"input_ids": [1, 2]}, "rejected": {"input_ids": [3]}, "margin": 2.0},
+        {"chosen": {"input_ids": [4]}, "rejected": {"input_ids": [5, 6, 7]}},
+    ]
     batch = PairCollator(pad_id=0)(features)
     assert batch["input_ids"].tolist() == [[1, 2, 0], [4, 0, 0], [3, 0, 0], [5, 6, 7]]
     assert batch["labels"].tolist() == [0, 0]  # one trained item per pair, for the Trainer's count
@@ -73,7 +84,9 @@ class FirstTokenReward(torch.nn.Module):
 def test_metrics_by_hand() -> None:
     model = FirstTokenReward([0.0, 1.0, 0.0, 2.0, 2.0])  # token id -> reward
     pairs = [(1, 2), (2, 3), (3, 4)]  # rewards 1 vs 0 (right), 0 vs 2 (wrong), 2 vs 2 (tie: half)
-    dataset = [{"chosen": {"input_ids": [c, 9][: 1 + k % 2]}, "rejected": {"input_ids": [r]}} for k, (c, r) in enumerate(pairs)]
+    dataset = [
+        {"chosen": {"input_ids": [c, 9][: 1 + k % 2]}, "rejected": {"input_ids": [r]}} for k, (c, r) in enumerate(pairs)
+    ]
     m = evaluate(model, dataset, "validation", collator=PairCollator(pad_id=0), batch_size=2)
     assert m["validation/pairwise_accuracy"] == pytest.approx(0.5)
     assert m["validation/reward_margin"] == pytest.approx(-1 / 3)
@@ -92,7 +105,8 @@ def test_forward_splits_one_batch_into_chosen_and_rejected() -> None:
 
 
 def test_classification_losses_are_refused() -> None:
-    config = TrainConfig(task="reward_model", output_dir="unused", data={"train": "unused"},
-                         loss={"terms": [{"name": "cross_entropy"}]})
+    config = TrainConfig(
+        task="reward_model", output_dir="unused", data={"train": "unused"}, loss={"terms": [{"name": "cross_entropy"}]}
+    )
     with pytest.raises(UserError, match="cross_entropy.*needs.*class_logits"):
         plan_loss(config)

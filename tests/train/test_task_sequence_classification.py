@@ -30,12 +30,23 @@ class FirstTokenHead(torch.nn.Module):
 
 def dataset(first_ids: list[int], labels: list) -> list[dict]:
     # uneven lengths, 2 batches of at most 3: padding and batching must not change anything
-    return [{"encoding": {"input_ids": [i] + [7] * (k % 3)}, "labels": y} for k, (i, y) in enumerate(zip(first_ids, labels))]
+    return [
+        {"encoding": {"input_ids": [i] + [7] * (k % 3)}, "labels": y} for k, (i, y) in enumerate(zip(first_ids, labels))
+    ]
 
 
-def run_evaluate(table: list[list[float]], first_ids: list[int], labels: list, label_type: str, names: list[str]) -> dict:
-    return evaluate(FirstTokenHead(table), dataset(first_ids, labels), "test", collator=TextCollator(pad_id=0),
-                    batch_size=3, label_type=label_type, names=names)
+def run_evaluate(
+    table: list[list[float]], first_ids: list[int], labels: list, label_type: str, names: list[str]
+) -> dict:
+    return evaluate(
+        FirstTokenHead(table),
+        dataset(first_ids, labels),
+        "test",
+        collator=TextCollator(pad_id=0),
+        batch_size=3,
+        label_type=label_type,
+        names=names,
+    )
 
 
 def log_softmax(row: list[float], i: int) -> float:
@@ -98,7 +109,9 @@ def config(train: str, terms: list[dict] | None = None, **data: object) -> Train
     return TrainConfig(task="sequence_classification", output_dir="unused", data={"train": train, **data}, **loss)
 
 
-@pytest.mark.parametrize(("label", "kind"), [("pos", "class"), (2, "class"), (1.5, "regression"), (["a", "b"], "multi_label")])
+@pytest.mark.parametrize(
+    ("label", "kind"), [("pos", "class"), (2, "class"), (1.5, "regression"), (["a", "b"], "multi_label")]
+)
 def test_label_type_from_the_first_record(tmp_path: Path, label: object, kind: str) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"text": "t", "label": label}) + "\n")

@@ -66,7 +66,10 @@ def test_entity_report_by_hand() -> None:
     t = {tag: i for i, tag in enumerate(TAGS)}
     dataset = [
         # true B-PER I-PER O, predicted the same: PER right
-        {"encoding": {"input_ids": [0, 1, 5, 2, 3, 0]}, "labels": [IGNORE, t["B-PER"], IGNORE, t["I-PER"], t["O"], IGNORE]},
+        {
+            "encoding": {"input_ids": [0, 1, 5, 2, 3, 0]},
+            "labels": [IGNORE, t["B-PER"], IGNORE, t["I-PER"], t["O"], IGNORE],
+        },
         # true O O B-LOC, predicted B-LOC O B-PER: LOC missed, a LOC and a PER that are not there
         {"encoding": {"input_ids": [0, 4, 3, 1, 0]}, "labels": [IGNORE, t["O"], t["O"], t["B-LOC"], IGNORE]},
     ]
@@ -83,8 +86,12 @@ def test_entity_report_by_hand() -> None:
 
 
 def test_collator_pads_labels_with_ignore() -> None:
-    batch = TokenCollator(pad_id=9)([{"encoding": {"input_ids": [1, 2, 3]}, "labels": [IGNORE, 1, IGNORE]},
-                                     {"encoding": {"input_ids": [4]}, "labels": [2]}])
+    batch = TokenCollator(pad_id=9)(
+        [
+            {"encoding": {"input_ids": [1, 2, 3]}, "labels": [IGNORE, 1, IGNORE]},
+            {"encoding": {"input_ids": [4]}, "labels": [2]},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
     assert batch["labels"].tolist() == [[IGNORE, 1, IGNORE], [2, IGNORE, IGNORE]]
 
@@ -100,16 +107,26 @@ def test_tags_the_entity_metrics_cannot_read_are_refused_before_training(tmp_pat
 
     monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     path = tmp_path / "ner.jsonl"
-    records = [{"tokens": ["Ann", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]},
-               {"tokens": ["in", "Paris"], "tags": ["O", "U-LOC"]}]
+    records = [
+        {"tokens": ["Ann", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]},
+        {"tokens": ["in", "Paris"], "tags": ["O", "U-LOC"]},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = TrainConfig.model_validate({"task": "token_classification", "model": "builtin:minilm-l6",
-                                         "output_dir": str(tmp_path / "out"), "data": {"train": str(path)}})
+    config = TrainConfig.model_validate(
+        {
+            "task": "token_classification",
+            "model": "builtin:minilm-l6",
+            "output_dir": str(tmp_path / "out"),
+            "data": {"train": str(path)},
+        }
+    )
     with pytest.raises(UserError, match=rf"{path}:2: field 'tags': tag 'U-LOC' is not BIO or IOBES.*U- -> S-"):
         token_classification.build(config, plan_loss(config))
     records[1]["tags"] = ["O", "S-LOC"]  # IOBES is read
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    monkeypatch.setattr(token_classification, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded")))
+    monkeypatch.setattr(
+        token_classification, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loaded"))
+    )
     with pytest.raises(RuntimeError, match="loaded"):
         token_classification.build(config, plan_loss(config))
 
@@ -127,8 +144,12 @@ def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
     tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O", "B-DATE", "O"]
     data = tmp_path / "ner.jsonl"
     data.write_text(json.dumps({"tokens": words, "tags": tags}) + "\n")
-    config = TrainConfig(task="token_classification", model="builtin:tiny-llama", output_dir=str(tmp_path / "run"),
-                         data={"train": str(data), "max_length": 32})
+    config = TrainConfig(
+        task="token_classification",
+        model="builtin:tiny-llama",
+        output_dir=str(tmp_path / "run"),
+        data={"train": str(data), "max_length": 32},
+    )
     run = build(config, plan_loss(config))
     feature = run.train[0]
     assert feature["encoding"]["input_ids"] == run.tokenizer(" ".join(words))["input_ids"]
@@ -136,7 +157,16 @@ def test_words_keep_their_spaces_on_a_byte_level_bpe(tmp_path) -> None:
     # " 1984" is Ġ 1 9 8 4: its tag goes on "1", the first sub-token with the word's text
     assert pieces[pieces.index("Ġsince") + 1 : pieces.index("Ġsince") + 3] == ["Ġ", "1"]
     assert [p for p, x in zip(pieces, feature["labels"]) if x != IGNORE] == [
-        "John", "ĠSmith", "Ġlives", "Ġin", "ĠNew", "ĠYork", "Ġsince", "1", "Ġ."]
+        "John",
+        "ĠSmith",
+        "Ġlives",
+        "Ġin",
+        "ĠNew",
+        "ĠYork",
+        "Ġsince",
+        "1",
+        "Ġ.",
+    ]
     assert [run.model.config.id2label[x] for x in feature["labels"] if x != IGNORE] == tags
 
 

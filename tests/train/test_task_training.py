@@ -32,24 +32,43 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run(tmp_path: Path, task: str, dataset: str, terms: list[dict] | None = None, *, validation: bool = False,
-        **sections: dict) -> tuple[dict, list[dict]]:
+def run(
+    tmp_path: Path,
+    task: str,
+    dataset: str,
+    terms: list[dict] | None = None,
+    *,
+    validation: bool = False,
+    **sections: dict,
+) -> tuple[dict, list[dict]]:
     """Train ``task`` for STEPS steps on one fixed batch of 8; returns metrics.json and the
     per-step training rows of log.jsonl."""
     config = train_config(
-        tmp_path / "run", task=task, validation=validation,
-        data={"train": dataset, "test": dataset, "max_train_samples": 8, "max_eval_samples": 8, "max_length": 32,
-              **sections.pop("data", {})},
+        tmp_path / "run",
+        task=task,
+        validation=validation,
+        data={
+            "train": dataset,
+            "test": dataset,
+            "max_train_samples": 8,
+            "max_eval_samples": 8,
+            "max_length": 32,
+            **sections.pop("data", {}),
+        },
         loss=None if terms is None else {"terms": terms},
         training={"max_steps": STEPS, "batch_size": 8, "scheduler": "constant", "save_steps": 100},
-        eval=sections.pop("eval", None), **sections)
+        eval=sections.pop("eval", None),
+        **sections,
+    )
     train(TrainConfig(**config))
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     metrics = read_metrics_json(tmp_path / "run" / "metrics.json")
     return metrics, rows
 
 
-def assert_predictions_give_the_metrics(tmp_path: Path, metrics: dict, names: tuple[str, ...], n: int = 8) -> list[dict]:
+def assert_predictions_give_the_metrics(
+    tmp_path: Path, metrics: dict, names: tuple[str, ...], n: int = 8
+) -> list[dict]:
     """predictions_test.jsonl has one record per test example, and the metrics recomputed from
     it (the statistics ``losslab compare`` bootstraps) are the ones in metrics.json."""
     from losslab.compare.examples import class_names, example_stats, read_predictions
@@ -83,17 +102,28 @@ def test_sequence_classification_focal_with_l2_sp(tmp_path: Path) -> None:
         assert r["loss"] == pytest.approx(r["loss/focal"] + 0.01 * r["loss/l2_sp"], rel=1e-4)
     assert step_rows(rows, "l2_sp")[0]["loss/l2_sp"] == 0.0  # at the reference point before the first update
     assert step_rows(rows, "l2_sp")[-1]["loss/l2_sp"] > 0.0
-    for name in ("accuracy", "f1_macro", "f1_weighted", "loss", "f1/negative", "f1/neutral", "f1/positive",
-                 "support/positive"):
+    for name in (
+        "accuracy",
+        "f1_macro",
+        "f1_weighted",
+        "loss",
+        "f1/negative",
+        "f1/neutral",
+        "f1/positive",
+        "support/positive",
+    ):
         assert f"test/{name}" in metrics, name
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert sum(metrics[f"test/support/{c}"] for c in ("negative", "neutral", "positive")) == 8
-    preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("accuracy", "f1_macro", "f1_weighted", "f1/neutral"))
+    preds = assert_predictions_give_the_metrics(
+        tmp_path, metrics, ("accuracy", "f1_macro", "f1_weighted", "f1/neutral")
+    )
     assert set(preds[0]) == {"text", "gold", "predicted", "score"} and 1 / 3 <= preds[0]["score"] <= 1
     from losslab.data.builtin import resolve_data_path
 
-    test_texts = [json.loads(line)["text"] for line in
-                  resolve_data_path("builtin:sentiment", "test").read_text().splitlines()[:8]]
+    test_texts = [
+        json.loads(line)["text"] for line in resolve_data_path("builtin:sentiment", "test").read_text().splitlines()[:8]
+    ]
     assert [p["text"] for p in preds] == test_texts
 
 
@@ -108,8 +138,9 @@ def test_sequence_classification_regression_defaults_to_mse(tmp_path: Path, caps
 def test_sequence_classification_multi_label_defaults_to_bce(tmp_path: Path) -> None:
     texts = ["red apple", "green pear", "red and green", "blue sky", "red car", "green grass", "nothing", "blue red"]
     data = tmp_path / "multi.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": [c for c in ("red", "green", "blue") if c in t]}) + "\n"
-                            for t in texts))
+    data.write_text(
+        "".join(json.dumps({"text": t, "label": [c for c in ("red", "green", "blue") if c in t]}) + "\n" for t in texts)
+    )
     metrics, rows = run(tmp_path, "sequence_classification", str(data))
     assert_goes_down(rows, "binary_cross_entropy")
     assert {"test/subset_accuracy", "test/hamming_loss", "test/f1_micro", "test/f1/red", "test/loss"} <= set(metrics)
@@ -118,8 +149,12 @@ def test_sequence_classification_multi_label_defaults_to_bce(tmp_path: Path) -> 
 def test_token_classification_ner(tmp_path: Path) -> None:
     metrics, rows = run(tmp_path, "token_classification", "builtin:ner")
     assert_goes_down(rows, "token_cross_entropy")
-    assert {"test/f1_micro", "test/precision_micro", "test/recall_micro", "test/token_accuracy", "test/loss"} <= set(metrics)
-    preds = assert_predictions_give_the_metrics(tmp_path, metrics, ("f1_micro", "precision_micro", "recall_micro", "token_accuracy"))
+    assert {"test/f1_micro", "test/precision_micro", "test/recall_micro", "test/token_accuracy", "test/loss"} <= set(
+        metrics
+    )
+    preds = assert_predictions_give_the_metrics(
+        tmp_path, metrics, ("f1_micro", "precision_micro", "recall_micro", "token_accuracy")
+    )
     assert all(len(p["gold"]) == len(p["predicted"]) <= len(p["tokens"]) for p in preds)
 
 
@@ -146,8 +181,13 @@ def test_embedding_info_nce(tmp_path: Path) -> None:
 
 
 def test_embedding_triplet_gets_explicit_negatives(tmp_path: Path) -> None:
-    metrics, rows = run(tmp_path, "embedding", "builtin:chitchat", [{"name": "triplet", "margin": 0.5}],
-                        embedding={"context_turns": 2, "pooling": "last", "recall_at": [1, 3]})
+    metrics, rows = run(
+        tmp_path,
+        "embedding",
+        "builtin:chitchat",
+        [{"name": "triplet", "margin": 0.5}],
+        embedding={"context_turns": 2, "pooling": "last", "recall_at": [1, 3]},
+    )
     assert_goes_down(rows, "triplet")
     assert {"test/recall@1", "test/recall@3", "test/mrr"} <= set(metrics)
 
@@ -160,12 +200,24 @@ EXAMPLE_CASES = {
     "train_reward_model.yaml": ("reward_model", "pairwise_accuracy"),
     "train_embedding.yaml": ("embedding", "mrr"),
 }
-TINY = ["training.max_steps=2", "training.batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=8",
-        "data.max_length=32"]
+TINY = [
+    "training.max_steps=2",
+    "training.batch_size=4",
+    "data.max_train_samples=8",
+    "data.max_eval_samples=8",
+    "data.max_length=32",
+]
 # causal_lm's example trains the 135M SmolLM2: two steps of 2 samples, 2 samples per evaluated split
 # (a quarter of the others' tokens; it still evaluates and generates on both splits)
-TINY_CAUSAL_LM = ["training.max_steps=2", "training.batch_size=2", "data.max_train_samples=4", "data.max_eval_samples=2",
-                  "data.max_length=128", "eval.generation_samples=2", "eval.max_new_tokens=4"]
+TINY_CAUSAL_LM = [
+    "training.max_steps=2",
+    "training.batch_size=2",
+    "data.max_train_samples=4",
+    "data.max_eval_samples=2",
+    "data.max_length=128",
+    "eval.generation_samples=2",
+    "eval.max_new_tokens=4",
+]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLE_CASES))

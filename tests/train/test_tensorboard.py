@@ -22,11 +22,20 @@ def test_every_loss_term_is_a_tensorboard_scalar(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    config = TrainConfig(**train_config(
-        out, validation=True, data={"max_train_samples": 8, "max_eval_samples": 4},
-        loss={"terms": [{"name": "token_cross_entropy"},
-                        {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}}]},
-        training={"max_steps": 4, "eval_steps": 2, "report_to": ["tensorboard"]}))
+    config = TrainConfig(
+        **train_config(
+            out,
+            validation=True,
+            data={"max_train_samples": 8, "max_eval_samples": 4},
+            loss={
+                "terms": [
+                    {"name": "token_cross_entropy"},
+                    {"name": "consistency", "weight": {"schedule": "linear", "start": 0.2, "end": 0.0}},
+                ]
+            },
+            training={"max_steps": 4, "eval_steps": 2, "report_to": ["tensorboard"]},
+        )
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -39,8 +48,14 @@ def test_every_loss_term_is_a_tensorboard_scalar(tmp_path: Path) -> None:
         for key, value in row.items():
             if "/" in key and isinstance(value, float | int):  # loss/X, weight/X, eval_loss/X
                 logged.setdefault(key, {})[row["step"]] = value
-    expected_keys = {"loss/token_cross_entropy", "loss/consistency", "weight/token_cross_entropy", "weight/consistency",
-                     "eval_loss/token_cross_entropy", "eval_loss/consistency"}
+    expected_keys = {
+        "loss/token_cross_entropy",
+        "loss/consistency",
+        "weight/token_cross_entropy",
+        "weight/consistency",
+        "eval_loss/token_cross_entropy",
+        "eval_loss/consistency",
+    }
     assert expected_keys <= set(logged)
 
     (run_dir,) = (out / "runs").iterdir()  # transformers' default: output_dir/runs/DATE_HOST
@@ -62,7 +77,9 @@ def test_report_to_tensorboard_without_tensorboard_is_a_config_error(tmp_path: P
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     path = tmp_path / "train.yaml"
-    path.write_text("output_dir: out\ndata: {train: builtin:chatterbot}\ntraining:\n  max_steps: 2\n  report_to: [tensorboard]\n")
+    path.write_text(
+        "output_dir: out\ndata: {train: builtin:chatterbot}\ntraining:\n  max_steps: 2\n  report_to: [tensorboard]\n"
+    )
     with pytest.raises(UserError) as err:
         load_config(TrainConfig, path)
     message = str(err.value)

@@ -31,13 +31,17 @@ def samples(seed: int = 0) -> list[dict]:
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     width = max(len(b["input_ids"]) for b in batch)
+
     def pad(key: str, value: float, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch], dtype=dtype)
+
     return {
         "input_ids": pad("input_ids", 2, torch.long),
         "labels": pad("labels", -100, torch.long),
         "weights": pad("weights", 0.0, torch.float32),
-        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
+        "attention_mask": torch.tensor(
+            [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+        ),
     }
 
 
@@ -86,7 +90,9 @@ def test_accumulation_1x4_equals_4x1(fused: bool, reduction: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path) -> tuple[float, list[torch.Tensor], LossAdapter]:
+def first_step(
+    data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path
+) -> tuple[float, list[torch.Tensor], LossAdapter]:
     """One optimizer step of the real Trainer over ``data``: the logged loss, the gradients
     before the update, and the loss function (with the ``num_sequences`` the Trainer gave it)."""
     from transformers import TrainerCallback
@@ -99,13 +105,32 @@ def first_step(data: list[dict], batch_size: int, grad_accum: int, fused: bool, 
 
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
-    lf = causal_lm_loss(build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused, model=model)
-    args = TrainingArguments(output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"), per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=grad_accum, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
-                             logging_steps=1, report_to=[], save_strategy="no", remove_unused_columns=False,
-                             use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = LosslabTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss_func=lf,
-                             callbacks=[LossTermsCallback(lf), Grads()])
+    lf = causal_lm_loss(
+        build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused, model=model
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=1,
+        learning_rate=1e-3,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = LosslabTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        loss_func=lf,
+        callbacks=[LossTermsCallback(lf), Grads()],
+    )
     trainer.train()
     loss = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
     return loss, grads, lf
@@ -154,12 +179,28 @@ def test_trainer_logs_every_term_and_advances_schedules(tmp_path, grad_accum: in
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama")
     lf = causal_lm_loss(build_composite(TERMS), fused=False, model=model)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2 // grad_accum,
-                             gradient_accumulation_steps=grad_accum, max_steps=4,
-                             learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no",
-                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = LosslabTrainer(model=model, args=args, train_dataset=samples() * 2, data_collator=collate,
-                             loss_func=lf, callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl")])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2 // grad_accum,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = LosslabTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples() * 2,
+        data_collator=collate,
+        loss_func=lf,
+        callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl")],
+    )
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss/token_cross_entropy" in r]
@@ -187,11 +228,29 @@ def test_an_epochs_last_short_accumulation_window_counts_per_batch_terms_once(tm
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama")
     lf = causal_lm_loss(build_composite([{"name": "l2"}]), fused=False, model=model)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
-                             num_train_epochs=1, learning_rate=0.0, max_grad_norm=0.0, logging_steps=1, report_to=[],
-                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = LosslabTrainer(model=model, args=args, train_dataset=samples()[:3], data_collator=collate, loss_func=lf,
-                             callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl"), GradNorm()])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = LosslabTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples()[:3],
+        data_collator=collate,
+        loss_func=lf,
+        callbacks=[LossTermsCallback(lf), JsonlLogCallback(tmp_path / "log.jsonl"), GradNorm()],
+    )
     trainer.train()
     rows = [r for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss/l2" in r]
     assert [r["step"] for r in rows] == [1, 2] and len(norms) == 2
@@ -220,10 +279,24 @@ def test_item_count_is_over_shifted_targets_whatever_the_model_class(tmp_path) -
         return evaluate(inputs, num_items_in_batch, **kw)
 
     lf.evaluate = spy
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
-                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
-    LosslabTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss_func=lf,
-                   callbacks=[LossTermsCallback(lf)]).train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    LosslabTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        loss_func=lf,
+        callbacks=[LossTermsCallback(lf)],
+    ).train()
     assert seen == [targets]
 
 
@@ -243,8 +316,15 @@ def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -
 
     from losslab.train.next_token import lm_head_gives_logits
 
-    common = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
+    common = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     models = {
         "llama": (LlamaForCausalLM(LlamaConfig(**common)), True),

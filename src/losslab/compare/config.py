@@ -51,9 +51,17 @@ class Param(_Section):
 
 
 class Variant(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="variant name (letters, digits, _ . + -): its runs' folder prefix")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted key of the base config -> value, e.g. {loss.terms: [...], data.mask: all}")
-    tune: dict[str, Param] = Field(default_factory=dict, description="dotted key -> search space; tuned on validation, the best value then run on every seed")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.+-]+$", description="variant name (letters, digits, _ . + -): its runs' folder prefix"
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted key of the base config -> value, e.g. {loss.terms: [...], data.mask: all}",
+    )
+    tune: dict[str, Param] = Field(
+        default_factory=dict,
+        description="dotted key -> search space; tuned on validation, the best value then run on every seed",
+    )
 
     @field_validator("name")
     @classmethod
@@ -73,38 +81,54 @@ class TuningConfig(_Section):
     metric: str = Field("validation/loss", description="validation metric the tuning optimises (a metrics.json name)")
     direction: Literal["max", "min"] = Field("min", description="direction of tuning.metric")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler")
-    pruner: Literal["median", "none"] = Field("median", description="stop a trial at an evaluation where tuning.metric is worse than the median of earlier trials at that step")
-    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)")
+    pruner: Literal["median", "none"] = Field(
+        "median",
+        description="stop a trial at an evaluation where tuning.metric is worse than the median of earlier trials at that step",
+    )
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)"
+    )
     seed: int | None = Field(None, description="training seed of the tuning trials (default: the first seed)")
 
     @field_validator("metric")
     @classmethod
     def _validation_only(cls, metric: str) -> str:
         if not metric.startswith("validation/"):
-            raise ValueError(f"tuning selects on the validation split: a validation/... metric, not {metric!r} "
-                             "(tuning on the test split would make the test results optimistic)")
+            raise ValueError(
+                f"tuning selects on the validation split: a validation/... metric, not {metric!r} "
+                "(tuning on the test split would make the test results optimistic)"
+            )
         return metric
 
 
 class StatsConfig(_Section):
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of the intervals")
-    n_bootstrap: int = Field(2000, ge=100, description="bootstrap resamples (CIs over seeds, paired bootstrap over test examples)")
+    n_bootstrap: int = Field(
+        2000, ge=100, description="bootstrap resamples (CIs over seeds, paired bootstrap over test examples)"
+    )
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the marks in the report")
 
 
 class CompareConfig(_Section):
-    base: dict[str, Any] | None = Field(None, description="the base training config (a `losslab train` mapping; output_dir not needed)")
+    base: dict[str, Any] | None = Field(
+        None, description="the base training config (a `losslab train` mapping; output_dir not needed)"
+    )
     base_config: str | None = Field(None, description="or: path of a `losslab train` YAML (relative to this file)")
     variants: list[Variant] = Field(min_length=1, description="named variants of the base")
     baseline: str | None = Field(None, description="variant the others are compared against (default: the first)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds; every variant runs every seed")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds; every variant runs every seed"
+    )
     metrics: list[Metric] = Field(min_length=1, description="metrics compared, with their direction")
     output_dir: str = Field(description="study folder: runs/, results.json, report.html, tuning.db")
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
-    keep_checkpoints: bool = Field(False, description="keep the checkpoint-* folders of finished runs and tuning trials "
-                                   "(default: deleted once a run has its metrics.json or a trial has ended; model/ is kept)")
+    keep_checkpoints: bool = Field(
+        False,
+        description="keep the checkpoint-* folders of finished runs and tuning trials "
+        "(default: deleted once a run has its metrics.json or a trial has ended; model/ is kept)",
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -136,8 +160,14 @@ class CompareConfig(_Section):
 class Study:
     """A validated study: the config, its source (for error messages) and the base mapping."""
 
-    def __init__(self, config: CompareConfig, base: dict[str, Any], *, source: str = "<config>",
-                 lines: dict[tuple[str, ...], int] | None = None) -> None:
+    def __init__(
+        self,
+        config: CompareConfig,
+        base: dict[str, Any],
+        *,
+        source: str = "<config>",
+        lines: dict[tuple[str, ...], int] | None = None,
+    ) -> None:
         self.config = config
         self.base = base
         self.source = source
@@ -165,8 +195,11 @@ class Study:
         where = f"{self.source}:{line}" if line else self.source
         config = validate(TrainConfig, {**data, "output_dir": "."}, source=f"{where} (variant {variant.name!r})")
         # bad terms, and terms the task cannot feed: before the first run, not at this variant's
-        plan_loss(config, where=f"{where} (variant {variant.name!r}): field 'loss.terms'",
-                  term_where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'")
+        plan_loss(
+            config,
+            where=f"{where} (variant {variant.name!r}): field 'loss.terms'",
+            term_where=lambda i: f"{where} (variant {variant.name!r}): field 'loss.terms.{i}'",
+        )
         return config
 
 
@@ -188,8 +221,11 @@ def config_hash(data: dict[str, Any]) -> str:
     packages that ship it)."""
     complete = TrainConfig.model_validate({**data, "output_dir": "."})
     keyed: dict[str, Any] = complete.model_dump(mode="json", exclude={"output_dir"})
-    paths = {split: Path(spec).expanduser() for split, spec in (data.get("data") or {}).items()
-             if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)}
+    paths = {
+        split: Path(spec).expanduser()
+        for split, spec in (data.get("data") or {}).items()
+        if split in SPLITS and isinstance(spec, str) and not spec.startswith(BUILTIN_DATA_PREFIX)
+    }
     files = {split: _file_digest(path) for split, path in paths.items() if path.is_file()}
     if files:
         keyed["data_file_contents"] = files
@@ -232,7 +268,9 @@ def set_dotted(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
                 else:
                     target = target.setdefault(part, {})
             else:
-                raise UserError(f"override {key!r}: {'.'.join(parts[:i])!r} is a {type(target).__name__}, not a mapping")
+                raise UserError(
+                    f"override {key!r}: {'.'.join(parts[:i])!r} is a {type(target).__name__}, not a mapping"
+                )
     return data
 
 
@@ -247,9 +285,11 @@ def _check_storage(config: CompareConfig, path: str | Path, lines: dict[tuple[st
     file = Path(name).expanduser().resolve()
     if not file.is_relative_to(Path(config.output_dir).expanduser().resolve()):
         line = lines.get(("tuning", "storage"))
-        raise UserError(f"field 'tuning.storage': the SQLite file {str(file)!r} is outside output_dir "
-                        f"({config.output_dir!r}); losslab writes only inside output_dir (or use a database server URL)",
-                        where=f"{path}:{line}" if line else str(path))
+        raise UserError(
+            f"field 'tuning.storage': the SQLite file {str(file)!r} is outside output_dir "
+            f"({config.output_dir!r}); losslab writes only inside output_dir (or use a database server URL)",
+            where=f"{path}:{line}" if line else str(path),
+        )
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
@@ -262,8 +302,10 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         base_path = (Path(path).parent / config.base_config).resolve()
         if not base_path.is_file():
             line = lines.get(("base_config",))
-            raise UserError(f"field 'base_config': config file not found: {base_path}",
-                            where=f"{path}:{line}" if line else str(path))
+            raise UserError(
+                f"field 'base_config': config file not found: {base_path}",
+                where=f"{path}:{line}" if line else str(path),
+            )
         base, _ = load_yaml(base_path)
     else:
         base = config.base or {}
@@ -275,14 +317,19 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
             if variant.tune:
                 study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})
         if variant.tune and "validation" not in trained.eval.splits:
-            raise UserError(f"variant {variant.name!r} is tuned on {config.tuning.metric!r} but does not evaluate the "
-                            f"validation split (eval.splits: {trained.eval.splits}); add validation to eval.splits",
-                            where=file.where("variants", str(config.variants.index(variant))))
+            raise UserError(
+                f"variant {variant.name!r} is tuned on {config.tuning.metric!r} but does not evaluate the "
+                f"validation split (eval.splits: {trained.eval.splits}); add validation to eval.splits",
+                where=file.where("variants", str(config.variants.index(variant))),
+            )
         for metric in config.metrics:
             split = metric.name.split("/", 1)[0]
             if "/" in metric.name and split in ("validation", "test") and split not in trained.eval.splits:
-                raise UserError(f"metric {metric.name!r}: variant {variant.name!r} does not evaluate the {split} split "
-                                f"(eval.splits: {trained.eval.splits})", where=str(path))
+                raise UserError(
+                    f"metric {metric.name!r}: variant {variant.name!r} does not evaluate the {split} split "
+                    f"(eval.splits: {trained.eval.splits})",
+                    where=str(path),
+                )
         check_metric_names(file, config, variant, trained)
     return study
 
@@ -298,19 +345,24 @@ def produced_metrics(config: TrainConfig) -> set[str]:
 
 def metric_matches(name: str, produced: set[str]) -> bool:
     """``name`` is one of ``produced``, or fills a ``prefix/*`` entry of it."""
-    return name in produced or any(p.endswith("/*") and name.startswith(p[:-1]) and len(name) > len(p) - 1
-                                   for p in produced)
+    return name in produced or any(
+        p.endswith("/*") and name.startswith(p[:-1]) and len(name) > len(p) - 1 for p in produced
+    )
 
 
 def check_metric_names(file: ConfigFile, config: CompareConfig, variant: Variant, trained: TrainConfig) -> None:
     """Every metric the study compares (and tunes on) is one the variant's runs write: a typo is
     found before the first run, not after the last."""
     produced = produced_metrics(trained)
-    wanted: list[tuple[str, tuple[str, ...]]] = [(metric.name, ("metrics", str(i), "name"))
-                                                 for i, metric in enumerate(config.metrics)]
+    wanted: list[tuple[str, tuple[str, ...]]] = [
+        (metric.name, ("metrics", str(i), "name")) for i, metric in enumerate(config.metrics)
+    ]
     if variant.tune:
         wanted.append((config.tuning.metric, ("tuning", "metric")))
     for name, loc in wanted:
         if not metric_matches(name, produced):
-            raise UserError(f"metric {name!r} is not produced by variant {variant.name!r} (task {trained.task}); "
-                            f"its runs give: {', '.join(sorted(produced))}", where=file.where(*loc))
+            raise UserError(
+                f"metric {name!r} is not produced by variant {variant.name!r} (task {trained.task}); "
+                f"its runs give: {', '.join(sorted(produced))}",
+                where=file.where(*loc),
+            )

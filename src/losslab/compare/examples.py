@@ -67,7 +67,7 @@ def example_id(row: dict[str, Any]) -> str:
 def class_names(metrics: dict[str, Any], split: str, rows: list[dict[str, Any]]) -> list[str]:
     """The classes of a run's report (its ``<split>/support/<class>`` keys), then any other name seen."""
     prefix = f"{split}/support/"
-    names = [k[len(prefix):] for k in metrics if k.startswith(prefix)]
+    names = [k[len(prefix) :] for k in metrics if k.startswith(prefix)]
     for row in rows:
         for name in (row["gold"], row["predicted"]):
             if name not in names:
@@ -140,7 +140,9 @@ def display(row: dict[str, Any]) -> tuple[str, str, str]:
     """(input, reference, output) of one prediction record, as text for the report."""
     k = kind([row])
     if k == "reward":
-        prompt = f"{row.get('prompt') or ''}\n\nchosen: {row.get('chosen') or ''}\n\nrejected: {row.get('rejected') or ''}"
+        prompt = (
+            f"{row.get('prompt') or ''}\n\nchosen: {row.get('chosen') or ''}\n\nrejected: {row.get('rejected') or ''}"
+        )
         c, r = float(row["reward_chosen"]), float(row["reward_rejected"])
         verdict = "right" if c > r else "tie" if c == r else "wrong"
         return prompt, "chosen > rejected", f"{c:.3f} vs {r:.3f} ({verdict})"

@@ -47,8 +47,15 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-TEST_HEADER = ["variant", "metric", "mean diff", "per seed", "p (seeds)", "vs baseline",
-               "test examples: delta [95% CI], p, n"]
+TEST_HEADER = [
+    "variant",
+    "metric",
+    "mean diff",
+    "per seed",
+    "p (seeds)",
+    "vs baseline",
+    "test examples: delta [95% CI], p, n",
+]
 
 
 def verdict(paired: dict[str, Any]) -> str:
@@ -63,8 +70,10 @@ def examples_cell(ex: dict[str, Any] | None) -> str:
     """The paired bootstrap over test examples: ``delta [lo, hi], p = ..., n = ...`` ('-' when none)."""
     if not ex:
         return "-"
-    return (f"{_fmt(ex['delta'])} [{_fmt(ex['ci_low'])}, {_fmt(ex['ci_high'])}], p = {_fmt(ex['p_value'], 3)}, "
-            f"n = {ex['n_examples']}")
+    return (
+        f"{_fmt(ex['delta'])} [{_fmt(ex['ci_low'])}, {_fmt(ex['ci_high'])}], p = {_fmt(ex['p_value'], 3)}, "
+        f"n = {ex['n_examples']}"
+    )
 
 
 def test_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -74,8 +83,17 @@ def test_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, entry in results["variants"].items():
         for metric, t in entry["vs_baseline"].items():
-            rows.append([name, metric, _fmt(t["mean_diff"]), ", ".join(_fmt(d) for d in t["diffs"]),
-                         _fmt(t["p_value"], 3), verdict(t), examples_cell(t.get("examples"))])
+            rows.append(
+                [
+                    name,
+                    metric,
+                    _fmt(t["mean_diff"]),
+                    ", ".join(_fmt(d) for d in t["diffs"]),
+                    _fmt(t["p_value"], 3),
+                    verdict(t),
+                    examples_cell(t.get("examples")),
+                ]
+            )
     if all(r[-1] == "-" for r in rows):
         return TEST_HEADER[:-1], [r[:-1] for r in rows]
     return list(TEST_HEADER), rows
@@ -86,18 +104,31 @@ def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -
     study = results["study"]
     header, rows = table_rows(results)
     conf = round(study["confidence"] * 100)
-    lines = [f"## losslab compare: {len(results['variants'])} variants x {len(study['seeds'])} seeds",
-             "", (f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
-                  f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']})."), "",
-             format_markdown_table(header, rows), ""]
+    lines = [
+        f"## losslab compare: {len(results['variants'])} variants x {len(study['seeds'])} seeds",
+        "",
+        (
+            f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
+            f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']})."
+        ),
+        "",
+        format_markdown_table(header, rows),
+        "",
+    ]
     test_header, tests = test_rows(results)
     if tests:
-        lines += ["Paired differences against the baseline (variant - baseline, per seed):", "",
-                  format_markdown_table(test_header, tests), ""]
+        lines += [
+            "Paired differences against the baseline (variant - baseline, per seed):",
+            "",
+            format_markdown_table(test_header, tests),
+            "",
+        ]
     min_p = 2 / 2 ** len(study["seeds"])
     if min_p >= study["alpha"]:
-        lines.append(f"Note: with {len(study['seeds'])} seeds the exact sign-flip test cannot go below p = {min_p:.3g}; "
-                     "the paired bootstrap over test examples is the test with power here.")
+        lines.append(
+            f"Note: with {len(study['seeds'])} seeds the exact sign-flip test cannot go below p = {min_p:.3g}; "
+            "the paired bootstrap over test examples is the test with power here."
+        )
     if report_path is not None:
         lines.append(f"\nreport: {report_path}")
     return "\n".join(lines)
@@ -166,7 +197,9 @@ def metric_bars(results: dict[str, Any]) -> str | None:
             if s["mean"] is None:
                 continue
             ax.bar(i, s["mean"], color=f"C{i % 10}", alpha=0.6)
-            ax.errorbar(i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], color="k", capsize=4)
+            ax.errorbar(
+                i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], color="k", capsize=4
+            )
             seeds = [v for v in s["per_seed"].values() if v is not None]
             ax.scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
@@ -185,7 +218,13 @@ def tuning_plot(tuning: dict[str, Any]) -> str | None:
         pruned = [t for t in study["trials"] if t["state"] == "PRUNED"]
         ax.scatter([t["number"] for t in done], [t["value"] for t in done], s=14, label="complete")
         if pruned:
-            ax.scatter([t["number"] for t in pruned], [t.get("last_intermediate") for t in pruned], marker="x", color="C3", label="pruned")
+            ax.scatter(
+                [t["number"] for t in pruned],
+                [t.get("last_intermediate") for t in pruned],
+                marker="x",
+                color="C3",
+                label="pruned",
+            )
         best, xs, ys = None, [], []
         for t in done:
             if best is None or (t["value"] < best if study["direction"] == "min" else t["value"] > best):
@@ -215,8 +254,13 @@ def example_table(runs: list[Run], seed: int, limit: int) -> tuple[list[str], li
     first = next((o for o in outputs.values() if o), [])
     rows = []
     for i, (prompt, reference, _) in enumerate(first[:limit]):
-        rows.append({"prompt": prompt[-400:], "reference": reference,
-                     "replies": [outputs[v][i][2] if i < len(outputs.get(v, [])) else "" for v in variants]})
+        rows.append(
+            {
+                "prompt": prompt[-400:],
+                "reference": reference,
+                "replies": [outputs[v][i][2] if i < len(outputs.get(v, [])) else "" for v in variants],
+            }
+        )
     return variants, rows
 
 
@@ -268,16 +312,33 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
     env = jinja2.Environment(autoescape=True)
     study = results["study"]
     header, rows = table_rows(results)
-    plots = [("Training loss terms and weights", curves(runs, _is_train_term, title="training: total loss, every term, every weight (a line per seed)")),
-             ("Validation curves", curves(runs, _is_eval_term, title="validation loss during training (a line per seed)")),
-             ("Tuning history", tuning_plot(results.get("tuning") or {}))]
+    plots = [
+        (
+            "Training loss terms and weights",
+            curves(runs, _is_train_term, title="training: total loss, every term, every weight (a line per seed)"),
+        ),
+        ("Validation curves", curves(runs, _is_eval_term, title="validation loss during training (a line per seed)")),
+        ("Tuning history", tuning_plot(results.get("tuning") or {})),
+    ]
     variants, example_rows = example_table(runs, study["seeds"][0], examples)
     test_header, tests = test_rows(results)
     return env.from_string(TEMPLATE).render(
-        title=title, variants=results["variants"], seeds=study["seeds"], baseline=study["baseline"],
-        conf=round(study["confidence"] * 100), alpha=study["alpha"], min_p=2 / 2 ** len(study["seeds"]),
-        header=header, rows=rows, test_header=test_header, tests=tests, bars=metric_bars(results), plots=plots,
-        examples=example_rows, example_variants=variants, example_seed=study["seeds"][0],
+        title=title,
+        variants=results["variants"],
+        seeds=study["seeds"],
+        baseline=study["baseline"],
+        conf=round(study["confidence"] * 100),
+        alpha=study["alpha"],
+        min_p=2 / 2 ** len(study["seeds"]),
+        header=header,
+        rows=rows,
+        test_header=test_header,
+        tests=tests,
+        bars=metric_bars(results),
+        plots=plots,
+        examples=example_rows,
+        example_variants=variants,
+        example_seed=study["seeds"][0],
     )
 
 

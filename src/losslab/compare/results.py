@@ -28,8 +28,14 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
     cfg = study.config
     by = {(r.variant, r.seed): r for r in runs}
     out: dict[str, Any] = {
-        "study": {"baseline": cfg.baseline, "seeds": cfg.seeds, "metrics": [m.model_dump() for m in cfg.metrics],
-                  "confidence": cfg.stats.confidence, "alpha": cfg.stats.alpha, "n_bootstrap": cfg.stats.n_bootstrap},
+        "study": {
+            "baseline": cfg.baseline,
+            "seeds": cfg.seeds,
+            "metrics": [m.model_dump() for m in cfg.metrics],
+            "confidence": cfg.stats.confidence,
+            "alpha": cfg.stats.alpha,
+            "n_bootstrap": cfg.stats.n_bootstrap,
+        },
         "variants": {},
         "tuning": tuning or {},
     }
@@ -43,7 +49,9 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
         }
         for metric in cfg.metrics:
             values = {s: _number(by[variant.name, s].metrics.get(metric.name)) for s in cfg.seeds}
-            summary = summarize(list(values.values()), confidence=cfg.stats.confidence, n_bootstrap=cfg.stats.n_bootstrap)
+            summary = summarize(
+                list(values.values()), confidence=cfg.stats.confidence, n_bootstrap=cfg.stats.n_bootstrap
+            )
             entry["metrics"][metric.name] = {"per_seed": {str(s): v for s, v in values.items()}, **summary.to_dict()}
             if variant.name != cfg.baseline:
                 entry["vs_baseline"][metric.name] = _paired(study, by, variant.name, metric.name, metric.direction)
@@ -64,18 +72,26 @@ def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: 
     diffs = [_diff(by[variant, s].metrics.get(metric), by[baseline, s].metrics.get(metric)) for s in cfg.seeds]
     test = sign_flip_test(diffs)
     better = improvement(test.mean_diff, direction)
-    result: dict[str, Any] = {**test.to_dict(), "better": better > 0,
-                              "significant": bool(test.p_value < cfg.stats.alpha),
-                              "mark": significance_mark(test.p_value, better, cfg.stats.alpha)}
+    result: dict[str, Any] = {
+        **test.to_dict(),
+        "better": better > 0,
+        "significant": bool(test.p_value < cfg.stats.alpha),
+        "mark": significance_mark(test.p_value, better, cfg.stats.alpha),
+    }
     split, _, name = metric.partition("/")
-    examples = (example_bootstrap(study, by, variant, split, name) if name in EXAMPLE_METRICS
-                else prediction_bootstrap(study, by, variant, split, name))
+    examples = (
+        example_bootstrap(study, by, variant, split, name)
+        if name in EXAMPLE_METRICS
+        else prediction_bootstrap(study, by, variant, split, name)
+    )
     if examples:
         result["examples"] = examples
     return result
 
 
-def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str) -> dict[str, Any] | None:
+def example_bootstrap(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
+) -> dict[str, Any] | None:
     """Paired bootstrap of a corpus metric over the split's examples (see :func:`_over_examples`);
     None when a run has no generations or the runs' examples do not line up."""
     from losslab.eval.generation import sentence_statistics
@@ -96,8 +112,9 @@ def example_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str
     return _over_examples(study, per_seed, score_fn)
 
 
-def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: str, split: str,
-                         metric: str) -> dict[str, Any] | None:
+def prediction_bootstrap(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
+) -> dict[str, Any] | None:
     """Paired bootstrap of a classification-style metric over the split's saved predictions
     (see :func:`_over_examples`); None when a run has no predictions, the runs' examples do
     not line up, or the metric is not built from per-example statistics
@@ -130,7 +147,9 @@ def prediction_bootstrap(study: Study, by: dict[tuple[str, int], Run], variant: 
     return _over_examples(study, per_seed, score_fn)
 
 
-def _over_examples(study: Study, per_seed: list[tuple[list[Any], np.ndarray, np.ndarray]], score_fn: Any) -> dict[str, Any] | None:
+def _over_examples(
+    study: Study, per_seed: list[tuple[list[Any], np.ndarray, np.ndarray]], score_fn: Any
+) -> dict[str, Any] | None:
     """The paired bootstrap over test examples with every seed's outputs: each example's
     statistics are summed over the seeds (the corpus score is unchanged) and the N examples
     resampled, so an example counts once however many seeds saw it, not once per seed, which
@@ -142,10 +161,15 @@ def _over_examples(study: Study, per_seed: list[tuple[list[Any], np.ndarray, np.
         return None
     stats_a = np.sum([a.reshape(len(a), -1) for _, a, _ in per_seed], axis=0)
     stats_b = np.sum([b.reshape(len(b), -1) for _, _, b in per_seed], axis=0)
-    result = paired_bootstrap(stats_a, stats_b, score_fn, n_samples=cfg.stats.n_bootstrap, seed=0,
-                              confidence=cfg.stats.confidence)
-    return {**result.to_dict(), "n_examples": len(stats_a), "seeds_summed": len(per_seed),
-            "significant": bool(result.p_value < cfg.stats.alpha)}
+    result = paired_bootstrap(
+        stats_a, stats_b, score_fn, n_samples=cfg.stats.n_bootstrap, seed=0, confidence=cfg.stats.confidence
+    )
+    return {
+        **result.to_dict(),
+        "n_examples": len(stats_a),
+        "seeds_summed": len(per_seed),
+        "significant": bool(result.p_value < cfg.stats.alpha),
+    }
 
 
 def _number(value: Any) -> float | None:

@@ -78,14 +78,19 @@ def execute(runs: list[Run], keep_checkpoints: bool = False) -> list[Run]:
     print(f"losslab compare: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
     started = time.monotonic()
     for i, run in enumerate(todo, 1):
-        print(f"\n[{progress_bar(i - 1, len(todo))}] run {i}/{len(todo)}: {run.variant} seed {run.seed} -> {run.dir}"
-              + eta(started, i - 1, len(todo)), flush=True)
+        print(
+            f"\n[{progress_bar(i - 1, len(todo))}] run {i}/{len(todo)}: {run.variant} seed {run.seed} -> {run.dir}"
+            + eta(started, i - 1, len(todo)),
+            flush=True,
+        )
         run.dir.mkdir(parents=True, exist_ok=True)
         train_run(run.config)
         if not keep_checkpoints:
             drop_checkpoints(run.dir)
     if todo:
-        print(f"[{progress_bar(len(todo), len(todo))}] {len(todo)} runs in {time.monotonic() - started:.0f} s", flush=True)
+        print(
+            f"[{progress_bar(len(todo), len(todo))}] {len(todo)} runs in {time.monotonic() - started:.0f} s", flush=True
+        )
     if not keep_checkpoints:  # also those left by a run killed after its metrics.json
         for run in runs:
             drop_checkpoints(run.dir)

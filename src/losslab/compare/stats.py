@@ -87,7 +87,9 @@ def sign_flip_test(diffs: Sequence[float | None], *, seed: int = 0) -> PairedTes
     null = np.abs(signs @ d / n)
     # Tolerance: a pattern equal to the observed one in exact arithmetic must count.
     extreme = int(np.sum(null >= observed - 1e-12 * max(1.0, observed)))
-    p = extreme / len(signs) if n <= EXACT_MAX_SEEDS else (1 + extreme) / (1 + len(signs))  # the observed signs may not be drawn
+    p = (
+        extreme / len(signs) if n <= EXACT_MAX_SEEDS else (1 + extreme) / (1 + len(signs))
+    )  # the observed signs may not be drawn
     return PairedTest(n, float(d.mean()), d.tolist(), p, method)
 
 

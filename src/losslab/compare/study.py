@@ -29,8 +29,9 @@ def compare(study: Study) -> dict:
     runs = execute(plan(study, tuned), keep_checkpoints=study.config.keep_checkpoints)
     results = analyze(study, runs, tuning)
     write_results(results, study.out / "results.json")
-    report = write_report(results, runs, study.out / "report.html", title=Path(study.source).stem,
-                          examples=study.config.examples)
+    report = write_report(
+        results, runs, study.out / "report.html", title=Path(study.source).stem, examples=study.config.examples
+    )
     print()
     print(markdown_summary(results, report.resolve()))
     return results

@@ -34,8 +34,14 @@ def study_name(study: Study, variant: Variant) -> str:
     t = study.config.tuning
     seed = study.config.seeds[0] if t.seed is None else t.seed
     space = {k: p.model_dump() for k, p in variant.tune.items()}
-    what = {"base": config_hash(study.resolve(variant, seed)), "space": space, "metric": t.metric, "direction": t.direction,
-            "sampler": t.sampler, "pruner": t.pruner}
+    what = {
+        "base": config_hash(study.resolve(variant, seed)),
+        "space": space,
+        "metric": t.metric,
+        "direction": t.direction,
+        "sampler": t.sampler,
+        "pruner": t.pruner,
+    }
     return f"{variant.name}__{digest(what)}"
 
 
@@ -58,11 +64,20 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     seed = cfg.seeds[0] if t.seed is None else t.seed
     storage = t.storage or f"sqlite:///{(study.out / 'tuning.db').resolve()}"
     name = study_name(study, variant)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if t.pruner == "median" else optuna.pruners.NopPruner()
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+        if t.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ostudy = optuna.create_study(study_name=name, storage=storage, sampler=make_sampler(t.sampler, trials=t.trials, seed=0),
-                                 pruner=pruner, direction="maximize" if t.direction == "max" else "minimize",
-                                 load_if_exists=True)
+    ostudy = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        sampler=make_sampler(t.sampler, trials=t.trials, seed=0),
+        pruner=pruner,
+        direction="maximize" if t.direction == "max" else "minimize",
+        load_if_exists=True,
+    )
     # Resumed: a sampler seeded as in the first attempt would draw that attempt's parameters again.
     ostudy.sampler = make_sampler(t.sampler, trials=t.trials, seed=len(ostudy.trials))
     finished = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
@@ -79,7 +94,10 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
                 return
             trial.report(float(value), step)
             if trial.should_prune():
-                print(f"tuning {variant.name}: trial {trial.number + 1} pruned at step {step} ({t.metric} = {value:.4g})", flush=True)
+                print(
+                    f"tuning {variant.name}: trial {trial.number + 1} pruned at step {step} ({t.metric} = {value:.4g})",
+                    flush=True,
+                )
                 raise optuna.TrialPruned(f"step {step}: {t.metric} = {value:.4g}")
 
         if not (folder / "metrics.json").is_file():
@@ -91,8 +109,10 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
         metrics = read_metrics_json(folder / "metrics.json")
         value = metrics.get(t.metric)
         if value is None:
-            raise UserError(f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
-                            f"(available: {', '.join(k for k in metrics if k.startswith('validation/'))})")
+            raise UserError(
+                f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
+                f"(available: {', '.join(k for k in metrics if k.startswith('validation/'))})"
+            )
         return float(value)
 
     left = t.trials - sum(tr.state in finished for tr in ostudy.trials)
@@ -105,12 +125,26 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
     if not complete:
         raise UserError(f"tuning {variant.name!r}: no trial completed (all {len(ostudy.trials)} pruned or failed)")
     return {
-        "study_name": name, "storage": storage, "metric": t.metric, "direction": t.direction, "seed": seed,
-        "best_params": dict(ostudy.best_params), "best_value": ostudy.best_value,
-        "trials": [{"number": tr.number, "state": tr.state.name, "value": tr.value, "params": dict(tr.params),
-                    "last_intermediate": (tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None),
-                    "last_step": max(tr.intermediate_values) if tr.intermediate_values else None}
-                   for tr in ostudy.trials],
+        "study_name": name,
+        "storage": storage,
+        "metric": t.metric,
+        "direction": t.direction,
+        "seed": seed,
+        "best_params": dict(ostudy.best_params),
+        "best_value": ostudy.best_value,
+        "trials": [
+            {
+                "number": tr.number,
+                "state": tr.state.name,
+                "value": tr.value,
+                "params": dict(tr.params),
+                "last_intermediate": (
+                    tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None
+                ),
+                "last_step": max(tr.intermediate_values) if tr.intermediate_values else None,
+            }
+            for tr in ostudy.trials
+        ],
     }
 
 
@@ -120,6 +154,8 @@ def tune_all(study: Study) -> dict[str, dict[str, Any]]:
     for variant in study.config.variants:
         if variant.tune:
             out[variant.name] = tune_variant(study, variant)
-            print(f"tuned {variant.name}: best {out[variant.name]['best_params']} "
-                  f"({study.config.tuning.metric} = {out[variant.name]['best_value']:.4g})")
+            print(
+                f"tuned {variant.name}: best {out[variant.name]['best_params']} "
+                f"({study.config.tuning.metric} = {out[variant.name]['best_value']:.4g})"
+            )
     return out

@@ -43,7 +43,9 @@ def prepare_source(source: BuiltinDataset, out: Path) -> dict:
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     seen: set[str] = set()
     duplicates = 0
-    for _key, record in tqdm(source.read(), desc=f"preparing {source.name}", unit=" records", leave=False, disable=None):
+    for _key, record in tqdm(
+        source.read(), desc=f"preparing {source.name}", unit=" records", leave=False, disable=None
+    ):
         schema.model_validate(record)  # our own readers must produce contract records
         line = json.dumps(record, ensure_ascii=False)
         if line in seen:

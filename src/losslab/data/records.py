@@ -159,7 +159,9 @@ def _iter_table(path: Path, kind: str) -> Iterator[tuple[Source, Any]]:
         cause = exc
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
-        raise UserError(f"cannot read this {kind} file: {type(cause).__name__}: {str(cause)[:300]}", where=str(path)) from None
+        raise UserError(
+            f"cannot read this {kind} file: {type(cause).__name__}: {str(cause)[:300]}", where=str(path)
+        ) from None
     for i, rec in enumerate(ds, 1):
         yield Source(str(path), i), rec
 

@@ -19,7 +19,9 @@ def _valid_unicode(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"not valid Unicode text (a lone surrogate {text[exc.start]!r} at character {exc.start})") from None
+        raise ValueError(
+            f"not valid Unicode text (a lone surrogate {text[exc.start]!r} at character {exc.start})"
+        ) from None
     return text
 
 

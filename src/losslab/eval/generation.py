@@ -166,7 +166,10 @@ def generation_report(
 
 
 def sentence_statistics(
-    hypotheses: Sequence[str], references: References, *, metric: Literal["bleu", "chrf"] = "bleu",
+    hypotheses: Sequence[str],
+    references: References,
+    *,
+    metric: Literal["bleu", "chrf"] = "bleu",
 ) -> tuple[np.ndarray, Callable[[np.ndarray], float]]:
     """sacrebleu's per-example sufficient statistics of BLEU or chrF, (N, K) float64, and the
     function from summed statistics (K,) to the corpus score. Statistics add up: the rows of

@@ -85,7 +85,9 @@ class PerplexityAccumulator(SumState):
         self.state["sum_nll"] += s
         self.state["n_tokens"] += n
 
-    def update_from_logits(self, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> None:
+    def update_from_logits(
+        self, logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         """``update(*token_nll_sum(logits, labels, ignore_index=ignore_index))``."""
         self.update(*token_nll_sum(logits, labels, ignore_index=ignore_index))
 

@@ -68,7 +68,9 @@ def extract_entities(sequences: Sequence[Sequence[str]], token_cls: type | None)
     if token_cls is None:
         from seqeval.metrics.sequence_labeling import get_entities
 
-        return {(i, type_, start, end) for i, seq in enumerate(sequences) for type_, start, end in get_entities(list(seq))}
+        return {
+            (i, type_, start, end) for i, seq in enumerate(sequences) for type_, start, end in get_entities(list(seq))
+        }
     from seqeval.scheme import Entities
 
     found = Entities([list(s) for s in sequences], token_cls)

@@ -66,8 +66,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _loss_fn(method: str, option: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
-             token_weights: torch.Tensor | None) -> Callable[[], torch.Tensor] | None:
+def _loss_fn(
+    method: str, option: str, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, token_weights: torch.Tensor | None
+) -> Callable[[], torch.Tensor] | None:
     """The forward of one method for one option, or None where the method has no such option."""
     import torch.nn.functional as F
 
@@ -131,8 +132,14 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     if fn is None:
         return {**result, "supported": False}
     # warm the libraries up on a tiny problem, outside the measurement
-    small = _loss_fn(spec["method"], spec["option"], h[:8].detach().requires_grad_(), w[:64].detach().requires_grad_(),
-                     labels[:8].clamp(max=63), token_weights[:8] if token_weights is not None else None)
+    small = _loss_fn(
+        spec["method"],
+        spec["option"],
+        h[:8].detach().requires_grad_(),
+        w[:64].detach().requires_grad_(),
+        labels[:8].clamp(max=63),
+        token_weights[:8] if token_weights is not None else None,
+    )
     assert small is not None  # (the same method and option as fn)
     small().backward()  # type: ignore[no-untyped-call]
 
@@ -203,7 +210,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def compare(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Ratios of each row against the same run's plain / torch_chunked (same option, same
     fraction), and the acceptance checks of the fused head."""
-    ok = {(r["method"], r["option"], r["ignored_fraction"]): r for r in results if r.get("supported") and "error" not in r}
+    ok = {
+        (r["method"], r["option"], r["ignored_fraction"]): r for r in results if r.get("supported") and "error" not in r
+    }
 
     def get(method: str, option: str, frac: float, field: str) -> Any:
         r = ok.get((method, option, frac))
@@ -222,8 +231,15 @@ def compare(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
     checks = []
 
     def check(name: str, where: str, value: float | None, target: float) -> None:
-        checks.append({"target": name, "where": where, "value": value, "limit": target,
-                       "met": None if value is None else value <= target})
+        checks.append(
+            {
+                "target": name,
+                "where": where,
+                "value": value,
+                "limit": target,
+                "met": None if value is None else value <= target,
+            }
+        )
 
     fractions = sorted({r["ignored_fraction"] for r in results})
     for row in rows:
@@ -242,8 +258,12 @@ def compare(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[d
             for option in OPTIONS:
                 value = _ratio(get("losslab", option, frac, "time_s"), get("losslab", option, 0, "time_s"))
                 if value is not None and frac >= 0.5:
-                    check("half_ignored_vs_all_valid", f"{option}, ignored {frac:g} vs 0", value,
-                          TARGETS["half_ignored_vs_all_valid"])
+                    check(
+                        "half_ignored_vs_all_valid",
+                        f"{option}, ignored {frac:g} vs 0",
+                        value,
+                        TARGETS["half_ignored_vs_all_valid"],
+                    )
     for frac in fractions:
         for option in (o for o in OPTIONS if o != "plain"):
             where = f"{option} vs plain, ignored {frac:g}"
@@ -284,7 +304,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines += ["", "acceptance (losslab):"]
     for chk in report["acceptance"]:
         mark = {True: "met ", False: "MISS", None: "?   "}[chk["met"]]
-        lines.append(f"  {mark} {chk['target']:<26} {_fmt(chk['value'], '.3f'):>6} <= {chk['limit']:<5g} {chk['where']}")
+        lines.append(
+            f"  {mark} {chk['target']:<26} {_fmt(chk['value'], '.3f'):>6} <= {chk['limit']:<5g} {chk['where']}"
+        )
     return "\n".join(lines)
 
 
@@ -309,13 +331,25 @@ def format_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    keys = sorted({(r["ignored_fraction"], r["option"]) for r in report["results"]},
-                  key=lambda k: (k[0], list(OPTIONS).index(k[1])))
+    keys = sorted(
+        {(r["ignored_fraction"], r["option"]) for r in report["results"]},
+        key=lambda k: (k[0], list(OPTIONS).index(k[1])),
+    )
     for frac, option in keys:
         ours = by_key.get(("losslab", option, frac), {})
-        ratios = [f"{_fmt(ours.get(f'time_vs_{m}'))} / {_fmt(ours.get(f'memory_vs_{m}'))}"
-                  if ours.get(f"time_vs_{m}") is not None else "-" for m in methods]
-        row = [option, f"{frac:g}", *(cell(by_key.get((m, option, frac))) for m in methods), cell(ours or None), *ratios]
+        ratios = [
+            f"{_fmt(ours.get(f'time_vs_{m}'))} / {_fmt(ours.get(f'memory_vs_{m}'))}"
+            if ours.get(f"time_vs_{m}") is not None
+            else "-"
+            for m in methods
+        ]
+        row = [
+            option,
+            f"{frac:g}",
+            *(cell(by_key.get((m, option, frac))) for m in methods),
+            cell(ours or None),
+            *ratios,
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| target | where | value | limit | met |", "|---|---|---|---|---|"]
     for chk in report["acceptance"]:
@@ -344,19 +378,42 @@ def bench_loss_head(
     for frac in ignored_fractions:
         for option in options:
             for method in methods:
-                spec = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "ignored_fraction": frac,
-                        "option": option, "method": method, "repeats": repeats, "warmup": warmup,
-                        "device": device, "dtype": dtype}
+                spec = {
+                    "tokens": tokens,
+                    "hidden": hidden,
+                    "vocab": vocab,
+                    "ignored_fraction": frac,
+                    "option": option,
+                    "method": method,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "device": device,
+                    "dtype": dtype,
+                }
                 result = _run_in_subprocess(spec, timeout)
                 results.append(result)
                 if progress:
-                    progress(f"{option} ignored={frac:g} {method}: "
-                             + (f"{result['time_s']:.2f} s, {result['peak_mb']:.0f} MB" if "time_s" in result
-                                else result.get("error", "n/a")))
+                    progress(
+                        f"{option} ignored={frac:g} {method}: "
+                        + (
+                            f"{result['time_s']:.2f} s, {result['peak_mb']:.0f} MB"
+                            if "time_s" in result
+                            else result.get("error", "n/a")
+                        )
+                    )
     rows, checks = compare(results)
-    config = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
-              "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "cpus": os.cpu_count()}
+    config = {
+        "tokens": tokens,
+        "hidden": hidden,
+        "vocab": vocab,
+        "dtype": dtype,
+        "device": device,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
     return {"config": config, "results": rows, "acceptance": checks}
 
 
@@ -384,9 +441,16 @@ def run_bench_loss_head(args: argparse.Namespace) -> int:
         raise UserError("--device cuda: no CUDA device is available")
     check_memory(args.tokens, args.hidden, args.vocab, methods, args.device, args.dtype)
     report = bench_loss_head(
-        tokens=args.tokens, hidden=args.hidden, vocab=args.vocab, ignored_fractions=tuple(fractions),
-        options=options, methods=methods, repeats=args.repeats, warmup=getattr(args, "warmup", 1),
-        device=args.device, dtype=args.dtype,
+        tokens=args.tokens,
+        hidden=args.hidden,
+        vocab=args.vocab,
+        ignored_fractions=tuple(fractions),
+        options=options,
+        methods=methods,
+        repeats=args.repeats,
+        warmup=getattr(args, "warmup", 1),
+        device=args.device,
+        dtype=args.dtype,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(json.dumps(report, indent=1) if args.json else format_table(report))
@@ -411,9 +475,11 @@ def check_memory(tokens: int, hidden: int, vocab: int, methods: tuple[str, ...],
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
-        raise UserError(f"--tokens {tokens} --hidden {hidden} --vocab {vocab}: one case needs about {need / 2**30:.1f} GiB"
-                        f"{' (the plain method holds the N x V logits and their gradient)' if 'plain' in methods else ''}, "
-                        f"more than the {have / 2**30:.1f} GiB of {device}; choose smaller sizes")
+        raise UserError(
+            f"--tokens {tokens} --hidden {hidden} --vocab {vocab}: one case needs about {need / 2**30:.1f} GiB"
+            f"{' (the plain method holds the N x V logits and their gradient)' if 'plain' in methods else ''}, "
+            f"more than the {have / 2**30:.1f} GiB of {device}; choose smaller sizes"
+        )
 
 
 if __name__ == "__main__":  # worker: one case, the result as one JSON line

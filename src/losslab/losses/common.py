@@ -125,4 +125,3 @@ def config_value(value: Any) -> Any:
     if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
         return float(value)
     return value
-

@@ -163,7 +163,9 @@ class CompositeLoss:
         labels = [t.label for t in terms]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
-            raise UserError(f"loss term labels must be unique; repeated: {', '.join(repeated)} (set `label:` to tell them apart)")
+            raise UserError(
+                f"loss term labels must be unique; repeated: {', '.join(repeated)} (set `label:` to tell them apart)"
+            )
         self.terms = list(terms)
 
     def missing_inputs(self, present: set[str] | LossInputs) -> list[str]:
@@ -193,7 +195,9 @@ class CompositeLoss:
         total: torch.Tensor | None = None
         for term in self.terms:
             w = weights[term.label]
-            additive = term.batch_additive or (term.count_field is not None and getattr(inputs, term.count_field) is not None)
+            additive = term.batch_additive or (
+                term.count_field is not None and getattr(inputs, term.count_field) is not None
+            )
             scale = 1.0 if additive else per_batch_scale
             if w == 0:
                 with torch.no_grad():

@@ -277,8 +277,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, targets = inputs
         needs = ctx.needs_input_grad
         with _without_autocast(hidden.device):
-            return _head_pass(hidden, weight, bias, targets, row_scale, ctx.formula, ctx.chunk_size,
-                              grad_hidden=needs[0], grad_weight=needs[1], grad_bias=needs[2])
+            return _head_pass(
+                hidden,
+                weight,
+                bias,
+                targets,
+                row_scale,
+                ctx.formula,
+                ctx.chunk_size,
+                grad_hidden=needs[0],
+                grad_weight=needs[1],
+                grad_bias=needs[2],
+            )
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -364,7 +374,9 @@ def fused_linear_cross_entropy(
     check_reduction(reduction, TOKEN_REDUCTIONS)
     check_token_options(label_smoothing, z_loss, focal_gamma)
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden (..., d) and weight (V, d) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden (..., d) and weight (V, d) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not align")
     if bias is not None and bias.shape != weight.shape[:1]:

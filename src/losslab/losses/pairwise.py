@@ -40,8 +40,9 @@ def _per_pair(name: str, values: torch.Tensor | float, pairs: torch.Tensor) -> t
     if v.ndim == 0 or v.shape == pairs.shape:
         return v
     if _without_trailing_one(v.shape) != _without_trailing_one(pairs.shape):
-        raise ValueError(f"{name} {tuple(v.shape)} does not match the pairs {tuple(pairs.shape)}: "
-                         "give one number or one per pair")
+        raise ValueError(
+            f"{name} {tuple(v.shape)} does not match the pairs {tuple(pairs.shape)}: give one number or one per pair"
+        )
     return v.reshape(pairs.shape)
 
 

@@ -127,8 +127,14 @@ def _token_cross_entropy(inputs: LossInputs, options: dict[str, Any]) -> torch.T
     # (B, T, D) hidden with (B, T) labels: the fused head takes any leading shape, so the
     # ``sequence`` reduction sees the same sequences as with logits
     return fused_linear_cross_entropy(
-        hidden, weight, labels, bias=inputs.lm_head_bias, chunk_size=chunk_size,
-        reduction=reduction, num_items=count, **kwargs,
+        hidden,
+        weight,
+        labels,
+        bias=inputs.lm_head_bias,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        num_items=count,
+        **kwargs,
     )
 
 
@@ -151,8 +157,13 @@ _CONTEXT = (frozenset({"hidden_states", "labels"}), frozenset({"hidden_states", 
 LOSSES: dict[str, TermSpec] = {
     "token_cross_entropy": TermSpec(
         token_cross_entropy,
-        {"logits": "logits", "labels": "labels", "ignore_index": "ignore_index",
-         "token_weights": "token_weights?", "num_items": "num_items?"},
+        {
+            "logits": "logits",
+            "labels": "labels",
+            "ignore_index": "ignore_index",
+            "token_weights": "token_weights?",
+            "num_items": "num_items?",
+        },
         reductions=("mean", "sum", "sequence"),
         requires=(frozenset({"labels", "logits"}), frozenset({"labels", "hidden_states", "lm_head_weight"})),
         compute=_token_cross_entropy,
@@ -162,7 +173,9 @@ LOSSES: dict[str, TermSpec] = {
     "cross_entropy": TermSpec(classification_cross_entropy, _CLASSIFICATION),
     "focal": TermSpec(focal_loss, _CLASSIFICATION),
     "multiclass_hinge": TermSpec(multiclass_hinge_loss, _CLASSIFICATION),
-    "binary_cross_entropy": TermSpec(binary_cross_entropy, {"logits": "class_logits", "targets": "class_targets", **_ITEMS}),
+    "binary_cross_entropy": TermSpec(
+        binary_cross_entropy, {"logits": "class_logits", "targets": "class_targets", **_ITEMS}
+    ),
     "binary_focal": TermSpec(binary_focal_loss, {"logits": "class_logits", "targets": "class_targets", **_ITEMS}),
     "mse": TermSpec(mse_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}),
     "huber": TermSpec(huber_loss, {"predictions": "predictions", "targets": "targets", **_ITEMS}),
@@ -255,7 +268,9 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
 
 
 def build_composite(
-    configs: Sequence[Mapping[str, Any]], *, total_steps: int | None = None,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    total_steps: int | None = None,
     where: str | Callable[[int], str] = "loss.terms",
 ) -> CompositeLoss:
     """A :class:`CompositeLoss` from a list of term configs (``loss.terms`` in a config file).
@@ -263,7 +278,9 @@ def build_composite(
     that gives the i-th term's place (a config file's line)."""
     term_where = where if callable(where) else (lambda i: f"{where}[{i}]")
     if isinstance(configs, (str, Mapping)) or not isinstance(configs, Sequence):
-        raise UserError(f"expected a list of loss terms; got {configs!r}", where=where if isinstance(where, str) else None)
+        raise UserError(
+            f"expected a list of loss terms; got {configs!r}", where=where if isinstance(where, str) else None
+        )
     terms = [build_term(c, total_steps=total_steps, where=term_where(i)) for i, c in enumerate(configs)]
     try:
         return CompositeLoss(terms)

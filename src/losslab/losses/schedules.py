@@ -161,7 +161,9 @@ def build_schedule(config: Mapping[str, Any], *, total_steps: int | None = None,
     allowed = schedule_options(kind)
     unknown = sorted(set(config) - set(allowed))
     if unknown:
-        raise UserError(f"{kind} schedule: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}", where=where)
+        raise UserError(
+            f"{kind} schedule: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}", where=where
+        )
     kwargs = {k: config_value(v) for k, v in config.items() if k != "schedule"}
     if "total_steps" in allowed and "total_steps" not in kwargs and total_steps is not None:
         kwargs["total_steps"] = total_steps
@@ -185,7 +187,9 @@ def build_weight(value: Any, *, total_steps: int | None = None, where: str | Non
     try:
         return _number("weight", config_value(value))
     except TypeError:
-        raise UserError(f"must be a number or a schedule {{schedule: ..., start: ...}}; got {value!r}", where=where) from None
+        raise UserError(
+            f"must be a number or a schedule {{schedule: ..., start: ...}}; got {value!r}", where=where
+        ) from None
 
 
 def weight_at(weight: Weight, step: int) -> float:

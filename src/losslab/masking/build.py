@@ -155,8 +155,10 @@ class BuildStats:
             line += f"; warning: {lost} not rendered by the chat template"
         if self.control.count:
             n = self.control.count
-            line += (f"; warning: {n} record{'s' * (n != 1)} with a special token's text in a message, tokenised as "
-                     f"that token (first: {self.control.examples[0]})")
+            line += (
+                f"; warning: {n} record{'s' * (n != 1)} with a special token's text in a message, tokenised as "
+                f"that token (first: {self.control.examples[0]})"
+            )
         return line
 
 
@@ -177,14 +179,13 @@ class MaskBuilder:
         self._bos: str | None = None  # the BOS text the alpaca style puts in front (once known)
         # added tokens a text can be cut before without changing the tokens before them (one
         # that strips whitespace on its left would take the preceding text's whitespace)
-        self._boundaries = {
-            i for i, tok in tokenizer.added_tokens_decoder.items() if not getattr(tok, "lstrip", False)
-        }
+        self._boundaries = {i for i, tok in tokenizer.added_tokens_decoder.items() if not getattr(tok, "lstrip", False)}
         # special tokens' texts: one typed in a message (a reply that mentions <|im_end|>)
         # becomes the special token itself, so such records are counted and reported
         specials = {tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special and tok.content}
-        self._specials = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials \
-            else None
+        self._specials = (
+            re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+        )
 
     @property
     def template(self) -> ChatTemplate:
@@ -225,13 +226,19 @@ class MaskBuilder:
         regions = [Region(len(prompt), len(text), message_weight("assistant", None, w), 1)]
         if policy is MaskPolicy.ALL:
             regions.insert(0, Region(0, len(prompt), message_weight("user", None, w), 0))
-        user = prompt[len(bos):]
+        user = prompt[len(bos) :]
         output = ContentSpan(len(prompt), len(prompt) + len(record.output))  # the EOS after it is template text
-        return TextSample(text, regions, roles=("user", "assistant"), contents=(user, record.output),
-                          spans=(ContentSpan(len(bos), len(prompt)), output))
+        return TextSample(
+            text,
+            regions,
+            roles=("user", "assistant"),
+            contents=(user, record.output),
+            spans=(ContentSpan(len(bos), len(prompt)), output),
+        )
 
-    def encode(self, record: ChatRecord | InstructionRecord, source: Source,
-               stats: BuildStats | None = None) -> list[MaskedSequence]:
+    def encode(
+        self, record: ChatRecord | InstructionRecord, source: Source, stats: BuildStats | None = None
+    ) -> list[MaskedSequence]:
         """Sequences for one record; samples left without a trained token are counted and dropped."""
         samples, strategy = self.plan(record)
         if stats is not None and strategy is not None and isinstance(record, ChatRecord):
@@ -251,12 +258,16 @@ class MaskBuilder:
             labels, weights = labels[cut], weights[cut]
             if labels:  # nothing predicts the first token (the loss shifts): it is never a target
                 labels[0], weights[0] = IGNORE_INDEX, 0.0
-            seq = MaskedSequence(list(ids[cut]), labels, weights, source, sample.text,
-                                 _pairs(offsets[cut]), sample.turn)
+            seq = MaskedSequence(
+                list(ids[cut]), labels, weights, source, sample.text, _pairs(offsets[cut]), sample.turn
+            )
             if seq.trained == 0:
                 if stats is not None:
-                    why = "with no trained token left after truncation" if len(ids) > len(seq.input_ids) else \
-                        "with no trained token"
+                    why = (
+                        "with no trained token left after truncation"
+                        if len(ids) > len(seq.input_ids)
+                        else "with no trained token"
+                    )
                     stats.dropped[why] += 1
                     stats.dropped_log.add(f"{source}: sample dropped ({why.removeprefix('with ')})")
                 continue
@@ -309,8 +320,12 @@ class MaskBuilder:
         around them; else through that call."""
         tok = self.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer of a fast tokenizer
-        if (backend is not None and backend.truncation is None and backend.padding is None
-                and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))):
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False))
+        ):
             enc = backend.encode(text, add_special_tokens=False)
             return enc.ids, enc.offsets
         out = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -318,8 +333,9 @@ class MaskBuilder:
 
     # -- many records -----------------------------------------------------------------------
 
-    def iter_sequences(self, data: str | Path | Iterable[Any], stats: BuildStats | None = None, *,
-                       limit: int | None = None) -> Iterator[MaskedSequence]:
+    def iter_sequences(
+        self, data: str | Path | Iterable[Any], stats: BuildStats | None = None, *, limit: int | None = None
+    ) -> Iterator[MaskedSequence]:
         """Sequences for every record of ``data`` (a records file, or an iterable of records)."""
         stats = stats if stats is not None else BuildStats()
         stats.strategy = self.strategy.value
@@ -415,8 +431,10 @@ def _schema(kind: str, record: Any) -> type[ChatRecord | InstructionRecord]:
         return InstructionRecord
     if record is None:  # no record to look at (empty file, or only bad lines): report them as chat
         return ChatRecord
-    raise UserError("cannot tell the record kind: a chat record has 'messages', an instruction record has "
-                    "'instruction' and 'output' (or set kind: chat | instruction)")
+    raise UserError(
+        "cannot tell the record kind: a chat record has 'messages', an instruction record has "
+        "'instruction' and 'output' (or set kind: chat | instruction)"
+    )
 
 
 def build_samples(

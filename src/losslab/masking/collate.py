@@ -50,7 +50,11 @@ def _check(samples: Sequence[Sample]) -> None:
         for key in ("labels", "weights"):
             if key in s and s[key] is not None and len(s[key]) != n:
                 src = s.get("source")
-                where = f"{src['file']}:{src['line']}" if isinstance(src, Mapping) and "file" in src else f"sample {i} of the batch"
+                where = (
+                    f"{src['file']}:{src['line']}"
+                    if isinstance(src, Mapping) and "file" in src
+                    else f"sample {i} of the batch"
+                )
                 raise UserError(f"field {key!r}: {len(s[key])} entries for {n} input_ids", where=where)
 
 
@@ -61,8 +65,9 @@ class PaddedCollator:
     padding) and ``weights`` (0 on padding), each ``(B, T)``.
     """
 
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
-                 padding_side: str = "right") -> None:
+    def __init__(
+        self, pad_token_id: int, *, pad_to_multiple_of: int | None = None, padding_side: str = "right"
+    ) -> None:
         if padding_side not in ("right", "left"):
             raise UserError(f"padding_side must be 'right' or 'left'; got {padding_side!r}")
         self.pad_token_id = pad_token_id

@@ -82,7 +82,7 @@ def format_html(seqs: Iterable[MaskedSequence], stats: BuildStats, *, title: str
     seqs = list(seqs)
     top = max((w for s in seqs for w in s.weights), default=1.0) or 1.0
     body = [_HTML_HEAD, f"<h1>{html.escape(title)}</h1>"]
-    body.append(f"<p class=\"summary\">{html.escape(stats.summary())}</p>")
+    body.append(f'<p class="summary">{html.escape(stats.summary())}</p>')
     body.append("<p>Trained tokens are green, darker for a larger weight; hover a token for its id and weight.</p>")
     for seq in seqs:
         body.append(f"<h2>{html.escape(_header(seq))}</h2><pre>")
@@ -92,8 +92,10 @@ def format_html(seqs: Iterable[MaskedSequence], stats: BuildStats, *, title: str
                 body.append(f'<span class="u" title="token {tok}: not trained">{piece}</span>')
             else:
                 alpha = 0.2 + 0.8 * min(weight / top, 1.0)
-                body.append(f'<span class="t" style="background: rgba(40,167,69,{alpha:.2f})" '
-                            f'title="token {tok}: weight {weight:g}">{piece}</span>')
+                body.append(
+                    f'<span class="t" style="background: rgba(40,167,69,{alpha:.2f})" '
+                    f'title="token {tok}: weight {weight:g}">{piece}</span>'
+                )
         body.append("</pre>")
     body.append("</body></html>\n")
     return "".join(body)

@@ -55,8 +55,14 @@ if TYPE_CHECKING:
 KEEP_DAYS = 30  # prepared data not used for this long are deleted when new data are prepared
 CACHE_FORMAT = 2  # bump when the cached columns or their meaning change
 # the modules (a package: all its files) whose code decides the cached samples and messages
-SAMPLE_CODE = ("losslab.masking", "losslab.data.records", "losslab.data.schemas", "losslab.errors", "losslab.files",
-               "losslab.labels")
+SAMPLE_CODE = (
+    "losslab.masking",
+    "losslab.data.records",
+    "losslab.data.schemas",
+    "losslab.errors",
+    "losslab.files",
+    "losslab.labels",
+)
 
 
 def build_samples_parallel(
@@ -91,9 +97,14 @@ def build_samples_parallel(
     else:
         rows = _raw_rows(path, schema, limit)
         results = Dataset.from_dict(rows).map(
-            _encode_batch, batched=True, batch_size=batch_size, num_proc=num_proc if len(rows["line"]) > 1 else None,
+            _encode_batch,
+            batched=True,
+            batch_size=batch_size,
+            num_proc=num_proc if len(rows["line"]) > 1 else None,
             fn_kwargs={"builder": builder, "schema": schema, "file": str(path)},
-            remove_columns=["raw", "bad"], features=_features(), new_fingerprint=target.name,
+            remove_columns=["raw", "bad"],
+            features=_features(),
+            new_fingerprint=target.name,
             desc=f"masking {path.name}",
         )
         _save(results, target)
@@ -123,8 +134,16 @@ def fingerprint(path: Path, builder: MaskBuilder, schema: str, limit: int | None
         cfg["template"] = load_template(cfg["template"])
     add([CACHE_FORMAT, __version__, code_digest(), schema, limit, cfg, type(tok).__name__])
     add(tok.backend_tokenizer.to_str())
-    add([getattr(tok, "chat_template", None), tok.special_tokens_map, tok.bos_token_id, tok.eos_token_id,
-         getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None)])
+    add(
+        [
+            getattr(tok, "chat_template", None),
+            tok.special_tokens_map,
+            tok.bos_token_id,
+            tok.eos_token_id,
+            getattr(tok, "add_bos_token", None),
+            getattr(tok, "add_eos_token", None),
+        ]
+    )
     return hash_file(h, path).hexdigest()[:32]
 
 
@@ -197,15 +216,25 @@ def _features() -> Any:
     from datasets import Features, List, Value
 
     ints = List(List(Value("int64")))
-    return Features({
-        "line": Value("int64"), "valid": Value("bool"), "error": Value("string"),
-        "input_ids": ints, "labels": ints, "weights": List(List(Value("float64"))),
-        "strategies": List(Value("string")), "unrendered": List(Value("string")), "dropped": List(Value("string")),
-        "control": Value("string"),
-    })
+    return Features(
+        {
+            "line": Value("int64"),
+            "valid": Value("bool"),
+            "error": Value("string"),
+            "input_ids": ints,
+            "labels": ints,
+            "weights": List(List(Value("float64"))),
+            "strategies": List(Value("string")),
+            "unrendered": List(Value("string")),
+            "dropped": List(Value("string")),
+            "control": Value("string"),
+        }
+    )
 
 
-def _encode_batch(batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: type, file: str) -> dict[str, list[Any]]:
+def _encode_batch(
+    batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: type, file: str
+) -> dict[str, list[Any]]:
     """Validate and encode a batch of raw records (runs in a worker)."""
     out: dict[str, list[Any]] = {k: [] for k in _features() if k != "line"}
     for line, raw, bad in zip(batch["line"], batch["raw"], batch["bad"]):
@@ -327,6 +356,7 @@ def _assemble(results: Dataset, file: str, on_error: str, stats: BuildStats, lim
             stats.samples += 1
             stats.tokens += len(ids)
             stats.trained_tokens += sum(1 for label in labels if label != IGNORE_INDEX)
-            samples.append({"input_ids": ids, "labels": labels, "weights": weights,
-                            "source": {"file": file, "line": row["line"]}})
+            samples.append(
+                {"input_ids": ids, "labels": labels, "weights": weights, "source": {"file": file, "line": row["line"]}}
+            )
     return samples

@@ -128,10 +128,15 @@ class ChatTemplate:
         """:meth:`render` for messages that are already :func:`plain_messages` (not copied again;
         the sandbox forbids a template to change them)."""
         try:
-            return str(self._compiled.render(
-                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                **self._variables,
-            ))
+            return str(
+                self._compiled.render(
+                    messages=messages,
+                    tools=None,
+                    documents=None,
+                    add_generation_prompt=add_generation_prompt,
+                    **self._variables,
+                )
+            )
         except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
 
@@ -297,21 +302,108 @@ class _Observed(list):  # type: ignore[type-arg]
 # expressions without side effects. No assignment, macro, call block ({% generation %}),
 # include, filter block, break/continue, ...
 _ONE_PASS_NODES = (
-    "Template", "Output", "TemplateData", "Const", "If", "For", "Name", "Getattr", "Getitem", "Slice", "BinExpr",
-    "UnaryExpr", "Concat", "Compare", "Operand", "CondExpr", "Filter", "Test", "Call", "Keyword", "List", "Tuple",
-    "Dict", "Pair",
+    "Template",
+    "Output",
+    "TemplateData",
+    "Const",
+    "If",
+    "For",
+    "Name",
+    "Getattr",
+    "Getitem",
+    "Slice",
+    "BinExpr",
+    "UnaryExpr",
+    "Concat",
+    "Compare",
+    "Operand",
+    "CondExpr",
+    "Filter",
+    "Test",
+    "Call",
+    "Keyword",
+    "List",
+    "Tuple",
+    "Dict",
+    "Pair",
 )
-_PURE_FILTERS = frozenset({
-    "trim", "length", "count", "upper", "lower", "string", "tojson", "replace", "default", "d", "first", "last",
-    "join", "list", "capitalize", "title", "int", "float", "abs", "round", "indent", "wordcount", "safe", "items",
-    "e", "escape", "center", "truncate", "striptags", "reverse", "sort", "unique", "min", "max", "sum", "map",
-    "select", "reject", "selectattr", "rejectattr", "attr", "batch", "slice", "dictsort", "format", "groupby",
-})
-_PURE_METHODS = frozenset({
-    "strip", "lstrip", "rstrip", "split", "rsplit", "splitlines", "startswith", "endswith", "upper", "lower", "title",
-    "capitalize", "replace", "find", "rfind", "count", "join", "partition", "rpartition", "get", "items", "keys",
-    "values",
-})
+_PURE_FILTERS = frozenset(
+    {
+        "trim",
+        "length",
+        "count",
+        "upper",
+        "lower",
+        "string",
+        "tojson",
+        "replace",
+        "default",
+        "d",
+        "first",
+        "last",
+        "join",
+        "list",
+        "capitalize",
+        "title",
+        "int",
+        "float",
+        "abs",
+        "round",
+        "indent",
+        "wordcount",
+        "safe",
+        "items",
+        "e",
+        "escape",
+        "center",
+        "truncate",
+        "striptags",
+        "reverse",
+        "sort",
+        "unique",
+        "min",
+        "max",
+        "sum",
+        "map",
+        "select",
+        "reject",
+        "selectattr",
+        "rejectattr",
+        "attr",
+        "batch",
+        "slice",
+        "dictsort",
+        "format",
+        "groupby",
+    }
+)
+_PURE_METHODS = frozenset(
+    {
+        "strip",
+        "lstrip",
+        "rstrip",
+        "split",
+        "rsplit",
+        "splitlines",
+        "startswith",
+        "endswith",
+        "upper",
+        "lower",
+        "title",
+        "capitalize",
+        "replace",
+        "find",
+        "rfind",
+        "count",
+        "join",
+        "partition",
+        "rpartition",
+        "get",
+        "items",
+        "keys",
+        "values",
+    }
+)
 _PREFIX_LOOP_ATTRIBUTES = frozenset({"first", "index", "index0"})  # never loop.last, loop.length, loop.revindex
 
 
@@ -332,8 +424,14 @@ def _one_pass(template: Any) -> bool:
     if len(loops) != 1 or loops[0] not in template.body:  # one loop, at the top level
         return False
     (loop,) = loops
-    if not (isinstance(loop.target, nodes.Name) and isinstance(loop.iter, nodes.Name) and loop.iter.name == "messages"
-            and not loop.recursive and loop.test is None and not loop.else_):
+    if not (
+        isinstance(loop.target, nodes.Name)
+        and isinstance(loop.iter, nodes.Name)
+        and loop.iter.name == "messages"
+        and not loop.recursive
+        and loop.test is None
+        and not loop.else_
+    ):
         return False
 
     def ok(node: Any, parent: Any, in_loop: bool) -> bool:
@@ -344,8 +442,11 @@ def _one_pass(template: Any) -> bool:
                 return node is loop.target
             if node.name == "messages":
                 return node is loop.iter or (
-                    isinstance(parent, nodes.Getitem) and parent.node is node and isinstance(parent.arg, nodes.Const)
-                    and type(parent.arg.value) is int and parent.arg.value == 0
+                    isinstance(parent, nodes.Getitem)
+                    and parent.node is node
+                    and isinstance(parent.arg, nodes.Const)
+                    and type(parent.arg.value) is int
+                    and parent.arg.value == 0
                 )
             if node.name == "loop":
                 return in_loop and isinstance(parent, nodes.Getattr) and parent.attr in _PREFIX_LOOP_ATTRIBUTES
@@ -358,12 +459,15 @@ def _one_pass(template: Any) -> bool:
             if node.dyn_args is not None or node.dyn_kwargs is not None:
                 return False
             callee = node.node
-            if not ((isinstance(callee, nodes.Name) and callee.name == "raise_exception")
-                    or (isinstance(callee, nodes.Getattr) and callee.attr in _PURE_METHODS)):
+            if not (
+                (isinstance(callee, nodes.Name) and callee.name == "raise_exception")
+                or (isinstance(callee, nodes.Getattr) and callee.attr in _PURE_METHODS)
+            ):
                 return False
         inside = in_loop or node is loop
-        return all(ok(child, node, inside and not (node is loop and child is loop.iter))
-                   for child in node.iter_child_nodes())
+        return all(
+            ok(child, node, inside and not (node is loop and child is loop.iter)) for child in node.iter_child_nodes()
+        )
 
     return ok(template, None, False)
 
@@ -417,8 +521,10 @@ def _marked_spans(
     o1, o2, c1, c2 = marks
     chosen = set(which)
     marked = [
-        {"role": str(m["role"]),
-         "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else str(m["content"])}
+        {
+            "role": str(m["role"]),
+            "content": _wrap(str(m["content"]), i, marks, inner=inner) if i in chosen else str(m["content"]),
+        }
         for i, m in enumerate(messages)
     ]
     try:
@@ -484,4 +590,8 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     if bos is None:
         return False
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(with_special) and with_special[0] == bos and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    return (
+        bool(with_special)
+        and with_special[0] == bos
+        and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    )

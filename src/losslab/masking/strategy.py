@@ -105,15 +105,18 @@ def plan_conversation(
     roles = tuple(str(m["role"]) for m in messages)
     assistants = [i for i, r in enumerate(roles) if r == "assistant"]
     if not assistants and policy is not MaskPolicy.ALL:
-        raise UserError("the conversation has no assistant turn, so nothing would be trained (mask policy "
-                        f"{policy.value!r}); add one, or use --mask all")
+        raise UserError(
+            "the conversation has no assistant turn, so nothing would be trained (mask policy "
+            f"{policy.value!r}); add one, or use --mask all"
+        )
     plain = plain_messages(messages)  # once: every prefix render below takes a slice of it
     if policy is MaskPolicy.ALL:
         prefixes = template.render_prefixes(plain, [i for i in assistants if i < len(messages) - 1])
         sample = _concat_sample(template, messages, assistants, prefixes, weights, all_messages=True)
         return Plan([sample], Strategy.CONCAT)
     trained = [
-        i for i in assistants
+        i
+        for i in assistants
         if weights[i] > 0 and is_trained(policy, "assistant", is_last_assistant=i == assistants[-1])
     ]
     if not trained:
@@ -130,8 +133,14 @@ def plan_conversation(
         # prefix-stable: every expanded sample is a prefix of the whole text, with the same turn
         # region (the same spans, the same end-of-turn rule), so it is cut from the whole
         samples = [
-            TextSample(prefixes[i], [region], turn=i, spans=whole.spans[: i + 1], roles=whole.roles[: i + 1],
-                       contents=whole.contents[: i + 1])
+            TextSample(
+                prefixes[i],
+                [region],
+                turn=i,
+                spans=whole.spans[: i + 1],
+                roles=whole.roles[: i + 1],
+                contents=whole.contents[: i + 1],
+            )
             for i, region in zip(trained, whole.regions)
         ]
         return Plan(samples, Strategy.EXPAND, stable)
@@ -139,8 +148,9 @@ def plan_conversation(
     return Plan(samples, Strategy.EXPAND, stable)
 
 
-def _turn_start(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i: int, text: str,
-                span: ContentSpan, floor: int) -> int:
+def _turn_start(
+    template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i: int, text: str, span: ContentSpan, floor: int
+) -> int:
     """Where assistant turn i's trained text starts (module doc): where the text leaves the
     prompt for the reply, if that lies between ``floor`` (the end of the message before) and
     the content's start, and never before the end of the prompt's header; else the content's
@@ -150,8 +160,11 @@ def _turn_start(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i
         return span.start  # the prompt's header right before the content: nothing else to generate
     at = -1  # the turn's header: its last copy before the content, else its first after the message before
     if header:
-        at = text.rfind(header, floor, span.start) if span.start is not None else \
-            text.find(header, floor, len(text) if span.end is None else span.end)
+        at = (
+            text.rfind(header, floor, span.start)
+            if span.start is not None
+            else text.find(header, floor, len(text) if span.end is None else span.end)
+        )
     try:
         prompt: str | None = template.render(messages[:i], add_generation_prompt=True) + ("" if prompted else header)
     except UserError:  # e.g. a template that needs a message before the generation prompt
@@ -170,8 +183,9 @@ def _turn_start(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], i
     return left if floor <= left < start else start
 
 
-def _expand_sample(template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str,
-                   weight: float) -> TextSample:
+def _expand_sample(
+    template: ChatTemplate, messages: Sequence[Mapping[str, Any]], text: str, weight: float
+) -> TextSample:
     i = len(messages) - 1
     rendered = template.render_with_spans(messages, text=text)
     span = rendered.spans[i]
@@ -221,16 +235,19 @@ def _concat_sample(
             alone = template.render_with_spans(messages[: i + 1], text=prefixes[i])
             end_alone = alone.spans[i].end
             if span.end is None or end_alone is None:
-                raise UserError(f"the chat template rewrites assistant message {i + 1} so that its end cannot be "
-                                "found in the whole conversation; use --strategy expand (or auto)")
+                raise UserError(
+                    f"the chat template rewrites assistant message {i + 1} so that its end cannot be "
+                    "found in the whole conversation; use --strategy expand (or auto)"
+                )
             tail = text[body_end : body_end + common_prefix_len(text[body_end:], prefixes[i][end_alone:])]
         if i < n - 1:  # the tail is cut where the two texts part: never inside a token the tokenizer adds
             tail = text[body_end : template.token_boundary(text, body_end + len(tail), body_end)]
         end = body_end + len(close_text(tail))
         regions.append(Region(start, end, weights[i], i))
         floor = end
-    return TextSample(text, _clip(regions), default_weight=1.0 if all_messages else 0.0, spans=spans,
-                      **_described(messages))
+    return TextSample(
+        text, _clip(regions), default_weight=1.0 if all_messages else 0.0, spans=spans, **_described(messages)
+    )
 
 
 def _described(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:

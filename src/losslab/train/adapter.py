@@ -91,8 +91,15 @@ class LossAdapter:
     micro-batches and processes add up exactly; evaluation batches are normalised on their own.
     """
 
-    def __init__(self, composite: CompositeLoss, forward: TaskForward, *, model: torch.nn.Module | None = None,
-                 shifts_labels: bool = False, from_outputs: OutputsToInputs | None = None) -> None:
+    def __init__(
+        self,
+        composite: CompositeLoss,
+        forward: TaskForward,
+        *,
+        model: torch.nn.Module | None = None,
+        shifts_labels: bool = False,
+        from_outputs: OutputsToInputs | None = None,
+    ) -> None:
         self.composite = composite
         self.forward = forward
         self.model = model
@@ -106,14 +113,18 @@ class LossAdapter:
         self.eval_terms = TermAverager()
         self.last: CompositeOutput | None = None
 
-    def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def compute_loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         """The loss of one batch: the task's forward on ``model``, then :meth:`evaluate`."""
         return self.evaluate(self.forward(model, batch), num_items_in_batch, training=model.training)
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         """``compute_loss_func(outputs, labels, num_items_in_batch)`` of a plain ``Trainer``."""
         if self.from_outputs is None:
-            raise TypeError("this loss runs its own forward: use LosslabTrainer (or adapter.compute_loss(model, batch))")
+            raise TypeError(
+                "this loss runs its own forward: use LosslabTrainer (or adapter.compute_loss(model, batch))"
+            )
         training = self.model.training if self.model is not None else torch.is_grad_enabled()
         return self.evaluate(self.from_outputs(outputs, labels), num_items_in_batch, training=training)
 

@@ -22,8 +22,11 @@ def run_train(args: argparse.Namespace) -> int:
         spec = getattr(config.data, split)
         if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
             raise UserError(f"data file not found: {spec}", where=file.where("data", split))
-    plan = plan_loss(config, where=file.where("loss", "terms"),  # fail before any work
-                     term_where=lambda i: file.where("loss", "terms", str(i)))
+    plan = plan_loss(
+        config,
+        where=file.where("loss", "terms"),  # fail before any work
+        term_where=lambda i: file.where("loss", "terms", str(i)),
+    )
     metrics = run.train(config, plan=plan)
     print(format_metrics_table(metrics))
     print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")

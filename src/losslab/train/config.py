@@ -19,30 +19,52 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     train: str = Field(description="training records: a file, or builtin:NAME (its train split)")
-    validation: str | None = Field(None, description="validation records: a file, or builtin:NAME (its validation split)")
+    validation: str | None = Field(
+        None, description="validation records: a file, or builtin:NAME (its validation split)"
+    )
     test: str | None = Field(None, description="test records: a file, or builtin:NAME (its test split)")
-    format: Literal["auto", "chat", "instruction"] = Field("auto", description="causal_lm record format; auto looks at the first record")
-    mask: str | None = Field(None, description="mask policy: assistant | last | all (chat), completion | all (instruction); default assistant / completion")
+    format: Literal["auto", "chat", "instruction"] = Field(
+        "auto", description="causal_lm record format; auto looks at the first record"
+    )
+    mask: str | None = Field(
+        None,
+        description="mask policy: assistant | last | all (chat), completion | all (instruction); default assistant / completion",
+    )
     mask_prompt: bool = Field(True, description="instruction records: mask the prompt (false trains it too)")
     prompt_style: str = Field("chat_template", description="instruction records: chat_template | alpaca")
     strategy: Literal["auto", "concat", "expand"] = Field("auto", description="multi-turn strategy")
-    role_weights: dict[str, float] | None = Field(None, description="per-role loss weights, e.g. {assistant: 1.0, tool: 0.5}")
+    role_weights: dict[str, float] | None = Field(
+        None, description="per-role loss weights, e.g. {assistant: 1.0, tool: 0.5}"
+    )
     template: str | None = Field(None, description="Jinja chat template file to use instead of the tokenizer's own")
     max_length: int = Field(512, ge=8, le=1 << 24, description="truncate samples to this many tokens")
     truncation: Literal["end", "start"] = Field("end", description="which end of a too-long sample is dropped")
     packing: bool = Field(False, description="pack several samples per row (padding-free)")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training records")
     max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test records")
-    on_error: Literal["raise", "skip"] = Field("raise", description="bad records: stop with an error, or skip and count")
-    num_proc: int = Field(1, ge=1, description="causal_lm: build the samples (template, tokens, masks) in N processes "
-                          "through datasets.map, cached under $LOSSLAB_CACHE/prepared; 1 = in this process, no cache")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad records: stop with an error, or skip and count"
+    )
+    num_proc: int = Field(
+        1,
+        ge=1,
+        description="causal_lm: build the samples (template, tokens, masks) in N processes "
+        "through datasets.map, cached under $LOSSLAB_CACHE/prepared; 1 = in this process, no cache",
+    )
     label_type: Literal["auto", "class", "multi_label", "regression"] = Field(
-        "auto", description="sequence_classification: class (one label per text), multi_label (a list of labels per text), "
-        "regression (a number); auto: a list -> multi_label, a float -> regression, else class (first training record)")
-    label_names: list[str] | None = Field(None, description="sequence/token classification: class or tag names in id order; "
-                                          "default: sorted from the training data ('O' first for tags)")
-    use_margin: bool = Field(True, description="reward_model: pass each pair's `margin` to the loss (e.g. Bradley-Terry with margin) when records have one")
-
+        "auto",
+        description="sequence_classification: class (one label per text), multi_label (a list of labels per text), "
+        "regression (a number); auto: a list -> multi_label, a float -> regression, else class (first training record)",
+    )
+    label_names: list[str] | None = Field(
+        None,
+        description="sequence/token classification: class or tag names in id order; "
+        "default: sorted from the training data ('O' first for tags)",
+    )
+    use_margin: bool = Field(
+        True,
+        description="reward_model: pass each pair's `margin` to the loss (e.g. Bradley-Terry with margin) when records have one",
+    )
 
     @field_validator("train", "validation", "test")
     @classmethod
@@ -72,20 +94,26 @@ class LossConfig(_Section):
         description="weighted loss terms: [{name, weight: number | {schedule, ...}, **options}] (docs/losses.md); "
         "unset: the task's default (token_cross_entropy for causal_lm)",
     )
-    fused: bool = Field(True, description="causal_lm: compute token cross-entropy with the fused head (no N x V logits); "
-                        "its chunk size is the token_cross_entropy term's chunk_size")
+    fused: bool = Field(
+        True,
+        description="causal_lm: compute token cross-entropy with the fused head (no N x V logits); "
+        "its chunk size is the token_cross_entropy term's chunk_size",
+    )
 
 
 class TrainingConfig(_Section):
     max_steps: int = Field(-1, description="optimizer steps; -1 = use epochs")
     epochs: float = Field(1.0, gt=0, description="passes over the training data (when max_steps = -1)")
     batch_size: int = Field(8, ge=1, description="per-device batch size")
-    eval_batch_size: int | None = Field(None, ge=1, description="per-device evaluation batch size (default: batch_size)")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="per-device evaluation batch size (default: batch_size)"
+    )
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     lr: float = Field(5e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="learning-rate schedule after the warmup (constant with a warmup is constant_with_warmup)")
+        "cosine", description="learning-rate schedule after the warmup (constant with a warmup is constant_with_warmup)"
+    )
     warmup: float = Field(0.0, ge=0, description="warmup: steps (>= 1) or a fraction of all steps (< 1)")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off)")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: once per epoch)")
@@ -93,21 +121,37 @@ class TrainingConfig(_Section):
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept in output_dir")
     logging_steps: int = Field(1, ge=1, description="log loss terms every N steps")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
-    metric_for_best_model: str = Field("eval_loss", description="what early stopping and the best model follow: eval_loss "
-                                       "(the weighted loss at the current schedule weights) or eval_loss/LABEL (one term)")
+    metric_for_best_model: str = Field(
+        "eval_loss",
+        description="what early stopping and the best model follow: eval_loss "
+        "(the weighted loss at the current schedule weights) or eval_loss/LABEL (one term)",
+    )
     greater_is_better: bool = Field(False, description="direction of metric_for_best_model")
-    bf16: Literal["auto", "on", "off"] = Field("auto", description="bfloat16 mixed precision: auto = where the device supports it (not on CPU)")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bfloat16 mixed precision: auto = where the device supports it (not on CPU)"
+    )
     dataloader_workers: int = Field(0, ge=0, description="data loader worker processes")
-    fsdp: bool = Field(False, description="shard parameters, gradients and optimizer state over the processes (PyTorch FSDP, "
-                       "through the Trainer); run with torchrun or accelerate launch (docs/reliability.md#scale-out)")
-    fsdp_config: dict[str, Any] | None = Field(None, description="the Trainer's fsdp_config (e.g. {version: 2, "
-                                               "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}); used with fsdp: true")
+    fsdp: bool = Field(
+        False,
+        description="shard parameters, gradients and optimizer state over the processes (PyTorch FSDP, "
+        "through the Trainer); run with torchrun or accelerate launch (docs/reliability.md#scale-out)",
+    )
+    fsdp_config: dict[str, Any] | None = Field(
+        None,
+        description="the Trainer's fsdp_config (e.g. {version: 2, "
+        "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}); used with fsdp: true",
+    )
     report_to: list[Literal["tensorboard"]] = Field(
-        default_factory=list, description="loggers besides log.jsonl: tensorboard (every loss term, weight, learning rate "
-        "and eval metric as a scalar; event files in output_dir/runs/; needs `pip install tensorboard`)")
-    max_nonfinite_steps: int = Field(5, ge=1, description="optimizer steps with a NaN/inf loss or gradient are skipped "
-                                     "(no update) and counted; the run stops at the N-th (1 = at the first), keeping its last checkpoint")
-
+        default_factory=list,
+        description="loggers besides log.jsonl: tensorboard (every loss term, weight, learning rate "
+        "and eval metric as a scalar; event files in output_dir/runs/; needs `pip install tensorboard`)",
+    )
+    max_nonfinite_steps: int = Field(
+        5,
+        ge=1,
+        description="optimizer steps with a NaN/inf loss or gradient are skipped "
+        "(no update) and counted; the run stops at the N-th (1 = at the first), keeping its last checkpoint",
+    )
 
     @field_validator("warmup")
     @classmethod
@@ -125,20 +169,35 @@ class TrainingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation", "test"],  # type: ignore[arg-type]
-                                                        description="splits evaluated at the end")
+    splits: list[Literal["validation", "test"]] = Field(
+        default_factory=lambda: ["validation", "test"],  # type: ignore[arg-type]
+        description="splits evaluated at the end",
+    )
     generate: bool = Field(False, description="causal_lm: generate replies and score BLEU, chrF, distinct-1/2")
     max_new_tokens: int = Field(48, ge=1, description="generation length for BLEU/chrF")
     generation_samples: int = Field(32, ge=1, description="held-out prompts generated for BLEU/chrF")
-    mask: str | None = Field(None, description="causal_lm: mask policy of the validation/test loss and perplexity (default: data.mask); fix it, e.g. assistant, to compare variants that train on different masks")
+    mask: str | None = Field(
+        None,
+        description="causal_lm: mask policy of the validation/test loss and perplexity (default: data.mask); fix it, e.g. assistant, to compare variants that train on different masks",
+    )
 
 
 class EmbeddingConfig(_Section):
-    pooling: Literal["mean", "cls", "last"] = Field("mean", description="embedding: sentence vector = mean of the token states, the first token's, or the last real token's")
+    pooling: Literal["mean", "cls", "last"] = Field(
+        "mean",
+        description="embedding: sentence vector = mean of the token states, the first token's, or the last real token's",
+    )
     normalize: bool = Field(True, description="embedding: L2-normalise the sentence vectors")
-    context_turns: int = Field(1, ge=0, description="embedding: previous turns that form a reply's context (0 = all of them)")
-    negatives: bool | None = Field(None, description="embedding: encode an explicit negative per pair (a reply from another conversation); default: when a loss term needs one (triplet)")
-    recall_at: list[PositiveInt] = Field(min_length=1, default_factory=lambda: [1, 5, 10], description="embedding: k of the recall@k metrics")
+    context_turns: int = Field(
+        1, ge=0, description="embedding: previous turns that form a reply's context (0 = all of them)"
+    )
+    negatives: bool | None = Field(
+        None,
+        description="embedding: encode an explicit negative per pair (a reply from another conversation); default: when a loss term needs one (triplet)",
+    )
+    recall_at: list[PositiveInt] = Field(
+        min_length=1, default_factory=lambda: [1, 5, 10], description="embedding: k of the recall@k metrics"
+    )
 
 
 class TrainConfig(_Section):
@@ -147,9 +206,12 @@ class TrainConfig(_Section):
     output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
-    dtype: Literal["float32", "bfloat16", "float64"] = Field("float32", description="model weights dtype; bfloat16 "
-                                                             "weights lose AdamW updates below their resolution: for mixed "
-                                                             "precision keep float32 and set training.bf16: on")
+    dtype: Literal["float32", "bfloat16", "float64"] = Field(
+        "float32",
+        description="model weights dtype; bfloat16 "
+        "weights lose AdamW updates below their resolution: for mixed "
+        "precision keep float32 and set training.bf16: on",
+    )
     data: DataConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -162,6 +224,7 @@ class TrainConfig(_Section):
         if value not in TASKS:
             raise ValueError(f"unknown task {value!r}; choose one of: {', '.join(TASKS)}")
         return value
+
     @field_validator("output_dir")
     @classmethod
     def _output_dir(cls, output_dir: str) -> str:
@@ -177,14 +240,18 @@ class TrainConfig(_Section):
         if self.training.max_steps == 0 or self.training.max_steps < -1:
             raise ValueError("training.max_steps must be -1 (use epochs) or >= 1")
         if self.data.num_proc > 1 and self.task != "causal_lm":
-            raise ValueError(f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process")
+            raise ValueError(
+                f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process"
+            )
         if self.data.packing:
             for i, term in enumerate(self.loss.terms or []):
                 per_row = term.get("reduction") == "sequence" or term.get("name") in PER_ROW_TERMS
                 if per_row:
-                    raise ValueError(f"loss.terms.{i} ({term.get('name')}{', reduction sequence' if term.get('reduction') == 'sequence' else ''}) "
-                                     "works on whole samples, and data.packing puts several samples in one row; "
-                                     "set data.packing: false")
+                    raise ValueError(
+                        f"loss.terms.{i} ({term.get('name')}{', reduction sequence' if term.get('reduction') == 'sequence' else ''}) "
+                        "works on whole samples, and data.packing puts several samples in one row; "
+                        "set data.packing: false"
+                    )
         self._check_early_stopping()
         return self
 
@@ -192,15 +259,21 @@ class TrainConfig(_Section):
         t = self.training
         metric = t.metric_for_best_model.removeprefix("eval_")
         if metric != "loss" and not metric.startswith("loss/"):
-            raise ValueError(f"training.metric_for_best_model: {t.metric_for_best_model!r} is not measured during training; "
-                             "use eval_loss or eval_loss/LABEL (a loss term's label)")
+            raise ValueError(
+                f"training.metric_for_best_model: {t.metric_for_best_model!r} is not measured during training; "
+                "use eval_loss or eval_loss/LABEL (a loss term's label)"
+            )
         if not t.early_stopping_patience:
             return
         if self.data.validation is None:
             raise ValueError("training.early_stopping_patience needs validation data (data.validation)")
         if t.save_steps and not t.eval_steps:
-            raise ValueError("training.early_stopping_patience with training.save_steps needs training.eval_steps "
-                             "(the best model is kept among evaluated checkpoints): set eval_steps to a divisor of save_steps")
+            raise ValueError(
+                "training.early_stopping_patience with training.save_steps needs training.eval_steps "
+                "(the best model is kept among evaluated checkpoints): set eval_steps to a divisor of save_steps"
+            )
         if t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
-            raise ValueError(f"training.early_stopping_patience: training.save_steps ({t.save_steps}) must be a multiple "
-                             f"of training.eval_steps ({t.eval_steps}), so every kept checkpoint has been evaluated")
+            raise ValueError(
+                f"training.early_stopping_patience: training.save_steps ({t.save_steps}) must be a multiple "
+                f"of training.eval_steps ({t.eval_steps}), so every kept checkpoint has been evaluated"
+            )

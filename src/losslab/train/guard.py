@@ -31,7 +31,11 @@ class TrainingDiverged(UserError):
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def any_process(flags: torch.Tensor) -> list[bool]:
@@ -98,7 +102,9 @@ class StepGuard:
 
     # The Trainer calls training_step per micro-batch, then _get_grad_norm once per optimizer
     # step, right before optimizer.step(): the place to decide.
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         bad = ~torch.isfinite(loss.detach()).all()
         self._loss_nonfinite = bad if self._loss_nonfinite is None else self._loss_nonfinite | bad
@@ -131,7 +137,9 @@ class StepGuard:
                 f"training stopped at step {step}: {n} steps had a non-finite loss or gradient "
                 f"(steps {', '.join(map(str, self.nonfinite_steps))}; no update was applied at those steps). "
                 f"Last good checkpoint: {last or 'none'}. Lower training.lr, set training.max_grad_norm, "
-                f"use dtype float32, or raise the limit", where="training.max_nonfinite_steps")
+                f"use dtype float32, or raise the limit",
+                where="training.max_nonfinite_steps",
+            )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs or "train_loss" in logs:
@@ -143,7 +151,9 @@ class StepGuard:
         if not weights_finite(self.model):  # type: ignore[attr-defined]
             raise TrainingDiverged(
                 f"the weights are non-finite at step {state.global_step}: checkpoint not saved; last good checkpoint: "
-                f"{last_complete_checkpoint(args.output_dir) or 'none'}", where="training")
+                f"{last_complete_checkpoint(args.output_dir) or 'none'}",
+                where="training",
+            )
         limit = args.save_total_limit
         args.save_total_limit = None  # the Trainer would rotate before the new checkpoint is complete
         try:
@@ -184,8 +194,10 @@ class StepGuard:
                 raise UserError(f"no complete checkpoint to resume from in {self.args.output_dir}")  # type: ignore[attr-defined]
         if resume_from_checkpoint:
             if not is_complete(resume_from_checkpoint):
-                raise UserError(f"checkpoint {resume_from_checkpoint} is incomplete (no {COMPLETE_MARKER}: its save was "
-                                "interrupted); delete it to resume from the one before")
+                raise UserError(
+                    f"checkpoint {resume_from_checkpoint} is incomplete (no {COMPLETE_MARKER}: its save was "
+                    "interrupted); delete it to resume from the one before"
+                )
             self.nonfinite_steps = list(read_marker(resume_from_checkpoint).get("nonfinite_steps", []))
         return super().train(resume_from_checkpoint, *args, **kwargs)  # type: ignore[misc]
 

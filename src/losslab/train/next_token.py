@@ -15,11 +15,22 @@ from transformers import PreTrainedModel
 from losslab.losses.composite import CompositeLoss, LossInputs
 from losslab.train.adapter import LossAdapter
 
-FUSED_FIELDS = frozenset({"labels", "hidden_states", "lm_head_weight", "num_items", "token_weights", "attention_mask",
-                          "model", "reference_params"})
+FUSED_FIELDS = frozenset(
+    {
+        "labels",
+        "hidden_states",
+        "lm_head_weight",
+        "num_items",
+        "token_weights",
+        "attention_mask",
+        "model",
+        "reference_params",
+    }
+)
 """What a causal LM batch gives the loss when the fused head is on (no logits)."""
-LOGIT_FIELDS = frozenset({"labels", "logits", "num_items", "token_weights", "attention_mask", "model",
-                          "reference_params"})
+LOGIT_FIELDS = frozenset(
+    {"labels", "logits", "num_items", "token_weights", "attention_mask", "model", "reference_params"}
+)
 """What it gives when the logits are computed."""
 
 
@@ -53,12 +64,22 @@ class NextTokenForward:
             inputs.update(output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         elif self.hidden_states:
             inputs["output_hidden_states"] = True
-        return self.from_outputs(model(**inputs), labels, token_weights=weights, attention_mask=batch.get("attention_mask"))
+        return self.from_outputs(
+            model(**inputs), labels, token_weights=weights, attention_mask=batch.get("attention_mask")
+        )
 
-    def from_outputs(self, outputs: Any, labels: torch.Tensor, *, token_weights: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None) -> LossInputs:
+    def from_outputs(
+        self,
+        outputs: Any,
+        labels: torch.Tensor,
+        *,
+        token_weights: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> LossInputs:
         """The shifted :class:`LossInputs` of one batch from the model's outputs."""
-        hidden_all = outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
+        hidden_all = (
+            outputs.get("hidden_states") if isinstance(outputs, dict) else getattr(outputs, "hidden_states", None)
+        )
         head = self.lm_head if self.fused else None
         weight: torch.Tensor | None = head.weight if head is not None else None  # type: ignore[assignment]
         bias: torch.Tensor | None = getattr(head, "bias", None) if head is not None else None
@@ -73,8 +94,9 @@ class NextTokenForward:
         )
 
 
-def causal_lm_loss(composite: CompositeLoss, *, model: PreTrainedModel | None = None, fused: bool = False,
-                   hidden_states: bool = False) -> LossAdapter:
+def causal_lm_loss(
+    composite: CompositeLoss, *, model: PreTrainedModel | None = None, fused: bool = False, hidden_states: bool = False
+) -> LossAdapter:
     """losslab's next-token loss as a :class:`LossAdapter`: a ``compute_loss_func`` for a plain
     ``Trainer`` (with :class:`~losslab.train.trainer.LossTermsCallback`), or the loss of
     :class:`~losslab.train.trainer.LosslabTrainer` (which also feeds token weights and the
@@ -113,6 +135,8 @@ def checked_head(model: PreTrainedModel) -> bool:
     try:
         return lm_head_gives_logits(model)
     except Exception as exc:  # any failure of a foreign model's forward: the check is advisory
-        print(f"fused loss head: could not compare the model's logits with its LM head ({type(exc).__name__}: {exc}); "
-              "set loss.fused: false if the model caps or scales its logits (Gemma-2, Cohere, Granite)")
+        print(
+            f"fused loss head: could not compare the model's logits with its LM head ({type(exc).__name__}: {exc}); "
+            "set loss.fused: false if the model caps or scales its logits (Gemma-2, Cohere, Granite)"
+        )
         return True

@@ -78,7 +78,9 @@ def training_arguments(config: TrainConfig, *, has_eval: bool) -> Any:
     )
 
 
-def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: EvaluationHook | None = None) -> dict[str, float]:
+def train(
+    config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: EvaluationHook | None = None
+) -> dict[str, float]:
     """Run one training config end to end; returns the final metrics.
 
     ``on_evaluate(step, validation_metrics)``: called after each evaluation during training
@@ -104,14 +106,19 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
     if has_eval:  # (without evaluation the metric is not used)
         check_best_model_metric(config, loss_func.composite)
     if config.dtype == "bfloat16" and args.process_index == 0:
-        print("note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
-              "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on")
+        print(
+            "note: dtype bfloat16 trains bfloat16 weights, which drop AdamW updates below their resolution "
+            "(~0.4 % of a weight); for mixed precision keep dtype: float32 and set training.bf16: on"
+        )
     callbacks = [LossTermsCallback(loss_func), WholeRunTrainLossCallback(), JsonlLogCallback(out / "log.jsonl")]
     if config.training.early_stopping_patience and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.training.early_stopping_patience))
     if on_evaluate is not None and has_eval:
-        callbacks.append(EvaluationHookCallback(on_evaluate, lambda: run.evaluate(trained_model(trainer), run.validation or [],
-                                                                                  "validation")))
+        callbacks.append(
+            EvaluationHookCallback(
+                on_evaluate, lambda: run.evaluate(trained_model(trainer), run.validation or [], "validation")
+            )
+        )
     trainer = LosslabTrainer(
         model=run.model,
         args=args,
@@ -135,18 +142,25 @@ def train(config: TrainConfig, *, plan: LossPlan | None = None, on_evaluate: Eva
         trainer.train(resume_from_checkpoint=last)
         trainer.stop_if_requested_late()
     if trainer.stopping:
-        raise Interrupted(f"stopped after step {trainer.state.global_step}, checkpoint saved in "
-                          f"{last_complete_checkpoint(out)}", signum=trainer.stop_signal or signal.SIGINT)
+        raise Interrupted(
+            f"stopped after step {trainer.state.global_step}, checkpoint saved in {last_complete_checkpoint(out)}",
+            signum=trainer.stop_signal or signal.SIGINT,
+        )
     trainer.save_model_atomic(out / "model")
-    metrics: dict[str, float] = {"train/steps": float(trainer.state.global_step),
-                                 "train/nonfinite_steps": float(len(trainer.nonfinite_steps))}
+    metrics: dict[str, float] = {
+        "train/steps": float(trainer.state.global_step),
+        "train/nonfinite_steps": float(len(trainer.nonfinite_steps)),
+    }
     for split in config.eval.splits:
         dataset = run.validation if split == "validation" else run.test
         if dataset is not None and len(dataset):
             metrics.update(run.evaluate(trained_model(trainer), dataset, split))
     if trainer.is_world_process_zero():
-        write_summary(out, {**run.summary, "steps": trainer.state.global_step,
-                            "nonfinite_steps": list(trainer.nonfinite_steps)}, quiet=True)
+        write_summary(
+            out,
+            {**run.summary, "steps": trainer.state.global_step, "nonfinite_steps": list(trainer.nonfinite_steps)},
+            quiet=True,
+        )
         write_metrics_json(metrics, out / "metrics.json")
     return metrics
 
@@ -168,8 +182,10 @@ def check_best_model_metric(config: TrainConfig, composite: CompositeLoss) -> No
     metric = config.training.metric_for_best_model.removeprefix("eval_")
     labels = [t.label for t in composite.terms]
     if metric != "loss" and metric.removeprefix("loss/") not in labels:
-        raise UserError(f"training.metric_for_best_model: {config.training.metric_for_best_model!r} is not measured; "
-                        f"use eval_loss or one of {', '.join(f'eval_loss/{label}' for label in labels)}")
+        raise UserError(
+            f"training.metric_for_best_model: {config.training.metric_for_best_model!r} is not measured; "
+            f"use eval_loss or one of {', '.join(f'eval_loss/{label}' for label in labels)}"
+        )
 
 
 def write_summary(out: Path, summary: dict[str, Any], *, quiet: bool = False) -> Path:

@@ -66,8 +66,9 @@ class LossPlan:
         return build_composite(self.terms, total_steps=total_steps)
 
 
-def plan_loss(config: TrainConfig, *, where: str = "loss.terms",
-              term_where: Callable[[int], str] | None = None) -> LossPlan:
+def plan_loss(
+    config: TrainConfig, *, where: str = "loss.terms", term_where: Callable[[int], str] | None = None
+) -> LossPlan:
     """The loss plan of ``config`` (``loss.terms``, or the task's default when unset).
 
     Raises :class:`UserError` for a bad term (at ``term_where(i)``, default ``where[i]``) or a
@@ -82,13 +83,15 @@ def plan_loss(config: TrainConfig, *, where: str = "loss.terms",
     note = f"{names} (the {needs.label} default; set loss.terms to change it)" if is_default else names
     # the run's length is known once its data is read: the check takes the configured one, else any
     length = config.training.max_steps if config.training.max_steps > 0 else None
-    checked = build_composite(terms, total_steps=length or ANY_RUN_LENGTH,
-                              where=term_where or (lambda i: f"{where}[{i}]"))
+    checked = build_composite(
+        terms, total_steps=length or ANY_RUN_LENGTH, where=term_where or (lambda i: f"{where}[{i}]")
+    )
     plan = LossPlan(terms, is_default, note, needs, checked)
     problems = plan.missing(needs.provides)
     if problems:
-        raise UserError(f"{'; '.join(problems)}; a {needs.label} batch provides {', '.join(sorted(needs.provides))}",
-                        where=where)
+        raise UserError(
+            f"{'; '.join(problems)}; a {needs.label} batch provides {', '.join(sorted(needs.provides))}", where=where
+        )
     return plan
 
 

@@ -31,7 +31,9 @@ class LossTermsCallback(TrainerCallback):
         # normalised by num_items_in_batch, over processes: per-batch terms get this share
         self.loss_func.per_batch_scale = 1.0 / (args.gradient_accumulation_steps * args.world_size)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any
+    ) -> None:
         if logs is None:
             return
         prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
@@ -63,7 +65,9 @@ class WholeRunTrainLossCallback(TrainerCallback):
                 self.resumed_total += row["loss"] * (row["step"] - last)
                 last = row["step"]
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any
+    ) -> None:
         if not logs or "train_loss" not in logs or not self.resumed_at or not state.global_step:
             return
         since = state.global_step - self.resumed_at
@@ -78,7 +82,9 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any
+    ) -> None:
         if logs is None or not state.is_world_process_zero:
             return
         row = {"step": state.global_step, "epoch": state.epoch, **logs}
@@ -118,13 +124,22 @@ class LosslabTrainer(StepGuard, Trainer):
         # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
         # shorter accumulation window
         self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)
-        self.loss_func.num_sequences = self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
+        self.loss_func.num_sequences = (
+            self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
+        )
         return batch_samples, num_items_in_batch
 
     def _count_sequences(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Rows of ``labels`` (shifted like ``num_items_in_batch``) with a target that is not -100."""
-        rows = [b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"]
-                for b in batch_samples if isinstance(b.get("labels", b.get("shift_labels")), torch.Tensor)]
+        rows = [
+            b["shift_labels"]
+            if "shift_labels" in b
+            else b["labels"][..., 1:]
+            if self._loss_shifts_labels
+            else b["labels"]
+            for b in batch_samples
+            if isinstance(b.get("labels", b.get("shift_labels")), torch.Tensor)
+        ]
         if not rows or any(r.dim() < 2 for r in rows):
             return None
         count = sum(r.ne(IGNORE_INDEX).any(dim=-1).sum() for r in rows).to(device)
@@ -132,8 +147,13 @@ class LosslabTrainer(StepGuard, Trainer):
             count = self.accelerator.gather(count).sum()
         return count
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
         if not model.training:
             # evaluation: the Trainer passes the batch's item count summed over processes (and would
             # multiply the loss by their number); each evaluation batch is normalised on its own
@@ -142,5 +162,7 @@ class LosslabTrainer(StepGuard, Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # DDP averages gradients over processes, and each loss is over the global count
             # (the Trainer's own rule for a compute_loss_func)
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+            loss = loss * (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            )
         return (loss, {}) if return_outputs else loss  # outputs: none kept (prediction_loss_only)

@@ -13,7 +13,9 @@ from losslab.train.config import TrainConfig
 MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def encode(tokenizer: Any, text: Any, pair: Any = None, *, max_length: int, drop: str = "end", **kwargs: Any) -> tuple[dict[str, Any], bool]:
+def encode(
+    tokenizer: Any, text: Any, pair: Any = None, *, max_length: int, drop: str = "end", **kwargs: Any
+) -> tuple[dict[str, Any], bool]:
     """Tokenise ``text`` (and ``pair``) to at most ``max_length`` tokens, special tokens included.
 
     ``drop``: which end of a too-long text is cut (``"end"`` keeps the start, ``"start"``
@@ -25,7 +27,9 @@ def encode(tokenizer: Any, text: Any, pair: Any = None, *, max_length: int, drop
     tokenizer.truncation_side = "right" if drop == "end" else "left"
     try:
         enc = tokenizer(text, pair, truncation=True, max_length=max_length, **kwargs)
-        truncated = len(enc["input_ids"]) >= max_length and len(tokenizer(text, pair, **kwargs)["input_ids"]) > max_length
+        truncated = (
+            len(enc["input_ids"]) >= max_length and len(tokenizer(text, pair, **kwargs)["input_ids"]) > max_length
+        )
     finally:
         tokenizer.truncation_side = side
     out = {"input_ids": list(enc["input_ids"])}
@@ -59,8 +63,9 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
-def eval_batches(model: torch.nn.Module, dataset: Sequence[dict], collator: Callable[[list[dict]], dict[str, Any]],
-                 batch_size: int) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    model: torch.nn.Module, dataset: Sequence[dict], collator: Callable[[list[dict]], dict[str, Any]], batch_size: int
+) -> Iterator[dict[str, Any]]:
     """Collated batches of ``dataset`` on the model's device, with the model in eval mode
     (restored afterwards). Call it under ``torch.no_grad()`` and exhaust it."""
     was_training = model.training

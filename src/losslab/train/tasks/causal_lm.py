@@ -45,10 +45,18 @@ class GenerationPrompt:
 
 
 def mask_config(data: DataConfig) -> MaskConfig:
-    return MaskConfig(mask=data.mask, strategy=data.strategy, mask_prompt=data.mask_prompt,
-                      role_weights=dict(data.role_weights or {}), prompt_style=data.prompt_style,
-                      template=data.template, max_length=data.max_length, truncation=data.truncation,
-                      on_error=data.on_error, kind=data.format)
+    return MaskConfig(
+        mask=data.mask,
+        strategy=data.strategy,
+        mask_prompt=data.mask_prompt,
+        role_weights=dict(data.role_weights or {}),
+        prompt_style=data.prompt_style,
+        template=data.template,
+        max_length=data.max_length,
+        truncation=data.truncation,
+        on_error=data.on_error,
+        kind=data.format,
+    )
 
 
 def loss_needs(config: TrainConfig) -> LossNeeds:
@@ -81,7 +89,9 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         stats = BuildStats()
         split_masks = masks if split == "train" else eval_masks
         if data.num_proc > 1:
-            built = build_samples_parallel(path, tokenizer, split_masks, num_proc=data.num_proc, stats=stats, limit=limit)
+            built = build_samples_parallel(
+                path, tokenizer, split_masks, num_proc=data.num_proc, stats=stats, limit=limit
+            )
         else:
             built = build_samples(path, tokenizer, split_masks, stats=stats, limit=limit)
         splits[split] = [_drop_source(s) for s in built]
@@ -102,22 +112,44 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         print("fused loss head off: " + "; ".join(plan.missing(FUSED_FIELDS)))
     elif fused and not checked_head(model):
         fused = False
-        print("fused loss head off: this model's logits are not its LM head applied to the last hidden state "
-              "(logit soft-capping or scaling); the loss is computed on the logits")
-    forward = NextTokenForward(lm_head=model.get_output_embeddings() if fused else None, fused=fused,
-                               hidden_states=fused or bool(plan.missing(LOGIT_FIELDS)))
+        print(
+            "fused loss head off: this model's logits are not its LM head applied to the last hidden state "
+            "(logit soft-capping or scaling); the loss is computed on the logits"
+        )
+    forward = NextTokenForward(
+        lm_head=model.get_output_embeddings() if fused else None,
+        fused=fused,
+        hidden_states=fused or bool(plan.missing(LOGIT_FIELDS)),
+    )
 
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
-        metrics = token_metrics(model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size)
+        metrics = token_metrics(
+            model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size
+        )
         if config.eval.generate and prompts.get(split):
-            metrics.update(generation_metrics(cast(PreTrainedModel, model), tokenizer, prompts[split][: config.eval.generation_samples],
-                                              config.eval.max_new_tokens,
-                                              save_to=Path(config.output_dir) / f"generations_{split}.jsonl"))
+            metrics.update(
+                generation_metrics(
+                    cast(PreTrainedModel, model),
+                    tokenizer,
+                    prompts[split][: config.eval.generation_samples],
+                    config.eval.max_new_tokens,
+                    save_to=Path(config.output_dir) / f"generations_{split}.jsonl",
+                )
+            )
         return namespace(metrics, split)
 
-    return TaskRun(model=model, tokenizer=tokenizer, train=splits["train"], validation=splits.get("validation"),
-                   test=splits.get("test"), collator=collator, forward=forward, evaluate=evaluate,
-                   summary=summary, shifts_labels=True)
+    return TaskRun(
+        model=model,
+        tokenizer=tokenizer,
+        train=splits["train"],
+        validation=splits.get("validation"),
+        test=splits.get("test"),
+        collator=collator,
+        forward=forward,
+        evaluate=evaluate,
+        summary=summary,
+        shifts_labels=True,
+    )
 
 
 def _drop_source(sample: dict) -> dict:
@@ -146,7 +178,9 @@ def generation_prompts(path: Path, tokenizer: Any, data: DataConfig, limit: int)
                 text = alpaca_prompt(raw["instruction"], raw.get("input", ""))
             else:
                 template = template or ChatTemplate(tokenizer, data.template)
-                text = template.render(instruction_messages(raw["instruction"], raw.get("input", "")), add_generation_prompt=True)
+                text = template.render(
+                    instruction_messages(raw["instruction"], raw.get("input", "")), add_generation_prompt=True
+                )
             reference = raw["output"]
         else:
             continue
@@ -173,8 +207,9 @@ def token_metrics(model: torch.nn.Module, dataset: list[dict], collator: Any, ba
 
 
 @torch.no_grad()
-def greedy_replies(model: PreTrainedModel, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                   *, batch_size: int = 16) -> list[str]:
+def greedy_replies(
+    model: PreTrainedModel, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, *, batch_size: int = 16
+) -> list[str]:
     """Greedy continuations of token-id prompts, decoded without special tokens, in prompt order.
 
     Prompts of similar length are generated together, left-padded (the model sees the attention
@@ -194,23 +229,42 @@ def greedy_replies(model: PreTrainedModel, tokenizer: Any, prompts: list[list[in
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]) :] = 1
         out = model.generate(  # type: ignore[operator]  # (mypy resolves it through nn.Module.__getattr__)
-            input_ids=ids.to(device), attention_mask=attention.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         for row, i in enumerate(group):
             replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return [replies[i] for i in range(len(prompts))]
 
 
-def generation_metrics(model: PreTrainedModel, tokenizer: Any, prompts: list[GenerationPrompt], max_new_tokens: int,
-                       *, save_to: Path | None = None, batch_size: int = 16) -> dict[str, float]:
+def generation_metrics(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    prompts: list[GenerationPrompt],
+    max_new_tokens: int,
+    *,
+    save_to: Path | None = None,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Greedy replies to held-out prompts, scored against the reference replies.
 
     ``save_to``: also write one JSON line per prompt (``prompt``, ``reference``, ``hypothesis``),
     atomically, for paired tests over examples (``losslab compare``)."""
-    hypotheses = greedy_replies(model, tokenizer, [p.input_ids for p in prompts], max_new_tokens,
-                                batch_size=batch_size)
+    hypotheses = greedy_replies(model, tokenizer, [p.input_ids for p in prompts], max_new_tokens, batch_size=batch_size)
     if save_to is not None:
-        write_atomic(save_to, "".join(json.dumps({"prompt": tokenizer.decode(p.input_ids), "reference": p.reference, "hypothesis": h},
-                                                 ensure_ascii=False) + "\n" for p, h in zip(prompts, hypotheses)))
+        write_atomic(
+            save_to,
+            "".join(
+                json.dumps(
+                    {"prompt": tokenizer.decode(p.input_ids), "reference": p.reference, "hypothesis": h},
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for p, h in zip(prompts, hypotheses)
+            ),
+        )
     return generation_report(hypotheses, [p.reference for p in prompts]).to_dict()

@@ -27,8 +27,11 @@ from losslab.train.tasks.backbone import model_kwargs
 from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, eval_batches, model_inputs
 from losslab.train.tasks.records import SplitRecords, encode_splits, read_splits, sample_limit, skipped_records
 
-LOSS_NEEDS = LossNeeds("embedding", ({"name": "info_nce", "temperature": 0.05},),
-                       frozenset({"anchor", "positive", "negative", "num_examples"}))
+LOSS_NEEDS = LossNeeds(
+    "embedding",
+    ({"name": "info_nce", "temperature": 0.05},),
+    frozenset({"anchor", "positive", "negative", "num_examples"}),
+)
 
 
 @dataclass(frozen=True)
@@ -135,41 +138,55 @@ def make_forward(options: EmbeddingConfig) -> TaskForward:
         vectors = embed(model, batch, options)  # (2B or 3B, D)
         anchor, positive, negative = vectors[:n], vectors[n : 2 * n], vectors[2 * n :]
         trained = labels != IGNORE_INDEX
-        return LossInputs(anchor=anchor, positive=positive, negative=negative if negative.shape[0] else None,
-                          target_mask=None if bool(trained.all()) else trained)
+        return LossInputs(
+            anchor=anchor,
+            positive=positive,
+            negative=negative if negative.shape[0] else None,
+            target_mask=None if bool(trained.all()) else trained,
+        )
 
     return forward
 
 
-def retrieval_scores(queries: torch.Tensor, candidates: torch.Tensor, targets: Sequence[int],
-                     ks: Sequence[int]) -> dict[str, float]:
+def retrieval_scores(
+    queries: torch.Tensor, candidates: torch.Tensor, targets: Sequence[int], ks: Sequence[int]
+) -> dict[str, float]:
     """recall@k and MRR of (Q, D) query vectors against (C, D) candidates by cosine similarity."""
     sims = F.normalize(queries.double(), dim=-1) @ F.normalize(candidates.double(), dim=-1).T  # (Q, C)
     return {**retrieval_metrics(sims, torch.tensor(list(targets)), ks=ks), "candidates": int(candidates.shape[0])}
 
 
 @torch.no_grad()
-def embed_texts(model: torch.nn.Module, encodings: list[dict[str, list[int]]], *, pad_id: int, batch_size: int,
-                options: EmbeddingConfig) -> torch.Tensor:
+def embed_texts(
+    model: torch.nn.Module,
+    encodings: list[dict[str, list[int]]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    options: EmbeddingConfig,
+) -> torch.Tensor:
     """(N, D) vectors of encoded texts, in batches."""
     features = [{"encoding": e} for e in encodings]
     collator = partial(_collate_encodings, pad_id=pad_id)
-    return torch.cat([embed(model, batch, options).float().cpu()
-                      for batch in eval_batches(model, features, collator, batch_size)])
+    return torch.cat(
+        [embed(model, batch, options).float().cpu() for batch in eval_batches(model, features, collator, batch_size)]
+    )
 
 
 def _collate_encodings(features: list[dict], *, pad_id: int) -> dict[str, torch.Tensor]:
     return collate_texts([f["encoding"] for f in features], pad_id)
 
 
-def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id: int, batch_size: int,
-             options: EmbeddingConfig) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, dataset: list[dict], split: str, *, pad_id: int, batch_size: int, options: EmbeddingConfig
+) -> dict[str, float]:
     """Retrieval metrics of ``split``: every context against every distinct reply."""
     candidates: dict[tuple[int, ...], int] = {}
     targets = [candidates.setdefault(tuple(f["positive"]["input_ids"]), len(candidates)) for f in dataset]
     queries = embed_texts(model, [f["anchor"] for f in dataset], pad_id=pad_id, batch_size=batch_size, options=options)
-    replies = embed_texts(model, [{"input_ids": list(ids)} for ids in candidates], pad_id=pad_id, batch_size=batch_size,
-                          options=options)
+    replies = embed_texts(
+        model, [{"input_ids": list(ids)} for ids in candidates], pad_id=pad_id, batch_size=batch_size, options=options
+    )
     return namespace(retrieval_scores(queries, replies, targets, options.recall_at), split)
 
 
@@ -191,17 +208,23 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     needs_negative = plan.requires("negative")
     negatives = needs_negative if options.negatives is None else options.negatives
     if needs_negative and not negatives:
-        raise UserError("a loss term needs explicit negatives; set embedding.negatives: true", where="embedding.negatives")
+        raise UserError(
+            "a loss term needs explicit negatives; set embedding.negatives: true", where="embedding.negatives"
+        )
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     splits = read_splits(config, SCHEMAS["chat"])
     max_length, reply_drop = config.data.max_length, config.data.truncation
 
     def encode_split(split: str, records: SplitRecords) -> tuple[list[dict], int]:
-        every = round_robin([conversation_pairs(r.messages, i, options.context_turns) for i, r in enumerate(records.records)])
+        every = round_robin(
+            [conversation_pairs(r.messages, i, options.context_turns) for i, r in enumerate(records.records)]
+        )
         pairs = every[: sample_limit(config, split)]
         if not pairs:
-            raise UserError(f"no context -> reply pairs in the {split} records (no assistant turn after another turn)",
-                            where=records.path)
+            raise UserError(
+                f"no context -> reply pairs in the {split} records (no assistant turn after another turn)",
+                where=records.path,
+            )
         replies = negative_replies(pairs, every, config.seed) if negatives else None
         features, truncated = [], 0
         for i, pair in enumerate(pairs):
@@ -221,8 +244,20 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     forward = make_forward(options)
 
     print(f"explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, forward=forward,
-                    evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config),
-                                     options=options),
-                    summary={"task": "embedding", "negatives": negatives, "pooling": options.pooling, "data": lines, "skipped": skipped_records(splits)})
+    return TaskRun(
+        model=model,
+        tokenizer=tokenizer,
+        train=datasets["train"],
+        validation=datasets.get("validation"),
+        test=datasets.get("test"),
+        collator=collator,
+        forward=forward,
+        evaluate=partial(evaluate, pad_id=tokenizer.pad_token_id, batch_size=eval_batch_size(config), options=options),
+        summary={
+            "task": "embedding",
+            "negatives": negatives,
+            "pooling": options.pooling,
+            "data": lines,
+            "skipped": skipped_records(splits),
+        },
+    )

@@ -26,6 +26,8 @@ def label_id(label2id: dict[str, int], name: str, source: Source, field: str = "
     """The id of a class name, or a :class:`UserError` naming the record and the known names."""
     if name not in label2id:
         known = ", ".join(label2id) if len(label2id) <= 30 else f"{len(label2id)} names"
-        raise UserError(f"field {field!r}: unknown label {name!r} (known: {known}; set data.label_names to fix the set)",
-                        where=str(source))
+        raise UserError(
+            f"field {field!r}: unknown label {name!r} (known: {known}; set data.label_names to fix the set)",
+            where=str(source),
+        )
     return label2id[name]

@@ -76,7 +76,9 @@ def per_record(config: TrainConfig, encode_record: Callable[[Source, Any], tuple
     return encode_split
 
 
-def encode_splits(splits: dict[str, SplitRecords], encode_split: SplitEncoder) -> tuple[dict[str, list[dict]], list[str]]:
+def encode_splits(
+    splits: dict[str, SplitRecords], encode_split: SplitEncoder
+) -> tuple[dict[str, list[dict]], list[str]]:
     """The samples of every split (``encode_split(split, records) -> (features, truncated)``)
     and one printed log line per split."""
     datasets, lines = {}, []

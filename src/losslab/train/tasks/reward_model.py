@@ -24,8 +24,11 @@ from losslab.train.tasks.batches import collate_texts, encode, eval_batch_size, 
 from losslab.train.tasks.predictions import save_predictions
 from losslab.train.tasks.records import encode_splits, per_record, read_splits, skipped_records
 
-LOSS_NEEDS = LossNeeds("reward_model", ({"name": "bradley_terry"},),
-                       frozenset({"rewards_chosen", "rewards_rejected", "margins", "num_examples"}))
+LOSS_NEEDS = LossNeeds(
+    "reward_model",
+    ({"name": "bradley_terry"},),
+    frozenset({"rewards_chosen", "rewards_rejected", "margins", "num_examples"}),
+)
 
 
 def prompt_messages(prompt: Any) -> list[dict[str, str]]:
@@ -46,9 +49,9 @@ def encode_answer(tokenizer: Any, prompt: Any, answer: str, max_length: int) -> 
     if not full.startswith(head):
         raise UserError("the chat template does not render the prompt as a prefix of prompt + answer")
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
     room = max(0, max_length - len(answer_ids))  # the prompt loses its start first
-    ids = (head_ids[len(head_ids) - room:] if room else []) + answer_ids
+    ids = (head_ids[len(head_ids) - room :] if room else []) + answer_ids
     return {"input_ids": ids[:max_length]}, len(head_ids) + len(answer_ids) > max_length
 
 
@@ -80,8 +83,15 @@ def scores(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: PairCollator,
-             batch_size: int, output_dir: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: list[dict],
+    split: str,
+    *,
+    collator: PairCollator,
+    batch_size: int,
+    output_dir: str | None = None,
+) -> dict[str, float]:
     """The metrics of ``split`` (see the module docstring), named ``split/metric``; writes
     the rewards into ``output_dir`` (when given)."""
     chosen, rejected = [], []
@@ -90,10 +100,20 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
         chosen.append(out.rewards_chosen.float().cpu())  # type: ignore[union-attr]
         rejected.append(out.rewards_rejected.float().cpu())  # type: ignore[union-attr]
     chosen_all, rejected_all = torch.cat(chosen), torch.cat(rejected)
-    save_predictions(output_dir, split, [
-        {"prompt": f.get("prompt_text"), "chosen": f.get("chosen_text"), "rejected": f.get("rejected_text"),
-         "reward_chosen": c, "reward_rejected": r}
-        for f, c, r in zip(dataset, chosen_all.tolist(), rejected_all.tolist())])
+    save_predictions(
+        output_dir,
+        split,
+        [
+            {
+                "prompt": f.get("prompt_text"),
+                "chosen": f.get("chosen_text"),
+                "rejected": f.get("rejected_text"),
+                "reward_chosen": c,
+                "reward_rejected": r,
+            }
+            for f, c, r in zip(dataset, chosen_all.tolist(), rejected_all.tolist())
+        ],
+    )
     return namespace(scores(chosen_all, rejected_all), split)
 
 
@@ -117,10 +137,15 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         chosen, cut_c = encode_answer(tokenizer, record.prompt, record.chosen, config.data.max_length)
         rejected, cut_r = encode_answer(tokenizer, record.prompt, record.rejected, config.data.max_length)
-        feature: dict[str, Any] = {"chosen": chosen, "rejected": rejected, "chosen_text": record.chosen,
-                                   "rejected_text": record.rejected,
-                                   "prompt_text": "\n".join(f"{m['role']}: {m['content']}" for m in prompt_messages(record.prompt))
-                                   if not isinstance(record.prompt, str) else record.prompt}
+        feature: dict[str, Any] = {
+            "chosen": chosen,
+            "rejected": rejected,
+            "chosen_text": record.chosen,
+            "rejected_text": record.rejected,
+            "prompt_text": "\n".join(f"{m['role']}: {m['content']}" for m in prompt_messages(record.prompt))
+            if not isinstance(record.prompt, str)
+            else record.prompt,
+        }
         if config.data.use_margin and record.margin is not None:
             feature["margin"] = record.margin
         return feature, cut_c or cut_r
@@ -132,8 +157,20 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
 
     margins = "record margins" if any("margin" in f for f in datasets["train"]) else "no margins"
     print(f"margins: {margins}")
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, forward=forward,
-                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), output_dir=config.output_dir),
-                    summary={"task": "reward_model", "margins": margins, "data": lines, "skipped": skipped_records(splits),
-                             "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair"})
+    return TaskRun(
+        model=model,
+        tokenizer=tokenizer,
+        train=datasets["train"],
+        validation=datasets.get("validation"),
+        test=datasets.get("test"),
+        collator=collator,
+        forward=forward,
+        evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), output_dir=config.output_dir),
+        summary={
+            "task": "reward_model",
+            "margins": margins,
+            "data": lines,
+            "skipped": skipped_records(splits),
+            "input": "chat template" if getattr(tokenizer, "chat_template", None) else "text pair",
+        },
+    )

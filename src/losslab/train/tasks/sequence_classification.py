@@ -53,8 +53,11 @@ PROVIDES = {
     "multi_label": frozenset({"class_logits", "class_targets", "num_examples"}),
     "regression": frozenset({"predictions", "targets", "num_examples"}),
 }
-PROBLEM_TYPE = {"class": "single_label_classification", "multi_label": "multi_label_classification",
-                "regression": "regression"}
+PROBLEM_TYPE = {
+    "class": "single_label_classification",
+    "multi_label": "multi_label_classification",
+    "regression": "regression",
+}
 
 
 def detect_label_type(config: TrainConfig) -> str:
@@ -90,7 +93,9 @@ def target(label_type: str, record: Any, label2id: dict[str, int], source: Any) 
         return [1.0 if i in ids else 0.0 for i in range(len(label2id))]
     if isinstance(record.label, int):
         if not 0 <= record.label < len(label2id):
-            raise UserError(f"field 'label': class id {record.label} is outside 0..{len(label2id) - 1}", where=str(source))
+            raise UserError(
+                f"field 'label': class id {record.label} is outside 0..{len(label2id) - 1}", where=str(source)
+            )
         return record.label
     return label_id(label2id, record.label, source)
 
@@ -130,7 +135,9 @@ def make_forward(label_type: str) -> TaskForward:
     return forward
 
 
-def scores(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[dict[str, float], PerClassReport | None]:
+def scores(
+    label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str]
+) -> tuple[dict[str, float], PerClassReport | None]:
     """The metrics of a split from its logits (N, C) and ``labels`` (as in the batches),
     and the per-class report to print (None for regression)."""
     logits = logits.double()
@@ -145,23 +152,43 @@ def scores(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: l
     return {**report.to_dict(), "loss": float(loss)}, report
 
 
-def prediction_rows(label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str],
-                    texts: list[str | None]) -> list[dict[str, Any]]:
+def prediction_rows(
+    label_type: str, logits: torch.Tensor, labels: torch.Tensor, names: list[str], texts: list[str | None]
+) -> list[dict[str, Any]]:
     """One record per example from the split's logits (N, C) and ``labels`` (as in the batches):
     ``text``, ``gold``, ``predicted`` (and ``score`` for ``class``)."""
     if label_type == "regression":
-        return [{"text": t, "gold": g, "predicted": p} for t, g, p in zip(texts, labels.tolist(), logits[:, 0].tolist())]
+        return [
+            {"text": t, "gold": g, "predicted": p} for t, g, p in zip(texts, labels.tolist(), logits[:, 0].tolist())
+        ]
     if label_type == "multi_label":  # threshold 0.5 on the sigmoid
-        return [{"text": t, "gold": [n for n, y in zip(names, g) if y > 0.5], "predicted": [n for n, y in zip(names, p) if y]}
-                for t, g, p in zip(texts, labels.tolist(), (logits > 0).tolist())]
+        return [
+            {
+                "text": t,
+                "gold": [n for n, y in zip(names, g) if y > 0.5],
+                "predicted": [n for n, y in zip(names, p) if y],
+            }
+            for t, g, p in zip(texts, labels.tolist(), (logits > 0).tolist())
+        ]
     score, pred = logits.double().softmax(-1).max(-1)
-    return [{"text": t, "gold": names[g], "predicted": names[p], "score": round(s, 6)}
-            for t, g, p, s in zip(texts, labels.tolist(), pred.tolist(), score.tolist())]
+    return [
+        {"text": t, "gold": names[g], "predicted": names[p], "score": round(s, 6)}
+        for t, g, p, s in zip(texts, labels.tolist(), pred.tolist(), score.tolist())
+    ]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TextCollator, batch_size: int,
-             label_type: str, names: list[str], output_dir: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: list[dict],
+    split: str,
+    *,
+    collator: TextCollator,
+    batch_size: int,
+    label_type: str,
+    names: list[str],
+    output_dir: str | None = None,
+) -> dict[str, float]:
     """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the
     report and writes the predictions into ``output_dir`` (when given)."""
     logits, labels = [], []
@@ -169,8 +196,9 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
         logits.append(model(**model_inputs(batch)).logits.float().cpu())
         labels.append(gold(batch).cpu())
     logits_all, labels_all = torch.cat(logits), torch.cat(labels)
-    save_predictions(output_dir, split, prediction_rows(label_type, logits_all, labels_all, names,
-                                                        [f.get("text") for f in dataset]))
+    save_predictions(
+        output_dir, split, prediction_rows(label_type, logits_all, labels_all, names, [f.get("text") for f in dataset])
+    )
     metrics, report = scores(label_type, logits_all, labels_all, names)
     if report is not None:
         print(f"{split}:\n{report}")
@@ -194,8 +222,12 @@ def metric_names(config: TrainConfig) -> set[str]:
     else:
         averages = ("micro", "macro", "weighted") if label_type == "multi_label" else ("macro", "weighted")
         extra = ["subset_accuracy", "hamming_loss"] if label_type == "multi_label" else ["accuracy"]
-        names = [*extra, "loss", *(f"{score}_{avg}" for avg in averages for score in ("precision", "recall", "f1")),
-                 *(f"{score}/*" for score in ("precision", "recall", "f1", "support"))]
+        names = [
+            *extra,
+            "loss",
+            *(f"{score}_{avg}" for avg in averages for score in ("precision", "recall", "f1")),
+            *(f"{score}/*" for score in ("precision", "recall", "f1", "support")),
+        ]
     return {f"{split}/{name}" for split in config.eval.splits for name in names}
 
 
@@ -213,15 +245,41 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         return {"encoding": encoding, "labels": target(label_type, record, label2id, source), "text": record.text}, cut
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
-    head = {"num_labels": 1} if label_type == "regression" else {
-        "num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": label2id}
+    head = (
+        {"num_labels": 1}
+        if label_type == "regression"
+        else {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": label2id}
+    )
     model = load_model(
-        AutoModelForSequenceClassification, config.model, problem_type=PROBLEM_TYPE[label_type], **head, **model_kwargs(config))
+        AutoModelForSequenceClassification,
+        config.model,
+        problem_type=PROBLEM_TYPE[label_type],
+        **head,
+        **model_kwargs(config),
+    )
     set_pad_token(model, tokenizer)
     collator = TextCollator(tokenizer.pad_token_id)
     return TaskRun(
-        model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-        test=datasets.get("test"), collator=collator, forward=make_forward(label_type),
-        evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), label_type=label_type,
-                         names=names, output_dir=config.output_dir),
-        summary={"task": "sequence_classification", "label_type": label_type, "labels": names, "data": lines, "skipped": skipped_records(splits)})
+        model=model,
+        tokenizer=tokenizer,
+        train=datasets["train"],
+        validation=datasets.get("validation"),
+        test=datasets.get("test"),
+        collator=collator,
+        forward=make_forward(label_type),
+        evaluate=partial(
+            evaluate,
+            collator=collator,
+            batch_size=eval_batch_size(config),
+            label_type=label_type,
+            names=names,
+            output_dir=config.output_dir,
+        ),
+        summary={
+            "task": "sequence_classification",
+            "label_type": label_type,
+            "labels": names,
+            "data": lines,
+            "skipped": skipped_records(splits),
+        },
+    )

@@ -27,9 +27,11 @@ from losslab.train.tasks.labels import label_id, label_vocabulary
 from losslab.train.tasks.predictions import save_predictions
 from losslab.train.tasks.records import SplitRecords, encode_splits, per_record, read_splits, skipped_records
 
-LOSS_NEEDS = LossNeeds("token_classification", ({"name": "token_cross_entropy", "weight": 1.0},),
-                       frozenset({"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items",
-                                  "num_examples"}))
+LOSS_NEEDS = LossNeeds(
+    "token_classification",
+    ({"name": "token_cross_entropy", "weight": 1.0},),
+    frozenset({"logits", "labels", "attention_mask", "class_logits", "class_targets", "num_items", "num_examples"}),
+)
 
 
 def align_labels(word_ids: list[int | None], tag_ids: list[int]) -> list[int]:
@@ -52,7 +54,9 @@ def joins_words(tokenizer: Any) -> bool:
     return " " not in tokenizer.decode(ids)
 
 
-def skip_added_spaces(word_ids: list[int | None], input_ids: list[int], is_space: Callable[[int], bool]) -> list[int | None]:
+def skip_added_spaces(
+    word_ids: list[int | None], input_ids: list[int], is_space: Callable[[int], bool]
+) -> list[int | None]:
     """``word_ids`` with a word's first sub-token set to None (not labelled) when it is only the
     space :func:`spaced_words` added (``is_space(token_id)``) and more of the word follows: a
     tokenizer that splits digits from the space reads ``" 1984"`` as ``Ġ 1 9 8 4``, and the tag
@@ -89,8 +93,11 @@ def forward(model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
     logits = model(**model_inputs(batch)).logits  # (B, T, C)
     labels = batch["labels"]  # (B, T)
     return LossInputs(
-        logits=logits, labels=labels, attention_mask=batch["attention_mask"],
-        class_logits=logits.reshape(-1, logits.shape[-1]), class_targets=labels.reshape(-1),
+        logits=logits,
+        labels=labels,
+        attention_mask=batch["attention_mask"],
+        class_logits=logits.reshape(-1, logits.shape[-1]),
+        class_targets=labels.reshape(-1),
     )
 
 
@@ -102,8 +109,16 @@ def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collator: TokenCollator, batch_size: int,
-             tags: list[str], output_dir: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: list[dict],
+    split: str,
+    *,
+    collator: TokenCollator,
+    batch_size: int,
+    tags: list[str],
+    output_dir: str | None = None,
+) -> dict[str, float]:
     """The metrics of ``split`` (see the module docstring), named ``split/metric``; prints the
     report and writes the predictions into ``output_dir`` (when given)."""
     y_true: list[list[str]] = []
@@ -117,8 +132,11 @@ def evaluate(model: torch.nn.Module, dataset: list[dict], split: str, *, collato
         y_pred += pred
         b_nll, b_correct, b_scored = batch_scores(logits, labels)
         nll, correct, scored = nll + b_nll, correct + b_correct, scored + b_scored
-    save_predictions(output_dir, split, [{"tokens": f.get("tokens"), "gold": t, "predicted": p}
-                                         for f, t, p in zip(dataset, y_true, y_pred)])
+    save_predictions(
+        output_dir,
+        split,
+        [{"tokens": f.get("tokens"), "gold": t, "predicted": p} for f, t, p in zip(dataset, y_true, y_pred)],
+    )
     report = ner_report(y_true, y_pred)
     print(f"{split} (entities):\n{report}")
     per_token = {"token_accuracy": correct / scored, "loss": nll / scored} if scored else {}
@@ -132,9 +150,12 @@ def check_tags(tags: list[str], train: SplitRecords) -> None:
     if not bad:
         return
     where = next((str(src) for src, r in zip(train.sources, train.records) if bad[0] in r.tags), train.path)
-    raise UserError(f"field 'tags': tag {bad[0]!r} is not BIO or IOBES (O, B-, I-, E-, S-); "
-                    f"{len(bad)} such tag{'s' * (len(bad) != 1)}: {', '.join(map(repr, bad[:5]))}. "
-                    "Convert BILOU tags (U- -> S-, L- -> E-) and IO tags (TYPE -> I-TYPE)", where=where)
+    raise UserError(
+        f"field 'tags': tag {bad[0]!r} is not BIO or IOBES (O, B-, I-, E-, S-); "
+        f"{len(bad)} such tag{'s' * (len(bad) != 1)}: {', '.join(map(repr, bad[:5]))}. "
+        "Convert BILOU tags (U- -> S-, L- -> E-) and IO tags (TYPE -> I-TYPE)",
+        where=where,
+    )
 
 
 def loss_needs(config: TrainConfig) -> LossNeeds:
@@ -145,9 +166,12 @@ def metric_names(config: TrainConfig) -> set[str]:
     """The names ``split/metric`` that :func:`evaluate` gives for each split of ``eval.splits``;
     a name ending in ``/*`` stands for one name per entity type, known from the data
     (checked against a real evaluation by tests/train/test_metric_names.py)."""
-    names = ["token_accuracy", "loss",
-             *(f"{score}_{avg}" for avg in ("micro", "macro", "weighted") for score in ("precision", "recall", "f1")),
-             *(f"{score}/*" for score in ("precision", "recall", "f1", "support"))]
+    names = [
+        "token_accuracy",
+        "loss",
+        *(f"{score}_{avg}" for avg in ("micro", "macro", "weighted") for score in ("precision", "recall", "f1")),
+        *(f"{score}/*" for score in ("precision", "recall", "f1", "support")),
+    ]
     return {f"{split}/{name}" for split in config.eval.splits for name in names}
 
 
@@ -167,8 +191,9 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     def encode_record(source: Any, record: Any) -> tuple[dict, bool]:
         tag_ids = [label_id(tag2id, t, source, "tags") for t in record.tags]
         words = spaced_words(list(record.tokens)) if add_spaces else list(record.tokens)
-        encoding, cut = encode(tokenizer, words, max_length=config.data.max_length, drop=config.data.truncation,
-                               is_split_into_words=True)
+        encoding, cut = encode(
+            tokenizer, words, max_length=config.data.max_length, drop=config.data.truncation, is_split_into_words=True
+        )
         word_ids = encoding.pop("word_ids")
         if add_spaces:
             word_ids = skip_added_spaces(word_ids, encoding["input_ids"], is_space)
@@ -176,13 +201,26 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
 
     datasets, lines = encode_splits(splits, per_record(config, encode_record))
     model = load_model(
-        AutoModelForTokenClassification, config.model, num_labels=len(tags), id2label=dict(enumerate(tags)), label2id=tag2id,
-        **model_kwargs(config))
+        AutoModelForTokenClassification,
+        config.model,
+        num_labels=len(tags),
+        id2label=dict(enumerate(tags)),
+        label2id=tag2id,
+        **model_kwargs(config),
+    )
     set_pad_token(model, tokenizer)
     collator = TokenCollator(tokenizer.pad_token_id)
 
-    return TaskRun(model=model, tokenizer=tokenizer, train=datasets["train"], validation=datasets.get("validation"),
-                   test=datasets.get("test"), collator=collator, forward=forward,
-                    evaluate=partial(evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags,
-                                     output_dir=config.output_dir),
-                    summary={"task": "token_classification", "tags": tags, "data": lines, "skipped": skipped_records(splits)})
+    return TaskRun(
+        model=model,
+        tokenizer=tokenizer,
+        train=datasets["train"],
+        validation=datasets.get("validation"),
+        test=datasets.get("test"),
+        collator=collator,
+        forward=forward,
+        evaluate=partial(
+            evaluate, collator=collator, batch_size=eval_batch_size(config), tags=tags, output_dir=config.output_dir
+        ),
+        summary={"task": "token_classification", "tags": tags, "data": lines, "skipped": skipped_records(splits)},
+    )
