@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         f"# Loss-head benchmark ({args.device})",
         "",
-        f"Command: `{command.strip()}` "
-        f"(machine: {os.cpu_count()} CPUs). Each table is the round with the least contention "
-        f"(lowest mean load average) of {args.rounds}; ratios are within that round.",
+        (
+            f"Command: `{command.strip()}` "
+            f"(machine: {os.cpu_count()} CPUs). Each table is the round with the least contention "
+            f"(lowest mean load average) of {args.rounds}; ratios are within that round."
+        ),
         "",
     ]
     for report in chosen:

@@ -59,10 +59,12 @@ def test_contract_options_exist() -> None:
 
 
 def test_bad_usage_exits_2() -> None:
-    done = subprocess.run([sys.executable, "-m", "losslab.cli", "inspect"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "losslab.cli", "inspect"], check=False, capture_output=True, text=True)
     assert done.returncode == 2 and "usage:" in done.stderr
 
 
 def test_console_script_installed() -> None:
-    done = subprocess.run(["losslab", "--version"], capture_output=True, text=True, env={"PATH": f"{sys.prefix}/bin"})
+    done = subprocess.run(
+        ["losslab", "--version"], check=False, capture_output=True, text=True, env={"PATH": f"{sys.prefix}/bin"}
+    )
     assert done.returncode == 0 and __version__ in done.stdout

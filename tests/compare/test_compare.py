@@ -229,7 +229,7 @@ def _chromium() -> str | None:
 def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
     import subprocess
 
-    tmp, results, _ = finished
+    tmp, _results, _ = finished
     html = (tmp / "out" / "report.html").read_text()
     # a probe copy: after load, write what the browser rendered (tables, decoded images) into the DOM
     probe = html.replace(
@@ -249,13 +249,20 @@ def test_report_renders_in_headless_chromium(finished, tmp_path: Path) -> None:
         "--virtual-time-budget=5000",
     ]
     dom = subprocess.run(
-        [*base, "--dump-dom", (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=90
+        [*base, "--dump-dom", (tmp_path / "probe.html").as_uri()],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     found = json.loads(__import__("html").unescape(dom.stdout.split('data-probe="', 1)[1].split('"', 1)[0]))
     assert found["tables"] >= 4 and len(found["images"]) >= 3 and min(found["images"]) > 100
     shot = tmp_path / "report.png"
     subprocess.run(
-        [*base, f"--screenshot={shot}", (tmp / "out" / "report.html").as_uri()], capture_output=True, timeout=90
+        [*base, f"--screenshot={shot}", (tmp / "out" / "report.html").as_uri()],
+        check=False,
+        capture_output=True,
+        timeout=90,
     )
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
     shutil.copy(shot, tmp / "out" / "report.png")
@@ -459,7 +466,7 @@ def test_many_random_sigkills_then_rerun_give_the_same_results(tmp_path: Path) -
             launched = time.time()
             if i == 0:  # aim at a checkpoint save: a folder this process made, not yet marked complete
 
-                def saving() -> bool:
+                def saving(launched: float = launched, out: Path = out) -> bool:
                     return any(
                         p.stat().st_mtime >= launched and not (p / "losslab_checkpoint.json").is_file()
                         for p in out.glob("runs/*/checkpoint-*")

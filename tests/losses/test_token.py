@@ -3,6 +3,7 @@ exactness of ``num_items`` under gradient accumulation."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -147,7 +148,7 @@ def accumulate(logits, labels, weights, options, reduction, bounds):
     mask = labels != -100
     global_count = int(mask.any(dim=-1).sum()) if reduction == "sequence" else int(mask.sum())
     total = 0.0
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         kwargs = split_options(options, weights[lo:hi])
         total = total + token_cross_entropy(
             logits[lo:hi], labels[lo:hi], reduction=reduction, num_items=global_count, **kwargs

@@ -155,7 +155,11 @@ def test_fuzz_collators_against_a_plain_reference(samples: list[dict], side: str
     width = max(len(s["input_ids"]) for s in samples)
     for b, s in enumerate(samples):
         pad = width - len(s["input_ids"])
-        row = (lambda xs, v: list(xs) + [v] * pad) if side == "right" else (lambda xs, v: [v] * pad + list(xs))
+        row = (
+            (lambda xs, v, pad=pad: list(xs) + [v] * pad)
+            if side == "right"
+            else (lambda xs, v, pad=pad: [v] * pad + list(xs))
+        )
         assert padded["input_ids"][b].tolist() == row(s["input_ids"], 0)
         assert padded["labels"][b].tolist() == row(s["labels"], IGNORE_INDEX)
         assert padded["weights"][b].tolist() == row(s["weights"], 0.0)

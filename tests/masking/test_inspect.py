@@ -69,7 +69,7 @@ def test_jsonl_follows_the_contract(tmp_path: Path, capsys) -> None:
         assert obj["source"] == {"file": str(tmp_path / "chat.jsonl"), "line": 1 + i // 2}
         assert len(obj["input_ids"]) == len(obj["labels"]) == len(obj["weights"])
         for tok, lab, w in zip(obj["input_ids"], obj["labels"], obj["weights"]):
-            assert lab == IGNORE_INDEX or lab == tok
+            assert lab in (IGNORE_INDEX, tok)
             assert (w > 0) == (lab != IGNORE_INDEX)
 
 

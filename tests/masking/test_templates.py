@@ -42,7 +42,7 @@ def decoded_runs(tokenizer, seq) -> list[str]:
 
 def build(tokenizer, family: Family, records, **config):
     builder = MaskBuilder(family_tokenizer(tokenizer, family), MaskConfig(template=template_of(family), **config))
-    return [seq for seq in builder.iter_sequences(records)]
+    return list(builder.iter_sequences(records))
 
 
 def assert_turn(run: str, content: str, end_of_turn: str) -> None:

@@ -70,7 +70,7 @@ def test_fused_head_is_on_unless_a_term_needs_logits(tmp_path: Path, capsys) -> 
         run = build(config, plan)
         return run, loss_adapter(run, plan)
 
-    run, loss = built([{"name": "token_cross_entropy"}])
+    run, _loss = built([{"name": "token_cross_entropy"}])
     assert run.forward.fused
     run, with_consistency = built([{"name": "token_cross_entropy"}, {"name": "consistency"}])
     assert not run.forward.fused
@@ -258,7 +258,7 @@ def test_many_sigkills_at_random_points_then_rerun_give_the_same_metrics(tmp_pat
             launched = time.time()
             if i == 1:  # aim at a checkpoint save: a folder this process made, not yet marked complete
 
-                def saving() -> bool:
+                def saving(launched: float = launched, out: Path = out) -> bool:
                     return any(
                         p.stat().st_mtime >= launched and not (p / COMPLETE_MARKER).is_file()
                         for p in out.glob("checkpoint-*")

@@ -82,7 +82,9 @@ def test_multi_label_report_by_hand() -> None:
     def bce(z: float, t: float) -> float:
         return -(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
 
-    assert m["test/loss"] == pytest.approx(sum(bce(z, t) for r, l in zip(table, labels) for z, t in zip(r, l)) / 6)
+    assert m["test/loss"] == pytest.approx(
+        sum(bce(z, t) for row, targets in zip(table, labels) for z, t in zip(row, targets)) / 6
+    )
 
 
 def test_regression_metrics_by_hand() -> None:

@@ -159,7 +159,7 @@ def test_token_classification_ner(tmp_path: Path) -> None:
 
 
 def test_token_classification_focal_on_flattened_tokens(tmp_path: Path) -> None:
-    metrics, rows = run(tmp_path, "token_classification", "builtin:ner", [{"name": "focal", "gamma": 1.0}])
+    _metrics, rows = run(tmp_path, "token_classification", "builtin:ner", [{"name": "focal", "gamma": 1.0}])
     assert_goes_down(rows, "focal")
 
 

@@ -316,15 +316,15 @@ def test_the_fused_head_is_refused_for_models_that_cap_or_scale_their_logits() -
 
     from losslab.train.next_token import lm_head_gives_logits
 
-    common = dict(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    common = {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
     torch.manual_seed(0)
     models = {
         "llama": (LlamaForCausalLM(LlamaConfig(**common)), True),

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -155,7 +155,7 @@ def _iter_table(path: Path, kind: str) -> Iterator[tuple[Source, Any]]:
 
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:  # pyarrow / datasets errors: a malformed or empty file
+    except Exception as exc:  # noqa: BLE001  (pyarrow / datasets errors: a malformed or empty file)
         cause = exc
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
@@ -180,13 +180,16 @@ class UnreadableRecord:
         self.message = message
 
 
+RecordT = TypeVar("RecordT", bound=BaseModel)
+
+
 def load_records(
     path: str | Path,
-    schema: type[BaseModel],
+    schema: type[RecordT],
     *,
     on_error: str = "raise",
     skipped: SkipLog | None = None,
-) -> Iterator[tuple[Source, BaseModel]]:
+) -> Iterator[tuple[Source, RecordT]]:
     """Yield ``(source, validated record)``; a bad record raises :class:`UserError` naming
     ``file:line`` and the field, or is counted in ``skipped`` when ``on_error == "skip"``."""
     if on_error not in ("raise", "skip"):

@@ -97,7 +97,7 @@ def vader_sdist() -> Path:
             "-d",
             str(target),
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode or not path.is_file():
             raise UserError(
                 "could not fetch the vaderSentiment 3.3.2 source archive from the package index "
@@ -111,14 +111,15 @@ def vader_ratings() -> Iterator[tuple[str, str, float]]:
     with tarfile.open(vader_sdist()) as sdist:
         member = sdist.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
         assert member is not None
-        inner = tarfile.open(fileobj=io.BytesIO(member.read()))
-    for domain in VADER_DOMAINS:
-        fh = inner.extractfile(f"hutto_ICWSM_2014/{domain}_GroundTruth.txt")
-        assert fh is not None
-        for raw in fh.read().decode("utf-8", errors="replace").splitlines():
-            parts = raw.split("\t", 2)
-            if len(parts) == 3 and parts[2].strip():
-                yield f"{domain}/{parts[0]}", parts[2].strip(), float(parts[1])
+        archive = io.BytesIO(member.read())
+    with tarfile.open(fileobj=archive) as inner:
+        for domain in VADER_DOMAINS:
+            fh = inner.extractfile(f"hutto_ICWSM_2014/{domain}_GroundTruth.txt")
+            assert fh is not None
+            for raw in fh.read().decode("utf-8", errors="replace").splitlines():
+                parts = raw.split("\t", 2)
+                if len(parts) == 3 and parts[2].strip():
+                    yield f"{domain}/{parts[0]}", parts[2].strip(), float(parts[1])
 
 
 SENTIMENT_THRESHOLD = 0.5

@@ -186,7 +186,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 def _run_in_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "losslab.losses.bench", json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**_case_key(spec), "supported": True, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -283,11 +283,15 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 def format_table(report: dict[str, Any]) -> str:
     c = report["config"]
     lines = [
-        f"losslab bench loss-head: N={c['tokens']} d={c['hidden']} V={c['vocab']} {c['dtype']} on {c['device']} "
-        f"({c['threads']} threads), median of {c['repeats']} after {c['warmup']} warm-up",
+        (
+            f"losslab bench loss-head: N={c['tokens']} d={c['hidden']} V={c['vocab']} {c['dtype']} on {c['device']} "
+            f"({c['threads']} threads), median of {c['repeats']} after {c['warmup']} warm-up"
+        ),
         "",
-        f"{'option':<16}{'ignored':>8}  {'method':<14}{'time s':>8}{'cpu s':>8}{'x plain':>9}{'x torch':>9}"
-        f"{'peak MB':>9}{'x plain':>9}{'x torch':>9}",
+        (
+            f"{'option':<16}{'ignored':>8}  {'method':<14}{'time s':>8}{'cpu s':>8}{'x plain':>9}{'x torch':>9}"
+            f"{'peak MB':>9}{'x plain':>9}{'x torch':>9}"
+        ),
     ]
     for r in report["results"]:
         head = f"{r['option']:<16}{r['ignored_fraction']:>8.2f}  {r['method']:<14}"
@@ -325,8 +329,10 @@ def format_markdown(report: dict[str, Any]) -> str:
 
     head = ["option", "ignored", *methods, "losslab", *(f"losslab / {m} (time, memory)" for m in methods)]
     lines = [
-        f"### N={c['tokens']}, d={c['hidden']}, V={c['vocab']}, {c['dtype']}, {c['device']} "
-        f"({c['threads']} threads), median of {c['repeats']} after {c['warmup']} warm-up",
+        (
+            f"### N={c['tokens']}, d={c['hidden']}, V={c['vocab']}, {c['dtype']}, {c['device']} "
+            f"({c['threads']} threads), median of {c['repeats']} after {c['warmup']} warm-up"
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from losslab.data.records import SKIP_HINT, SkipLog, Source, describe_validation_error, iter_raw_records, load_records
 from losslab.data.schemas import ChatRecord, InstructionRecord
@@ -356,7 +356,9 @@ class MaskBuilder:
                 stats.trained_tokens += seq.trained
                 yield seq
 
-    def _records(self, data: str | Path | Iterable[Any], skipped: SkipLog) -> Iterator[tuple[Source, BaseModel]]:
+    def _records(
+        self, data: str | Path | Iterable[Any], skipped: SkipLog
+    ) -> Iterator[tuple[Source, ChatRecord | InstructionRecord]]:
         if isinstance(data, (str, Path)):
             schema = file_schema(self.config.kind, data)
             yield from load_records(data, schema, on_error=self.config.on_error, skipped=skipped)

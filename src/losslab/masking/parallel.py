@@ -24,6 +24,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -38,9 +39,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from losslab.data.records import SKIP_HINT, Source, UnreadableRecord, describe_validation_error, iter_raw_records
+from losslab.data.schemas import ChatRecord, InstructionRecord
 from losslab.errors import UserError
 from losslab.files import hash_file
 from losslab.labels import IGNORE_INDEX
@@ -176,7 +178,7 @@ def source_digest(files: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any]]:
+def _raw_rows(path: Path, schema: type[BaseModel], limit: int | None) -> dict[str, list[Any]]:
     """One row per raw record: its line, its JSON text (or the parse error). With ``limit``,
     the rows stop before the first valid record after the ``limit``-th, where the
     single-process loop stops (bad records before it are still reported)."""
@@ -201,7 +203,7 @@ def _raw_rows(path: Path, schema: type, limit: int | None) -> dict[str, list[Any
     return rows
 
 
-def _validation_message(schema: type, raw: Any) -> str | None:
+def _validation_message(schema: type[BaseModel], raw: Any) -> str | None:
     """What the workers would say about ``raw`` (None: valid)."""
     if not isinstance(raw, dict):
         return f"expected a JSON object, got {type(raw).__name__}"
@@ -233,7 +235,7 @@ def _features() -> Any:
 
 
 def _encode_batch(
-    batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: type, file: str
+    batch: dict[str, list[Any]], *, builder: MaskBuilder, schema: type[ChatRecord | InstructionRecord], file: str
 ) -> dict[str, list[Any]]:
     """Validate and encode a batch of raw records (runs in a worker)."""
     out: dict[str, list[Any]] = {k: [] for k in _features() if k != "line"}
@@ -271,10 +273,8 @@ def _encode_batch(
 def _touch(entry: Path) -> None:
     """Mark a cache entry as used now (its folder's mtime); a missing entry or a read-only
     cache stays as it is."""
-    try:
+    with contextlib.suppress(OSError):
         os.utime(entry)
-    except OSError:
-        pass
 
 
 # what prune may delete: entries (a fingerprint) and the temporary folders of their saves

@@ -137,7 +137,7 @@ class ChatTemplate:
                     **self._variables,
                 )
             )
-        except Exception as exc:  # jinja2.TemplateError from raise_exception, or a template bug
+        except Exception as exc:  # noqa: BLE001  (jinja2.TemplateError from raise_exception, or a template bug)
             raise UserError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
 
     def token_boundary(self, text: str, pos: int, floor: int) -> int:
@@ -187,7 +187,7 @@ class ChatTemplate:
                 ):
                     pieces.append(piece)
                     observed.written += len(piece)
-            except Exception:  # noqa: BLE001  (rendered one by one below, for the same error as before)
+            except Exception:  # noqa: BLE001, S110  (rendered one by one below, for the same error as before)
                 pass
             else:
                 text, asked = "".join(pieces), observed.asked

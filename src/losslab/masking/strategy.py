@@ -193,7 +193,14 @@ def _expand_sample(
     start = _turn_start(template, messages, i, text, span, floor)
     body_end = span.end if span.end is not None else start
     end = body_end + len(close_text(text[body_end:]))
-    return TextSample(text, [Region(start, end, weight, i)], turn=i, spans=rendered.spans, **_described(messages))
+    return TextSample(
+        text,
+        [Region(start, end, weight, i)],
+        turn=i,
+        spans=rendered.spans,
+        roles=_roles(messages),
+        contents=_contents(messages),
+    )
 
 
 def _concat_sample(
@@ -246,12 +253,21 @@ def _concat_sample(
         regions.append(Region(start, end, weights[i], i))
         floor = end
     return TextSample(
-        text, _clip(regions), default_weight=1.0 if all_messages else 0.0, spans=spans, **_described(messages)
+        text,
+        _clip(regions),
+        default_weight=1.0 if all_messages else 0.0,
+        spans=spans,
+        roles=_roles(messages),
+        contents=_contents(messages),
     )
 
 
-def _described(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
-    return {"roles": tuple(str(m["role"]) for m in messages), "contents": tuple(str(m["content"]) for m in messages)}
+def _roles(messages: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(str(m["role"]) for m in messages)
+
+
+def _contents(messages: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    return tuple(str(m["content"]) for m in messages)
 
 
 def _clip(regions: list[Region]) -> list[Region]:

@@ -134,7 +134,7 @@ def checked_head(model: PreTrainedModel) -> bool:
     check outside the training engine (e.g. parameters partitioned by DeepSpeed ZeRO-3)."""
     try:
         return lm_head_gives_logits(model)
-    except Exception as exc:  # any failure of a foreign model's forward: the check is advisory
+    except Exception as exc:  # noqa: BLE001  (any failure of a foreign model's forward: the check is advisory)
         print(
             f"fused loss head: could not compare the model's logits with its LM head ({type(exc).__name__}: {exc}); "
             "set loss.fused: false if the model caps or scales its logits (Gemma-2, Cohere, Granite)"
