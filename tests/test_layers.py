@@ -151,3 +151,29 @@ def test_command_modules_are_imported_by_the_cli_only() -> None:
         if target in commands and target != m and (m, target) not in COMMAND_IMPORT_EXEMPT
     ]
     assert found == []
+
+
+LAYERS = [
+    {"losslab", "losslab.errors", "losslab.files", "losslab.paths", "losslab.labels", "losslab.config"},
+    {"losslab.data"},
+    {"losslab.models"},
+    {"losslab.losses"},
+    {"losslab.masking"},
+    {"losslab.eval"},
+    {"losslab.train"},
+    {"losslab.compare"},
+    {"losslab.cli"},
+]
+"""docs/architecture.md's layers, bottom first: a package imports only from its own layer or below."""
+
+
+def test_packages_import_only_from_the_layers_below() -> None:
+    level = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    assert set(level) >= {".".join(m.split(".")[:2]) for m in MODULES}, "a new package: give it a layer"
+    upward = [
+        f"{module}:{line} imports {target}"
+        for module in MODULES
+        for target, _, line in imports(module)
+        if level[".".join(target.split(".")[:2])] > level[".".join(module.split(".")[:2])]
+    ]
+    assert upward == []

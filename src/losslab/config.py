@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from losslab.errors import UserError
 from losslab.files import read_utf8
@@ -180,6 +180,19 @@ def read_config(path: str | Path, overrides: list[str] | None = None) -> ConfigF
 def load_config(schema: type[M], path: str | Path, overrides: list[str] | None = None) -> M:
     """Load, override and validate a YAML config before any work starts."""
     return read_config(path, overrides).validate(schema)
+
+
+def checked_output_dir(path: str) -> str:
+    """``path`` when it can be an output folder, else a ``ValueError`` saying why (a pydantic
+    validator: the config's error then names the file, line and field)."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+OutputDir = Annotated[str, AfterValidator(checked_output_dir)]
+"""A config field naming a folder that losslab writes into."""
 
 
 def output_dir_problem(path: str) -> str | None:

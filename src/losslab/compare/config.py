@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from losslab.config import ConfigFile, load_yaml, read_config, validate
+from losslab.config import ConfigFile, OutputDir, load_yaml, read_config, validate
 from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.files import hash_file
@@ -120,7 +120,7 @@ class CompareConfig(_Section):
         default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds; every variant runs every seed"
     )
     metrics: list[Metric] = Field(min_length=1, description="metrics compared, with their direction")
-    output_dir: str = Field(description="study folder: runs/, results.json, report.html, tuning.db")
+    output_dir: OutputDir = Field(description="study folder: runs/, results.json, report.html, tuning.db")
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
@@ -129,16 +129,6 @@ class CompareConfig(_Section):
         description="keep the checkpoint-* folders of finished runs and tuning trials "
         "(default: deleted once a run has its metrics.json or a trial has ended; model/ is kept)",
     )
-
-    @field_validator("output_dir")
-    @classmethod
-    def _output_dir(cls, output_dir: str) -> str:
-        from losslab.config import output_dir_problem
-
-        problem = output_dir_problem(output_dir)
-        if problem:
-            raise ValueError(problem)
-        return output_dir
 
     @model_validator(mode="after")
     def _check(self) -> CompareConfig:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from losslab.config import OutputDir
 from losslab.train.tasks import TASKS
 
 # loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
@@ -203,7 +204,7 @@ class EmbeddingConfig(_Section):
 class TrainConfig(_Section):
     task: str = Field("causal_lm", description=f"what is trained: {' | '.join(TASKS)}")
     model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
-    output_dir: str = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
+    output_dir: OutputDir = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
     dtype: Literal["float32", "bfloat16", "float64"] = Field(
@@ -224,16 +225,6 @@ class TrainConfig(_Section):
         if value not in TASKS:
             raise ValueError(f"unknown task {value!r}; choose one of: {', '.join(TASKS)}")
         return value
-
-    @field_validator("output_dir")
-    @classmethod
-    def _output_dir(cls, output_dir: str) -> str:
-        from losslab.config import output_dir_problem
-
-        problem = output_dir_problem(output_dir)
-        if problem:
-            raise ValueError(problem)
-        return output_dir
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
