@@ -43,6 +43,12 @@ class LossInputs:
     Pairwise: rewards_chosen, rewards_rejected (N,); margins (N,); anchor, positive (N, D) and
     negative (N, D) embeddings (InfoNCE uses anchor/positive as query/key and negative as
     extra negatives).
+    Preference (policy log-probs summed over each completion's tokens, with gradient):
+        chosen_logps, rejected_logps (B,) of the policy; ref_chosen_logps, ref_rejected_logps (B,)
+        of the reference model (no gradient); chosen_lengths, rejected_lengths (B,) completion
+        token counts. Unpaired (KTO): policy_logps, ref_logps (B,), desirable (B,) bool,
+        kl_baseline () the batch's detached estimate of KL(policy || reference).
+        monitor: name -> scalar tensor, batch statistics the trainer logs (not loss inputs).
     Regularisers: model (a module or name -> tensor mapping); reference_params (name -> tensor).
     """
 
@@ -70,6 +76,17 @@ class LossInputs:
     anchor: torch.Tensor | None = None
     positive: torch.Tensor | None = None
     negative: torch.Tensor | None = None
+    chosen_logps: torch.Tensor | None = None
+    rejected_logps: torch.Tensor | None = None
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+    chosen_lengths: torch.Tensor | None = None
+    rejected_lengths: torch.Tensor | None = None
+    policy_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    desirable: torch.Tensor | None = None
+    kl_baseline: torch.Tensor | None = None
+    monitor: dict[str, torch.Tensor] | None = None
     model: nn.Module | Mapping[str, torch.Tensor] | None = None
     reference_params: Mapping[str, torch.Tensor] | None = None
 

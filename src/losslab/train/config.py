@@ -201,6 +201,23 @@ class EmbeddingConfig(_Section):
     )
 
 
+class PreferenceConfig(_Section):
+    reference: Literal["auto", "model", "cache", "none"] = Field(
+        "auto",
+        description="preference: the reference log-probs: model (a frozen copy computes them each step), "
+        "cache (computed once before training, stored under $LOSSLAB_CACHE/reference), none (reference-free "
+        "losses only); auto = cache when a loss term needs them, else none",
+    )
+    reference_model: str | None = Field(
+        None, description="preference: the reference model (default: the model being trained, before training)"
+    )
+    layout: Literal["shared", "concat"] = Field(
+        "shared",
+        description="preference: shared = prompt, chosen and rejected in one row (the prompt computed once); "
+        "concat = chosen rows and rejected rows in one batch",
+    )
+
+
 class TrainConfig(_Section):
     task: str = Field("causal_lm", description=f"what is trained: {' | '.join(TASKS)}")
     model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
@@ -218,6 +235,7 @@ class TrainConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     @field_validator("task")
     @classmethod
