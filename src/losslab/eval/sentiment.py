@@ -13,7 +13,7 @@ from typing import Any
 
 @functools.lru_cache(maxsize=1)
 def _analyzer() -> Any:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # type: ignore[import-untyped]
 
     return SentimentIntensityAnalyzer()
 

@@ -185,7 +185,7 @@ def sequence_sums(
     scored = flat.index_select(0, batch["score_positions"])  # (M, D)
     sums, counts = fused_sequence_logps(
         scored,
-        head.weight,
+        cast(torch.Tensor, head.weight),
         batch["targets"],
         batch["segments"],
         int(batch["num_segments"]),
@@ -230,8 +230,7 @@ class PreferenceForward:
         if next(self.reference.parameters()).device != device:
             self.reference.to(device)
         with torch.no_grad():
-            head = self.reference.get_output_embeddings()
-            assert head is not None
+            head = output_embeddings(self.reference)
             return sequence_sums(self.reference, head, batch)[0]
 
     def reference_columns(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -374,7 +373,11 @@ def read_preference_split(
         if limit is not None and len(features) >= limit:
             break
         try:
-            feature = encode_unpaired(encoder, source, record) if unpaired else encode_pair(encoder, source, record)
+            feature = (
+                encode_unpaired(encoder, source, cast(UnpairedPreferenceRecord, record))
+                if unpaired
+                else encode_pair(encoder, source, cast(PreferenceRecord, record))
+            )
         except SkipRecord as exc:
             skipped.add(f"{source}: {exc}")
             continue
@@ -430,6 +433,14 @@ def load_reference(config: TrainConfig, *, like: torch.nn.Module | None = None) 
     return frozen_reference(reference_name(config), dtype=config.dtype, trust_remote_code=config.trust_remote_code)
 
 
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    """A causal LM's LM head (``get_output_embeddings()``)."""
+    head = cast(Any, model).get_output_embeddings()
+    if head is None:
+        raise UserError("the preference task needs a causal LM with an output embedding (LM head)", where="model")
+    return cast(torch.nn.Module, head)
+
+
 def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -455,8 +466,7 @@ def cache_reference(
             reference = load_reference(config)
             if torch.cuda.is_available():
                 reference.to("cuda")
-            head = reference.get_output_embeddings()
-            assert head is not None
+            head = output_embeddings(reference)
             loaded["forward"] = PreferenceForward(head=head, unpaired=unpaired, reference=reference)
         forward = loaded["forward"]
         assert forward.reference is not None
@@ -529,8 +539,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
             "its LM head applied to the last hidden state (logit soft-capping or scaling)",
             where="model",
         )
-    head = model.get_output_embeddings()
-    assert head is not None
+    head = output_embeddings(model)
     reference = load_reference(config, like=model) if mode == "model" else None
     forward = PreferenceForward(
         head=head,
@@ -717,8 +726,7 @@ class Evaluator:
         items = [{"prompt": p, "completion": r} for p, r in zip(prompts, replies)]
         policy = completion_logps(model, self.forward.head, items, self.collator.pad_id)
         reference = self.reference_model(model)
-        ref_head = reference.get_output_embeddings()
-        assert ref_head is not None
+        ref_head = output_embeddings(reference)
         ref = completion_logps(reference, ref_head, items, self.collator.pad_id)
         ratios = [p - r for p, r in zip(policy, ref)]
         self.save(
