@@ -3,6 +3,7 @@
 from losslab.losses.composite import CompositeLoss, CompositeOutput, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
 from losslab.losses.fused import fused_linear_cross_entropy  # noqa: F401  (fused loss head)
+from losslab.losses.logprobs import fused_sequence_logps, sequence_logps
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
 from losslab.losses.preference import kto_loss, preference_loss
 from losslab.losses.reduction import reduce_loss
@@ -38,6 +39,7 @@ __all__ += [
     "classification_cross_entropy",
     "consistency_loss",
     "focal_loss",
+    "fused_sequence_logps",
     "huber_loss",
     "info_nce_loss",
     "kto_loss",
@@ -50,6 +52,7 @@ __all__ += [
     "select_parameters",
     "semantic_alignment_loss",
     "semantic_l2_loss",
+    "sequence_logps",
     "snapshot_parameters",
     "triplet_loss",
 ]
