@@ -24,14 +24,19 @@ class Hasher(Protocol):
 H = TypeVar("H", bound=Hasher)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file (UTF-8) so a reader never sees it half-written: a temp file in the same
-    folder, renamed into place. Creates the parent folders."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file (``text`` as UTF-8, or ``bytes`` as they are) so a reader never sees it
+    half-written: a temp file ``.NAME.*`` in the same folder, renamed into place. Creates the
+    parent folders."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        if isinstance(text, str):
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,8 @@ builtin models and datasets.
 
 The cache (``$LOSSLAB_CACHE``, else ``~/.cache/losslab``) holds ``models/`` (builtin models as
 plain checkpoints), ``data/`` (the prepared builtin datasets), ``downloads/`` (archives fetched
-once) and ``prepared/`` (masked samples of record files, built in several processes).
+once), ``prepared/`` (masked samples of record files, built in several processes) and
+``reference/`` (a preference reference model's log-probs, computed once per fingerprint).
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def downloads_cache() -> Path:
 def prepared_cache() -> Path:
     """Masked samples built from record files in several processes: ``cache_dir()/prepared``."""
     return cache_dir() / "prepared"
+
+
+def reference_cache() -> Path:
+    """Reference-model log-probs precomputed for preference training: ``cache_dir()/reference``."""
+    return cache_dir() / "reference"
 
 
 def package_dir(package: str, pip_name: str) -> Path:

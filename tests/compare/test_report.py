@@ -88,3 +88,33 @@ def test_paired_table_drops_the_examples_column_when_no_metric_has_one() -> None
     ]
     table = markdown_summary(results(examples=False)).split("per seed):\n\n", 1)[1].split("\n\n", 1)[0]
     assert all(cell.strip() for line in table.splitlines() for cell in line.strip("|").split("|"))
+
+
+def test_frontier_points_pair_each_seeds_metrics_and_skip_missing_ones() -> None:
+    from losslab.compare.report import frontier_plot, frontier_points
+
+    data = results(examples=False)
+    data["variants"]["focal"]["metrics"]["test/loss"] = {"per_seed": {"0": 2.0, "1": None}, "mean": 2.0}
+    points = frontier_points(data, "test/loss", "test/f1_macro")
+    assert points == {"ce": [(0.5, 0.5), (0.6, 0.6)], "focal": [(2.0, 0.5)]}
+    assert frontier_plot(data) is None  # no frontiers asked for
+    data["study"]["frontiers"] = [{"x": "test/loss", "y": "test/f1_macro"}]
+    image = frontier_plot(data)
+    assert image is not None and image.startswith("data:image/png;base64,")
+
+
+def test_a_frontier_must_name_the_studys_metrics(tmp_path: Path) -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from losslab.compare.config import CompareConfig
+
+    study = {
+        "base": {"task": "causal_lm"},
+        "variants": [{"name": "a"}],
+        "metrics": [{"name": "test/loss", "direction": "min"}],
+        "output_dir": str(tmp_path),
+    }
+    CompareConfig.model_validate({**study, "frontiers": [{"x": "test/loss", "y": "test/loss"}]})
+    with pytest.raises(ValidationError, match=r"frontiers\.0\.y: 'test/reward' is not one of the study's metrics"):
+        CompareConfig.model_validate({**study, "frontiers": [{"x": "test/loss", "y": "test/reward"}]})

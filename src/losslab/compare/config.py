@@ -76,6 +76,11 @@ class Metric(_Section):
     direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
 
 
+class Frontier(_Section):
+    x: str = Field(description="metric on the horizontal axis (one of `metrics`), e.g. test/kl")
+    y: str = Field(description="metric on the vertical axis (one of `metrics`), e.g. test/reward")
+
+
 class TuningConfig(_Section):
     trials: int = Field(8, ge=1, description="Optuna trials per tuned variant")
     metric: str = Field("validation/loss", description="validation metric the tuning optimises (a metrics.json name)")
@@ -124,6 +129,11 @@ class CompareConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")
+    frontiers: list[Frontier] = Field(
+        default_factory=list,
+        description="scatter plots in the report: metric y against metric x, one dot per run (variant x seed), "
+        "e.g. reward against KL to the reference",
+    )
     keep_checkpoints: bool = Field(
         False,
         description="keep the checkpoint-* folders of finished runs and tuning trials "
@@ -144,6 +154,14 @@ class CompareConfig(_Section):
             raise ValueError(f"baseline {self.baseline!r} is not a variant ({', '.join(names)})")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
+        measured = [m.name for m in self.metrics]
+        for i, frontier in enumerate(self.frontiers):
+            for axis in ("x", "y"):
+                if getattr(frontier, axis) not in measured:
+                    raise ValueError(
+                        f"frontiers.{i}.{axis}: {getattr(frontier, axis)!r} is not one of the study's metrics "
+                        f"({', '.join(measured)}); add it under `metrics`"
+                    )
         return self
 
 

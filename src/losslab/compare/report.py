@@ -208,6 +208,44 @@ def metric_bars(results: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def frontier_points(results: dict[str, Any], x: str, y: str) -> dict[str, list[tuple[float, float]]]:
+    """Per variant, the (x, y) metric values of each seed where both are measured."""
+    points = {}
+    for name, entry in results["variants"].items():
+        xs, ys = entry["metrics"][x]["per_seed"], entry["metrics"][y]["per_seed"]
+        points[name] = [(xs[s], ys[s]) for s in xs if xs[s] is not None and ys.get(s) is not None]
+    return points
+
+
+def frontier_plot(results: dict[str, Any]) -> str | None:
+    """Each ``frontiers`` entry of the study: metric y against metric x, a dot per seed and a
+    cross at each variant's mean (e.g. reward against KL to the reference)."""
+    frontiers = results["study"].get("frontiers") or []
+    if not frontiers:
+        return None
+    fig, axes = _figure(len(frontiers))
+    for ax, frontier in zip(axes, frontiers):
+        x_name, y_name = frontier["x"], frontier["y"]
+        for i, (name, points) in enumerate(frontier_points(results, x_name, y_name).items()):
+            if not points:
+                continue
+            colour = f"C{i % 10}"
+            ax.scatter([p[0] for p in points], [p[1] for p in points], color=colour, s=16, alpha=0.75, label=name)
+            ax.scatter(
+                [sum(p[0] for p in points) / len(points)],
+                [sum(p[1] for p in points) / len(points)],
+                color=colour,
+                marker="x",
+                s=60,
+            )
+        ax.set_xlabel(x_name, fontsize=8)
+        ax.set_ylabel(y_name, fontsize=8)
+        ax.set_title(f"{y_name} against {x_name} (dot: a seed; x: the mean)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    return _png(fig)
+
+
 def tuning_plot(tuning: dict[str, Any]) -> str | None:
     """Trial values and best-so-far per tuned variant."""
     if not tuning:
@@ -313,6 +351,7 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
     study = results["study"]
     header, rows = table_rows(results)
     plots = [
+        ("Frontiers", frontier_plot(results)),
         (
             "Training loss terms and weights",
             curves(runs, _is_train_term, title="training: total loss, every term, every weight (a line per seed)"),

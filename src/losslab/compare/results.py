@@ -35,6 +35,7 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
             "confidence": cfg.stats.confidence,
             "alpha": cfg.stats.alpha,
             "n_bootstrap": cfg.stats.n_bootstrap,
+            "frontiers": [f.model_dump() for f in cfg.frontiers],
         },
         "variants": {},
         "tuning": tuning or {},

@@ -3,7 +3,9 @@
 from losslab.losses.composite import CompositeLoss, CompositeOutput, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
 from losslab.losses.fused import fused_linear_cross_entropy  # noqa: F401  (fused loss head)
+from losslab.losses.logprobs import fused_sequence_logps, sequence_logps
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
+from losslab.losses.preference import kto_loss, preference_loss
 from losslab.losses.reduction import reduce_loss
 from losslab.losses.registry import LOSSES, build_composite, build_term
 from losslab.losses.regularizers import l2_penalty, l2_sp_penalty, select_parameters, snapshot_parameters
@@ -37,16 +39,20 @@ __all__ += [
     "classification_cross_entropy",
     "consistency_loss",
     "focal_loss",
+    "fused_sequence_logps",
     "huber_loss",
     "info_nce_loss",
+    "kto_loss",
     "l2_penalty",
     "l2_sp_penalty",
     "margin_ranking_loss",
     "mse_loss",
     "multiclass_hinge_loss",
+    "preference_loss",
     "select_parameters",
     "semantic_alignment_loss",
     "semantic_l2_loss",
+    "sequence_logps",
     "snapshot_parameters",
     "triplet_loss",
 ]

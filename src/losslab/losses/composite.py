@@ -135,13 +135,16 @@ class LossTerm:
     count_field: str | None = None
     """A :class:`LossInputs` count this term divides by when the batch carries it (e.g.
     ``num_sequences`` for the ``sequence`` reduction): given, the term is batch additive too."""
+    detail: str | None = None
+    """Which variant of the loss this term is (e.g. ``loss_type sigmoid``), for messages."""
 
     def missing(self, present: set[str]) -> str | None:
         """None when ``present`` satisfies the term, else a sentence saying what it needs."""
         if any(needed <= present for needed in self.requires):
             return None
         alternatives = [" and ".join(sorted(needed - present)) for needed in self.requires]
-        return f"term {self.label!r} ({self.name}) needs " + ", or ".join(alternatives)
+        kind = f"{self.name}, {self.detail}" if self.detail else self.name
+        return f"term {self.label!r} ({kind}) needs " + ", or ".join(alternatives)
 
     def __call__(self, inputs: LossInputs) -> torch.Tensor:
         problem = self.missing(inputs.present())

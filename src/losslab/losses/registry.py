@@ -25,6 +25,7 @@ from losslab.losses.common import config_value
 from losslab.losses.composite import CompositeLoss, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
+from losslab.losses.preference import check_preference_options, kto_loss, preference_loss, uses_lengths, uses_reference
 from losslab.losses.regularizers import l2_penalty, l2_sp_penalty
 from losslab.losses.schedules import build_weight
 from losslab.losses.sequence import (
@@ -59,7 +60,10 @@ class TermSpec:
     ``fn``: the pure loss. ``inputs``: its argument -> the :class:`LossInputs` field (or
     zero-argument method) that supplies it; a trailing ``?`` marks an optional field, passed
     only when set. ``requires``: alternative sets of fields (default: the non-optional
-    ``inputs``). ``reductions``: those a config may choose. ``compute``: replaces the plain
+    ``inputs``), or a function of the (validated) options that returns them, for an entry
+    whose fields depend on its options. ``describe``: a function of the options that says
+    which variant a term is (e.g. ``loss_type sigmoid``), for the messages about missing
+    fields. ``reductions``: those a config may choose. ``compute``: replaces the plain
     call ``fn(**inputs, **options)`` when an entry needs more. ``extra_options``: name ->
     (type, default) for options the ``compute`` takes besides ``fn``'s.
     ``check``: extra validation of the options dict (raise ValueError).
@@ -68,10 +72,11 @@ class TermSpec:
     fn: Callable[..., torch.Tensor]
     inputs: Mapping[str, str]
     reductions: tuple[str, ...] = ("mean", "sum")
-    requires: tuple[frozenset[str], ...] | None = None
+    requires: tuple[frozenset[str], ...] | Callable[[dict[str, Any]], tuple[frozenset[str], ...]] | None = None
     compute: Callable[[LossInputs, dict[str, Any]], torch.Tensor] | None = None
     extra_options: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
+    describe: Callable[[dict[str, Any]], str] | None = None
 
     def options(self) -> dict[str, Option]:
         """Every config option of this entry with its default and validator, by name."""
@@ -85,7 +90,12 @@ class TermSpec:
             found[name] = Option(name, default, TypeAdapter(hint, config=_TYPES))
         return found
 
-    def required_inputs(self) -> tuple[frozenset[str], ...]:
+    def required_inputs(self, options: dict[str, Any] | None = None) -> tuple[frozenset[str], ...]:
+        """The alternative sets of fields a term with ``options`` (default: the defaults) needs."""
+        if callable(self.requires):
+            if options is None:
+                options = {key: opt.default for key, opt in self.options().items()}
+            return self.requires(options)
         if self.requires is not None:
             return self.requires
         return (frozenset(f for f in self.inputs.values() if not f.endswith("?") and f != "ignore_index"),)
@@ -142,6 +152,42 @@ def _check_token_options(options: dict[str, Any]) -> None:
     check_token_options(options["label_smoothing"], options["z_loss"], options["focal_gamma"])
 
 
+def _preference_requires(options: dict[str, Any]) -> tuple[frozenset[str], ...]:
+    """The policy's log-probs, plus the reference's and the lengths where the loss_type reads them."""
+    loss_type = options["loss_type"]
+    fields = {"chosen_logps", "rejected_logps"}
+    if uses_reference(loss_type):
+        fields |= {"ref_chosen_logps", "ref_rejected_logps"}
+    if uses_lengths(loss_type):
+        fields |= {"chosen_lengths", "rejected_lengths"}
+    return (frozenset(fields),)
+
+
+def _preference(inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
+    """``preference_loss`` on the batch's log-probs: the reference log-probs and the lengths are
+    passed only to the loss types that read them (a batch may carry both for every type), and
+    ``mean`` divides by ``num_sequences`` (the pairs of the whole step) when the batch has it."""
+    loss_type = options["loss_type"]
+    chosen, rejected = inputs.chosen_logps, inputs.rejected_logps
+    assert chosen is not None and rejected is not None  # checked by LossTerm against _preference_requires
+    reference = uses_reference(loss_type)
+    lengths = uses_lengths(loss_type)
+    return preference_loss(
+        chosen,
+        rejected,
+        inputs.ref_chosen_logps if reference else None,
+        inputs.ref_rejected_logps if reference else None,
+        chosen_lengths=inputs.chosen_lengths if lengths else None,
+        rejected_lengths=inputs.rejected_lengths if lengths else None,
+        num_items=inputs.num_sequences,
+        **options,
+    )
+
+
+def _check_preference_options(options: dict[str, Any]) -> None:
+    check_preference_options(**{k: v for k, v in options.items() if k != "reduction"})
+
+
 _CLASSIFICATION = {
     "logits": "class_logits",
     "targets": "class_targets",
@@ -188,6 +234,31 @@ LOSSES: dict[str, TermSpec] = {
     ),
     "triplet": TermSpec(triplet_loss, {"anchor": "anchor", "positive": "positive", "negative": "negative", **_ITEMS}),
     "info_nce": TermSpec(info_nce_loss, {"queries": "anchor", "keys": "positive", "negatives": "negative?", **_ITEMS}),
+    "preference": TermSpec(
+        preference_loss,
+        {
+            "chosen_logps": "chosen_logps",
+            "rejected_logps": "rejected_logps",
+            "ref_chosen_logps": "ref_chosen_logps?",
+            "ref_rejected_logps": "ref_rejected_logps?",
+            "chosen_lengths": "chosen_lengths?",
+            "rejected_lengths": "rejected_lengths?",
+            "num_items": "num_sequences?",
+        },
+        requires=_preference_requires,
+        compute=_preference,
+        check=_check_preference_options,
+        describe=lambda options: f"loss_type {options['loss_type']}",
+    ),
+    "kto": TermSpec(
+        kto_loss,
+        {
+            "policy_logps": "policy_logps",
+            "ref_logps": "ref_logps",
+            "desirable": "desirable",
+            "kl_baseline": "kl_baseline",
+        },
+    ),
     "consistency": TermSpec(
         consistency_loss, {"logits": "logits", "mask": "trained_mask"}, requires=(frozenset({"logits", "labels"}),)
     ),
@@ -260,8 +331,9 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
         name=name,
         weight=weight,
         compute=lambda inputs: spec(inputs, options),
-        requires=spec.required_inputs(),
+        requires=spec.required_inputs(options),
         options=options,
+        detail=spec.describe(options) if spec.describe is not None else None,
         batch_additive=counted,
         count_field="num_sequences" if options.get("reduction") == "sequence" else None,  # read by _token_cross_entropy
     )
