@@ -176,9 +176,10 @@ def sequence_sums(
     ``(sums, counts)`` (S,) of the completions' log-probs through the fused head (pairs: first
     B chosen / completion, last B rejected / mismatched reply), and the last hidden states (R, T, D)."""
     ids = batch["input_ids"]
-    from losslab.train.tasks.pair_rows import MODEL_INPUTS
+    from losslab.train.tasks.pair_rows import model_inputs
 
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    # the 4D mask in the form the model's attention takes (read off the model a wrapper holds)
+    inputs = model_inputs(batch, cast(torch.nn.Module, getattr(model, "module", model)))
     out = model(**inputs, output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids.device))
     hidden = out.hidden_states[-1]  # (R, T, D)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (R * T, D)
