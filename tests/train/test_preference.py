@@ -154,3 +154,31 @@ def test_a_reference_loss_without_a_reference_is_a_config_error_before_any_model
         plan_loss(kto)
     simpo = config(None, output_dir="unused", loss=[{"name": "preference", "loss_type": "simpo"}])
     assert not plan_loss(simpo).needs.provides & preference.REFERENCE_FIELDS
+
+
+def test_shared_and_concat_layouts_give_the_same_step(tmp_path: Path) -> None:
+    first = {}
+    for layout in ("shared", "concat"):
+        out = tmp_path / layout
+        terms = [{"name": "preference", "loss_type": "ipo"}, {"name": "token_cross_entropy", "weight": 0.1}]
+        train(config(out, loss=terms, training={"max_steps": 1}, preference={"layout": layout}))
+        first[layout] = rows(out)[0]
+    for key in ("loss/preference", "loss/token_cross_entropy", "grad_norm", "logps/chosen", "logps/rejected"):
+        assert first["concat"][key] == pytest.approx(first["shared"][key], rel=1e-4), key
+
+
+def test_unpaired_records_train_kto_by_default(tmp_path: Path) -> None:
+    data = tmp_path / "kto.jsonl"
+    records = [
+        {"prompt": "Say something nice.", "completion": "What a lovely day!", "desirable": True},
+        {"prompt": "Say something nice.", "completion": "Go away.", "desirable": False},
+        {"prompt": [{"role": "user", "content": "Greet me."}], "completion": "Hello, friend!", "desirable": True},
+        {"prompt": "Greet me.", "completion": "No.", "desirable": False},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    metrics = train(config(out, data={"train": str(data), "validation": str(data)}, eval={"splits": ["validation"]}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["items"] == "unpaired (kto)" and summary["loss"].startswith("kto (the preference default")
+    assert {"loss/kto", "kl", "rewards/chosen"} <= set(rows(out)[0])
+    assert set(metrics) >= {f"validation/{m}" for m in preference.METRICS}
