@@ -19,6 +19,7 @@ to held-out prompts scored by VADER (``reward``) with their sequence KL to the r
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -716,12 +717,13 @@ class Evaluator:
         return self.reference
 
     def generation_metrics(self, model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
-        """Sampled replies (fixed seed, temperature 1, no top-k/top-p: draws from the policy) to
-        the first ``eval.generation_samples`` prompts; ``reward``: their mean VADER compound
+        """Sampled replies (a fixed seed per split, temperature 1, no top-k/top-p: draws from the
+        policy) to ``eval.generation_samples`` prompts spread evenly over the split; ``reward``: their mean VADER compound
         score; ``kl``: the mean over replies of log pi(y|x) - log pi_ref(y|x), summed over the
         reply's tokens (its end-of-turn token included)."""
-        prompts = [f["prompt"] for f in dataset[: self.config.eval.generation_samples]]
-        replies = sample_replies(model, self.tokenizer, prompts, self.config.eval.max_new_tokens, seed=GENERATION_SEED)
+        prompts = [dataset[i]["prompt"] for i in spread(len(dataset), self.config.eval.generation_samples)]
+        seed = GENERATION_SEED + zlib.crc32(split.encode())  # the same draws for every variant of a study
+        replies = sample_replies(model, self.tokenizer, prompts, self.config.eval.max_new_tokens, seed=seed)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
         rewards = vader_compound(texts)
         items = [{"prompt": p, "completion": r} for p, r in zip(prompts, replies)]
@@ -744,6 +746,13 @@ class Evaluator:
         )
         n = max(1, len(rewards))
         return {"reward": sum(rewards) / n, "kl": sum(ratios) / n}
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``min(n, k)`` indices spread evenly over ``range(n)`` (the first one is 0): held-out files
+    are often grouped by source, and the first k records would all be from one."""
+    k = min(n, k)
+    return [i * n // k for i in range(k)]
 
 
 def pair_metrics(
