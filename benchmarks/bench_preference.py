@@ -229,6 +229,14 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if report["loadavg"] > 0.5:
+        lines += [
+            (
+                f"Other processes were using the CPUs (load average {report['loadavg']:.2f}): times and ratios are "
+                "indicative only; rerun on an idle machine for the README."
+            ),
+            "",
+        ]
     a = report.get("logps")
     if a:
         s = a["shape"]
@@ -296,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(logps_case(json.loads(args.case))))
         return 0
     report: dict[str, Any] = {
-        "command": "python benchmarks/bench_preference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": (
+            "python benchmarks/bench_preference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        ).strip(),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "threads": args.threads,
         "loadavg": os.getloadavg()[0],
