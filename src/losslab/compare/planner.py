@@ -123,7 +123,9 @@ def plan_study(study: Study, effect: float, relative: bool) -> dict[str, Any]:
             seeds: [
                 _seeds_power(delta, comps["seed_var"], seeds, alpha)
                 if seed_only
-                else simulated_power(delta, *comps.values(), seeds, n, alpha=alpha)
+                else simulated_power(
+                    delta, comps["seed_var"], comps["example_var"], comps["interaction_var"], seeds, n, alpha=alpha
+                )
                 for n in grid_examples
             ]
             for seeds in sorted({*SEEDS, max(seeds0, 2)})
@@ -168,7 +170,9 @@ def _examples_needed(
     ``MAX_EXAMPLES_FACTOR`` times the pilot's examples (seed noise alone may prevent it)."""
 
     def pw(n: int) -> float:
-        return simulated_power(delta, *comps.values(), seeds, n, alpha=alpha)
+        return simulated_power(
+            delta, comps["seed_var"], comps["example_var"], comps["interaction_var"], seeds, n, alpha=alpha
+        )
 
     high = max(examples0, 2) * MAX_EXAMPLES_FACTOR
     top = pw(high)

@@ -191,7 +191,7 @@ def generation_stats(
         stats_a, score_fn = sentence_statistics([g["hypothesis"] for g in base], refs, metric=metric)  # type: ignore[arg-type]
         stats_b, _ = sentence_statistics([g["hypothesis"] for g in other], refs, metric=metric)  # type: ignore[arg-type]
         per_seed.append((keys, stats_a, stats_b))
-        clusters = _clusters(base)  # type: ignore[arg-type]
+        clusters = _clusters(base)
     return per_seed, score_fn, clusters
 
 

@@ -282,7 +282,7 @@ def paired_interval(
     nan = float("nan")
     if s * n < 2:
         mean = float(d.mean()) if d.size else nan
-        return PairedInterval(mean, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, s, n, "none")
+        return _interval([mean] + [nan] * 11, s, n, "none")
     suffix = f", clustered ({n} clusters)" if clusters is not None else ""
     if s >= 2 and n >= 2:
         grand, ss_a, ss_b, ss_e = sums_of_squares(d)
@@ -292,20 +292,25 @@ def paired_interval(
         parts = [float(c["seed_var"]) / s, float(c["example_var"]) / n, float(c["interaction_var"]) / (s * n)]
         shares = [x / var if var > 0 else nan for x in parts]
         comps = [float(c["seed_var"]), float(c["example_var"]), float(c["interaction_var"])]
-        return PairedInterval(
-            float(grand), float(low), float(high), math.sqrt(var), float(c["df"]), float(p),
-            *shares, *comps, s, n, CROSSED + suffix,
-        )  # fmt: skip
+        numbers = [float(grand), float(low), float(high), math.sqrt(var), float(c["df"]), float(p), *shares, *comps]
+        return _interval(numbers, s, n, CROSSED + suffix)
     flat = d.ravel()
     mean, var_one, df = float(flat.mean()), float(flat.var(ddof=1)), flat.size - 1
     se = math.sqrt(var_one / flat.size)
     half = float(t_dist.ppf(0.5 + confidence / 2, df)) * se
-    p = float(2 * t_dist.sf(abs(mean) / se, df)) if se > 0 else (1.0 if mean == 0 else 0.0)
+    p_t = float(2 * t_dist.sf(abs(mean) / se, df)) if se > 0 else (1.0 if mean == 0 else 0.0)
     if n == 1:  # one value per seed: the test set is fixed, only the seeds vary
         shares, comps, method = [1.0, 0.0, 0.0], [var_one, nan, nan], "t over seeds (one value per seed)"
     else:
         shares, comps, method = [nan, nan, nan], [nan, var_one, nan], "t over test examples (one seed)"
-    return PairedInterval(mean, mean - half, mean + half, se, float(df), p, *shares, *comps, s, n, method + suffix)
+    return _interval([mean, mean - half, mean + half, se, float(df), p_t, *shares, *comps], s, n, method + suffix)
+
+
+def _interval(numbers: list[float], s: int, n: int, method: str) -> PairedInterval:
+    """A PairedInterval from its 12 numbers in field order."""
+    names = ["mean", "low", "high", "se", "df", "p_value", "seed_share", "example_share", "interaction_share"]
+    names += ["seed_var", "example_var", "interaction_var"]
+    return PairedInterval(**dict(zip(names, numbers)), n_seeds=s, n_examples=n, method=method)
 
 
 def linearize(stats: ArrayLike, score_fn: Callable[[np.ndarray], float]) -> np.ndarray:
