@@ -57,7 +57,14 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
             tokenizers[name] = real(name, **kwargs)
         return tokenizers[name]
 
-    for task in ("causal_lm", "sequence_classification", "token_classification", "reward_model", "embedding"):
+    for task in (
+        "causal_lm",
+        "sequence_classification",
+        "token_classification",
+        "reward_model",
+        "embedding",
+        "preference",
+    ):
         module = importlib.import_module(f"losslab.train.tasks.{task}")
         for name in ("load_model", "load_causal_lm"):
             if hasattr(module, name):

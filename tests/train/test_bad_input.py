@@ -152,6 +152,7 @@ TASK_DATA: dict[str, tuple[str, list[str]]] = {
         [json.dumps({"tokens": ["Ann"], "tags": ["B-PER"]}), json.dumps({"tokens": ["x"], "tags": ["O"]})],
     ),
     "reward_model": ("", [json.dumps(GOOD["preference"]), json.dumps(GOOD["preference"])]),
+    "preference": ("", [json.dumps(GOOD["preference"]), json.dumps(GOOD["preference"])]),
     "embedding": (
         "",
         [
@@ -199,6 +200,23 @@ DATA_CASES: list[tuple[str, str, str, str, str]] = [
     ("reward_model", "train", '{"prompt": [], "chosen": "a", "rejected": "b"}', "", "'prompt'"),
     ("reward_model", "validation", '{"prompt": "p", "chosen": "a"}', "", "'rejected'"),
     ("reward_model", "train", '{"prompt": "p", "chosen": "a", "rejected": "b", "margin": Infinity}', "", "Infinity"),
+    ("preference", "train", '{"prompt": "p", "chosen": "a"}', "", "'rejected'"),
+    ("preference", "validation", '{"prompt": "p", "rejected": "a"}', "", "'chosen'"),
+    (
+        "preference",
+        "train",
+        '{"prompt": "p", "chosen": "", "rejected": "b"}',
+        "",
+        "field 'chosen': an empty completion",
+    ),
+    (
+        "preference",
+        "test",
+        '{"prompt": "p", "chosen": "a", "rejected": " "}',
+        "",
+        "field 'rejected': an empty completion",
+    ),
+    ("preference", "train", '{"prompt": "p", "completion": "a", "desirable": true}', "", "'completion'"),
     ("embedding", "train", '{"messages": [{"role": "bot", "content": "x"}]}', "", "'messages.0.role'"),
     ("embedding", "test", '{"messages": "hi"}', "", "'messages'"),
 ]
@@ -284,6 +302,35 @@ def test_causal_lm_reports_skipped_and_dropped_before_its_model(tmp_path: Path, 
     out = capsys.readouterr().out
     train_line = next(line for line in out.splitlines() if line.startswith("train:"))
     assert "skipped records: 1" in train_line and "1 with no trained token left after truncation" in train_line
+
+
+def test_preference_unpaired_records_name_a_missing_desirable(tmp_path: Path, capsys, no_model) -> None:
+    path = _task_config(tmp_path, "preference", "train", None, "")
+    good = json.dumps({"prompt": "Say hi", "completion": "hi", "desirable": True})
+    (tmp_path / "train.jsonl").write_text(f"{good}\n" + '{"prompt": "p", "completion": "a"}\n', encoding="utf-8")
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config["loss"] = {"terms": [{"name": "kto"}]}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and f"{tmp_path / 'train'}.jsonl:2: " in err and "'desirable'" in err, err
+
+
+def test_preference_skips_and_lists_identical_pairs_and_lists_cut_prompts(tmp_path: Path, capsys) -> None:
+    """chosen == rejected is counted and skipped whatever data.on_error says; a prompt longer than
+    max_length loses its start (the completions are kept) and is listed with file:line."""
+    path = _task_config(tmp_path, "preference", "train", None, "")
+    train = tmp_path / "train.jsonl"
+    same = json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"})
+    long = json.dumps({"prompt": "w " * 300, "chosen": "yes", "rejected": "no"})
+    good = train.read_text(encoding="utf-8").splitlines()
+    train.write_text("\n".join([good[0], same, long, good[1]]) + "\n", encoding="utf-8")
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(bad records skipped: train 1; listed there)" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
+    (entry,) = summary["skipped"]["train"]["records"]
+    assert entry.startswith(f"{train}:2: field 'rejected': the same text as 'chosen'"), entry
+    assert any(t.startswith(f"{train}:3: prompt cut from") for t in summary["truncated"]["records"]), summary
 
 
 # ---- fuzzing configs ----------------------------------------------------------------------------

@@ -23,6 +23,9 @@ CASES = [
     ("token_classification", "builtin:ner", {}),
     ("reward_model", "builtin:preference", {}),
     ("embedding", "builtin:chitchat", {"embedding": {"recall_at": [1, 3]}}),
+    ("preference", "builtin:preference", {}),
+    ("preference", "builtin:preference", {"eval": {"generate": True, "max_new_tokens": 2, "generation_samples": 2}}),
+    ("preference", "builtin:preference", {"loss": {"terms": [{"name": "kto"}]}}),
 ]
 
 

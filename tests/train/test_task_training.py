@@ -199,6 +199,7 @@ EXAMPLE_CASES = {
     "train_ner.yaml": ("token_classification", "f1_micro"),
     "train_reward_model.yaml": ("reward_model", "pairwise_accuracy"),
     "train_embedding.yaml": ("embedding", "mrr"),
+    "train_preference.yaml": ("preference", "reward_accuracy"),
 }
 TINY = [
     "training.max_steps=2",
@@ -207,7 +208,7 @@ TINY = [
     "data.max_eval_samples=8",
     "data.max_length=32",
 ]
-# causal_lm's example trains the 135M SmolLM2: two steps of 2 samples, 2 samples per evaluated split
+# causal_lm's and preference's examples train the 135M SmolLM2: two steps of 2 samples, 2 samples per evaluated split
 # (a quarter of the others' tokens; it still evaluates and generates on both splits)
 TINY_CAUSAL_LM = [
     "training.max_steps=2",
@@ -226,7 +227,7 @@ def test_example_parses_and_runs(name: str, tmp_path: Path) -> None:
     full = load_config(TrainConfig, EXAMPLES / name)
     assert full.task == task
     assert full.data.validation and full.data.test
-    tiny = TINY_CAUSAL_LM if task == "causal_lm" else TINY
+    tiny = TINY_CAUSAL_LM if task in ("causal_lm", "preference") else TINY
     config = load_config(TrainConfig, EXAMPLES / name, [*tiny, f"output_dir={tmp_path}"])
     metrics = train(config)
     assert metrics["train/steps"] == 2

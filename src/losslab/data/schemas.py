@@ -109,6 +109,14 @@ class PreferenceRecord(_Record):
         return rejected
 
 
+class UnpairedPreferenceRecord(_Record):
+    """One completion of a prompt, labelled desirable or not (KTO's data)."""
+
+    prompt: Text | Annotated[list[Message], Field(min_length=1)]
+    completion: Text
+    desirable: bool
+
+
 SCHEMAS: dict[str, type[_Record]] = {
     "chat": ChatRecord,
     "instruction": InstructionRecord,
@@ -116,4 +124,5 @@ SCHEMAS: dict[str, type[_Record]] = {
     "regression": RegressionRecord,
     "ner": NerRecord,
     "preference": PreferenceRecord,
+    "unpaired_preference": UnpairedPreferenceRecord,
 }

@@ -72,11 +72,12 @@ def sequence_logps(
     if logits.dim() != 2:
         raise ValueError(f"logits must be (M, V); got {tuple(logits.shape)}")
     keep = _check_segments(logits.shape[0], targets, segments, num_segments, logits.shape[1])
+    all_kept = keep.numel() == logits.shape[0]
     with _without_autocast(logits.device):
-        z = logits.index_select(0, keep).to(compute_dtype(logits.dtype))  # (n, V)
-        y = targets.index_select(0, keep)
+        z = (logits if all_kept else logits.index_select(0, keep)).to(compute_dtype(logits.dtype))  # (n, V)
+        y = targets if all_kept else targets.index_select(0, keep)
         logps = z.gather(1, y.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=1)  # (n,)
-        return _per_segment(logps, segments.index_select(0, keep), num_segments)
+        return _per_segment(logps, segments if all_kept else segments.index_select(0, keep), num_segments)
 
 
 def fused_sequence_logps(
@@ -121,7 +122,7 @@ def fused_sequence_logps(
     rows = hidden if all_kept else hidden.index_select(0, keep)  # (n, D)
     y = targets if all_kept else targets.index_select(0, keep)
     nll: torch.Tensor = _FusedLinearCrossEntropy.apply(rows, weight, bias, y, None, _LOG_PROB, chunk_size)
-    return _per_segment(-nll, segments.index_select(0, keep), num_segments)
+    return _per_segment(-nll, segments if all_kept else segments.index_select(0, keep), num_segments)
 
 
 __all__ = ["fused_sequence_logps", "sequence_logps"]

@@ -8,6 +8,7 @@ Normalisation under accumulation and several processes is explained in docs/trai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,10 @@ class TermAverager:
     (see ``CompositeLoss(per_batch_scale=...)``), so they are summed within a step (``group``),
     summed over processes, and averaged over the steps since the last log line.
     Evaluation (``group=None``): each batch is its own group, averaged over batches and processes.
+
+    Monitor values (``LossInputs.monitor``: batch statistics, not loss terms) are plain means over
+    the micro-batches (and processes) that gave them since the last pop, logged under their own
+    names; a NaN value (a statistic the batch could not give) is left out of its mean.
     """
 
     def __init__(self) -> None:
@@ -37,6 +42,18 @@ class TermAverager:
         self.groups: set[Any] = set()
         self.calls = 0
         self.weights: dict[str, float] = {}
+        self.monitor_sums: dict[str, float] = {}
+        self.monitor_counts: dict[str, float] = {}
+
+    def add_monitor(self, values: dict[str, torch.Tensor]) -> None:
+        """Adds one micro-batch's monitor values (scalars)."""
+        for name, value in values.items():
+            number = float(value.detach())
+            self.monitor_sums.setdefault(name, 0.0)
+            self.monitor_counts.setdefault(name, 0.0)
+            if not math.isnan(number):
+                self.monitor_sums[name] += number
+                self.monitor_counts[name] += 1.0
 
     def add(self, out: CompositeOutput, group: Any = None) -> None:
         self.calls += 1
@@ -58,11 +75,25 @@ class TermAverager:
             if not shares:  # evaluation: every process's batches are whole; average over all of them
                 groups = float(t[-1])
         self.sums, self.groups, self.calls = {}, set(), 0
+        monitor = self.pop_monitor(prefix)
         if not groups:
-            return {}
+            return monitor
         logs = {f"{prefix}loss/{k}": v / groups for k, v in zip(labels, totals)}
         logs.update({f"{prefix}weight/{k}": w for k, w in self.weights.items()})
+        logs.update(monitor)
         return logs
+
+    def pop_monitor(self, prefix: str = "") -> dict[str, float]:
+        """The monitor means since the last pop as ``{prefix}NAME`` (collective, like :meth:`pop`)."""
+        names = sorted(self.monitor_sums)
+        sums = [self.monitor_sums[k] for k in names]
+        counts = [self.monitor_counts[k] for k in names]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and names:
+            t = torch.tensor([*sums, *counts], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            sums, counts = t[: len(names)].tolist(), t[len(names) :].tolist()
+        self.monitor_sums, self.monitor_counts = {}, {}
+        return {f"{prefix}{k}": s / c for k, s, c in zip(names, sums, counts) if c}
 
 
 def reference_params(model: torch.nn.Module | None, composite: CompositeLoss) -> dict[str, torch.Tensor] | None:
@@ -138,8 +169,8 @@ class LossAdapter:
         inputs.reference_params = self.reference_params
         out = self.composite(inputs, self.step, self.per_batch_scale if counted else 1.0)
         self.last = out
-        if training:
-            self.train_terms.add(out, group=self.step)
-        else:
-            self.eval_terms.add(out)
+        averager = self.train_terms if training else self.eval_terms
+        averager.add(out, group=self.step if training else None)
+        if inputs.monitor:
+            averager.add_monitor(inputs.monitor)
         return out.total

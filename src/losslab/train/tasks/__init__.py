@@ -12,5 +12,6 @@ TASKS: dict[str, Any] = {
     "token_classification": "losslab.train.tasks.token_classification",
     "reward_model": "losslab.train.tasks.reward_model",
     "embedding": "losslab.train.tasks.embedding",
+    "preference": "losslab.train.tasks.preference",
 }
 """Task name -> its module's import path, or an object with the :class:`~losslab.train.task.Task` functions."""
