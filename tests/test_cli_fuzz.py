@@ -97,9 +97,10 @@ BAD: dict[tuple[str, ...], dict[str, list]] = {
     ("compare",): {
         "config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
         "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")],
+        "--effect": ["", "abc", "0", "-2%", "nan", "inf", "%", "2%%"],
     },
 }
-FLAGS = {"--no-mask-prompt", "--force", "--json", "--help", "--version"}  # no value to get wrong
+FLAGS = {"--no-mask-prompt", "--force", "--json", "--help", "--version", "--plan"}  # no value to get wrong
 
 
 def _options(parser: argparse.ArgumentParser, command: tuple[str, ...]) -> set[str]:

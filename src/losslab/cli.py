@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import shlex
 import sys
@@ -63,6 +64,21 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def _effect(text: str) -> tuple[float, bool]:
+    """``--effect``: ``2%`` -> (0.02, relative to the baseline's mean), ``0.5`` -> (0.5, absolute)."""
+    raw = text.strip()
+    relative = raw.endswith("%")
+    try:
+        value = float(raw[:-1] if relative else raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an effect size: {text!r} (a number in the metric's units, or a percentage such as 2%)"
+        ) from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"the effect must be a positive finite number, got {text!r}")
+    return (value / 100, True) if relative else (value, False)
 
 
 def _input_file(text: str) -> str:
@@ -204,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value (dotted key), repeatable",
         )
+        if name == "compare":
+            p.add_argument(
+                "--plan",
+                action="store_true",
+                help="print the seeds x test examples needed for 80%% power, from this finished study (trains nothing)",
+            )
+            p.add_argument(
+                "--effect",
+                type=_effect,
+                default=None,
+                metavar="E",
+                help="with --plan: the difference to find, relative to the baseline's mean (2%%) or absolute (0.5)",
+            )
         p.set_defaults(handler=_lazy(module, f"run_{name}"), path_checks={"config": _input_file})
 
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)

@@ -106,6 +106,16 @@ def test_results_json_has_every_variant_seed_and_ci(finished) -> None:
     assert paired["validation/loss"]["p_value"] >= 0.5  # two seeds: p >= 2/4
     ex = paired["test/bleu"]["examples"]
     assert (ex["n_examples"], ex["seeds_summed"]) == (3, 2)  # 3 test prompts, each with both seeds' replies
+    # the two-level analysis: BLEU linearised per example, validation/loss over seeds only; Holm on the first metric
+    bleu = paired["test/bleu"]
+    assert bleu["interval"]["values"] == "examples (linearised)" and bleu["interval"]["n_examples"] == 3
+    assert bleu["interval"]["mean"] == pytest.approx(bleu["mean_diff"])
+    assert paired["validation/loss"]["interval"]["values"] == "seeds"
+    assert saved["study"]["primary_metrics"] == ["validation/loss"]
+    assert paired["validation/loss"]["family"] == "primary" and bleu["family"] == "secondary"
+    for t in paired.values():
+        assert t["p_adjusted"] is None or t["p_adjusted"] >= t["p_raw"]
+        assert t["evidence"] in ("better", "worse", "no evidence") and 0 <= t["p_improvement"]["value"] <= 1
     assert "vs_baseline" in saved["variants"]["ce"] and not saved["variants"]["ce"]["vs_baseline"]
     gens = (Path(saved["variants"]["ce"]["runs"]["0"]) / "generations_test.jsonl").read_text().splitlines()
     assert len(gens) == 3 and set(json.loads(gens[0])) == {"prompt", "reference", "hypothesis"}
@@ -172,6 +182,7 @@ def test_report_is_self_contained_with_tables_plots_and_escaped_text(finished) -
     page = _Page()
     page.feed(html)
     assert {"results", "tests", "variants", "examples"} <= set(page.tables)
+    assert "differences from the baseline" in html and "P(improvement)" in html and "p adjusted (Holm)" in html
     assert len(page.images) >= 3 and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert all(base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG" for src in page.images)
     assert page.scripts == 0 and EVIL not in html and "&lt;script&gt;" in html

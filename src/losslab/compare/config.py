@@ -125,6 +125,11 @@ class CompareConfig(_Section):
         default_factory=lambda: [0, 1, 2], min_length=1, description="training seeds; every variant runs every seed"
     )
     metrics: list[Metric] = Field(min_length=1, description="metrics compared, with their direction")
+    primary_metrics: list[str] | None = Field(
+        None,
+        description="the metrics whose (variant, metric) tests form the confirmatory family that Holm's "
+        "correction is taken over (default: the first of `metrics`); every other metric is a family of its own",
+    )
     output_dir: OutputDir = Field(description="study folder: runs/, results.json, report.html, tuning.db")
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
@@ -155,6 +160,13 @@ class CompareConfig(_Section):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds must be distinct")
         measured = [m.name for m in self.metrics]
+        for i, name in enumerate(self.primary_metrics or []):
+            if name not in measured:
+                raise ValueError(
+                    f"primary_metrics.{i}: {name!r} is not one of the study's metrics ({', '.join(measured)})"
+                )
+        if self.primary_metrics is not None and not self.primary_metrics:
+            raise ValueError("primary_metrics: name at least one metric (or leave it out: the first metric)")
         for i, frontier in enumerate(self.frontiers):
             for axis in ("x", "y"):
                 if getattr(frontier, axis) not in measured:

@@ -1,9 +1,13 @@
 """``report.html`` (self-contained) and the Markdown summary of a study.
 
 The page holds: the variants x metrics table (mean, 95% CI, significance marks against the
-baseline), the paired tests, learning curves of every loss term per variant (from each run's
-``log.jsonl``), validation loss curves, the tuning history, and the outputs of every variant
-side by side for a few test prompts. Plots are matplotlib PNGs inlined as ``data:`` URIs;
+baseline from the Holm-adjusted two-level test), a forest plot per metric (each variant's
+difference from the baseline with its interval, the per-seed differences as dots), the paired
+tests side by side (interval, variance split, raw and adjusted p, P(improvement)), learning
+curves of every loss term and of every weight that changes (from each run's ``log.jsonl``),
+validation loss curves, the tuning history, and the outputs of every variant side by side for
+a few test prompts. A results.json written before the two-level analysis still renders (its
+tables as they were). Plots are matplotlib PNGs inlined as ``data:`` URIs;
 everything that comes from data goes through jinja2's autoescape.
 """
 
@@ -58,10 +62,33 @@ TEST_HEADER = [
 ]
 
 
+NEW_TEST_HEADER = [
+    "variant",
+    "metric",
+    "difference [95% CI]",
+    "variance: seeds / examples / rest",
+    "p",
+    "p adjusted (Holm)",
+    "P(improvement) [95% CI]",
+    "vs baseline",
+    "per seed",
+    "test examples: delta [95% CI], p, n",
+]
+
+
+def two_level(results: dict[str, Any]) -> bool:
+    """Whether ``results`` has the two-level analysis (results.json from before it has not)."""
+    return any("interval" in t for e in results["variants"].values() for t in e["vs_baseline"].values())
+
+
 def verdict(paired: dict[str, Any]) -> str:
-    """``better``, ``worse`` or ``equal`` in the metric's direction, with the significance mark."""
+    """``better``, ``worse`` or ``equal`` in the metric's direction, with the significance mark;
+    with the two-level analysis: ``better ▲`` / ``worse ▼`` where the adjusted test finds a
+    difference, else ``no evidence``."""
     if paired.get("mean_diff") is None:
         return "-"
+    if "evidence" in paired:
+        return f"{paired['evidence']} {paired['mark']}".strip()
     word = "better" if paired["better"] else "equal" if paired["mean_diff"] == 0 else "worse"
     return f"{word} {paired['mark']}" if paired.get("mark") else word
 
@@ -76,11 +103,54 @@ def examples_cell(ex: dict[str, Any] | None) -> str:
     )
 
 
+def interval_cell(t: dict[str, Any]) -> str:
+    i = t["interval"]
+    return f"{_fmt(i['mean'])} [{_fmt(i['low'])}, {_fmt(i['high'])}]"
+
+
+def share_cell(i: dict[str, Any]) -> str:
+    """``seeds / examples / rest`` shares of the variance of the mean, in per cent."""
+    shares = [i.get("seed_share"), i.get("example_share"), i.get("interaction_share")]
+    if any(x is None for x in shares):
+        return "-"
+    return " / ".join(f"{round(100 * x)}%" for x in shares)  # type: ignore[operator]
+
+
+def improvement_cell(t: dict[str, Any]) -> str:
+    pi = t.get("p_improvement") or {}
+    if pi.get("value") is None:
+        return "-"
+    return f"{_fmt(pi['value'], 2)} [{_fmt(pi['low'], 2)}, {_fmt(pi['high'], 2)}]"
+
+
 def test_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (one per variant x metric against the baseline): mean and per-seed
-    differences, the seed-level p-value, the verdict with its mark, and the test-example
-    bootstrap; that last column only when some metric has one."""
+    """Header and rows (one per variant x metric against the baseline). With the two-level
+    analysis: the difference with its interval, the variance split, raw and Holm-adjusted p,
+    P(improvement), the verdict, the per-seed differences and the test-example bootstrap.
+    Before it: mean and per-seed differences, the seed-level p-value, the verdict with its mark,
+    and the test-example bootstrap. The bootstrap column only when some metric has one."""
     rows = []
+    if two_level(results):
+        for name, entry in results["variants"].items():
+            for metric, t in entry["vs_baseline"].items():
+                adjusted = _fmt(t.get("p_adjusted"), 3)
+                rows.append(
+                    [
+                        name,
+                        metric + (" *" if t.get("family") == "primary" else ""),
+                        interval_cell(t),
+                        share_cell(t["interval"]),
+                        _fmt(t.get("p_raw"), 3),
+                        adjusted,
+                        improvement_cell(t),
+                        verdict(t),
+                        ", ".join(_fmt(d) for d in t["diffs"]),
+                        examples_cell(t.get("examples")),
+                    ]
+                )
+        if all(r[-1] == "-" for r in rows):
+            return NEW_TEST_HEADER[:-1], [r[:-1] for r in rows]
+        return list(NEW_TEST_HEADER), rows
     for name, entry in results["variants"].items():
         for metric, t in entry["vs_baseline"].items():
             rows.append(
@@ -104,12 +174,18 @@ def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -
     study = results["study"]
     header, rows = table_rows(results)
     conf = round(study["confidence"] * 100)
+    new = two_level(results)
+    test = (
+        f"two-level test over seeds x test examples, Holm-adjusted p < {study['alpha']}"
+        if new
+        else f"paired sign-flip test over seeds, p < {study['alpha']}"
+    )
     lines = [
         f"## losslab compare: {len(results['variants'])} variants x {len(study['seeds'])} seeds",
         "",
         (
             f"Mean over seeds [{conf}% bootstrap CI]; ▲/▼: significantly better/worse than "
-            f"`{study['baseline']}` (paired sign-flip test over seeds, p < {study['alpha']})."
+            f"`{study['baseline']}` ({test})."
         ),
         "",
         format_markdown_table(header, rows),
@@ -123,8 +199,15 @@ def markdown_summary(results: dict[str, Any], report_path: Path | None = None) -
             format_markdown_table(test_header, tests),
             "",
         ]
+    if new:
+        primary = ", ".join(study.get("primary_metrics") or [study["metrics"][0]["name"]])
+        lines.append(
+            f"Difference: variant - baseline, {conf}% interval holding seed and test-example noise; "
+            f"* primary metrics ({primary}): Holm over every (variant, primary metric); each other metric "
+            "is a family of its own. P(improvement): P(a variant run beats a baseline run)."
+        )
     min_p = 2 / 2 ** len(study["seeds"])
-    if min_p >= study["alpha"]:
+    if not new and min_p >= study["alpha"]:
         lines.append(
             f"Note: with {len(study['seeds'])} seeds the exact sign-flip test cannot go below p = {min_p:.3g}; "
             "the paired bootstrap over test examples is the test with power here."
@@ -168,6 +251,10 @@ def curves(runs: list[Run], key_filter: Callable[[dict[str, Any], str], bool], *
                     xs, ys = series[key].setdefault((run.variant, run.seed), ([], []))
                     xs.append(row.get("step", len(xs)))
                     ys.append(value)
+    for key in [k for k in series if k.startswith(("weight/", "eval_weight/"))]:
+        values = [v for _, ys in series[key].values() for v in ys]
+        if max(values) - min(values) <= 1e-12 * max(1.0, abs(max(values))):  # a constant weight: a flat line
+            del series[key]
     if not series:
         return None
     variants = list(dict.fromkeys(r.variant for r in runs))
@@ -187,7 +274,8 @@ def curves(runs: list[Run], key_filter: Callable[[dict[str, Any], str], bool], *
 
 
 def metric_bars(results: dict[str, Any]) -> str | None:
-    """Mean and CI of every compared metric per variant, seeds as dots."""
+    """Mean and CI of every compared metric per variant, seeds as dots (points, not bars from
+    zero: 0.65 and 0.69 would look alike)."""
     metrics = [m["name"] for m in results["study"]["metrics"]]
     names = list(results["variants"])
     fig, axes = _figure(len(metrics))
@@ -196,15 +284,61 @@ def metric_bars(results: dict[str, Any]) -> str | None:
             s = results["variants"][name]["metrics"][metric]
             if s["mean"] is None:
                 continue
-            ax.bar(i, s["mean"], color=f"C{i % 10}", alpha=0.6)
             ax.errorbar(
-                i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], color="k", capsize=4
+                i,
+                s["mean"],
+                yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]],
+                color=f"C{i % 10}",
+                fmt="o",
+                capsize=4,
             )
             seeds = [v for v in s["per_seed"].values() if v is not None]
-            ax.scatter([i] * len(seeds), seeds, color="k", s=10, zorder=3)
+            ax.scatter([i + 0.15] * len(seeds), seeds, color="k", s=10, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.tick_params(labelsize=7)
+    return _png(fig)
+
+
+def forest_plot(results: dict[str, Any]) -> str | None:
+    """Per metric: each variant's difference from the baseline with its interval (filled where
+    the adjusted test finds a difference, hollow where there is no evidence), the per-seed
+    differences as grey dots, and the zero line. None without the two-level analysis."""
+    if not two_level(results):
+        return None
+    study = results["study"]
+    metrics = list(study["metrics"])
+    others = [n for n in results["variants"] if n != study["baseline"]]
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        for y, name in enumerate(others):
+            t = results["variants"][name]["vs_baseline"].get(metric["name"])
+            if not t or "interval" not in t or t["interval"]["mean"] is None:
+                continue
+            i = t["interval"]
+            colour = "C2" if t.get("evidence") == "better" else "C3" if t.get("evidence") == "worse" else "0.35"
+            if i["low"] is not None and i["high"] is not None:
+                ax.plot([i["low"], i["high"]], [y, y], color=colour, lw=2)
+            ax.scatter(
+                [i["mean"]],
+                [y],
+                s=46,
+                zorder=3,
+                facecolors=colour if t.get("significant") else "white",
+                edgecolors=colour,
+            )
+            seeds = [d for d in t["diffs"] if d is not None]
+            ax.scatter(seeds, [y - 0.18] * len(seeds), s=9, color="0.55", zorder=2)
+        ax.axvline(0.0, color="k", lw=0.8, ls="--")
+        ax.set_yticks(range(len(others)), others, fontsize=7)
+        ax.set_ylim(-0.6, len(others) - 0.4)
+        better = "right" if metric["direction"] == "max" else "left"
+        ax.set_title(f"{metric['name']}: variant - baseline (better: {better})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(
+        "Differences from the baseline: interval (filled: adjusted test finds a difference), dots: per seed",
+        fontsize=9,
+    )
     return _png(fig)
 
 
@@ -314,8 +448,9 @@ pre{white-space:pre-wrap;margin:0;font-size:.85em;max-width:28em}img{max-width:1
 <h1>losslab compare: {{ title }}</h1>
 <p class="note">{{ variants|length }} variants x {{ seeds|length }} seeds ({{ seeds|join(", ") }}); baseline <b>{{ baseline }}</b>.
 Cells: mean over seeds [{{ conf }}% percentile-bootstrap CI of the mean]. <span class="up">▲</span>/<span class="down">▼</span>:
-significantly better/worse than the baseline (exact paired sign-flip test over seeds, p &lt; {{ alpha }}).
-{% if min_p >= alpha %}With {{ seeds|length }} seeds that test cannot go below p = {{ "%.3g"|format(min_p) }}, so no seed-level mark is possible;
+{% if new %}significantly better/worse than the baseline (two-level test over seeds x test examples, Holm-adjusted p &lt; {{ alpha }});
+no mark: no evidence of a difference.{% else %}significantly better/worse than the baseline (exact paired sign-flip test over seeds, p &lt; {{ alpha }}).{% endif %}
+{% if not new and min_p >= alpha %}With {{ seeds|length }} seeds that test cannot go below p = {{ "%.3g"|format(min_p) }}, so no seed-level mark is possible;
 the paired bootstrap over test examples below (generation and classification metrics) has the power.{% endif %}</p>
 <h2>Results</h2>
 <table id="results"><tr>{% for h in header %}<th>{{ h }}</th>{% endfor %}</tr>
@@ -323,6 +458,12 @@ the paired bootstrap over test examples below (generation and classification met
 {% endfor %}</table>
 {% if bars %}<img alt="metrics per variant" src="{{ bars }}">{% endif %}
 {% if tests %}<h2>Against the baseline</h2>
+{% if forest %}<img alt="differences from the baseline" src="{{ forest }}">
+<p class="note">Difference: variant - baseline, with the {{ conf }}% interval of the mean difference that holds both the
+seed-to-seed and the test-example noise; the variance split says which of the two dominates (more seeds or more test
+examples narrow it). p: the two-level test; adjusted: Holm over the primary metrics (*) x variants, and over each other
+metric's variants. P(improvement): the probability that a run of the variant beats a run of the baseline. "no evidence":
+the adjusted test does not find a difference (which is not evidence of no difference). docs/compare.md, "Statistics".</p>{% endif %}
 <table id="tests"><tr>{% for h in test_header %}<th>{{ h }}</th>{% endfor %}</tr>
 {% for r in tests %}<tr>{% for c in r %}<td class="num">{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 <h2>Variants</h2><table id="variants"><tr><th>variant</th><th>overrides</th><th>tuned</th></tr>
@@ -354,7 +495,11 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
         ("Frontiers", frontier_plot(results)),
         (
             "Training loss terms and weights",
-            curves(runs, _is_train_term, title="training: total loss, every term, every weight (a line per seed)"),
+            curves(
+                runs,
+                _is_train_term,
+                title="training: total loss, every term, every weight that changes (a line per seed)",
+            ),
         ),
         ("Validation curves", curves(runs, _is_eval_term, title="validation loss during training (a line per seed)")),
         ("Tuning history", tuning_plot(results.get("tuning") or {})),
@@ -374,6 +519,8 @@ def render_report(results: dict[str, Any], runs: list[Run], *, title: str, examp
         test_header=test_header,
         tests=tests,
         bars=metric_bars(results),
+        forest=forest_plot(results),
+        new=two_level(results),
         plots=plots,
         examples=example_rows,
         example_variants=variants,

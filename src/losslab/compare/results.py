@@ -1,6 +1,9 @@
 """``results.json`` of a study (:func:`analyze`, :func:`write_results`): per variant, the per-seed
-metrics with mean, std and CI; per metric, the paired tests against the baseline (over seeds,
-and over test examples where the runs' outputs allow it). Non-finite numbers are ``null``.
+metrics with mean, std and CI; per metric, the paired tests against the baseline: over seeds
+(sign-flip), over test examples (paired bootstrap) where the runs' outputs allow it, and the
+two-level analysis over seeds x test examples (``interval``: :func:`losslab.compare.stats.paired_interval`)
+with Holm-adjusted p-values (``p_adjusted``) and the probability of improvement. Non-finite
+numbers are ``null``.
 
 The file's layout: docs/compare.md, "results.json".
 """
@@ -17,7 +20,16 @@ import numpy as np
 from losslab.compare.config import Study
 from losslab.compare.examples import class_names, example_id, example_stats, kind, read_predictions
 from losslab.compare.runs import Run, read_generations
-from losslab.compare.stats import improvement, sign_flip_test, significance_mark, summarize
+from losslab.compare.stats import (
+    holm,
+    improvement,
+    linearize,
+    paired_interval,
+    probability_of_improvement,
+    sign_flip_test,
+    significance_mark,
+    summarize,
+)
 from losslab.files import write_atomic
 
 EXAMPLE_METRICS = {"bleu", "chrf"}
@@ -36,6 +48,7 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
             "alpha": cfg.stats.alpha,
             "n_bootstrap": cfg.stats.n_bootstrap,
             "frontiers": [f.model_dump() for f in cfg.frontiers],
+            "primary_metrics": primary_metrics(study),
         },
         "variants": {},
         "tuning": tuning or {},
@@ -57,7 +70,36 @@ def analyze(study: Study, runs: list[Run], tuning: dict[str, Any] | None = None)
             if variant.name != cfg.baseline:
                 entry["vs_baseline"][metric.name] = _paired(study, by, variant.name, metric.name, metric.direction)
         out["variants"][variant.name] = entry
+    adjust(out)
     return _finite(out)
+
+
+def primary_metrics(study: Study) -> list[str]:
+    """The metrics of the confirmatory family (``primary_metrics``; default: the first metric)."""
+    return list(study.config.primary_metrics or [study.config.metrics[0].name])
+
+
+def adjust(results: dict[str, Any]) -> None:
+    """Holm over the family of (variant, primary metric) tests, and over each other metric's
+    variants as a family of its own; sets ``p_adjusted``, ``family``, and the marks from the
+    adjusted p-values (in place)."""
+    study = results["study"]
+    primary = study.get("primary_metrics") or [study["metrics"][0]["name"]]
+    families: dict[str, list[dict[str, Any]]] = {}
+    for entry in results["variants"].values():
+        for metric, paired in entry["vs_baseline"].items():
+            families.setdefault("primary" if metric in primary else metric, []).append(paired)
+    for name, members in families.items():
+        adjusted = holm([m.get("p_raw") for m in members])
+        for paired, p in zip(members, adjusted):
+            paired["family"] = "primary" if name == "primary" else "secondary"
+            paired["p_adjusted"] = p
+            better = improvement(paired["interval"]["mean"], paired["direction"])
+            paired["significant"] = bool(math.isfinite(p) and p < study["alpha"])
+            paired["mark"] = significance_mark(p, better, study["alpha"])
+            paired["evidence"] = (
+                ("better" if better > 0 else "worse") if paired["significant"] and better != 0 else "no evidence"
+            )
 
 
 def _baseline(study: Study) -> str:
@@ -76,30 +118,69 @@ def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: 
     result: dict[str, Any] = {
         **test.to_dict(),
         "better": better > 0,
+        # the sign-flip test's verdict; `adjust` replaces both by the Holm-adjusted two-level test's
         "significant": bool(test.p_value < cfg.stats.alpha),
         "mark": significance_mark(test.p_value, better, cfg.stats.alpha),
+        "p_value_sign_flip": test.p_value,
+        "direction": direction,
     }
     split, _, name = metric.partition("/")
-    examples = (
-        example_bootstrap(study, by, variant, split, name)
+    per_seed = (
+        generation_stats(study, by, variant, split, name)
         if name in EXAMPLE_METRICS
-        else prediction_bootstrap(study, by, variant, split, name)
+        else prediction_stats(study, by, variant, split, name)
     )
+    examples = _over_examples(study, per_seed[0], per_seed[1]) if per_seed else None
     if examples:
         result["examples"] = examples
+    interval, source = _two_level(cfg.stats.confidence, per_seed if examples else None, diffs)
+    result["interval"] = {**interval.to_dict(), "values": source}
+    result["p_raw"] = interval.p_value
+    values = {s: by[variant, s].metrics.get(metric) for s in cfg.seeds}
+    base_values = {s: by[baseline, s].metrics.get(metric) for s in cfg.seeds}
+    result["p_improvement"] = probability_of_improvement(
+        [_number(v) for v in values.values()],
+        [_number(v) for v in base_values.values()],
+        direction=direction,
+        confidence=cfg.stats.confidence,
+        n_bootstrap=cfg.stats.n_bootstrap,
+    ).to_dict()
     return result
 
 
-def example_bootstrap(
+def _two_level(confidence: float, per_seed: PerSeed | None, diffs: list[float | None]) -> tuple[Any, str]:
+    """The interval over seeds x test examples from the per-example statistics of every seed
+    (each run's corpus metric linearised: :func:`losslab.compare.stats.linearize`), or over the
+    seed-level differences where there are none."""
+    if per_seed is None:
+        return paired_interval([d if d is not None else float("nan") for d in diffs], confidence=confidence), "seeds"
+    rows, score_fn, clusters = per_seed
+    matrix = np.stack([linearize(b, score_fn) - linearize(a, score_fn) for _, a, b in rows])  # (S, N)
+    return paired_interval(matrix, confidence=confidence, clusters=clusters), "examples (linearised)"
+
+
+PerSeed = tuple[list[tuple[list[Any], np.ndarray, np.ndarray]], Any, list[Any] | None]
+"""Per seed (example keys, baseline stats (N, K), variant stats (N, K)), the score function of
+summed statistics, and the examples' ``cluster`` labels (None when the records have none)."""
+
+
+def _clusters(rows: list[dict[str, Any]]) -> list[Any] | None:
+    """The ``cluster`` of every saved example, or None unless every one has one."""
+    labels = [r.get("cluster") for r in rows]
+    return None if not labels or any(c is None for c in labels) else [json.dumps(c) for c in labels]
+
+
+def generation_stats(
     study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
-) -> dict[str, Any] | None:
-    """Paired bootstrap of a corpus metric over the split's examples (see :func:`_over_examples`);
-    None when a run has no generations or the runs' examples do not line up."""
+) -> PerSeed | None:
+    """BLEU / chrF statistics of every seed's generations, baseline and variant; None when a run
+    has no generations or the runs' examples do not line up."""
     from losslab.eval.generation import sentence_statistics
 
     cfg = study.config
     baseline = _baseline(study)
     per_seed = []
+    clusters = None
     for seed in cfg.seeds:
         base = read_generations(by[baseline, seed].dir, split)
         other = read_generations(by[variant, seed].dir, split)
@@ -110,16 +191,16 @@ def example_bootstrap(
         stats_a, score_fn = sentence_statistics([g["hypothesis"] for g in base], refs, metric=metric)  # type: ignore[arg-type]
         stats_b, _ = sentence_statistics([g["hypothesis"] for g in other], refs, metric=metric)  # type: ignore[arg-type]
         per_seed.append((keys, stats_a, stats_b))
-    return _over_examples(study, per_seed, score_fn)
+        clusters = _clusters(base)
+    return per_seed, score_fn, clusters
 
 
-def prediction_bootstrap(
+def prediction_stats(
     study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
-) -> dict[str, Any] | None:
-    """Paired bootstrap of a classification-style metric over the split's saved predictions
-    (see :func:`_over_examples`); None when a run has no predictions, the runs' examples do
-    not line up, or the metric is not built from per-example statistics
-    (:func:`losslab.compare.examples.example_stats`)."""
+) -> PerSeed | None:
+    """Per-example statistics of a classification-style metric from every seed's saved predictions;
+    None when a run has no predictions, the runs' examples do not line up, or the metric is not
+    built from per-example statistics (:func:`losslab.compare.examples.example_stats`)."""
     cfg = study.config
     baseline = _baseline(study)
     pairs = []
@@ -145,7 +226,25 @@ def prediction_bootstrap(
             return None
         per_seed.append((keys, a[0], b[0]))
         score_fn = a[1]
-    return _over_examples(study, per_seed, score_fn)
+    return per_seed, score_fn, _clusters(pairs[0][0])
+
+
+def example_bootstrap(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
+) -> dict[str, Any] | None:
+    """Paired bootstrap of a corpus metric over the split's examples (see :func:`_over_examples`);
+    None when a run has no generations or the runs' examples do not line up."""
+    per_seed = generation_stats(study, by, variant, split, metric)
+    return _over_examples(study, per_seed[0], per_seed[1]) if per_seed else None
+
+
+def prediction_bootstrap(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
+) -> dict[str, Any] | None:
+    """Paired bootstrap of a classification-style metric over the split's saved predictions
+    (see :func:`_over_examples`); None as :func:`prediction_stats`."""
+    per_seed = prediction_stats(study, by, variant, split, metric)
+    return _over_examples(study, per_seed[0], per_seed[1]) if per_seed else None
 
 
 def _over_examples(

@@ -15,6 +15,7 @@ from losslab.compare.config import Study, load_study
 from losslab.compare.report import markdown_summary, write_report
 from losslab.compare.results import analyze, write_results
 from losslab.compare.runs import execute, plan
+from losslab.errors import UserError
 
 
 def compare(study: Study) -> dict:
@@ -38,5 +39,14 @@ def compare(study: Study) -> dict:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    compare(load_study(args.config, args.overrides))
+    study = load_study(args.config, args.overrides)
+    if args.plan or args.effect is not None:
+        if args.effect is None:
+            raise UserError("argument --plan: give the difference to find with --effect (e.g. --effect 2%)")
+        if not args.plan:
+            raise UserError("argument --effect: only with --plan (the plan of a finished study)")
+        from losslab.compare.planner import run_plan
+
+        return run_plan(study, args.effect)
+    compare(study)
     return 0
