@@ -208,3 +208,70 @@ def test_ner_and_reward_statistics_and_display_by_hand() -> None:
     classes = [{"text": "t", "gold": "a", "predicted": "b", "score": 0.7}]
     assert example_stats("loss", classes, ["a", "b"]) is None
     assert display(classes[0]) == ("t", "a", "b (0.70) ✗")
+
+
+def test_preference_generations_give_per_example_reward_and_kl_and_a_frontier(tmp_path: Path) -> None:
+    """The preference task saves each reply's reward and KL: the comparison analyses both over
+    seeds x prompts (a planted reward gain is found, equal replies give a zero difference), the
+    reward accuracy over the saved pairs, and the report shows the frontier and the scored replies."""
+    study_file = tmp_path / "study.yaml"
+    metrics = [
+        {"name": "test/reward"},
+        {"name": "test/kl", "direction": "min"},
+        {"name": "test/reward_accuracy"},
+    ]
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(tmp_path / "out"),
+                "base": {
+                    "task": "preference",
+                    "data": {"train": "builtin:preference", "test": "builtin:preference"},
+                    "eval": {"generate": True},
+                },
+                "variants": [{"name": "sft"}, {"name": "dpo", "overrides": {"training.lr": 1e-4}}],
+                "seeds": [0, 1, 2],
+                "metrics": metrics,
+                "frontiers": [{"x": "test/kl", "y": "test/reward"}],
+                "stats": {"n_bootstrap": 300},
+            }
+        )
+    )
+    study = load_study(study_file)
+    rng = np.random.default_rng(0)
+    n = 40
+    runs = []
+    for variant, gain in (("sft", 0.0), ("dpo", 0.3)):
+        for seed in (0, 1, 2):
+            folder = tmp_path / "runs" / f"{variant}{seed}"
+            folder.mkdir(parents=True)
+            rewards = np.clip(rng.normal(0.2 + gain, 0.2, n), -1, 1)
+            kls = rng.normal(2.0 + 10 * gain, 1.0, n)
+            gens = [
+                {"prompt": f"p{i % 4}", "reference": f"liked {i}", "hypothesis": EVIL, "reward": r, "kl": k}
+                for i, (r, k) in enumerate(zip(rewards.tolist(), kls.tolist()))
+            ]
+            (folder / "generations_test.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+            pairs = [
+                {"prompt": "p", "chosen": "a", "rejected": "b", "reward_chosen": float(i % 3), "reward_rejected": 1.0}
+                for i in range(n)
+            ]
+            (folder / "predictions_test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            accuracy = np.mean(
+                [1.0 if p["reward_chosen"] > 1 else 0.5 if p["reward_chosen"] == 1 else 0.0 for p in pairs]
+            )
+            write_metrics_json(
+                namespace({"reward": rewards.mean(), "kl": kls.mean(), "reward_accuracy": accuracy}, "test"),
+                folder / "metrics.json",
+            )
+            runs.append(Run(variant, seed, {}, folder).load())
+    results = analyze(study, runs)
+    reward = results["variants"]["dpo"]["vs_baseline"]["test/reward"]
+    assert reward["interval"]["values"].startswith("examples") and reward["interval"]["n_examples"] == n
+    assert reward["interval"]["low"] > 0 and reward["interval"]["mean"] == pytest.approx(reward["mean_diff"])
+    kl = results["variants"]["dpo"]["vs_baseline"]["test/kl"]
+    assert kl["interval"]["values"].startswith("examples") and kl["interval"]["low"] > 0
+    accuracy = results["variants"]["dpo"]["vs_baseline"]["test/reward_accuracy"]
+    assert accuracy["examples"]["delta"] == 0.0  # the same saved pairs: no difference, found per example
+    html = render_report(results, runs, title="pref")
+    assert "Frontiers" in html and "reward 0." in html and "&lt;b&gt;bold&lt;/b&gt;" in html and EVIL not in html

@@ -75,7 +75,7 @@ def test_dpo_trains_end_to_end_and_logs_every_term_and_monitor_value(tmp_path: P
     assert names <= set(written) and names <= set(metrics)
     assert -1 <= metrics["validation/reward"] <= 1 and math.isfinite(metrics["validation/kl"])
     generations = [json.loads(line) for line in (out / "generations_validation.jsonl").read_text().splitlines()]
-    assert len(generations) == 3 and {"prompt", "completion", "reward", "log_ratio"} <= set(generations[0])
+    assert len(generations) == 3 and {"prompt", "reference", "hypothesis", "reward", "kl"} <= set(generations[0])
     predictions = (out / "predictions_validation.jsonl").read_text().splitlines()
     assert len(predictions) == 4
     summary = json.loads((out / "summary.json").read_text())

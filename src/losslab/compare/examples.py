@@ -23,7 +23,7 @@ Stats = tuple[np.ndarray, Callable[[np.ndarray], float]]
 
 NER_METRICS = {"f1_micro", "precision_micro", "recall_micro", "token_accuracy"}
 REGRESSION_METRICS = {"mse", "rmse", "mae"}
-REWARD_METRICS = {"pairwise_accuracy", "reward_margin"}
+REWARD_METRICS = {"pairwise_accuracy", "reward_accuracy", "reward_margin"}  # (reward_accuracy: preference)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -92,7 +92,7 @@ def example_stats(metric: str, rows: list[dict[str, Any]], names: list[str]) -> 
     if k == "reward" and metric in REWARD_METRICS:
         diff = np.array([float(r["reward_chosen"]) - float(r["reward_rejected"]) for r in rows])
         win = np.where(diff > 0, 1.0, np.where(diff == 0, 0.5, 0.0))
-        stats = np.stack([win if metric == "pairwise_accuracy" else diff, np.ones_like(diff)], axis=1)
+        stats = np.stack([diff if metric == "reward_margin" else win, np.ones_like(diff)], axis=1)
         return stats, lambda s: float(s[0] / s[1])
     return None
 

@@ -410,6 +410,14 @@ def tuning_plot(tuning: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
+def reply(generation: dict[str, Any]) -> str:
+    """A generated reply, with its per-reply scores (the preference task's reward and KL) when saved."""
+    scores = ", ".join(
+        f"{key} {generation[key]:.3g}" for key in ("reward", "kl") if isinstance(generation.get(key), (int, float))
+    )
+    return f"{generation['hypothesis']} ({scores})" if scores else str(generation["hypothesis"])
+
+
 def example_table(runs: list[Run], seed: int, limit: int) -> tuple[list[str], list[dict[str, Any]]]:
     """Test inputs with the reference and every variant's output (one seed): the generations
     of generation tasks, else the saved predictions (:func:`losslab.compare.examples.display`)."""
@@ -420,7 +428,7 @@ def example_table(runs: list[Run], seed: int, limit: int) -> tuple[list[str], li
             continue
         gens = read_generations(r.dir, "test")
         if gens:
-            outputs[r.variant] = [(g["prompt"], g["reference"], g["hypothesis"]) for g in gens]
+            outputs[r.variant] = [(g["prompt"], g.get("reference", ""), reply(g)) for g in gens]
         else:
             outputs[r.variant] = [display(row) for row in read_predictions(r.dir, "test")]
     first = next((o for o in outputs.values() if o), [])

@@ -128,7 +128,7 @@ def _paired(study: Study, by: dict[tuple[str, int], Run], variant: str, metric: 
     per_seed = (
         generation_stats(study, by, variant, split, name)
         if name in EXAMPLE_METRICS
-        else prediction_stats(study, by, variant, split, name)
+        else prediction_stats(study, by, variant, split, name) or generation_values(study, by, variant, split, name)
     )
     examples = _over_examples(study, per_seed[0], per_seed[1]) if per_seed else None
     if examples:
@@ -193,6 +193,36 @@ def generation_stats(
         per_seed.append((keys, stats_a, stats_b))
         clusters = _clusters(base)
     return per_seed, score_fn, clusters
+
+
+def generation_values(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
+) -> PerSeed | None:
+    """A metric that is the mean of a per-reply value saved with every generation under the
+    metric's own name (the preference task's ``reward`` and ``kl``); None when a run has no
+    generations, a row lacks the value, or the runs' examples do not line up."""
+    cfg = study.config
+    baseline = _baseline(study)
+    per_seed = []
+    clusters = None
+    for seed in cfg.seeds:
+        base = read_generations(by[baseline, seed].dir, split)
+        other = read_generations(by[variant, seed].dir, split)
+        keys = [(g.get("prompt"), g.get("reference")) for g in base]
+        if not base or keys != [(g.get("prompt"), g.get("reference")) for g in other]:
+            return None
+        try:
+            a, b = ([float(g[metric]) for g in rows] for rows in (base, other))
+        except (KeyError, TypeError, ValueError):
+            return None
+        ones = np.ones(len(a))
+        per_seed.append((keys, np.stack([a, ones], axis=1), np.stack([b, ones], axis=1)))
+        clusters = _clusters(base)
+    return per_seed, _mean_of_values, clusters
+
+
+def _mean_of_values(total: np.ndarray) -> float:
+    return float(total[0] / total[1])
 
 
 def prediction_stats(

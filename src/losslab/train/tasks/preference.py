@@ -721,7 +721,10 @@ class Evaluator:
         policy) to ``eval.generation_samples`` prompts spread evenly over the split; ``reward``: their mean VADER compound
         score; ``kl``: the mean over replies of log pi(y|x) - log pi_ref(y|x), summed over the
         reply's tokens (its end-of-turn token included)."""
-        prompts = [dataset[i]["prompt"] for i in spread(len(dataset), self.config.eval.generation_samples)]
+        picked = spread(len(dataset), self.config.eval.generation_samples)
+        prompts = [dataset[i]["prompt"] for i in picked]
+        # the held-out answer a human preferred (chosen, or a desirable completion): shown beside the replies
+        references = [dataset[i].get("chosen_text", dataset[i].get("completion_text", "")) for i in picked]
         seed = GENERATION_SEED + zlib.crc32(split.encode())  # the same draws for every variant of a study
         replies = sample_replies(model, self.tokenizer, prompts, self.config.eval.max_new_tokens, seed=seed)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
@@ -735,13 +738,8 @@ class Evaluator:
         self.save(
             f"generations_{split}.jsonl",
             [
-                {
-                    "prompt": self.tokenizer.decode(p),
-                    "completion": t,
-                    "reward": w,
-                    "log_ratio": q,
-                }
-                for p, t, w, q in zip(prompts, texts, rewards, ratios)
+                {"prompt": self.tokenizer.decode(p), "reference": ref_text, "hypothesis": t, "reward": w, "kl": q}
+                for p, ref_text, t, w, q in zip(prompts, references, texts, rewards, ratios)
             ],
         )
         n = max(1, len(rewards))
