@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_preference.py                  # both parts, a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_preference.py --part logps     # (a) only
     .venv/bin/python benchmarks/bench_preference.py --part sharing   # (b) only
+    .venv/bin/python benchmarks/bench_preference.py --part reference # (c) only
 
 (a) ``logps``: per-sequence completion log-probs at SmolLM2-135M's head shape (V=49152, d=576),
     ``--pairs`` pairs x 2 completions x ``--completion`` tokens, forward + backward of a DPO-style
@@ -19,6 +20,14 @@
     (B rows, prompt once, 4D mask). Throughput = pairs per second (so "tokens/s" counts each
     pair's logical tokens once for both layouts); the two layouts alternate in one process.
     Goal: shared >= 1.3x concat.
+
+(c) ``reference``: one DPO (sigmoid) training step of the real ``preference`` task (its collator,
+    forward, loss adapter; backward and an AdamW step) on ``builtin:smollm2-135m-instruct`` and
+    ``builtin:preference`` pairs (``--reference-batch`` pairs, shared layout), with the reference
+    log-probs from a frozen copy run each step (``preference.reference: model``) vs read from the
+    cache (``cache``); the two alternate in one process on the same batches. The cache's one-off
+    precompute is timed too (and the steps after which it has paid for itself). Goal: cached
+    <= 0.8x the on-the-fly step time.
 
 Times are medians of ``--repeats`` timed runs after ``--warmup`` untimed ones, with the process
 CPU time beside them as a contention check (on a machine shared with other processes, wall time
@@ -40,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-GOALS = {"logps_memory": 0.25, "logps_time": 1.0, "sharing_speedup": 1.3}
+GOALS = {"logps_memory": 0.25, "logps_time": 1.0, "sharing_speedup": 1.3, "reference_time": 0.8}
 
 
 def _rss_mb(field: str) -> float | None:
@@ -211,6 +220,87 @@ def bench_sharing(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# ---- (c) cached vs on-the-fly reference -----------------------------------------------------------
+
+
+def bench_reference(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from losslab.train.config import TrainConfig
+    from losslab.train.run import loss_adapter
+    from losslab.train.task import get_task, plan_loss
+
+    torch.set_num_threads(args.threads)
+    b = args.reference_batch
+    out_dir = tempfile.mkdtemp(prefix="bench-reference-")
+    cache_root = tempfile.mkdtemp(prefix="bench-reference-cache-")
+
+    def build(mode: str) -> tuple[Any, Any, list[dict[str, Any]], float]:
+        config = TrainConfig.model_validate(
+            {
+                "task": "preference",
+                "model": "builtin:smollm2-135m-instruct",
+                "output_dir": f"{out_dir}/{mode}",
+                "data": {"train": "builtin:preference", "max_length": 96, "max_train_samples": b * 4},
+                "loss": {"terms": [{"name": "preference", "loss_type": "sigmoid", "beta": 0.1}]},
+                "preference": {"reference": mode, "layout": "shared"},
+                "training": {"batch_size": b, "lr": 1e-6},
+                "eval": {"splits": []},
+            }
+        )
+        plan = plan_loss(config)
+        start = time.perf_counter()
+        run = get_task("preference").build(config, plan)
+        built = time.perf_counter() - start
+        adapter = loss_adapter(run, plan, total_steps=100)
+        batches = [run.collator(run.train[i : i + b]) for i in range(0, len(run.train), b)]
+        return run, adapter, batches, built
+
+    from losslab.train import reference
+
+    original = reference.reference_cache
+    reference.reference_cache = lambda: Path(cache_root)  # a cold cache: the precompute is timed
+    try:
+        runs = {mode: build(mode) for mode in ("model", "cache")}
+    finally:
+        reference.reference_cache = original
+    optimizers = {mode: torch.optim.AdamW(r[0].model.parameters(), lr=1e-6) for mode, r in runs.items()}
+
+    def step(mode: str, i: int) -> None:
+        run, adapter, batches, _ = runs[mode]
+        run.model.train()
+        loss = adapter.compute_loss(run.model, batches[i % len(batches)], None)
+        loss.backward()
+        optimizers[mode].step()
+        optimizers[mode].zero_grad(set_to_none=True)
+
+    results: dict[str, dict[str, list[float]]] = {m: {"times_s": [], "cpu_s": []} for m in runs}
+    load = os.getloadavg()[0]
+    for mode in runs:
+        for i in range(args.warmup):
+            step(mode, i)
+    for i in range(args.repeats):  # alternate, so contention hits both alike
+        for mode in runs:
+            times, cpu = _timed(lambda mode=mode, i=i: step(mode, i), 0, 1)
+            results[mode]["times_s"] += times
+            results[mode]["cpu_s"] += cpu
+    out: dict[str, Any] = {"pairs": b, "loadavg_before": load}
+    for mode, r in results.items():
+        out[mode] = {
+            "time_s": statistics.median(r["times_s"]),
+            "times_s": r["times_s"],
+            "cpu_s": statistics.median(r["cpu_s"]),
+        }
+        print(f"  reference {mode}: {out[mode]['time_s']:.2f} s/step", file=sys.stderr)
+    out["ratio"] = out["cache"]["time_s"] / out["model"]["time_s"]
+    # the build with a cold cache includes the precompute; the on-the-fly build loads the frozen copy instead
+    out["precompute_s"] = runs["cache"][3]
+    out["build_model_s"] = runs["model"][3]
+    saved = out["model"]["time_s"] - out["cache"]["time_s"]
+    out["break_even_steps"] = (out["precompute_s"] - out["build_model_s"]) / saved if saved > 0 else None
+    return out
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 
@@ -283,17 +373,40 @@ def markdown(report: dict[str, Any]) -> str:
             f"shared / concat throughput: {b['speedup']:.2f}x {_verdict(b['speedup'], GOALS['sharing_speedup'], False)}.",
             "",
         ]
+    c = report.get("reference")
+    if c:
+        lines += [
+            (
+                f"## (c) Reference log-probs, builtin:smollm2-135m-instruct, DPO step of the preference task, "
+                f"{c['pairs']} pairs (forward + backward + AdamW)"
+            ),
+            "",
+            "| reference | time per step (median) | process CPU time |",
+            "|---|---:|---:|",
+        ]
+        for mode, label in (("model", "frozen copy, on the fly"), ("cache", "precomputed, cached")):
+            lines.append(f"| {label} | {c[mode]['time_s']:.2f} s | {c[mode]['cpu_s']:.2f} s |")
+        even = c["break_even_steps"]
+        lines += [
+            "",
+            f"cached / on the fly: {c['ratio']:.2f}x {_verdict(c['ratio'], GOALS['reference_time'], True)}. "
+            f"Building the run with a cold cache (precompute of {4 * c['pairs']} pairs included) took "
+            f"{c['precompute_s']:.1f} s vs {c['build_model_s']:.1f} s with the frozen copy"
+            + (f": paid back after {even:.1f} steps." if even is not None else "."),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "logps", "sharing"], default="all")
+    parser.add_argument("--part", choices=["all", "logps", "sharing", "reference"], default="all")
     parser.add_argument("--pairs", type=int, default=4, help="(a) pairs")
     parser.add_argument("--completion", type=int, default=512, help="(a) tokens per completion")
     parser.add_argument("--sharing-pairs", type=int, default=2, help="(b) pairs")
     parser.add_argument("--prompt", type=int, default=256, help="(b) prompt tokens")
     parser.add_argument("--sharing-completion", type=int, default=64, help="(b) tokens per completion")
+    parser.add_argument("--reference-batch", type=int, default=8, help="(c) pairs per step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -316,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         report["logps"] = bench_logps(args)
     if args.part in ("all", "sharing"):
         report["sharing"] = bench_sharing(args)
+    if args.part in ("all", "reference"):
+        report["reference"] = bench_reference(args)
     text = markdown(report)
     print(text)
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -169,9 +169,10 @@ def encode_unpaired(encoder: PreferenceEncoder, source: Source, record: Unpaired
     if not record.completion.strip():
         raise UserError("field 'completion': an empty completion", where=str(source))
     prompt, completion = encoder.completion(record.prompt, record.completion, "completion")
+    prompt, cut = encoder.fit(source, prompt, {"completion": completion})
     return {
         "prompt": prompt,
-        "completion": completion,
+        "completion": cut["completion"],
         "desirable": record.desirable,
         "prompt_text": prompt_text(record.prompt),
         "completion_text": record.completion,
@@ -208,6 +209,7 @@ def add_mismatched(items: list[dict[str, Any]], max_length: int) -> list[dict[st
     out = []
     n = len(items)
     for i, item in enumerate(items):
+        # (every completion is already at most max_length - KEEP_PROMPT tokens: the prompt keeps one)
         other = items[(i + 1) % n]["completion"][: max_length - KEEP_PROMPT]
         keep = max_length - max(len(item["completion"]), len(other))
         prompt = item["prompt"][max(0, len(item["prompt"]) - keep) :]
