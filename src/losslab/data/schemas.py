@@ -33,6 +33,10 @@ class _Record(BaseModel):
     # non-finite numbers (NaN, inf: from CSV/parquet or Python records) would train on NaN
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
+    cluster: Annotated[str, Field(min_length=1)] | int | None = None
+    """Records that share a source (turns of one conversation, texts of one author) share a
+    ``cluster``: ``losslab compare`` then treats them as one unit of its example-level statistics."""
+
 
 def _int_as_float(v: object) -> object:
     """A JSON integer as a float (a bool stays a bool, to be refused); too large: a ``ValueError``."""

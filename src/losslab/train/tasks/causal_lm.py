@@ -42,6 +42,7 @@ class GenerationPrompt:
 
     input_ids: list[int]
     reference: str
+    cluster: str | int | None = None  # the record's `cluster`: prompts from one source (losslab compare)
 
 
 def mask_config(data: DataConfig) -> MaskConfig:
@@ -185,7 +186,8 @@ def generation_prompts(path: Path, tokenizer: Any, data: DataConfig, limit: int)
         else:
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-data.max_length :]
-        out.append(GenerationPrompt(ids, reference))
+        cluster = raw.get("cluster")
+        out.append(GenerationPrompt(ids, reference, cluster if isinstance(cluster, (str, int)) else None))
     return out
 
 
@@ -260,7 +262,12 @@ def generation_metrics(
             save_to,
             "".join(
                 json.dumps(
-                    {"prompt": tokenizer.decode(p.input_ids), "reference": p.reference, "hypothesis": h},
+                    {
+                        "prompt": tokenizer.decode(p.input_ids),
+                        "reference": p.reference,
+                        "hypothesis": h,
+                        **({"cluster": p.cluster} if p.cluster is not None else {}),
+                    },
                     ensure_ascii=False,
                 )
                 + "\n"
