@@ -19,11 +19,13 @@ from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
 from losslab.train.task import get_task, plan_loss
-from losslab.train.tasks import preference
+from losslab.train.tasks.preference_eval import METRICS
+from losslab.train.tasks.preference_forward import MONITOR as STEP_MONITOR
+from losslab.train.tasks.preference_reference import REFERENCE_FIELDS
 
 from ..conftest import train_config
 
-MONITOR = set(preference.MONITOR)
+MONITOR = set(STEP_MONITOR)
 
 
 def config(out: Path | None, **fields: Any) -> TrainConfig:
@@ -153,7 +155,7 @@ def test_a_reference_loss_without_a_reference_is_a_config_error_before_any_model
     with pytest.raises(UserError, match="kl_baseline and ref_logps"):
         plan_loss(kto)
     simpo = config(None, output_dir="unused", loss=[{"name": "preference", "loss_type": "simpo"}])
-    assert not plan_loss(simpo).needs.provides & preference.REFERENCE_FIELDS
+    assert not plan_loss(simpo).needs.provides & REFERENCE_FIELDS
 
 
 def test_shared_and_concat_layouts_give_the_same_step(tmp_path: Path) -> None:
@@ -181,4 +183,4 @@ def test_unpaired_records_train_kto_by_default(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["items"] == "unpaired (kto)" and summary["loss"].startswith("kto (the preference default")
     assert {"loss/kto", "kl", "rewards/chosen"} <= set(rows(out)[0])
-    assert set(metrics) >= {f"validation/{m}" for m in preference.METRICS}
+    assert set(metrics) >= {f"validation/{m}" for m in METRICS}
