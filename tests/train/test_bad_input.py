@@ -315,6 +315,16 @@ def test_preference_unpaired_records_name_a_missing_desirable(tmp_path: Path, ca
     assert code == 2 and f"{tmp_path / 'train'}.jsonl:2: " in err and "'desirable'" in err, err
 
 
+def test_preference_a_template_error_names_the_record_and_field(tmp_path: Path, capsys, no_model) -> None:
+    """A chat template that refuses a record (here a system prompt) is that record's error."""
+    template = Path(__file__).parents[1] / "masking" / "templates" / "gemma.jinja"
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    bad = json.dumps({"prompt": system, "chosen": "hi", "rejected": "go away"})
+    path = _task_config(tmp_path, "preference", "validation", bad, f"  template: {template}\n")
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and f"{tmp_path / 'validation'}.jsonl:2: field 'prompt'" in err and "System role" in err, err
+
+
 def test_preference_skips_and_lists_identical_pairs_and_lists_cut_prompts(tmp_path: Path, capsys) -> None:
     """chosen == rejected is counted and skipped whatever data.on_error says; a prompt longer than
     max_length loses its start (the completions are kept) and is listed with file:line."""

@@ -184,3 +184,15 @@ def test_unpaired_records_train_kto_by_default(tmp_path: Path) -> None:
     assert summary["items"] == "unpaired (kto)" and summary["loss"].startswith("kto (the preference default")
     assert {"loss/kto", "kl", "rewards/chosen"} <= set(rows(out)[0])
     assert set(metrics) >= {f"validation/{m}" for m in METRICS}
+
+
+def test_kto_on_pairs_samples_replies_for_each_pair_beside_its_chosen_reply(tmp_path: Path) -> None:
+    """Unpaired from pairs, every pair is held out twice (its chosen and its rejected item):
+    replies are sampled once per pair, beside the reply a human preferred, never the rejected one."""
+    out = tmp_path / "kto"
+    eval_ = {"splits": ["validation"], "generate": True, "generation_samples": 8, "max_new_tokens": 2}
+    train(config(out, loss=[{"name": "kto"}], validation=True, eval=eval_, training={"max_steps": 1}))
+    predictions = [json.loads(line) for line in (out / "predictions_validation.jsonl").read_text().splitlines()]
+    generations = [json.loads(line) for line in (out / "generations_validation.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and len(generations) == 4
+    assert [g["reference"] for g in generations] == [p["completion"] for p in predictions if p["desirable"]]

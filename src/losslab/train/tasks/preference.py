@@ -177,8 +177,8 @@ def read_preference_split(
             skipped.add(f"{source}: {exc}")
             continue
         except UserError as exc:
-            if config.data.on_error == "raise":
-                raise
+            if config.data.on_error == "raise":  # the record's file:line, whatever raised it
+                raise UserError(exc.message, where=exc.where or str(source)) from None
             skipped.add(f"{source}: {exc.message}")
             continue
         sources.append(source)

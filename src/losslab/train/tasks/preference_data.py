@@ -89,16 +89,22 @@ class PreferenceEncoder:
         as a prefix of the conversation.
         """
         messages = prompt_messages(prompt)
+        try:
+            head, head_ids = self.prompt_ids(prompt)
+        except UserError as exc:  # the template refuses the prompt (a role it does not take, ...)
+            raise UserError(f"field 'prompt': {exc.message}") from None
         record = ChatRecord.model_validate({"messages": [*messages, {"role": "assistant", "content": text}]})
-        samples, _ = self.builder.plan(record)
+        try:
+            samples, _ = self.builder.plan(record)
+        except UserError as exc:
+            raise UserError(f"field {field_name!r}: {exc.message}") from None
         if not samples:
             raise SkipRecord(f"field {field_name!r}: the chat template renders no reply to score")
         sample = samples[-1]
-        head, head_ids = self.prompt_ids(prompt)
         if not sample.text.startswith(head):
             raise UserError(
-                "the chat template does not render the prompt (with its generation prompt) as a prefix of "
-                "prompt + reply; the preference task needs one prompt shared by both replies"
+                f"field {field_name!r}: the chat template does not render the prompt (with its generation "
+                "prompt) as a prefix of prompt + reply; the preference task needs one prompt shared by both replies"
             )
         tail_ids, tail_offsets = self._ids(sample.text[len(head) :])
         shifted = [(a + len(head), b + len(head)) for a, b in tail_offsets]
@@ -134,7 +140,7 @@ class PreferenceEncoder:
 
 def encode_pair(encoder: PreferenceEncoder, source: Source, record: PreferenceRecord) -> dict[str, Any]:
     """A paired feature: ``prompt``, ``chosen``, ``rejected`` token ids (+ texts, ``margin``,
-    ``source``). Raises :class:`SkipRecord` for a pair with nothing to prefer."""
+    ``source``, the record's ``cluster`` when it has one). Raises :class:`SkipRecord` for a pair with nothing to prefer."""
     if record.chosen == record.rejected:
         raise SkipRecord("field 'rejected': the same text as 'chosen' (no preference to learn)")
     for name in ("chosen", "rejected"):
@@ -161,16 +167,19 @@ def encode_pair(encoder: PreferenceEncoder, source: Source, record: PreferenceRe
     }
     if record.margin is not None:
         feature["margin"] = record.margin
+    if record.cluster is not None:
+        feature["cluster"] = record.cluster
     return feature
 
 
 def encode_unpaired(encoder: PreferenceEncoder, source: Source, record: UnpairedPreferenceRecord) -> dict[str, Any]:
-    """An unpaired feature: ``prompt`` and ``completion`` token ids, ``desirable`` (+ texts)."""
+    """An unpaired feature: ``prompt`` and ``completion`` token ids, ``desirable`` (+ texts,
+    ``source``, the record's ``cluster`` when it has one)."""
     if not record.completion.strip():
         raise UserError("field 'completion': an empty completion", where=str(source))
     prompt, completion = encoder.completion(record.prompt, record.completion, "completion")
     prompt, cut = encoder.fit(source, prompt, {"completion": completion})
-    return {
+    feature: dict[str, Any] = {
         "prompt": prompt,
         "completion": cut["completion"],
         "desirable": record.desirable,
@@ -178,6 +187,9 @@ def encode_unpaired(encoder: PreferenceEncoder, source: Source, record: Unpaired
         "completion_text": record.completion,
         "source": str(source),
     }
+    if record.cluster is not None:
+        feature["cluster"] = record.cluster
+    return feature
 
 
 def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,6 +209,7 @@ def unpair(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "completion_text": f[f"{role}_text"],
                     "source": f["source"],
                     "pair": k,
+                    **({"cluster": f["cluster"]} if "cluster" in f else {}),
                 }
             )
     return items

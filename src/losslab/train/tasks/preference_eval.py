@@ -99,6 +99,7 @@ class Evaluator:
                 "reward_rejected": r["other_reward"],
                 "logps_chosen": r["logps"],
                 "logps_rejected": r["other_logps"],
+                **cluster_of(f),
             }
             for f, r in zip(dataset, rows)
         ]
@@ -117,6 +118,7 @@ class Evaluator:
                     "desirable": bool(f["desirable"]),
                     "reward": r["reward"],
                     "logps": r["logps"],
+                    **cluster_of(f),
                 }
                 for f, r in zip(dataset, rows)
             ],
@@ -173,10 +175,9 @@ class Evaluator:
         policy) to ``eval.generation_samples`` prompts spread evenly over the split; ``reward``: their mean VADER compound
         score; ``kl``: the mean over replies of log pi(y|x) - log pi_ref(y|x), summed over the
         reply's tokens (its end-of-turn token included)."""
-        picked = spread(len(dataset), self.config.eval.generation_samples)
-        prompts = [dataset[i]["prompt"] for i in picked]
-        # the held-out answer a human preferred (chosen, or a desirable completion): shown beside the replies
-        references = [dataset[i].get("chosen_text", dataset[i].get("completion_text", "")) for i in picked]
+        held_out = held_out_prompts(dataset)
+        held_out = [held_out[i] for i in spread(len(held_out), self.config.eval.generation_samples)]
+        prompts = [h.input_ids for h in held_out]
         seed = GENERATION_SEED + zlib.crc32(split.encode())  # the same draws for every variant of a study
         replies = sample_replies(model, self.tokenizer, prompts, self.config.eval.max_new_tokens, seed=seed)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in replies]
@@ -190,12 +191,48 @@ class Evaluator:
         self.save(
             f"generations_{split}.jsonl",
             [
-                {"prompt": self.tokenizer.decode(p), "reference": ref_text, "hypothesis": t, "reward": w, "kl": q}
-                for p, ref_text, t, w, q in zip(prompts, references, texts, rewards, ratios)
+                {
+                    "prompt": self.tokenizer.decode(h.input_ids),
+                    "reference": h.reference,
+                    "hypothesis": t,
+                    "reward": w,
+                    "kl": q,
+                    **({"cluster": h.cluster} if h.cluster is not None else {}),
+                }
+                for h, t, w, q in zip(held_out, texts, rewards, ratios)
             ],
         )
         n = max(1, len(rewards))
         return {"reward": sum(rewards) / n, "kl": sum(ratios) / n}
+
+
+@dataclass
+class HeldOutPrompt:
+    """A held-out prompt to sample replies to: its token ids, the answer a human preferred
+    (shown beside the replies) and the record's ``cluster`` (None: it has none)."""
+
+    input_ids: list[int]
+    reference: str
+    cluster: str | int | None = None
+
+
+def held_out_prompts(dataset: list[dict[str, Any]]) -> list[HeldOutPrompt]:
+    """The held-out examples to sample replies for, each a prompt with the answer a human
+    preferred: every pair with its chosen reply; of unpaired items, the desirable ones with their
+    completion (items unpaired from pairs: one per pair, the chosen one, as for the pairs
+    themselves), never a reply labelled undesirable. A split with no desirable item gives all
+    its items, with no reference (``""``)."""
+    if all("chosen_text" in f for f in dataset):
+        return [HeldOutPrompt(f["prompt"], f["chosen_text"], f.get("cluster")) for f in dataset]
+    desirable = [f for f in dataset if f["desirable"]]
+    if not desirable:
+        return [HeldOutPrompt(f["prompt"], "", f.get("cluster")) for f in dataset]
+    return [HeldOutPrompt(f["prompt"], f["completion_text"], f.get("cluster")) for f in desirable]
+
+
+def cluster_of(feature: dict[str, Any]) -> dict[str, Any]:
+    """``{"cluster": ...}`` of a feature whose record has one, else ``{}`` (for saved rows)."""
+    return {"cluster": feature["cluster"]} if "cluster" in feature else {}
 
 
 def spread(n: int, k: int) -> list[int]:
