@@ -49,27 +49,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from losslab.losses.bench import reset_peak_rss, rss_mb
+
 GOALS = {"logps_memory": 0.25, "logps_time": 1.0, "sharing_speedup": 1.3, "reference_time": 0.8}
-
-
-def _rss_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _timed(step: Any, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
@@ -110,8 +92,8 @@ def logps_case(spec: dict[str, Any]) -> dict[str, Any]:
         h[:8].detach().requires_grad_(), w[:64].detach().requires_grad_(), targets[:8] % 64, segments[:8] % 2, 1
     )
     small.backward()  # warm the libraries up outside the measurement
-    reset = _reset_peak_rss()
-    base = _rss_mb("VmRSS")
+    reset = reset_peak_rss()
+    base = rss_mb("VmRSS")
 
     def step() -> None:
         h.grad = w.grad = None
@@ -119,7 +101,7 @@ def logps_case(spec: dict[str, Any]) -> dict[str, Any]:
 
     load = os.getloadavg()[0]
     times, cpu = _timed(step, spec["warmup"], spec["repeats"])
-    peak = _rss_mb("VmHWM")
+    peak = rss_mb("VmHWM")
     return {
         "method": spec["method"],
         "time_s": statistics.median(times),

@@ -220,7 +220,11 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path) -> None:
 
 def test_example_studies_parse() -> None:
     paths = sorted(EXAMPLES.glob("compare_*.yaml"))
-    assert [p.name for p in paths] == ["compare_demo.yaml", "compare_dialogue_losses.yaml"]
+    assert [p.name for p in paths] == [
+        "compare_demo.yaml",
+        "compare_dialogue_losses.yaml",
+        "compare_preference_losses.yaml",
+    ]
     for path in paths:
         study = load_study(path)
         assert len(study.config.variants) >= 4 and len(study.config.seeds) >= 2

@@ -170,6 +170,23 @@ def _clusters(rows: list[dict[str, Any]]) -> list[Any] | None:
     return None if not labels or any(c is None for c in labels) else [json.dumps(c) for c in labels]
 
 
+def paired_generations(
+    study: Study, by: dict[tuple[str, int], Run], variant: str, split: str
+) -> list[tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]] | None:
+    """Per seed, the example keys (prompt, reference) and the baseline's and ``variant``'s saved
+    generations; None when a run has none or their examples do not line up."""
+    baseline = _baseline(study)
+    out = []
+    for seed in study.config.seeds:
+        base = read_generations(by[baseline, seed].dir, split)
+        other = read_generations(by[variant, seed].dir, split)
+        keys = [(g.get("prompt"), g.get("reference")) for g in base]
+        if not base or keys != [(g.get("prompt"), g.get("reference")) for g in other]:
+            return None
+        out.append((keys, base, other))
+    return out
+
+
 def generation_stats(
     study: Study, by: dict[tuple[str, int], Run], variant: str, split: str, metric: str
 ) -> PerSeed | None:
@@ -177,22 +194,16 @@ def generation_stats(
     has no generations or the runs' examples do not line up."""
     from losslab.eval.generation import sentence_statistics
 
-    cfg = study.config
-    baseline = _baseline(study)
+    seeds = paired_generations(study, by, variant, split)
+    if seeds is None:
+        return None
     per_seed = []
-    clusters = None
-    for seed in cfg.seeds:
-        base = read_generations(by[baseline, seed].dir, split)
-        other = read_generations(by[variant, seed].dir, split)
-        keys = [(g.get("prompt"), g["reference"]) for g in base]
-        if not base or keys != [(g.get("prompt"), g["reference"]) for g in other]:
-            return None
+    for keys, base, other in seeds:
         refs = [g["reference"] for g in base]
         stats_a, score_fn = sentence_statistics([g["hypothesis"] for g in base], refs, metric=metric)  # type: ignore[arg-type]
         stats_b, _ = sentence_statistics([g["hypothesis"] for g in other], refs, metric=metric)  # type: ignore[arg-type]
         per_seed.append((keys, stats_a, stats_b))
-        clusters = _clusters(base)
-    return per_seed, score_fn, clusters
+    return per_seed, score_fn, _clusters(seeds[-1][1])
 
 
 def generation_values(
@@ -201,24 +212,18 @@ def generation_values(
     """A metric that is the mean of a per-reply value saved with every generation under the
     metric's own name (the preference task's ``reward`` and ``kl``); None when a run has no
     generations, a row lacks the value, or the runs' examples do not line up."""
-    cfg = study.config
-    baseline = _baseline(study)
+    seeds = paired_generations(study, by, variant, split)
+    if seeds is None:
+        return None
     per_seed = []
-    clusters = None
-    for seed in cfg.seeds:
-        base = read_generations(by[baseline, seed].dir, split)
-        other = read_generations(by[variant, seed].dir, split)
-        keys = [(g.get("prompt"), g.get("reference")) for g in base]
-        if not base or keys != [(g.get("prompt"), g.get("reference")) for g in other]:
-            return None
+    for keys, base, other in seeds:
         try:
             a, b = ([float(g[metric]) for g in rows] for rows in (base, other))
         except (KeyError, TypeError, ValueError):
             return None
         ones = np.ones(len(a))
         per_seed.append((keys, np.stack([a, ones], axis=1), np.stack([b, ones], axis=1)))
-        clusters = _clusters(base)
-    return per_seed, _mean_of_values, clusters
+    return per_seed, _mean_of_values, _clusters(seeds[-1][1])
 
 
 def _mean_of_values(total: np.ndarray) -> float:

@@ -46,7 +46,8 @@ TARGETS = {
 # --- one case, inside a worker process ---------------------------------------------------------
 
 
-def _rss_mb(field: str) -> float | None:
+def rss_mb(field: str) -> float | None:
+    """This process's ``/proc/self/status`` memory figure ``field`` (VmRSS, VmHWM) in MB; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -57,7 +58,8 @@ def _rss_mb(field: str) -> float | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
+    """Resets the peak RSS (VmHWM) to the current RSS; False where the kernel does not allow it."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -149,8 +151,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
     else:
-        reset = _reset_peak_rss()
-        base = _rss_mb("VmRSS")
+        reset = reset_peak_rss()
+        base = rss_mb("VmRSS")
     times, cpu_times = [], []
     load_before = os.getloadavg()[0]
     for i in range(spec["warmup"] + spec["repeats"]):
@@ -166,7 +168,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         peak_mb = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     else:
-        peak = _rss_mb("VmHWM")
+        peak = rss_mb("VmHWM")
         peak_mb = peak - base if (peak is not None and base is not None and reset) else float("nan")
     return {
         **result,
