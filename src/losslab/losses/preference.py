@@ -67,21 +67,7 @@ LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo"})
 """Types that average log-probs over completion tokens (and need the lengths), as TRL does."""
 SMOOTHED = frozenset({"robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})
 """Types that read ``label_smoothing``."""
-DIVERGENCE_TYPES = frozenset(
-    {
-        "sigmoid",
-        "hinge",
-        "ipo",
-        "exo_pair",
-        "nca_pair",
-        "robust",
-        "bco_pair",
-        "sppo_hard",
-        "apo_down",
-        "discopop",
-        "sigmoid_norm",
-    }
-)
+DIVERGENCE_TYPES = frozenset(LOSS_TYPES) - REFERENCE_FREE - {"aot", "aot_unpaired", "apo_zero"}
 """Types whose log-ratios go through the f-divergence (TRL's ``chosen_scores``/``rejected_scores``);
 aot, aot_unpaired and apo_zero read the plain log-ratios."""
 

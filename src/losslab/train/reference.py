@@ -359,18 +359,22 @@ def _digest(values: torch.Tensor) -> str:
     return hashlib.sha256(values.numpy().tobytes()).hexdigest()
 
 
-def _write_shard(path: Path, values: torch.Tensor, start: int, stop: int, meta: Mapping[str, Any]) -> None:
-    from safetensors.torch import save
-
-    header = {
+def _shard_header(start: int, stop: int, meta: Mapping[str, Any]) -> dict[str, str]:
+    """The metadata a shard of items ``start:stop`` is written with and must match when read."""
+    return {
         "format": str(ENCODING_VERSION),
         "fingerprint": meta["fingerprint"],
         "start": str(start),
         "stop": str(stop),
         "columns": json.dumps(meta["columns"]),
         "batch_size": str(meta["batch_size"]),
-        "sha256": _digest(values),
     }
+
+
+def _write_shard(path: Path, values: torch.Tensor, start: int, stop: int, meta: Mapping[str, Any]) -> None:
+    from safetensors.torch import save
+
+    header = {**_shard_header(start, stop, meta), "sha256": _digest(values)}
     write_atomic(path, save({_TENSOR: values}, metadata=header))
 
 
@@ -387,14 +391,7 @@ def _read_shard(path: Path, start: int, stop: int, meta: Mapping[str, Any]) -> t
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # missing, truncated, not ours: recomputed
         return None
     values = tensors.get(_TENSOR)
-    expected = {
-        "format": str(ENCODING_VERSION),
-        "fingerprint": meta["fingerprint"],
-        "start": str(start),
-        "stop": str(stop),
-        "columns": json.dumps(meta["columns"]),
-        "batch_size": str(meta["batch_size"]),
-    }
+    expected = _shard_header(start, stop, meta)
     if (
         not isinstance(header, dict)
         or any(header.get(key) != value for key, value in expected.items())
