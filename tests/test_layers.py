@@ -162,6 +162,7 @@ LAYERS = [
     {"losslab.eval"},
     {"losslab.train"},
     {"losslab.compare"},
+    {"losslab.audit"},
     {"losslab.cli"},
 ]
 """docs/architecture.md's layers, bottom first: a package imports only from its own layer or below."""

@@ -235,6 +235,43 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(handler=_lazy(module, f"run_{name}"), path_checks={"config": _input_file})
 
+    p = sub.add_parser(
+        "audit",
+        help="check a setup's loss before training: masks (any framework's labels), normalisation, loss scale",
+        description="Audit a records file (its loss masks, or another framework's labels for it with --labels) "
+        "or a losslab train/compare YAML config (normalisation under accumulation, packing and processes; "
+        "each loss term's scale). Exit status: 0 no finding at or above --fail-on, 1 findings, 2 bad input.",
+        formatter_class=_formatter,
+    )
+    p.add_argument("target", help="records file (jsonl, json, csv, parquet) or a train/compare YAML config")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="JSONL, one line per record: {input_ids, labels} (-100 = not trained) or {input_ids, assistant_masks}",
+    )
+    p.add_argument("--tokenizer", default="builtin:smollm2-135m-instruct", help=f"tokenizer: {MODEL_NAMES_HELP}")
+    p.add_argument(
+        "--mask",
+        default=None,
+        help="mask policy to compare against: assistant | last | completion | all; default: assistant for chat, "
+        "completion for instruction",
+    )
+    p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
+    p.add_argument("--max-length", type=_int_in(1), default=None, help="truncate samples to this many tokens")
+    p.add_argument("--format", default="text", choices=["text", "json", "html"], help="output format")
+    p.add_argument("--out", default=None, help="write the report here instead of stdout")
+    p.add_argument(
+        "--fail-on",
+        default="warning",
+        choices=["info", "warning", "error"],
+        help="exit 1 when a finding at or above this level is found",
+    )
+    p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
+    p.set_defaults(
+        handler=_lazy("losslab.audit.command", "run_audit"),
+        path_checks={"target": _input_file, "--labels": _input_file, "--out": _output_file, "--template": _template},
+    )
+
     bench = sub.add_parser("bench", help="benchmarks", formatter_class=_formatter)
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     p = bench_sub.add_parser(

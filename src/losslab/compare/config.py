@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from losslab.compare.execution import Execution
 from losslab.config import ConfigFile, OutputDir, load_yaml, read_config, validate
 from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
@@ -138,6 +139,9 @@ class CompareConfig(_Section):
         default_factory=list,
         description="scatter plots in the report: metric y against metric x, one dot per run (variant x seed), "
         "e.g. reward against KL to the reference",
+    )
+    execution: Execution = Field(
+        default_factory=Execution, description="where runs execute: sequential, local processes or a Ray cluster"
     )
     keep_checkpoints: bool = Field(
         False,

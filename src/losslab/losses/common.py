@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import torch
 from annotated_types import Ge, Gt, Interval
@@ -18,6 +18,15 @@ NonNegative = Annotated[float, Ge(0)]
 Positive = Annotated[float, Gt(0)]
 Probability = Annotated[float, Interval(ge=0, le=1)]
 ClassValues = Sequence[NonNegative] | torch.Tensor | None
+
+
+class TeacherTopK(NamedTuple):
+    """A teacher's top-k next-token logits at each position, as cached for distillation:
+    ``logits`` (..., k) the teacher's raw logits (before temperature) at ``indices`` (..., k), the
+    vocabulary ids, in descending order of logit."""
+
+    logits: torch.Tensor
+    indices: torch.Tensor
 
 
 def compute_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:

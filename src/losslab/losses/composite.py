@@ -19,6 +19,7 @@ from torch import nn
 
 from losslab.errors import UserError
 from losslab.labels import IGNORE_INDEX
+from losslab.losses.common import TeacherTopK
 from losslab.losses.schedules import Weight, weight_at
 
 
@@ -49,6 +50,10 @@ class LossInputs:
         token counts. Unpaired (KTO): policy_logps, ref_logps (B,), desirable (B,) bool,
         kl_baseline () the batch's detached estimate of KL(policy || reference).
         monitor: name -> scalar tensor, batch statistics the trainer logs (not loss inputs).
+    Distillation (aligned with ``labels`` as the student's ``logits``; no gradient):
+        teacher_logits (B, T, V); or teacher_hidden_states (B, T, Dt) with teacher_lm_head_weight
+        (V, Dt) for the fused heads; or teacher_topk, a :class:`~losslab.losses.common.TeacherTopK`
+        of the teacher's top-k logits (B, T, k) and their vocabulary indices (from a cache).
     Regularisers: model (a module or name -> tensor mapping); reference_params (name -> tensor).
     """
 
@@ -87,6 +92,10 @@ class LossInputs:
     desirable: torch.Tensor | None = None
     kl_baseline: torch.Tensor | None = None
     monitor: dict[str, torch.Tensor] | None = None
+    teacher_logits: torch.Tensor | None = None
+    teacher_hidden_states: torch.Tensor | None = None
+    teacher_lm_head_weight: torch.Tensor | None = None
+    teacher_topk: TeacherTopK | None = None
     model: nn.Module | Mapping[str, torch.Tensor] | None = None
     reference_params: Mapping[str, torch.Tensor] | None = None
 

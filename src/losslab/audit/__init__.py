@@ -1,0 +1,1 @@
+"""``losslab audit``: check a fine-tuning setup's loss masks, normalisation and loss scale."""
