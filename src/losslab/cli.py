@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when a finding at or above this level is found",
     )
     p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
+    p.add_argument(
+        "--workers", type=_int_in(0), default=0, help="processes for a records audit (0: one per core, at most 4)"
+    )
+    p.add_argument("--worst", type=_int_in(0), default=10, help="records shown token by token in the HTML report")
     p.set_defaults(
         handler=_lazy("losslab.audit.command", "run_audit"),
         path_checks={"target": _input_file, "--labels": _input_file, "--out": _output_file, "--template": _template},
