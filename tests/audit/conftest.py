@@ -48,3 +48,33 @@ def audit_files(tmp_path: Path, smollm2_tokenizer: Any) -> Callable[..., tuple[P
         return write_jsonl(tmp_path / "data.jsonl", records), write_jsonl(tmp_path / "labels.jsonl", rows)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def cached_tokenizer(monkeypatch: pytest.MonkeyPatch, smollm2_tokenizer: Any) -> None:
+    """``losslab audit`` runs without loading the SmolLM2 tokenizer again for every call."""
+    import losslab.models
+
+    real = losslab.models.load_tokenizer
+
+    def load(name: str, **kwargs: Any) -> Any:
+        return smollm2_tokenizer if name == "builtin:smollm2-135m-instruct" else real(name, **kwargs)
+
+    monkeypatch.setattr(losslab.models, "load_tokenizer", load)
+
+
+def run_audit(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
+    """``losslab audit ARGS --format json``: the exit status and the parsed report."""
+    from losslab.cli import main
+
+    status = main(["audit", *args, "--format", "json", "--workers", "1"])
+    out = capsys.readouterr().out
+    return status, json.loads(out) if out else {}
+
+
+def kinds(report: dict) -> dict[str, list[str]]:
+    """kind -> the places of its findings."""
+    out: dict[str, list[str]] = {}
+    for f in report["findings"]:
+        out.setdefault(f["kind"], []).append(f["where"])
+    return out

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from losslab.audit.dump import dump_labels
-from losslab.cli import main
 
-from .conftest import CHITCHAT, TAGGED_TEMPLATE
+from .conftest import CHITCHAT, TAGGED_TEMPLATE, run_audit
 
 trl = pytest.importorskip("trl")
 RECORDS = [json.loads(line) for line in CHITCHAT.read_text(encoding="utf-8").splitlines()]
@@ -38,11 +37,6 @@ def sft_trainer(tokenizer: Any, dataset: Any, tmp_path: Path, **config: Any) -> 
     return SFTTrainer(model=load_causal_lm("builtin:tiny-llama"), args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
-def audit_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict]:
-    status = main(["audit", *args, "--format", "json", "--workers", "1"])
-    return status, json.loads(capsys.readouterr().out)
-
-
 def test_trl_labels_with_generation_markers_agree(tmp_path: Path, smollm2_tokenizer: Any, capsys) -> None:
     import copy
 
@@ -55,7 +49,7 @@ def test_trl_labels_with_generation_markers_agree(tmp_path: Path, smollm2_tokeni
     assert trl.__version__ == "1.16.0"
     rows = tmp_path / "rows.jsonl"
     assert dump_labels(trainer.train_dataset, rows) == len(RECORDS)
-    status, report = audit_json(capsys, str(CHITCHAT), "--labels", str(rows))
+    status, report = run_audit(capsys, str(CHITCHAT), "--labels", str(rows))
     assert status == 0 and report["findings"] == []
     totals = report["tables"]["totals"][0]
     assert totals["records agreeing"] == totals["records"] == len(RECORDS)
@@ -67,7 +61,7 @@ def test_trl_labels_with_generation_markers_agree(tmp_path: Path, smollm2_tokeni
     loader = torch.utils.data.DataLoader(trainer.train_dataset, batch_size=3, collate_fn=trainer.data_collator)
     batches = tmp_path / "batches.jsonl"
     assert dump_labels(loader, batches) == len(RECORDS)
-    status, report = audit_json(capsys, str(CHITCHAT), "--labels", str(batches))
+    status, report = run_audit(capsys, str(CHITCHAT), "--labels", str(batches))
     assert status == 0 and report["findings"] == []
 
 
@@ -97,7 +91,7 @@ def test_trl_stock_template_refused_and_its_empty_mask_reported(
     assert all(set(row["labels"]) == {-100} for row in trainer.train_dataset)
 
     for given in (masks, labels):
-        status, report = audit_json(capsys, str(CHITCHAT), "--labels", str(given))
+        status, report = run_audit(capsys, str(CHITCHAT), "--labels", str(given))
         assert status == 1
         kinds = [f["kind"] for f in report["findings"]]
         assert kinds == ["labels_empty"] + ["labels_zero_targets"] * len(RECORDS)

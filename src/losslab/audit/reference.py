@@ -243,8 +243,14 @@ class Reference:
                 part_c[span.start : span.end] = ROLE_PART.get(role, Part.TEMPLATE)
                 msg_c[span.start : span.end] = i
         if policy is not MaskPolicy.ALL:
-            for region in sample.regions:
-                self._mark_turn(region, sample, part_c, msg_c)
+            closes = {self._mark_turn(region, sample, part_c, msg_c) for region in sample.regions} - {""}
+            trained = {r.message for r in sample.regions}
+            for i, (span, role) in enumerate(zip(sample.spans, sample.roles)):
+                if role != "assistant" or i in trained or span.end is None:
+                    continue  # an assistant turn the policy leaves out: its end-of-turn is marked too
+                close = next((c for c in closes if sample.text.startswith(c, span.end)), "")
+                part_c[span.end : span.end + len(close)] = Part.END_OF_TURN
+                msg_c[span.end : span.end + len(close)] = i
         for match in EMPTY_THINK.finditer(sample.text):
             part_c[match.start() : match.end()] = Part.EMPTY_THINK
         if not offsets:
@@ -254,9 +260,9 @@ class Reference:
         return part_c[at], msg_c[at]
 
     @staticmethod
-    def _mark_turn(region: Region, sample: TextSample, part_c: np.ndarray, msg_c: np.ndarray) -> None:
-        """The template text inside a trained turn: before the content (reply lead) and after it
-        (end of turn)."""
+    def _mark_turn(region: Region, sample: TextSample, part_c: np.ndarray, msg_c: np.ndarray) -> str:
+        """Mark the template text inside a trained turn: before the content (reply lead) and after
+        it (end of turn); returns the end-of-turn text."""
         span = sample.spans[region.message] if 0 <= region.message < len(sample.spans) else None
         content_start = span.start if span is not None and span.start is not None else region.end
         content_end = span.end if span is not None and span.end is not None else region.start
@@ -266,6 +272,7 @@ class Reference:
             template_text = part_c[piece] == Part.TEMPLATE
             part_c[piece][template_text] = kind
             msg_c[piece][template_text] = region.message
+        return sample.text[tail]
 
     def _typed_specials(self, sample: TextSample) -> list[str]:
         if self._specials is None:
