@@ -55,6 +55,7 @@ class Part(IntEnum):
 PART_NAMES = {p: p.name.lower() for p in Part}
 ROLE_PART = {"system": Part.SYSTEM, "user": Part.USER, "assistant": Part.ASSISTANT, "tool": Part.TOOL}
 EMPTY_THINK = re.compile(r"<think>\s*</think>")
+WINDOW = 32  # characters of an answer tokenised alone for the prompt/answer boundary check
 
 
 @dataclass
@@ -65,6 +66,8 @@ class RecordView:
     text: str
     offsets: list[tuple[int, int]]
     input_ids: np.ndarray  # (T,) int64
+    starts: np.ndarray  # (T,) int64, first character of each token
+    ends: np.ndarray  # (T,) int64, one past its last character
     trained: np.ndarray  # (T,) bool, losslab's mask
     part: np.ndarray  # (T,) int8, a Part per token
     message: np.ndarray  # (T,) int32, message index or -1
@@ -166,14 +169,17 @@ class Reference:
         trained = np.asarray(labels, dtype=np.int64) != IGNORE_INDEX
         if len(trained):
             trained[0] = False  # nothing predicts the first token
-        part, message = self._parts(sample, policy, offsets)
+        offs = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets)).reshape(-1, 2)
+        part, message = self._parts(sample, policy, offs[:, 1])
         full_length, full_trained = len(ids), int(trained.sum())
         keep = len(ids) if self.config.max_length is None else min(len(ids), self.config.max_length)
         view = RecordView(
             source=source,
             text=sample.text,
-            offsets=[(int(a), int(b)) for a, b in offsets[:keep]],
+            offsets=list(offsets[:keep]),
             input_ids=np.asarray(ids[:keep], dtype=np.int64),
+            starts=offs[:keep, 0],
+            ends=offs[:keep, 1],
             trained=trained[:keep],
             part=part[:keep],
             message=message[:keep],
@@ -231,9 +237,7 @@ class Reference:
             contents=tuple(str(m["content"]) for m in messages),
         )
 
-    def _parts(
-        self, sample: TextSample, policy: MaskPolicy, offsets: list[tuple[int, int]]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _parts(self, sample: TextSample, policy: MaskPolicy, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(part, message)`` per token, from a per-character map of the text."""
         n = len(sample.text)
         part_c = np.zeros(n + 1, dtype=np.int8)
@@ -253,9 +257,6 @@ class Reference:
                 msg_c[span.end : span.end + len(close)] = i
         for match in EMPTY_THINK.finditer(sample.text):
             part_c[match.start() : match.end()] = Part.EMPTY_THINK
-        if not offsets:
-            return np.zeros(0, dtype=np.int8), np.zeros(0, dtype=np.int32)
-        ends = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))[1::2]
         at = np.clip(ends - 1, 0, n)  # a token is what its last character is
         return part_c[at], msg_c[at]
 
@@ -289,34 +290,42 @@ class Reference:
         """Trained turns whose tokens differ when prompt and answer are tokenised apart.
 
         For each trained turn starting at character ``p`` (the end of the prompt the model is
-        given): the tokens of the whole text between the added tokens around ``p`` (the
-        tokenizer cuts there first, so nothing else can change) against the prompt's tail and
-        the answer's head tokenised apart. Returns ``(p, together, apart)`` per shifted turn.
+        given): the prompt's tail since the last added token before ``p`` (the tokenizer cuts
+        there first, so nothing before it can change) and the answer's head (up to the next
+        added token, or to the last space within :data:`WINDOW` characters) are tokenised apart
+        and compared with the tokens of the whole text there (a cut head's last token aside).
+        Returns ``(p, together, apart)`` per shifted turn.
         """
         if not view.turn_starts or not len(view.input_ids):
             return []
-        ids = view.input_ids
-        starts = np.fromiter((o[0] for o in view.offsets), dtype=np.int64, count=len(view.offsets))
-        ends = np.fromiter((o[1] for o in view.offsets), dtype=np.int64, count=len(view.offsets))
+        ids, starts, ends = view.input_ids, view.starts, view.ends
         cut = np.flatnonzero(np.isin(ids, self.boundaries))
-        limit = ends[-1]
         jobs = []
         for p in view.turn_starts:
-            if p >= limit:  # truncated away
+            if p >= ends[-1]:  # truncated away
                 continue
             before = cut[ends[cut] <= p]
-            after = cut[starts[cut] >= p]
             a = int(before[-1]) if len(before) else -1
-            b = int(after[after > a][0]) if len(after[after > a]) else len(ids)
+            after = cut[(cut > a) & (starts[cut] >= p)]
+            b = int(after[0]) if len(after) else len(ids)
+            k = a + 1 + int(np.searchsorted(starts[a + 1 : b], p, side="left"))  # first token from p on
             left = int(ends[a]) if a >= 0 else 0
             right = int(starts[b]) if b < len(ids) else len(view.text)
             if b == len(ids) and view.truncated:
-                continue  # the piece runs past the cut
-            jobs.append((p, ids[a + 1 : b].tolist(), view.text[left:p], view.text[p:right]))
-        pieces = self.encode_pieces([t for job in jobs for t in job[2:]])
+                right = min(right, int(ends[-1]))
+            stop = view.text.rfind(" ", p + 1, p + WINDOW) if right > p + WINDOW else -1
+            window = stop > p  # the head ends before a space, so its last word is whole
+            jobs.append((p, a, k, b, view.text[left:p], view.text[p : stop if window else right], window))
+        pieces = self.encode_pieces([t for job in jobs for t in job[4:6]])
         out = []
-        for k, (p, together, _, _) in enumerate(jobs):
-            apart = pieces[2 * k] + pieces[2 * k + 1]
+        for n, (p, a, k, b, _, _, window) in enumerate(jobs):
+            head, tail = pieces[2 * n], pieces[2 * n + 1]
+            if window:
+                tail = tail[:-1]
+                together = ids[a + 1 : k + len(tail)].tolist()
+            else:
+                together = ids[a + 1 : b].tolist()
+            apart = head + tail
             if apart != together:
                 out.append((p, together, apart))
         return out
