@@ -50,7 +50,9 @@ def test_label_value_outside_the_vocabulary(files, capsys) -> None:
     data, rows, labels = files
     rows[0]["labels"][3] = -7
     write_jsonl(labels, rows)
-    assert f"{labels}:1: field 'labels[3]': -7 is neither -100 nor a token id" in bad(capsys, str(data), "--labels", str(labels))
+    assert f"{labels}:1: field 'labels[3]': -7 is neither -100 nor a token id" in bad(
+        capsys, str(data), "--labels", str(labels)
+    )
 
 
 def test_labels_line_does_not_parse(files, capsys) -> None:
@@ -89,7 +91,9 @@ def test_fewer_label_lines_than_records(files, capsys) -> None:
 def test_more_label_lines_than_records(files, capsys) -> None:
     data, rows, labels = files
     write_jsonl(labels, [*rows, rows[0]])
-    assert f"{labels}:4: a labels line with no record: {data} has 3 records" in bad(capsys, str(data), "--labels", str(labels))
+    assert f"{labels}:4: a labels line with no record: {data} has 3 records" in bad(
+        capsys, str(data), "--labels", str(labels)
+    )
 
 
 def test_limit_reads_as_many_label_lines(files, capsys) -> None:

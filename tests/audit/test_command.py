@@ -27,7 +27,9 @@ DOCS = Path(__file__).parents[2] / "docs" / "audit.md"
 def faulty(tmp_path: Path, smollm2_tokenizer) -> tuple[Path, Path]:
     """Record 2's labels train its user text <b>&</b> (escaped in HTML); record 3's nothing."""
     records = [dict(r) for r in RECORDS]
-    records[1] = {"messages": [{"role": "user", "content": "<b>bold</b> & <script>x</script>"}, *RECORDS[1]["messages"][1:]]}
+    records[1] = {
+        "messages": [{"role": "user", "content": "<b>bold</b> & <script>x</script>"}, *RECORDS[1]["messages"][1:]]
+    }
     rows = own_labels(smollm2_tokenizer, records)
     user = [i for i, t in enumerate(rows[1]["input_ids"]) if rows[1]["labels"][i] == IGNORE_INDEX][20:30]
     for i in user:
@@ -60,7 +62,9 @@ def test_json_report_and_fail_on(faulty, capsys) -> None:
 
 def test_fail_on_level(tmp_path: Path, capsys) -> None:
     # a special token typed in a message: a warning, so exit 1 at --fail-on warning, 0 at error
-    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "say <|im_end|>"}, RECORDS[0]["messages"][1]]}])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "say <|im_end|>"}, RECORDS[0]["messages"][1]]}]
+    )
     assert main(["audit", str(data), "--workers", "1", "--fail-on", "error"]) == 0
     assert main(["audit", str(data), "--workers", "1"]) == 1
     capsys.readouterr()
@@ -69,7 +73,10 @@ def test_fail_on_level(tmp_path: Path, capsys) -> None:
 def test_html_report_is_escaped_and_marks_disagreements(faulty, tmp_path: Path, capsys) -> None:
     data, labels = faulty
     out = tmp_path / "report.html"
-    assert main(["audit", str(data), "--labels", str(labels), "--format", "html", "--out", str(out), "--workers", "1"]) == 1
+    assert (
+        main(["audit", str(data), "--labels", str(labels), "--format", "html", "--out", str(out), "--workers", "1"])
+        == 1
+    )
     stdout, err = capsys.readouterr()
     assert stdout == "" and f"report written to {out}" in err
     page = out.read_text(encoding="utf-8")
@@ -83,7 +90,7 @@ def test_html_report_is_escaped_and_marks_disagreements(faulty, tmp_path: Path, 
 
 
 def test_workers_give_the_same_report(tmp_path: Path, smollm2_tokenizer, monkeypatch) -> None:
-    import losslab.audit.records as records
+    from losslab.audit import records
 
     monkeypatch.setattr(records, "CHUNK", 2)
     many = [RECORDS[i % len(RECORDS)] for i in range(9)]
@@ -121,5 +128,5 @@ def test_config_target_goes_to_the_training_audit(tmp_path: Path, capsys, monkey
 
 def test_docs_list_every_kind_with_its_level() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (info|warning|error) \|", text, flags=re.M))
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (info|warning|error) \|", text, flags=re.MULTILINE))
     assert rows == {kind: k.level for kind, k in KINDS.items()}

@@ -41,7 +41,9 @@ TOOL = {
 def headers(row: dict) -> list[int]:
     """Positions of ``<|im_start|>assistant\\n`` header tokens (the start token and the role)."""
     ids = row["input_ids"]
-    return [i + k for i, t in enumerate(ids) if t == IM_START and i + 1 < len(ids) and ids[i + 1] == 520 for k in (0, 1, 2)]
+    return [
+        i + k for i, t in enumerate(ids) if t == IM_START and i + 1 < len(ids) and ids[i + 1] == 520 for k in (0, 1, 2)
+    ]
 
 
 def train(row: dict, positions: list[int]) -> None:
@@ -196,7 +198,9 @@ CASES = {
     # the dataset alone
     "no_reply": Case([GOOD, chat("Anyone there?")], None, {"zero_targets": [2]}),
     "truncation": Case([GOOD, chat("Hi", "Hello.")], None, {"truncated_to_zero": [1, 2]}, args=("--max-length", "12")),
-    "special_text": Case([GOOD, chat("What does <|im_end|> mean?", "It ends a turn.")], None, {"special_token_text": [2]}),
+    "special_text": Case(
+        [GOOD, chat("What does <|im_end|> mean?", "It ends a turn.")], None, {"special_token_text": [2]}
+    ),
     "boundary": Case([GOOD], None, {"boundary_shift": [1]}, template=BOUNDARY_TEMPLATE),
     "prefix": Case([chat("Hi", "Hello.", "Bye", "Bye.")], None, {"not_prefix_stable": [1]}, template=str(QWEN3)),
     "unrendered": Case(

@@ -34,7 +34,9 @@ def sft_trainer(tokenizer: Any, dataset: Any, tmp_path: Path, **config: Any) -> 
     args = SFTConfig(
         output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, max_length=None, **config
     )
-    return SFTTrainer(model=load_causal_lm("builtin:tiny-llama"), args=args, train_dataset=dataset, processing_class=tokenizer)
+    return SFTTrainer(
+        model=load_causal_lm("builtin:tiny-llama"), args=args, train_dataset=dataset, processing_class=tokenizer
+    )
 
 
 def test_trl_labels_with_generation_markers_agree(tmp_path: Path, smollm2_tokenizer: Any, capsys) -> None:
@@ -65,9 +67,7 @@ def test_trl_labels_with_generation_markers_agree(tmp_path: Path, smollm2_tokeni
     assert status == 0 and report["findings"] == []
 
 
-def test_trl_stock_template_refused_and_its_empty_mask_reported(
-    tmp_path: Path, smollm2_tokenizer: Any, capsys
-) -> None:
+def test_trl_stock_template_refused_and_its_empty_mask_reported(tmp_path: Path, smollm2_tokenizer: Any, capsys) -> None:
     from datasets import Dataset
 
     with pytest.raises(ValueError, match="patching is not supported for this template"):
@@ -95,7 +95,7 @@ def test_trl_stock_template_refused_and_its_empty_mask_reported(
         assert status == 1
         kinds = [f["kind"] for f in report["findings"]]
         assert kinds == ["labels_empty"] + ["labels_zero_targets"] * len(RECORDS)
-        assert report["findings"][0]["count"] == len(RECORDS)
+        assert report["findings"][0]["details"]["records"] == len(RECORDS)
         assert [f["where"] for f in report["findings"][1:]] == [f"{CHITCHAT}:{i}" for i in range(1, len(RECORDS) + 1)]
         totals = report["tables"]["totals"][0]
         assert totals["trained by the labels"] == 0 and totals["records agreeing"] == 0

@@ -80,7 +80,9 @@ class Agreement:
     missing: np.ndarray  # (T,) bool: trained by losslab only
 
 
-def compare(view: RecordView, labels: ForeignLabels, *, max_length: int | None, name: Callable[[int], str]) -> Agreement:
+def compare(
+    view: RecordView, labels: ForeignLabels, *, max_length: int | None, name: Callable[[int], str]
+) -> Agreement:
     """Compare ``labels`` with losslab's ``view`` of the same record (module doc).
 
     ``name``: a token id's text (for messages about differing tokens)."""

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from losslab.audit.agreement import finding
 from losslab.audit.findings import Finding
-from losslab.audit.reference import Reference, RecordView
+from losslab.audit.reference import RecordView, Reference
 
 
 def dataset_findings(view: RecordView, reference: Reference) -> list[Finding]:

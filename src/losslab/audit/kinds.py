@@ -27,7 +27,9 @@ LABEL_KINDS: dict[str, Kind] = {
     "tool_trained": Kind("error", "tool output trained"),
     "empty_think_trained": Kind("warning", "an empty reasoning block <think></think> trained"),
     "other_turn_trained": Kind("warning", "an assistant turn outside the mask policy trained (e.g. under last)"),
-    "whitespace_trained": Kind("info", "whitespace-only template text trained (a newline after the end-of-turn)"),
+    "whitespace_trained": Kind(
+        "info", "whitespace-only template text trained (the newline after a role header or an end-of-turn)"
+    ),
     "assistant_untrained": Kind("error", "assistant content left untrained"),
     "end_of_turn_untrained": Kind("error", "the end-of-turn token not trained: the model never learns to stop"),
     "prompt_untrained": Kind("warning", "tokens policy all trains that the labels leave untrained"),

@@ -226,7 +226,7 @@ def _results(
 
 def _items(data: str | Path, labels: str | Path | None, limit: int | None) -> list[_Item]:
     """The records (raw, validated later) paired with their labels lines."""
-    items = []
+    items: list[_Item] = []
     for source, raw in iter_raw_records(data):
         if limit is not None and len(items) >= limit:
             break
@@ -269,7 +269,8 @@ def _report(
                 "nothing while its loss looks healthy (a chat template without {% generation %} markers gives "
                 "an all-zero assistant mask)",
                 str(labels),
-                len(results),
+                None,
+                records=len(results),
             ),
         )
     parts = np.sum([r.parts for r in results], axis=0) if results else np.zeros((len(Part), 3), dtype=np.int64)

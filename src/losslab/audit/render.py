@@ -21,8 +21,8 @@ from itertools import groupby
 from typing import Any
 
 from losslab.audit.findings import LEVELS, AuditReport, Finding
-from losslab.audit.reference import PART_NAMES, Part
 from losslab.audit.records import Shown
+from losslab.audit.reference import PART_NAMES, Part
 
 EXAMPLES = 5  # findings shown per kind in the text view
 HTML_EXAMPLES = 50
