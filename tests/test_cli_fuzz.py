@@ -77,6 +77,22 @@ BAD: dict[tuple[str, ...], dict[str, list]] = {
         ],
         "--color": ["", "rainbow"],
     },
+    ("audit",): {
+        "target": ["", "{missing}", "{dir}"],
+        "--labels": ["", "{missing}", "{dir}", ("{bad_template}", "bad.jinja:2: a labels line with no record")],
+        "--tokenizer": [
+            ("", "model path"),
+            ("{missing}", "could not be loaded"),
+            ("builtin:nope", "unknown builtin model"),
+        ],
+        "--mask": [("", "mask policy"), ("bogus", "mask policy")],
+        "--template": ["", "{missing}", "{dir}", ("{bad_template}", "bad.jinja:2: invalid Jinja chat template")],
+        "--max-length": ["0", "-1", "abc", "1.5", HUGE],
+        "--format": ["", "pdf"],
+        "--out": ["", "{dir}", "{under_file}", "{missing}/x.txt"],
+        "--fail-on": ["", "fatal"],
+        **{opt: ["-1", "abc", HUGE] for opt in ("--limit", "--workers", "--worst")},
+    },
     ("bench", "loss-head"): {
         **{opt: ["0", "-1", "abc", "2.5", HUGE] for opt in ("--tokens", "--hidden", "--vocab", "--repeats")},
         "--ignored-fraction": ["1", "-0.1", "nan", "inf", "abc", ""],
@@ -115,7 +131,7 @@ def test_every_option_of_every_subcommand_has_bad_values() -> None:
     for command, cases in BAD.items():
         missing = _options(parser, command) - set(cases) - {o.lstrip("-") for o in FLAGS} - FLAGS
         assert not missing, f"losslab {' '.join(command)}: no bad values for {sorted(missing)}"
-    subcommands = {("inspect",), ("train",), ("compare",), ("bench", "loss-head"), ("data", "prepare")}
+    subcommands = {("inspect",), ("train",), ("compare",), ("bench", "loss-head"), ("data", "prepare"), ("audit",)}
     assert set(BAD) == subcommands
 
 
@@ -123,6 +139,7 @@ def _argv(command: tuple[str, ...], option: str, value: str, paths: dict[str, st
     value = value.format(**paths)
     good = {
         ("inspect",): [paths["file"], "--tokenizer", "builtin:tiny-llama"],
+        ("audit",): [paths["file"], "--tokenizer", "builtin:tiny-llama"],
         ("train",): [paths["file"]],
         ("compare",): [paths["file"]],
         ("bench", "loss-head"): ["--tokens", "8", "--hidden", "4", "--vocab", "16"],
@@ -134,7 +151,7 @@ def _argv(command: tuple[str, ...], option: str, value: str, paths: dict[str, st
         if command == ("bench", "loss-head") and option in good:
             i = good.index(option)
             good = good[:i] + good[i + 2 :]
-        if command == ("inspect",) and option == "--tokenizer":
+        if command in (("inspect",), ("audit",)) and option == "--tokenizer":
             good = good[:1]
         return [*command, *good, f"{option}={value}"]  # one word, so a value like -1 is not read as an option
     return [*command, value, *good[1:]]

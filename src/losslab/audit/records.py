@@ -246,7 +246,8 @@ def _items(data: str | Path, labels: str | Path | None, limit: int | None) -> li
     extra = next(lines, None)
     if extra is not None and limit is None:
         raise UserError(
-            f"a labels line with no record: {data} has {len(items)} records; one line per record, in the same order",
+            f"a labels line with no record: {data} has {len(items)} record{'s' * (len(items) != 1)}; "
+            "one line per record, in the same order",
             where=f"{labels}:{extra[0]}",
         )
     return items
