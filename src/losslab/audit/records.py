@@ -266,7 +266,8 @@ def _report(
             0,
             finding(
                 "labels_empty",
-                f"no record has a trained token in {labels} ({len(results)} records): the run would train on "
+                f"no record has a trained token in {labels} ({len(results)} record{'s' * (len(results) != 1)}): "
+                "the run would train on "
                 "nothing while its loss looks healthy (a chat template without {% generation %} markers gives "
                 "an all-zero assistant mask)",
                 str(labels),
