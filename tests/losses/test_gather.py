@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,16 +99,17 @@ def reference(data: dict, opts: dict) -> dict[str, torch.Tensor]:
         kwargs["weights"] = data["weights"]
     loss = info_nce_loss(leaves["q"], leaves["k"], **kwargs)
     loss.backward()
-    return {"loss": loss.detach(), **{k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}}
+    return {
+        "loss": loss.detach(),
+        **{k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()},
+    }
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict]]:
     folder = tmp_path_factory.mktemp("gather")
     generator = torch.Generator().manual_seed(0)
-    data = {
-        k: torch.randn(5, 4, generator=generator, dtype=torch.float64) for k in ("q", "k", "n", "x")
-    }
+    data = {k: torch.randn(5, 4, generator=generator, dtype=torch.float64) for k in ("q", "k", "n", "x")}
     data["w"] = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64)
     data["mask"] = torch.tensor([True, False, True, True, True])  # a masked row on process 0
     data["weights"] = torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0], dtype=torch.float64)

@@ -90,7 +90,11 @@ def test_two_processes_with_gathered_negatives_equal_one(tmp_path: Path) -> None
         scale = float(ga[name].abs().max())
         assert scale > 0, name
         torch.testing.assert_close(
-            gb[name], ga[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m, name=name: f"{name} (max {scale:.3g}): {m}"
+            gb[name],
+            ga[name],
+            rtol=1e-4,
+            atol=1e-5 * scale,
+            msg=lambda m, name=name, scale=scale: f"{name} (max {scale:.3g}): {m}",
         )
     wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     assert wa.keys() == wb.keys()
