@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from ..conftest import free_port, train_config
 from .test_distributed import run, steps
@@ -48,11 +49,23 @@ _WORKER = textwrap.dedent(
 )
 
 
+class SaveGradients(TrainerCallback):
+    """The first step's gradients, as the worker script's callback."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw) -> None:
+        if state.global_step == 0 and state.is_world_process_zero:
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            torch.save(grads, self.path)
+
+
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
     reason="torchrun not installed",
 )
-def test_two_processes_with_gathered_negatives_equal_one(tmp_path: Path) -> None:
+def test_two_processes_with_gathered_negatives_equal_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "worker.py").write_text(_WORKER)
     one, two = tmp_path / "one", tmp_path / "two"
     for out, batch_size in ((one, 4), (two, 2)):  # 2 x 2 = the same global batch
@@ -72,7 +85,19 @@ def test_two_processes_with_gathered_negatives_equal_one(tmp_path: Path) -> None
         )
         data["loss"]["terms"][1]["weight"] = 0.0  # logged, not trained
         (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(data))
-    run([sys.executable, "worker.py", "one.yaml", "one.pt"], tmp_path)
+    # one process: in this one (a fresh interpreter would cost its imports again)
+    from losslab.train import trainer as losslab_trainer
+    from losslab.train.config import TrainConfig
+    from losslab.train.run import train
+
+    init = losslab_trainer.LosslabTrainer.__init__
+
+    def with_callback(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.add_callback(SaveGradients(tmp_path / "one.pt"))
+
+    monkeypatch.setattr(losslab_trainer.LosslabTrainer, "__init__", with_callback)
+    train(TrainConfig.model_validate(yaml.safe_load((tmp_path / "one.yaml").read_text())))
     torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
     port = str(free_port())
     run([torchrun, "--nproc_per_node", "2", "--master_port", port, "worker.py", "two.yaml", "two.pt"], tmp_path)
