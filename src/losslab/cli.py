@@ -267,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when a finding at or above this level is found",
     )
     p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
+    p.add_argument(
+        "--loss-func",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="CONFIG.yaml only: also check your Trainer's compute_loss_func(outputs, labels, num_items_in_batch=None), "
+        "given as package.module:function or path/to/file.py:function",
+    )
+    p.add_argument(
+        "--processes",
+        default="auto",
+        choices=["auto", "off"],
+        help="CONFIG.yaml only: auto = also compare 2 processes with 1 (torchrun, gloo) where torchrun is installed",
+    )
     p.set_defaults(
         handler=_lazy("losslab.audit.command", "run_audit"),
         path_checks={"target": _input_file, "--labels": _input_file, "--out": _output_file, "--template": _template},
