@@ -92,4 +92,6 @@ def test_sft_trainer_first_step_equals_losslab_train(tmp_path: Path) -> None:
         assert grad_norm == pytest.approx(logged["grad_norm"], rel=1e-6)
         assert grads.keys() == reference.grads.keys()
         for name, g in grads.items():
-            torch.testing.assert_close(g, reference.grads[name], rtol=1e-6, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+            torch.testing.assert_close(
+                g, reference.grads[name], rtol=1e-6, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+            )

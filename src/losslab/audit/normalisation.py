@@ -66,7 +66,13 @@ def check_normalisation(
         def step(collator_name: str, batch_size: int, grad_accum: int = 1, subject: LossUnderTest = subject) -> Step:
             collator = setup.packed if collator_name == "packed" and setup.packed is not None else setup.padded
             return trainer_step(
-                model, setup.samples, collator, subject.make(setup), batch_size=batch_size, grad_accum=grad_accum, seed=seed
+                model,
+                setup.samples,
+                collator,
+                subject.make(setup),
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                seed=seed,
             )
 
         ref = step("padded", b)
@@ -76,14 +82,14 @@ def check_normalisation(
         packed_why = "" if setup.packed is not None else f"task {setup.config.task} has no packing"
         cases.append(("packing", f"{b} packed into one row vs {b} padded", (lambda: step("packed", b)), packed_why))
         proc_why = "" if two_processes is not None else "torchrun not available (or --processes off)"
-        cases.append(
-            (
-                "processes",
-                f"2 processes x {b // 2} vs 1 x {b}",
-                (lambda s=subject: two_processes(s.spec, "padded")) if two_processes is not None else None,
-                proc_why,
-            )
-        )
+        two_step: Callable[[], Step] | None = None
+        if two_processes is not None:
+            run_two, spec = two_processes, subject.spec
+
+            def two_step(run_two: TwoProcessStep = run_two, spec: str | None = spec) -> Step:
+                return run_two(spec, "padded")
+
+        cases.append(("processes", f"2 processes x {b // 2} vs 1 x {b}", two_step, proc_why))
         for check, setup_text, run_case, why_not in cases:
             row = {"variant": variant, "loss": subject.label, "check": check, "setup": setup_text}
             if variant is None:

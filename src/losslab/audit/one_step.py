@@ -88,7 +88,9 @@ def trainer_step(
         def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             for name, p in model.named_parameters():
                 if p.requires_grad:
-                    grads[name] = p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu")
+                    grads[name] = (
+                        p.grad.detach().cpu().clone() if p.grad is not None else torch.zeros_like(p, device="cpu")
+                    )
 
     model.zero_grad(set_to_none=True)
     with tempfile.TemporaryDirectory(prefix="losslab-audit-") as out:
@@ -115,7 +117,7 @@ def trainer_step(
             trainer = LosslabTrainer(
                 model=model,
                 args=args,
-                train_dataset=samples,  # type: ignore[arg-type]  # (a list of feature dicts, as losslab train)
+                train_dataset=samples,
                 data_collator=collator,
                 loss_func=loss,
                 callbacks=[LossTermsCallback(loss), Capture()],
@@ -124,7 +126,7 @@ def trainer_step(
             trainer = Trainer(
                 model=model,
                 args=args,
-                train_dataset=samples,  # type: ignore[arg-type]
+                train_dataset=samples,
                 data_collator=drop_keys(collator, ("weights",)),
                 compute_loss_func=loss,
                 callbacks=[Capture()],

@@ -67,7 +67,7 @@ def two_process_step(
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"torchrun exited with {done.returncode}: {(done.stderr or done.stdout)[-2000:]}")
-        saved: dict[str, Any] = torch.load(spec["out"], weights_only=True)
+        saved: dict[str, Any] = torch.load(str(spec["out"]), weights_only=True)
         return Step(float(saved["loss"]), saved["grads"])
 
 
@@ -78,9 +78,7 @@ def main(argv: list[str]) -> int:
     setup = build_setup(config, spec["batch"])
     loss = load_loss_func(spec["loss_func"]) if spec["loss_func"] else setup.adapter()
     collator = setup.packed if spec["collator"] == "packed" and setup.packed is not None else setup.padded
-    step = trainer_step(
-        setup.run.model, setup.samples, collator, loss, batch_size=spec["batch"] // 2, seed=config.seed
-    )
+    step = trainer_step(setup.run.model, setup.samples, collator, loss, batch_size=spec["batch"] // 2, seed=config.seed)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"loss": step.loss, "grads": step.grads}, spec["out"])
     return 0

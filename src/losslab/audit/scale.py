@@ -25,13 +25,19 @@ SPREAD = 10.0
 """Variants whose total losses (or gradient norms) differ by this factor or more are reported."""
 
 
-def term_gradients(setup: AuditSetup) -> tuple[dict[str, float], dict[str, float], dict[str, list[torch.Tensor] | None]]:
+def term_gradients(
+    setup: AuditSetup,
+) -> tuple[dict[str, float], dict[str, float], dict[str, list[torch.Tensor] | None]]:
     """Every term's unweighted value, its weight at step 0 and the gradient of ``weight x value``
     (None for a term without a graph: weight 0 or no trainable input), on the first batch."""
     run = setup.run
     adapter = setup.adapter()
     batch_size = min(setup.config.training.batch_size, len(run.train))
-    batch = setup.padded(run.train[:batch_size]) if setup.packed is None or not setup.config.data.packing else setup.packed(run.train[:batch_size])
+    batch = (
+        setup.padded(run.train[:batch_size])
+        if setup.packed is None or not setup.config.data.packing
+        else setup.packed(run.train[:batch_size])
+    )
     params = [p for p in run.model.parameters() if p.requires_grad]
     run.model.train()
     adapter.compute_loss(run.model, batch, None)
@@ -54,7 +60,9 @@ def _norm(tensors: list[torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
 
-def check_scale(setup: AuditSetup, *, where: str = "", variant: str | None = None) -> tuple[list[dict], list[Finding], dict]:
+def check_scale(
+    setup: AuditSetup, *, where: str = "", variant: str | None = None
+) -> tuple[list[dict], list[Finding], dict]:
     """The rows (one per term), findings and a summary (``loss``: the weighted total, ``grad_norm``:
     the total gradient's norm) of the terms of ``setup``'s loss."""
     values, weights, grads = term_gradients(setup)

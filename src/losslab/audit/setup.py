@@ -34,7 +34,9 @@ def audit_batch(config: TrainConfig) -> int:
 def prepared_config(config: TrainConfig, batch: int) -> TrainConfig:
     """``config`` as the audit builds it: float64 weights, and only as many training records as the
     fixed batch needs (the first ones, so the batch is the same as in the full run); no evaluation."""
-    data = config.data.model_copy(update={"max_train_samples": min(config.data.max_train_samples or 4 * batch, 4 * batch)})
+    data = config.data.model_copy(
+        update={"max_train_samples": min(config.data.max_train_samples or 4 * batch, 4 * batch)}
+    )
     return config.model_copy(update={"dtype": "float64", "data": data})
 
 
@@ -105,9 +107,9 @@ def load_loss_func(spec: str) -> Callable[..., torch.Tensor]:
             module = importlib.import_module(target)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001  (any error of the user's module while importing it)
+    except Exception as exc:  # (any error of the user's module while importing it)
         raise UserError(f"cannot import {target}: {type(exc).__name__}: {exc}", where=where) from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{target} has no function {name!r}", where=where)
-    return fn  # type: ignore[no-any-return]
+    return fn

@@ -34,7 +34,7 @@ def train_configs(path: str, overrides: list[str] | None = None) -> list[tuple[s
 
         study = load_study(path, overrides)
         seed = study.config.seeds[0]
-        out = []
+        out: list[tuple[str | None, TrainConfig, str]] = []
         for i, variant in enumerate(study.config.variants):
             line = study.lines.get(("variants", str(i)))
             out.append((variant.name, study.check(variant, seed), f"{path}:{line}" if line else path))
@@ -87,4 +87,3 @@ def audit_config(path: str, args: argparse.Namespace) -> AuditReport:
         report.tables["variants"] = rows
         report.findings += findings
     return report
-

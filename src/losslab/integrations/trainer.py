@@ -61,11 +61,11 @@ def loss_func(
     return hidden states: use :func:`collator` with ``hidden_states=True``). Labels are unshifted
     (``-100`` = not trained), as every Hugging Face collator gives them; the loss shifts.
     """
-    composite = terms if isinstance(terms, CompositeLoss) else build_composite(terms or DEFAULT_TERMS, total_steps=total_steps)
-    base = causal_lm_loss(composite, model=model, fused=fused, hidden_states=fused)  # type: ignore[arg-type]
-    out = TrainerLoss(
-        base.composite, base.forward, model=model, shifts_labels=True, from_outputs=base.from_outputs
+    composite = (
+        terms if isinstance(terms, CompositeLoss) else build_composite(terms or DEFAULT_TERMS, total_steps=total_steps)
     )
+    base = causal_lm_loss(composite, model=model, fused=fused, hidden_states=fused)  # type: ignore[arg-type]
+    out = TrainerLoss(base.composite, base.forward, model=model, shifts_labels=True, from_outputs=base.from_outputs)
     return out
 
 
