@@ -258,15 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
     p.add_argument("--max-length", type=_int_in(1), default=None, help="truncate samples to this many tokens")
-    p.add_argument("--format", default="text", choices=["text", "json", "html"], help="output format")
-    p.add_argument("--out", default=None, help="write the report here instead of stdout")
-    p.add_argument(
-        "--fail-on",
-        default="warning",
-        choices=["info", "warning", "error"],
-        help="exit 1 when a finding at or above this level is found",
-    )
-    p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
     p.add_argument(
         "--loss-func",
         default=None,
@@ -280,6 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "off"],
         help="CONFIG.yaml only: auto = also compare 2 processes with 1 (torchrun, gloo) where torchrun is installed",
     )
+    p.add_argument("--format", default="text", choices=["text", "json", "html"], help="output format")
+    p.add_argument("--out", default=None, help="write the report here instead of stdout")
+    p.add_argument(
+        "--fail-on",
+        default="warning",
+        choices=["info", "warning", "error"],
+        help="exit 1 when a finding at or above this level is found",
+    )
+    p.add_argument("--limit", type=_int_in(0), default=None, help="only the first N records")
     p.set_defaults(
         handler=_lazy("losslab.audit.command", "run_audit"),
         path_checks={"target": _input_file, "--labels": _input_file, "--out": _output_file, "--template": _template},

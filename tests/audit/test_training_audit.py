@@ -16,7 +16,9 @@ import yaml
 from losslab.audit.normalisation import TOLERANCE, LossUnderTest, check_normalisation
 from losslab.audit.scale import check_scale, check_spread
 from losslab.audit.setup import AuditSetup, build_setup, load_loss_func, prepared_config
+from losslab.audit.training import KINDS
 from losslab.errors import UserError
+from losslab.integrations import loss_func
 from losslab.train.config import TrainConfig
 from losslab.train.task import plan_loss
 
@@ -71,10 +73,12 @@ def test_normalisation(setup: AuditSetup) -> None:
         LossUnderTest("micro", func=per_micro_batch_mean),
         LossUnderTest("rows", func=per_row_mean),
         LossUnderTest("sum", func=summed_over_num_items),
+        # losslab's composite (with its per-batch l2 term) in a plain transformers.Trainer
+        LossUnderTest("integration", func=loss_func(setup.plan.terms, model=setup.run.model)),
     ]
     rows, findings = check_normalisation(setup, losses, two_processes=None, where="c.yaml")
     table = {(r["loss"], r["check"]): r for r in rows}
-    for name in ("losslab", "sum"):  # exact normalisation: pass at 1e-5 (measured: ~1e-16 gradients)
+    for name in ("losslab", "sum", "integration"):  # exact normalisation: pass at 1e-5 (measured: ~1e-16 gradients)
         for check in ("accumulation", "packing"):
             r = table[(name, check)]
             assert r["verdict"] == "pass"
@@ -88,7 +92,8 @@ def test_normalisation(setup: AuditSetup) -> None:
     kinds = {(f.kind, f.details.get("loss")) for f in findings}
     assert ("accumulation_mismatch", "micro") in kinds
     assert ("packing_mismatch", "rows") in kinds
-    assert not any(f.details.get("loss") in ("losslab", "sum") for f in findings if f.level == "error")
+    assert not any(f.details.get("loss") in ("losslab", "sum", "integration") for f in findings if f.level == "error")
+    assert {f.kind for f in findings} <= set(KINDS)
     flagged = next(f for f in findings if f.kind == "accumulation_mismatch" and f.details["loss"] == "micro")
     assert f"{micro['loss_rel']:.3g}" in flagged.message and flagged.where == "c.yaml"
     skipped = [f for f in findings if f.kind == "check_skipped"]
@@ -169,7 +174,7 @@ def test_study_and_two_processes(tmp_path: Path) -> None:
             {"name": "ce_x100", "overrides": {"loss.terms": [{"name": "token_cross_entropy", "weight": 100.0}]}},
         ],
         "seeds": [0],
-        "metrics": [{"name": "train/steps", "goal": "max"}],
+        "metrics": [{"name": "train/steps"}],
         "output_dir": str(tmp_path / "study"),
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
@@ -182,3 +187,9 @@ def test_study_and_two_processes(tmp_path: Path) -> None:
     kinds = [f.kind for f in report.findings if f.level != "info"]
     assert kinds.count("processes_mismatch") == 2 and kinds.count("accumulation_mismatch") == 2
     assert "loss_scale_spread" in kinds and len(report.tables["variants"]) == 2
+
+
+def test_kinds_documented() -> None:
+    """Every finding kind of the config audit is described in docs/audit-training.md."""
+    docs = (Path(__file__).parents[2] / "docs" / "audit-training.md").read_text(encoding="utf-8")
+    assert [k for k in KINDS if f"`{k}`" not in docs] == []

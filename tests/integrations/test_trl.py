@@ -12,7 +12,6 @@ import torch
 
 from losslab.audit.one_step import trainer_step
 from losslab.audit.setup import build_setup
-from losslab.data.builtin import resolve_data_path
 from losslab.integrations import collator, loss_func, sft_dataset
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import TrainConfig
@@ -57,7 +56,7 @@ def sft_first_step(tmp_path: Path, *, fused: bool) -> tuple[float, float, dict[s
     trainer = trl.SFTTrainer(
         model=model,
         args=args,
-        train_dataset=sft_dataset(resolve_data_path(CHATTERBOT), tokenizer, max_length=48, limit=B),
+        train_dataset=sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=B),
         data_collator=collator(tokenizer, hidden_states=fused),
         processing_class=tokenizer,
         compute_loss_func=loss,

@@ -6,12 +6,14 @@ The step is the Trainer's own: its data loader, ``num_items_in_batch`` count, ac
 ``torchrun``) its process group. losslab's loss runs in
 :class:`~losslab.train.trainer.LosslabTrainer` (as ``losslab train`` does); a user's
 ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` runs in a plain
-``transformers.Trainer``. The learning rate is 0 and gradient clipping is off, so the model is the
+``transformers.Trainer`` (with the loss's own ``callback()`` when it has one, as
+:func:`losslab.integrations.loss_func`'s). The learning rate is 0 and gradient clipping is off, so the model is the
 same after the step and the gradients are the raw ones.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import tempfile
 from collections.abc import Callable, Sequence
@@ -113,7 +115,7 @@ def trainer_step(
             data_seed=seed,
         )
         trainer: Trainer
-        if isinstance(loss, LossAdapter):
+        if isinstance(loss, LossAdapter) and loss.from_outputs is None:  # the adapter runs its own forward
             trainer = LosslabTrainer(
                 model=model,
                 args=args,
@@ -129,10 +131,17 @@ def trainer_step(
                 train_dataset=samples,
                 data_collator=drop_keys(collator, ("weights",)),
                 compute_loss_func=loss,
-                callbacks=[Capture()],
+                # losslab's integration loss (losslab.integrations.loss_func) comes with its callback
+                callbacks=[Capture(), *([callback()] if callable(callback := getattr(loss, "callback", None)) else [])],
             )
         trainer.remove_callback(PrinterCallback)  # (the step's log line is not the audit's output)
-        trainer.train()
+        # the Trainer ends with accelerate's gc.collect() over every object of the process (most of a
+        # tiny model's step); frozen objects are skipped, and unfrozen again afterwards (nothing leaks)
+        gc.freeze()
+        try:
+            trainer.train()
+        finally:
+            gc.unfreeze()
         logged = next(row["loss"] for row in trainer.state.log_history if "loss" in row)
     model.zero_grad(set_to_none=True)
     return Step(float(logged), grads)

@@ -39,6 +39,8 @@ def term_gradients(
         else setup.packed(run.train[:batch_size])
     )
     params = [p for p in run.model.parameters() if p.requires_grad]
+    device = params[0].device  # (the Trainer of the normalisation check may have moved the model)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     run.model.train()
     adapter.compute_loss(run.model, batch, None)
     out = adapter.last

@@ -13,7 +13,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from losslab.audit.findings import AuditReport
+from losslab.audit.findings import AuditReport, Finding, Level
 from losslab.audit.normalisation import LossUnderTest, TwoProcessStep, check_normalisation
 from losslab.audit.processes import torchrun, two_process_step
 from losslab.audit.scale import check_scale, check_spread
@@ -24,8 +24,19 @@ from losslab.errors import UserError
 from losslab.train.config import TrainConfig
 from losslab.train.task import plan_loss
 
+KINDS: dict[str, tuple[Level, str]] = {
+    "accumulation_mismatch": ("error", "B/2 x accumulation 2 gives another first step than B x 1"),
+    "packing_mismatch": ("error", "the batch packed into one row gives another first step than padded"),
+    "processes_mismatch": ("error", "2 processes of B/2 give another first step than 1 process of B"),
+    "check_skipped": ("info", "a comparison that could not run here (no torchrun, no packing for the task)"),
+    "term_gradient_share_low": ("warning", "a loss term below 1 % of the gradient norm at the start"),
+    "term_weight_zero_at_start": ("info", "a loss term whose scheduled weight is 0 at step 0"),
+    "loss_scale_spread": ("warning", "a study's variants whose losses or gradient norms differ 10x or more"),
+}
+"""The finding kinds of a config audit: level and meaning (docs/audit-training.md documents each)."""
 
-def train_configs(path: str, overrides: list[str] | None = None) -> list[tuple[str | None, TrainConfig, str]]:
+
+def train_configs(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str | None, TrainConfig, str]]:
     """``(variant name or None, training config, where)`` for a train config (one) or a study (each
     variant at its first seed); every config and loss plan is checked before anything is built."""
     file = read_config(path, overrides)
@@ -37,17 +48,18 @@ def train_configs(path: str, overrides: list[str] | None = None) -> list[tuple[s
         out: list[tuple[str | None, TrainConfig, str]] = []
         for i, variant in enumerate(study.config.variants):
             line = study.lines.get(("variants", str(i)))
-            out.append((variant.name, study.check(variant, seed), f"{path}:{line}" if line else path))
+            out.append((variant.name, study.check(variant, seed), f"{path}:{line}" if line else str(path)))
         return out
     config = file.validate(TrainConfig)
     spec = config.data.train
     if spec and not spec.startswith(BUILTIN_DATA_PREFIX) and not Path(spec).expanduser().is_file():
         raise UserError(f"data file not found: {spec}", where=file.where("data", "train"))
     plan_loss(config, where=file.where("loss", "terms"), term_where=lambda i: file.where("loss", "terms", str(i)))
-    return [(None, config, path)]
+    line = file.lines.get(("loss", "terms")) or file.lines.get(("loss",))
+    return [(None, config, f"{path}:{line}" if line else str(path))]
 
 
-def audit_config(path: str, args: argparse.Namespace) -> AuditReport:
+def audit_config(path: str | Path, args: argparse.Namespace) -> AuditReport:
     """The report of ``losslab audit CONFIG.yaml``. Reads from ``args``: ``loss_func`` (a
     ``--loss-func MODULE:FUNCTION`` to check as well; optional), ``processes`` (``auto``: the
     two-process comparison runs where torchrun is installed; ``off``) and ``overrides`` (optional)."""
@@ -67,6 +79,16 @@ def audit_config(path: str, args: argparse.Namespace) -> AuditReport:
             losses = [LossUnderTest(f"losslab loss ({', '.join(t['name'] for t in setup.plan.terms)})")]
             if user is not None and config.task == "causal_lm":
                 losses.append(user)
+            elif user is not None:
+                report.findings.append(
+                    Finding(
+                        "check_skipped",
+                        "info",
+                        f"--loss-func is checked on causal_lm configs only (a Trainer's compute_loss_func on the "
+                        f"model's outputs); task {config.task}{f' (variant {variant})' if variant else ''}",
+                        where,
+                    )
+                )
             two: TwoProcessStep | None = None
             if use_processes:
 
@@ -83,7 +105,7 @@ def audit_config(path: str, args: argparse.Namespace) -> AuditReport:
     report.tables["normalisation"] = norm_rows
     report.tables["loss terms"] = term_rows
     if len(configs) > 1:
-        rows, findings = check_spread(summaries, where=path)
+        rows, findings = check_spread(summaries, where=str(path))
         report.tables["variants"] = rows
         report.findings += findings
     return report

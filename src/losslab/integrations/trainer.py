@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from losslab.data.builtin import BUILTIN_DATA_PREFIX, resolve_data_path
 from losslab.errors import UserError
 from losslab.labels import IGNORE_INDEX
 from losslab.losses.composite import CompositeLoss
@@ -111,12 +112,14 @@ def sft_dataset(
     strategy: str = "auto",
     limit: int | None = None,
 ) -> Any:
-    """Chat or instruction records -> a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (losslab's
+    """Chat or instruction records (a file, ``builtin:NAME`` or a list of records) -> a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (losslab's
     mask policy ``mask``: assistant | last | completion | all; the same samples ``losslab train``
     builds with these ``data:`` settings). Give it to ``SFTTrainer`` with
     ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` and :func:`collator`."""
     from datasets import Dataset
 
     config = MaskConfig(mask=mask, strategy=strategy, template=template, max_length=max_length)
+    if isinstance(data, str) and data.startswith(BUILTIN_DATA_PREFIX):
+        data = resolve_data_path(data)
     samples = build_samples(data, tokenizer, config, limit=limit)
     return Dataset.from_list([{"input_ids": s["input_ids"], "labels": s["labels"]} for s in samples])
