@@ -193,3 +193,18 @@ def test_kinds_documented() -> None:
     """Every finding kind of the config audit is described in docs/audit-training.md."""
     docs = (Path(__file__).parents[2] / "docs" / "audit-training.md").read_text(encoding="utf-8")
     assert [k for k in KINDS if f"`{k}`" not in docs] == []
+
+
+def test_bad_input_before_any_model(tmp_path: Path, no_model) -> None:
+    """A bad term names the config's file, line and field; a bad --loss-func names the option;
+    both before a model is loaded (``no_model``)."""
+    from losslab.audit.training import audit_config
+
+    good = train_config(".")
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good, sort_keys=False))
+    bad = {**good, "loss": {"terms": [{"name": "token_cross_entropyy"}]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(UserError, match=r"bad\.yaml:\d+: field 'loss\.terms\.0'.*unknown loss"):
+        audit_config(tmp_path / "bad.yaml", argparse.Namespace())
+    with pytest.raises(UserError, match="--loss-func.*no_such_module_xyz"):
+        audit_config(tmp_path / "good.yaml", argparse.Namespace(loss_func="no_such_module_xyz:loss"))
