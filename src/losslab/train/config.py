@@ -309,9 +309,7 @@ class TrainConfig(_Section):
             raise ValidationError.from_exception_data(
                 cls.__name__,
                 [
-                    InitErrorDetails(
-                        type=e["type"], loc=("model", *e["loc"]), input=e["input"], ctx=e.get("ctx", {})
-                    )  # type: ignore[typeddict-item]
+                    InitErrorDetails(type=e["type"], loc=("model", *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
                     for e in exc.errors()
                 ],
             ) from None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -32,14 +32,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 MERGED_DIR = "model_merged"
 
 
-def prepare_policy(model: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def prepare_policy(model: M, config: TrainConfig) -> M:
     """The causal LM a task loaded (``config.model``), wrapped in LoRA adapters when
-    ``config.lora`` is set (a ``peft.PeftModelForCausalLM``; only the adapters train), else itself."""
+    ``config.lora`` is set (a ``peft.PeftModelForCausalLM``; only the adapters train), else itself.
+    Typed as the model it wraps: PEFT forwards every attribute it does not have (``config``,
+    ``get_output_embeddings``, ``generate``) to the wrapped model."""
     if config.lora is None:
         return model
     wrapped = with_lora(model, config.lora)
     print(f"lora: r={config.lora.r}, alpha={config.lora.alpha:g}: {trainable_summary(wrapped)}")
-    return wrapped
+    return cast(M, wrapped)
 
 
 def with_lora(model: torch.nn.Module, lora: LoraConfig, *, where: str = "lora.target_modules") -> torch.nn.Module:
@@ -51,14 +56,15 @@ def with_lora(model: torch.nn.Module, lora: LoraConfig, *, where: str = "lora.ta
     from peft import get_peft_model
 
     targets = check_targets(model, lora.target_modules, where=where)
+    alpha: Any = lora.alpha  # (PEFT annotates an int; any positive number works)
     peft_config = PeftLoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)  # type: ignore[arg-type]
+    return get_peft_model(model, peft_config)
 
 
 def adapter_candidates(model: torch.nn.Module) -> list[str]:
@@ -170,7 +176,7 @@ class AdaptersDisabled(torch.nn.Module):
     ``forward`` runs the wrapped model under ``disable_adapter()`` and in eval mode (no dropout,
     as a frozen reference copy would be), then restores its mode; call it under
     ``torch.no_grad()``. Parameters are the wrapped model's (the same tensors), so moving the
-    view moves the policy. ``get_output_embeddings()`` is the base LM head."""
+    view moves the policy. ``get_output_embeddings()`` is the base LM head, ``config`` the model's."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -189,6 +195,11 @@ class AdaptersDisabled(torch.nn.Module):
 
     def get_output_embeddings(self) -> torch.nn.Module | None:
         return _output_embeddings(self.model)
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's configuration (its attention implementation, dtype)."""
+        return getattr(self.model, "config", None)
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
