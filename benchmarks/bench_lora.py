@@ -149,10 +149,12 @@ def format_markdown(report: dict[str, Any], command: str) -> str:
         "",
         f"`{command}`",
         "",
-        f"One training step (forward, fused-head token cross-entropy, backward, AdamW step) on "
-        f"{shape['batch']} x {shape['seq']} tokens, float32, {report['threads']} threads, torch {report['torch']}; "
-        f"LoRA r={lora['r']}, alpha={lora['alpha']} on {', '.join(lora['target_modules'])}. "
-        "Step memory = peak RSS during the steps minus the RSS with the model loaded.",
+        (
+            f"One training step (forward, fused-head token cross-entropy, backward, AdamW step) on "
+            f"{shape['batch']} x {shape['seq']} tokens, float32, {report['threads']} threads, torch {report['torch']}; "
+            f"LoRA r={lora['r']}, alpha={lora['alpha']} on {', '.join(lora['target_modules'])}. "
+            "Step memory = peak RSS during the steps minus the RSS with the model loaded."
+        ),
         "",
         "| case | trainable parameters | step time (s) | CPU time (s) | step memory (MB) | peak RSS (MB) | time vs full | memory vs full |",
         "|---|---|---|---|---|---|---|---|",
