@@ -321,7 +321,10 @@ class TrainConfig(_Section):
                         type="value_error",
                         loc=("model", "lora"),
                         input=data["model"]["lora"],
-                        ctx={"error": "LoRA given twice (model.lora and lora); keep one"},
+                        ctx={
+                            "error": "LoRA given twice (model.lora and lora); keep one spelling (an override of a "
+                            "model: {name, lora} config sets model.lora.KEY)"
+                        },
                     )
                 ],
             )
