@@ -318,3 +318,29 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(adapters: bool
     assert grads0.keys() == grads1.keys() and all(g is not None for g in grads1.values())
     for name, grad in grads0.items():
         torch.testing.assert_close(grads1[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_a_study_compares_lora_settings_and_full_fine_tuning(tmp_path: Path) -> None:
+    from losslab.compare.config import config_hash, load_study
+
+    study = {
+        "output_dir": str(tmp_path / "out"),
+        "base": lora_config(None, validation=True),
+        "variants": [
+            {"name": "lora_r4"},
+            {"name": "lora_r8_all", "overrides": {"model.lora.r": 8, "model.lora.target_modules": "all-linear"}},
+            {"name": "full", "overrides": {"model.lora": None}},
+        ],
+        "seeds": [0],
+        "metrics": [{"name": "validation/loss", "direction": "min"}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    loaded = load_study(path)
+    configs = {v.name: loaded.check(v, 0) for v in loaded.config.variants}
+    assert configs["lora_r4"].lora == LoraConfig(**LORA)
+    assert configs["lora_r8_all"].lora is not None and configs["lora_r8_all"].lora.r == 8
+    assert configs["lora_r8_all"].lora.target_modules == "all-linear"
+    assert configs["full"].lora is None and configs["full"].model == TINY_LLAMA
+    hashes = {config_hash(loaded.resolve(v, 0)) for v in loaded.config.variants}
+    assert len(hashes) == 3
