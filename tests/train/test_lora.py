@@ -138,6 +138,8 @@ def test_only_adapters_train_and_the_fused_head_equals_the_plain_head(monkeypatc
     assert trainable and all(is_adapter(n) for n in trainable)
     head = model.get_output_embeddings()
     assert head is not None and not head.weight.requires_grad
+    anchored = causal_lm_loss(build_composite([{"name": "l2_sp"}], total_steps=1), model=model)
+    assert anchored.reference_params is not None and set(anchored.reference_params) == set(trainable)
 
     asked: list[bool] = []
     real_pass = fused_module._head_pass
