@@ -6,6 +6,7 @@ adapters disabled, and gradient checkpointing equal to no checkpointing."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -205,6 +206,8 @@ def test_a_lora_run_keeps_the_base_and_saves_an_adapter_that_reloads(
     saved = load_file(str(out / "model" / ADAPTER_WEIGHTS))
     assert (out / "model" / ADAPTER_CONFIG).is_file() and saved and all(is_adapter(k) for k in saved)
     assert not (out / "model" / "model.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())["lora"]
+    assert summary["r"] == LORA["r"] and "trainable of" in summary["trainable"]
 
     ids = batch(len(fresh["model.embed_tokens.weight"]))["input_ids"]
     trained = with_lora(tiny("float32"), LoraConfig(**LORA))
@@ -346,3 +349,8 @@ def test_a_study_compares_lora_settings_and_full_fine_tuning(tmp_path: Path) -> 
     assert configs["full"].lora is None and configs["full"].model == TINY_LLAMA
     hashes = {config_hash(loaded.resolve(v, 0)) for v in loaded.config.variants}
     assert len(hashes) == 3
+    # a target that matches nothing stops the study before its first run, naming the variant
+    study["variants"].append({"name": "typo", "overrides": {"model.lora.target_modules": ["q_prj"]}})
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    with pytest.raises(UserError, match=r"study\.yaml:\d+ \(variant 'typo'\): field 'lora.target_modules'.*'q_prj'"):
+        load_study(path)

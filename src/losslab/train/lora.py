@@ -135,7 +135,7 @@ def _peft_default(model: torch.nn.Module) -> list[str] | None:
     return list(found) if found else None
 
 
-def check_lora(config: TrainConfig) -> None:
+def check_lora(config: TrainConfig, *, where: str = "lora.target_modules") -> None:
     """:func:`check_targets` on a weightless copy of ``config.model`` (built on the meta device
     from its config.json), before any data or weight is read; nothing when ``config.lora`` is
     unset. A model whose configuration cannot be read here is checked when it is loaded."""
@@ -153,7 +153,7 @@ def check_lora(config: TrainConfig) -> None:
         raise
     except Exception:  # noqa: BLE001  (any failure to build a skeleton: the load-time check still runs)
         return
-    check_targets(skeleton, config.lora.target_modules)
+    check_targets(skeleton, config.lora.target_modules, where=where)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -91,7 +91,13 @@ def train(
 
     from losslab.train.checkpoints import keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints
     from losslab.train.hooks import EvaluationHookCallback
-    from losslab.train.lora import MERGED_DIR, check_lora, enable_gradient_checkpointing, save_merged
+    from losslab.train.lora import (
+        MERGED_DIR,
+        check_lora,
+        enable_gradient_checkpointing,
+        save_merged,
+        trainable_summary,
+    )
     from losslab.train.signals import Interrupted, stop_on_signals
     from losslab.train.trainer import JsonlLogCallback, LosslabTrainer, LossTermsCallback, WholeRunTrainLossCallback
 
@@ -104,6 +110,8 @@ def train(
     run: TaskRun = get_task(config.task).build(config, plan)
     if config.training.gradient_checkpointing:
         enable_gradient_checkpointing(run.model)
+    if config.lora is not None:
+        run.summary["lora"] = {**config.lora.model_dump(mode="json"), "trainable": trainable_summary(run.model)}
     print(f"loss: {plan.note}")
     run.summary["loss"] = plan.note
     has_eval = run.validation is not None and len(run.validation) > 0
