@@ -126,6 +126,15 @@ def test_unknown_or_lm_head_targets_fail_before_any_data_or_weight(tmp_path: Pat
     head = TrainConfig.model_validate(lora_config(tmp_path / "b", lora={"target_modules": ["lm_head"]}))
     with pytest.raises(UserError, match="'lm_head' is the LM head; LoRA on the LM head is not supported"):
         train(head)
+    # `losslab train` names the file, line and field
+    from argparse import Namespace
+
+    from losslab.train.command import run_train
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(lora_config(tmp_path / "c", lora={"target_modules": ["qkv"]}), sort_keys=False))
+    with pytest.raises(UserError, match=r"run\.yaml:\d+: field 'model\.lora\.target_modules': 'qkv' matches no"):
+        run_train(Namespace(config=str(path), overrides=[]))
 
 
 # ---- adapters only, the fused head's frozen-weight path --------------------------------------------
