@@ -317,7 +317,10 @@ def _check_storage(config: CompareConfig, path: str | Path, lines: dict[tuple[st
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
-    """Load and validate a study file, then every variant x seed training config (no work yet)."""
+    """Load and validate a study file, then every variant x seed training config (no work yet;
+    LoRA targets are checked on a weightless copy of the model)."""
+    from losslab.train.lora import check_lora
+
     file = read_config(path, overrides)
     lines = file.lines
     config = file.validate(CompareConfig)
@@ -337,6 +340,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     for variant in config.variants:
         for seed in config.seeds:
             trained = study.check(variant, seed)
+        line = lines.get(("variants", str(config.variants.index(variant))))
+        place = f"{path}:{line}" if line else str(path)
+        check_lora(trained, where=f"{place} (variant {variant.name!r}): field 'lora.target_modules'")
         for bound in ("low", "high"):  # the search space's corners must make valid configs too
             if variant.tune:
                 study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})
