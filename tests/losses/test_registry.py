@@ -529,3 +529,14 @@ def test_yaml_exponent_floats_are_numbers():
     assert loss.weights_at(5) == pytest.approx({"token_cross_entropy": 1.0, "consistency": 0.3, "mse": 0.2})
     with pytest.raises(UserError, match="option gamma='2': Input should be a valid number"):
         build_term({"name": "focal", "gamma": "2"})  # other strings are still not numbers
+
+
+def test_token_cross_entropy_dft_option():
+    batch = full_batch()
+    term = build_term({"name": "token_cross_entropy", "dft": True, "z_loss": 1e-3})
+    want = token_cross_entropy(
+        batch.logits, batch.labels, dft=True, z_loss=1e-3, token_weights=batch.token_weights, num_items=batch.num_items
+    )
+    torch.testing.assert_close(term(batch), want)
+    with pytest.raises(UserError, match="dft does not compose with label_smoothing=0.1"):
+        build_term({"name": "token_cross_entropy", "dft": True, "label_smoothing": 0.1})
