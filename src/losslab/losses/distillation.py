@@ -137,7 +137,7 @@ def topk_log_probs(
     column the divergence equals the full-vocabulary one against the truncated teacher.
     """
     cdtype = student.dtype
-    ids = teacher.indices
+    ids = teacher.indices.long()  # a cache may store int32 ids; gather and scatter take int64
     log_p = torch.log_softmax(teacher.logits.to(cdtype) / temperature, dim=-1)
     scaled = student / temperature
     picked = scaled.gather(-1, ids)
