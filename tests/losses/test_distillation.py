@@ -398,6 +398,11 @@ def test_fused_without_a_graph_and_default_chunk():
     with torch.no_grad():
         got = fused_linear_distillation(h, w, ht, wt, labels, divergence="tvd")
     torch.testing.assert_close(got, distillation_loss(h @ w.T, ht @ wt.T, labels, divergence="tvd"))
+    every = fused_linear_distillation(h, w, ht, wt, divergence="jsd", beta=0.3, reduction="none")  # labels None
+    torch.testing.assert_close(
+        every, distillation_loss(h @ w.T, ht @ wt.T, divergence="jsd", beta=0.3, reduction="none")
+    )
+    assert every.shape == (B, T) and bool((every > 0).all())
     assert default_distillation_chunk_size(4096, 49152, torch.bfloat16) == 170
     assert default_distillation_chunk_size(10, 100, torch.float32) == 10
 
