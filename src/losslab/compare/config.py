@@ -236,6 +236,15 @@ def corner(param: Param, bound: str) -> Any:
     return int(value) if param.type == "int" else value
 
 
+ADDED_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("lora",), None),
+    (("training", "gradient_checkpointing"), False),
+)
+"""Training-config fields added after studies were first run, with the default that leaves
+training as it was: left out of :func:`config_hash` at that default, so upgrading losslab does not
+rerun a finished study's runs (any other value is hashed as usual)."""
+
+
 def config_hash(data: dict[str, Any]) -> str:
     """A short stable hash of a resolved training config and of the contents of its data files.
 
@@ -245,6 +254,13 @@ def config_hash(data: dict[str, Any]) -> str:
     packages that ship it)."""
     complete = TrainConfig.model_validate({**data, "output_dir": "."})
     keyed: dict[str, Any] = complete.model_dump(mode="json", exclude={"output_dir"})
+    for path, default in ADDED_FIELDS:  # at their default: the hash of the runs before they existed
+        *parents, leaf = path
+        section = keyed
+        for key in parents:
+            section = section.get(key) or {}
+        if leaf in section and section[leaf] == default:
+            del section[leaf]
     paths = {
         split: Path(spec).expanduser()
         for split, spec in (data.get("data") or {}).items()
