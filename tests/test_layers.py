@@ -161,6 +161,7 @@ LAYERS = [
     {"losslab.masking"},
     {"losslab.eval"},
     {"losslab.train"},
+    {"losslab.integrations"},
     {"losslab.compare"},
     {"losslab.audit"},
     {"losslab.cli"},

@@ -258,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--template", default=None, help="Jinja chat template file to use instead of the tokenizer's own")
     p.add_argument("--max-length", type=_int_in(1), default=None, help="truncate samples to this many tokens")
+    p.add_argument(
+        "--loss-func",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="CONFIG.yaml only: also check your Trainer's compute_loss_func(outputs, labels, num_items_in_batch=None), "
+        "given as package.module:function or path/to/file.py:function",
+    )
+    p.add_argument(
+        "--processes",
+        default="auto",
+        choices=["auto", "off"],
+        help="CONFIG.yaml only: auto = also compare 2 processes with 1 (torchrun, gloo) where torchrun is installed",
+    )
     p.add_argument("--format", default="text", choices=["text", "json", "html"], help="output format")
     p.add_argument("--out", default=None, help="write the report here instead of stdout")
     p.add_argument(

@@ -172,6 +172,22 @@ def test_extreme_logits_stay_finite() -> None:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", [{"dft": True}, {"dft": True, "z_loss": 1e-2, "token_weights": True}])
+def test_dft_equals_reference(options: dict, reduction: str) -> None:
+    """DFT (each token's CE times its detached p_y) through the fused head equals
+    token_cross_entropy(dft=True), values and gradients, with z-loss and token weights."""
+    opts = dict(options)
+    weights = bool(opts.pop("token_weights", False))
+    assert_same(make_case(weights=weights), chunk_size=7, reduction=reduction, **opts)
+
+
+def test_dft_refuses_label_smoothing_and_focal() -> None:
+    case = make_case()
+    with pytest.raises(ValueError, match="dft does not compose with label_smoothing=0.1"):
+        fused(case, dft=True, label_smoothing=0.1)
+
+
 # --- the analytic gradient and the hand-worked number ----------------------------------------
 
 
@@ -184,6 +200,8 @@ def test_extreme_logits_stay_finite() -> None:
         _Formula(0.0, 0.0, 0.7),
         _Formula(0.0, 0.05, 0.0),
         _Formula(0.2, 0.01, 1.5),
+        _Formula(0.0, 0.0, 0.0, dft=True),
+        _Formula(0.0, 0.05, 0.0, dft=True),
     ],
 )
 def test_row_gradient_is_the_derivative_of_token_loss_terms(formula: _Formula) -> None:
@@ -192,7 +210,12 @@ def test_row_gradient_is_the_derivative_of_token_loss_terms(formula: _Formula) -
     logits = (torch.randn(20, 11, generator=gen, dtype=torch.float64) * 2).requires_grad_()
     targets = torch.randint(0, 11, (20,), generator=gen)
     loss = token_loss_terms(
-        logits, targets, label_smoothing=formula.label_smoothing, z_loss=formula.z_loss, focal_gamma=formula.focal_gamma
+        logits,
+        targets,
+        label_smoothing=formula.label_smoothing,
+        z_loss=formula.z_loss,
+        focal_gamma=formula.focal_gamma,
+        dft=formula.dft,
     )
     (want,) = torch.autograd.grad(loss.sum(), logits)
     z = logits.detach()

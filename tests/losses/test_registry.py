@@ -15,6 +15,7 @@ from losslab.errors import UserError
 from losslab.losses import (
     LOSSES,
     LossInputs,
+    TeacherTopK,
     binary_cross_entropy,
     binary_focal_loss,
     bradley_terry_loss,
@@ -22,6 +23,7 @@ from losslab.losses import (
     build_term,
     classification_cross_entropy,
     consistency_loss,
+    distillation_loss,
     focal_loss,
     huber_loss,
     info_nce_loss,
@@ -89,6 +91,10 @@ def full_batch(seed: int = 0) -> LossInputs:
         ref_logps=leaf(N),
         desirable=torch.tensor([True, False, True, True, False, True]),
         kl_baseline=torch.tensor(0.2, dtype=torch.float64),
+        teacher_logits=torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        teacher_hidden_states=torch.randn(B, T, H + 1, generator=g, dtype=torch.float64),
+        teacher_lm_head_weight=torch.randn(V, H + 1, generator=g, dtype=torch.float64),
+        teacher_topk=TeacherTopK(*torch.randn(B, T, V, generator=g, dtype=torch.float64).topk(3)),
         model=model,
         reference_params={n: p.detach() + 0.1 for n, p in model.named_parameters()},
     )
@@ -258,6 +264,12 @@ EXAMPLES = {
     "semantic_alignment": (
         {},
         lambda b: semantic_alignment_loss(b.hidden_states, b.labels == -100, b.labels != -100),
+    ),
+    "distillation": (
+        {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "top_k": 4},
+        lambda b: distillation_loss(
+            b.logits, b.teacher_logits, b.labels, divergence="jsd", beta=0.3, temperature=2.0, top_k=4, num_items=20
+        ),
     ),
     "l2": (
         {"exclude": ["*bias"], "reduction": "mean"},
@@ -517,3 +529,14 @@ def test_yaml_exponent_floats_are_numbers():
     assert loss.weights_at(5) == pytest.approx({"token_cross_entropy": 1.0, "consistency": 0.3, "mse": 0.2})
     with pytest.raises(UserError, match="option gamma='2': Input should be a valid number"):
         build_term({"name": "focal", "gamma": "2"})  # other strings are still not numbers
+
+
+def test_token_cross_entropy_dft_option():
+    batch = full_batch()
+    term = build_term({"name": "token_cross_entropy", "dft": True, "z_loss": 1e-3})
+    want = token_cross_entropy(
+        batch.logits, batch.labels, dft=True, z_loss=1e-3, token_weights=batch.token_weights, num_items=batch.num_items
+    )
+    torch.testing.assert_close(term(batch), want)
+    with pytest.raises(UserError, match="dft does not compose with label_smoothing=0.1"):
+        build_term({"name": "token_cross_entropy", "dft": True, "label_smoothing": 0.1})

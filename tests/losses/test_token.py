@@ -263,3 +263,61 @@ def test_rejects_non_finite_options_and_negative_counts(kwargs, message):
     """NaN passes every ``<`` check, and a negative count clamped to 1 turns mean into sum."""
     with pytest.raises(ValueError, match=message):
         token_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), **kwargs)
+
+
+# --- DFT (dft=True) ----------------------------------------------------------------------------
+
+
+def brute_force_dft(logits, labels, weights, *, z_loss=0.0, weighted=False):
+    """Per-token DFT losses from a Python loop: p_y * (-log p_y) + z * lse^2 (0 at ignored tokens)."""
+    out = torch.zeros(labels.shape, dtype=torch.float64)
+    for b, t in itertools.product(range(labels.shape[0]), range(labels.shape[1])):
+        y = int(labels[b, t])
+        if y == -100:
+            continue
+        row = [float(v) for v in logits[b, t]]
+        lse = math.log(sum(math.exp(v) for v in row))
+        value = math.exp(row[y] - lse) * (lse - row[y]) + z_loss * lse**2
+        out[b, t] = value * (float(weights[b, t]) if weighted else 1.0)
+    return out
+
+
+DFT_OPTIONS = [{}, {"z_loss": 1e-2}, {"weighted": True, "z_loss": 1e-3}]
+
+
+@pytest.mark.parametrize("options", DFT_OPTIONS, ids=["plain", "z_loss", "weights+z_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "sequence"])
+def test_dft_matches_brute_force_and_scales_the_gradient_by_p_y(gen, options, reduction):
+    """Values from the loop; gradient per trained token = w * (p_y (p - e_y) + 2 z lse p) times
+    the reduction's factor: DFT's probability is a constant (no gradient through it)."""
+    logits, labels, weights = make_batch(gen)
+    logits.requires_grad_()
+    got = token_cross_entropy(logits, labels, dft=True, reduction=reduction, **split_options(options, weights))
+    per_token = brute_force_dft(logits.detach(), labels, weights, **options)
+    torch.testing.assert_close(got.detach(), expected_token_reduction(per_token, labels, reduction, None))
+    upstream = torch.rand(got.shape, generator=gen, dtype=torch.float64) + 0.5
+    (grad,) = torch.autograd.grad(got, logits, upstream)
+    # the same reduction of per-token "losses" whose gradient is the DFT one, by autograd
+    z = logits.detach().requires_grad_()
+    p = torch.softmax(z, -1)
+    mask = labels != -100
+    safe = torch.where(mask, labels, 0)
+    p_y = p.gather(-1, safe.unsqueeze(-1)).squeeze(-1).detach()
+    lse = torch.logsumexp(z, -1)
+    surrogate = p_y * (lse - z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)) + options.get("z_loss", 0.0) * lse**2
+    surrogate = torch.where(mask, surrogate * (weights if options.get("weighted") else 1.0), 0.0)
+    (want,) = torch.autograd.grad(expected_token_reduction(surrogate, labels, reduction, None), z, upstream)
+    torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"label_smoothing": 0.1}, "dft does not compose with label_smoothing=0.1"),
+        ({"focal_gamma": 2.0}, "dft does not compose with focal_gamma=2.0"),
+        ({"label_smoothing": 0.1, "focal_gamma": 1.0}, "label_smoothing=0.1 and focal_gamma=1.0"),
+    ],
+)
+def test_dft_refuses_label_smoothing_and_focal(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        token_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), dft=True, **kwargs)

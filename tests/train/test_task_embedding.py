@@ -158,3 +158,21 @@ def test_collator_leaves_out_replies_that_are_negatives_of_the_batch() -> None:
     assert TripleCollator(0, negatives=True, in_batch=True)(features)["labels"].tolist() == [0, -100, -100]
     # triplet alone has no in-batch negatives: every pair trains
     assert TripleCollator(0, negatives=True)(features)["labels"].tolist() == [0, 0, 0]
+
+
+def test_the_log_says_where_in_batch_negatives_come_from(tmp_path) -> None:
+    from losslab.train.config import TrainConfig
+    from losslab.train.task import plan_loss
+    from losslab.train.tasks.embedding import in_batch_negatives
+
+    from ..conftest import train_config
+
+    def plan(*terms: dict):
+        return plan_loss(TrainConfig(**train_config(tmp_path, task="embedding", loss={"terms": list(terms)})))
+
+    gathered, local = {"name": "info_nce"}, {"name": "info_nce", "gather_across_devices": False, "label": "own"}
+    assert in_batch_negatives(plan(gathered), processes=1) == "the batch"
+    assert in_batch_negatives(plan(gathered), processes=4) == "the batches of all 4 processes (gather_across_devices)"
+    assert in_batch_negatives(plan(local), processes=2) == "each process's own batch (gather_across_devices: false)"
+    assert "by term" in str(in_batch_negatives(plan(gathered, local), processes=2))
+    assert in_batch_negatives(plan({"name": "triplet"}), processes=2) is None  # no in-batch negatives

@@ -236,6 +236,15 @@ def corner(param: Param, bound: str) -> Any:
     return int(value) if param.type == "int" else value
 
 
+ADDED_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("lora",), None),
+    (("training", "gradient_checkpointing"), False),
+)
+"""Training-config fields added after studies were first run, with the default that leaves
+training as it was: left out of :func:`config_hash` at that default, so upgrading losslab does not
+rerun a finished study's runs (any other value is hashed as usual)."""
+
+
 def config_hash(data: dict[str, Any]) -> str:
     """A short stable hash of a resolved training config and of the contents of its data files.
 
@@ -245,6 +254,13 @@ def config_hash(data: dict[str, Any]) -> str:
     packages that ship it)."""
     complete = TrainConfig.model_validate({**data, "output_dir": "."})
     keyed: dict[str, Any] = complete.model_dump(mode="json", exclude={"output_dir"})
+    for path, default in ADDED_FIELDS:  # at their default: the hash of the runs before they existed
+        *parents, leaf = path
+        section = keyed
+        for key in parents:
+            section = section.get(key) or {}
+        if leaf in section and section[leaf] == default:
+            del section[leaf]
     paths = {
         split: Path(spec).expanduser()
         for split, spec in (data.get("data") or {}).items()
@@ -317,7 +333,10 @@ def _check_storage(config: CompareConfig, path: str | Path, lines: dict[tuple[st
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
-    """Load and validate a study file, then every variant x seed training config (no work yet)."""
+    """Load and validate a study file, then every variant x seed training config (no work yet;
+    LoRA targets are checked on a weightless copy of the model)."""
+    from losslab.train.lora import check_lora
+
     file = read_config(path, overrides)
     lines = file.lines
     config = file.validate(CompareConfig)
@@ -337,6 +356,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     for variant in config.variants:
         for seed in config.seeds:
             trained = study.check(variant, seed)
+        line = lines.get(("variants", str(config.variants.index(variant))))
+        place = f"{path}:{line}" if line else str(path)
+        check_lora(trained, where=f"{place} (variant {variant.name!r}): field 'lora.target_modules'")
         for bound in ("low", "high"):  # the search space's corners must make valid configs too
             if variant.tune:
                 study.check(variant, config.seeds[0], {k: corner(p, bound) for k, p in variant.tune.items()})

@@ -27,6 +27,8 @@ from losslab.losses.common import (
     finish,
     masked,
 )
+from losslab.losses.gather import gather_across_devices as gather
+from losslab.losses.gather import process_group_size
 
 Distance = Literal["euclidean", "squared_euclidean", "cosine", "manhattan"]
 _EPS = 1e-12
@@ -168,11 +170,11 @@ def triplet_loss(
     return finish((d_pos - d_neg + margin).clamp(min=0), mask, reduction, num_items, weights)
 
 
-def _row_cross_entropy(scores: torch.Tensor, valid_columns: torch.Tensor) -> torch.Tensor:
-    """``-s[i, i] + logsumexp_j s[i, j]`` over valid columns j; scores (N, N + M)."""
+def _row_cross_entropy(scores: torch.Tensor, valid_columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-s[i, targets[i]] + logsumexp_j s[i, j]`` over valid columns j; scores (N, C), targets (N,)."""
     floor = torch.finfo(scores.dtype).min  # finite: keeps logsumexp and its gradient finite
     scores = scores.masked_fill(~valid_columns, floor)
-    return torch.logsumexp(scores, dim=-1) - scores.diagonal()
+    return torch.logsumexp(scores, dim=-1) - scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def info_nce_loss(
@@ -183,6 +185,7 @@ def info_nce_loss(
     temperature: Positive = 0.07,
     normalize: bool = True,
     symmetric: bool = False,
+    gather_across_devices: bool = True,
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -199,6 +202,15 @@ def info_nce_loss(
     ``0.5 * (l_i + [-s[i, i] + log sum_{j trained} exp s[j, i]])``.
     A masked row is neither an anchor nor anyone's negative. The loss of a batch depends on
     the whole batch (its negatives), so micro-batches do not add up to a larger batch.
+
+    ``gather_across_devices`` (under ``torch.distributed`` with several processes; nothing
+    changes otherwise): the rows j and the negatives m run over the keys, masks and negatives of
+    EVERY process (and, when ``symmetric``, the queries j of every process compete for each key),
+    gathered by :func:`~losslab.losses.gather.gather_across_devices`, which sends each row's
+    gradient back to its process. Each process still scores only its own queries, so with
+    ``num_items`` the number of trained rows of all processes, the values summed over the
+    processes and their gradients (DDP averaging a loss scaled by the process count) are those
+    of one process holding all the rows. A collective: every process must call it together.
     """
     check_range("temperature", temperature, 0.0)
     if temperature == 0:
@@ -211,10 +223,21 @@ def info_nce_loss(
         q, k, n = (x / _norm(x).unsqueeze(-1) for x in (q, k, n))
     rows = q.shape[0]
     valid = torch.ones(rows, dtype=torch.bool, device=q.device) if mask is None else mask.to(torch.bool)
-    scores = q @ torch.cat([k, n]).T / temperature  # (N, N + M)
-    columns = torch.cat([valid, torch.ones(n.shape[0], dtype=torch.bool, device=q.device)])
-    per_item = _row_cross_entropy(scores, columns.expand(rows, -1))
+    every_q, every_k, every_valid, every_n, start = q, k, valid, n, 0
+    if gather_across_devices and process_group_size() > 1:
+        every_k, start = gather(k)
+        every_valid = gather(valid.to(dtype))[0] > 0.5
+        if negatives is not None:  # the same on every process
+            every_n = gather(n)[0]
+        if symmetric:
+            every_q = gather(q)[0]
+    targets = start + torch.arange(rows, device=q.device)  # each query's own key among every key
+    scores = q @ torch.cat([every_k, every_n]).T / temperature  # (N, N_all + M_all)
+    columns = torch.cat([every_valid, torch.ones(every_n.shape[0], dtype=torch.bool, device=q.device)])
+    per_item = _row_cross_entropy(scores, columns.expand(rows, -1), targets)
     if symmetric:
-        backward = _row_cross_entropy(scores[:, :rows].T, valid.expand(rows, -1))
+        # each key against every query: (N, N_all)
+        key_scores = scores[:, :rows].T if every_q is q else k @ every_q.T / temperature
+        backward = _row_cross_entropy(key_scores, every_valid.expand(rows, -1), targets)
         per_item = 0.5 * (per_item + backward)
     return finish(per_item, valid, reduction, num_items, weights)

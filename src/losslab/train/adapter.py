@@ -97,10 +97,11 @@ class TermAverager:
 
 
 def reference_params(model: torch.nn.Module | None, composite: CompositeLoss) -> dict[str, torch.Tensor] | None:
-    """Detached copies of every parameter before training: the anchor of ``l2_sp`` terms."""
+    """Detached copies of every trainable parameter before training: the anchor of ``l2_sp``
+    terms (which select trainable parameters only; under LoRA the frozen base is not copied)."""
     if model is None or not any(t.name == "l2_sp" for t in composite.terms):
         return None
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 class LossAdapter:

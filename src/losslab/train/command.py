@@ -12,6 +12,7 @@ from losslab.errors import UserError
 from losslab.eval.report import format_metrics_table
 from losslab.train import run
 from losslab.train.config import TrainConfig
+from losslab.train.lora import check_lora
 from losslab.train.task import plan_loss
 
 
@@ -27,6 +28,8 @@ def run_train(args: argparse.Namespace) -> int:
         where=file.where("loss", "terms"),  # fail before any work
         term_where=lambda i: file.where("loss", "terms", str(i)),
     )
+    lora_key = ("model", "lora") if isinstance(file.data.get("model"), dict) else ("lora",)
+    check_lora(config, where=file.where(*lora_key, "target_modules"))  # before any data or weight is read
     metrics = run.train(config, plan=plan)
     print(format_metrics_table(metrics))
     print(f"outputs: {config.output_dir} (metrics.json, summary.json, log.jsonl, model/)")

@@ -5,13 +5,24 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from losslab.config import OutputDir
 from losslab.train.tasks import TASKS
 
 # loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
 PER_ROW_TERMS = ("semantic_alignment", "semantic_l2")
+# tasks that train a causal LM loaded wrapped by losslab.train.lora.prepare_policy (LoRA adapters possible)
+LORA_TASKS = ("causal_lm", "preference")
 
 
 class _Section(BaseModel):
@@ -147,6 +158,11 @@ class TrainingConfig(_Section):
         description="loggers besides log.jsonl: tensorboard (every loss term, weight, learning rate "
         "and eval metric as a scalar; event files in output_dir/runs/; needs `pip install tensorboard`)",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute); works with LoRA and full fine-tuning",
+    )
     max_nonfinite_steps: int = Field(
         5,
         ge=1,
@@ -218,9 +234,53 @@ class PreferenceConfig(_Section):
     )
 
 
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1, le=1 << 16, description="LoRA rank: adapters A (r x d_in) and B (d_out x r) per target")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None,
+        description="modules that get adapters: names matched against the end of each module's dotted name "
+        "(e.g. [q_proj, v_proj]), or all-linear (every linear layer but the LM head); "
+        "default: PEFT's choice for the architecture (q_proj, v_proj for Llama)",
+    )
+    merge: bool = Field(
+        False,
+        description="also write the merged full model (base + (alpha / r) B A, safetensors) to output_dir/model_merged; "
+        "output_dir/model always holds the adapter (adapter_model.safetensors, adapter_config.json)",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, targets: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(targets, list):
+            if not targets:
+                raise ValueError("an empty list; name modules (e.g. [q_proj, v_proj]), all-linear, or leave it unset")
+            empty = [t for t in targets if not t.strip()]
+            if empty:
+                raise ValueError("an empty module name")
+        return targets
+
+
+class ModelSpec(_Section):
+    """``model:`` written as a mapping: the name and its LoRA adapters."""
+
+    name: str = Field(description="model name: builtin:..., a directory or a hub id")
+    lora: LoraConfig | None = None
+
+
 class TrainConfig(_Section):
     task: str = Field("causal_lm", description=f"what is trained: {' | '.join(TASKS)}")
-    model: str = Field("builtin:smollm2-135m-instruct", description="model name: builtin:..., a directory or a hub id")
+    model: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="model name: builtin:..., a directory or a hub id; or a mapping {name, lora: {r, alpha, "
+        "dropout, target_modules, merge}}, read as model: NAME plus the lora section",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description=f"train LoRA adapters instead of every weight (PEFT; tasks {', '.join(LORA_TASKS)}); "
+        "also written model: {name, lora}",
+    )
     output_dir: OutputDir = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")
     trust_remote_code: bool = Field(False, description="allow model code from the model's directory or hub repo")
@@ -237,6 +297,42 @@ class TrainConfig(_Section):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_mapping(cls, data: Any) -> Any:
+        """``model: {name, lora}`` -> ``model: name`` and ``lora`` (errors keep their ``model.*`` key path)."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        try:
+            spec = ModelSpec.model_validate(data["model"])
+        except ValidationError as exc:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(type=e["type"], loc=("model", *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+                    for e in exc.errors()
+                ],
+            ) from None
+        if spec.lora is not None and data.get("lora") is not None:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type="value_error",
+                        loc=("model", "lora"),
+                        input=data["model"]["lora"],
+                        ctx={
+                            "error": "LoRA given twice (model.lora and lora); keep one spelling (an override of a "
+                            "model: {name, lora} config sets model.lora.KEY)"
+                        },
+                    )
+                ],
+            )
+        data = {**data, "model": spec.name}
+        if spec.lora is not None:
+            data["lora"] = spec.lora.model_dump()
+        return data
+
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
@@ -248,6 +344,10 @@ class TrainConfig(_Section):
     def _check(self) -> TrainConfig:
         if self.training.max_steps == 0 or self.training.max_steps < -1:
             raise ValueError("training.max_steps must be -1 (use epochs) or >= 1")
+        if self.lora is not None and self.task not in LORA_TASKS:
+            raise ValueError(
+                f"lora: LoRA adapters are for the causal-LM tasks ({', '.join(LORA_TASKS)}), not {self.task}"
+            )
         if self.data.num_proc > 1 and self.task != "causal_lm":
             raise ValueError(
                 f"data.num_proc > 1 is for causal_lm (mask building); the {self.task} task tokenises in one process"

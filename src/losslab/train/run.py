@@ -2,7 +2,9 @@
 Trainer, evaluate, write the outputs. The command is :mod:`losslab.train.command`.
 
 Outputs in ``output_dir``: ``config.yaml`` (resolved), ``checkpoint-*`` (safetensors, for
-resume), ``model/`` (final weights, safetensors), ``log.jsonl`` (every loss term per step),
+resume), ``model/`` (final weights, safetensors; under LoRA the adapter: ``adapter_model.safetensors``
+and ``adapter_config.json``), ``model_merged/`` (LoRA with ``merge: true``: base and adapters
+merged into one plain model), ``log.jsonl`` (every loss term per step),
 ``metrics.json`` (final evaluation; written last, so its presence means the run finished).
 Rerunning the same command resumes from the last complete checkpoint (see
 :mod:`losslab.train.guard`: incomplete checkpoints, non-finite steps, SIGINT and SIGTERM).
@@ -89,15 +91,27 @@ def train(
 
     from losslab.train.checkpoints import keep_log_rows, last_complete_checkpoint, remove_incomplete_checkpoints
     from losslab.train.hooks import EvaluationHookCallback
+    from losslab.train.lora import (
+        MERGED_DIR,
+        check_lora,
+        enable_gradient_checkpointing,
+        save_merged,
+        trainable_summary,
+    )
     from losslab.train.signals import Interrupted, stop_on_signals
     from losslab.train.trainer import JsonlLogCallback, LosslabTrainer, LossTermsCallback, WholeRunTrainLossCallback
 
     plan = plan or plan_loss(config)  # before any model or data is loaded
+    check_lora(config)  # lora.target_modules against the model's layers, before any data or weight is read
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     set_seed(config.seed)
     run: TaskRun = get_task(config.task).build(config, plan)
+    if config.training.gradient_checkpointing:
+        enable_gradient_checkpointing(run.model)
+    if config.lora is not None:
+        run.summary["lora"] = {**config.lora.model_dump(mode="json"), "trainable": trainable_summary(run.model)}
     print(f"loss: {plan.note}")
     run.summary["loss"] = plan.note
     has_eval = run.validation is not None and len(run.validation) > 0
@@ -155,6 +169,8 @@ def train(
         dataset = run.validation if split == "validation" else run.test
         if dataset is not None and len(dataset):
             metrics.update(run.evaluate(trained_model(trainer), dataset, split))
+    if config.lora is not None and config.lora.merge and trainer.is_world_process_zero():
+        print(f"merged model (base + adapters): {save_merged(trained_model(trainer), run.tokenizer, out / MERGED_DIR)}")
     if trainer.is_world_process_zero():
         write_summary(
             out,

@@ -30,6 +30,7 @@ from losslab.masking.parallel import build_samples_parallel
 from losslab.masking.render import alpaca_prompt, instruction_messages
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import DataConfig, TrainConfig
+from losslab.train.lora import prepare_policy
 from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
 from losslab.train.task import LossNeeds, LossPlan, TaskRun
 
@@ -105,6 +106,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     if not splits.get("train"):
         raise UserError(f"no training sample left from {data.train}: {summary.get('train')}")
     model = load_causal_lm(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    model = prepare_policy(model, config)  # LoRA adapters when config.lora is set
     collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)
     eval_collator = PaddedCollator(tokenizer.pad_token_id)
 

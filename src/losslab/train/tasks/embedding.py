@@ -4,6 +4,7 @@ describes the pairs, the negatives, the pooling and the retrieval metrics."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,6 +202,23 @@ def metric_names(config: TrainConfig) -> set[str]:
     return {f"{split}/{name}" for split in config.eval.splits for name in names}
 
 
+def in_batch_negatives(plan: LossPlan, processes: int | None = None) -> str | None:
+    """Where the InfoNCE terms take their in-batch negatives from, for the log and the summary:
+    every process's batch (``gather_across_devices``, the default) or each process's own; None
+    without an InfoNCE term. ``processes``: default ``WORLD_SIZE`` (set by torchrun)."""
+    gathers = {t.options["gather_across_devices"] for t in plan.checked.terms if t.name == "info_nce"}
+    if not gathers:
+        return None
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if processes is None else processes
+    if processes == 1:
+        return "the batch"
+    if gathers == {True}:
+        return f"the batches of all {processes} processes (gather_across_devices)"
+    if gathers == {False}:
+        return "each process's own batch (gather_across_devices: false)"
+    return f"all {processes} processes' batches or each process's own, by term (gather_across_devices)"
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from transformers import AutoModel
 
@@ -244,6 +262,9 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     forward = make_forward(options)
 
     print(f"explicit negatives: {'yes' if negatives else 'no (in-batch only)'}")
+    shared = in_batch_negatives(plan)
+    if shared is not None:
+        print(f"in-batch negatives: {shared}")
     return TaskRun(
         model=model,
         tokenizer=tokenizer,
@@ -257,6 +278,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
             "task": "embedding",
             "negatives": negatives,
             "pooling": options.pooling,
+            "in_batch_negatives": shared,
             "data": lines,
             "skipped": skipped_records(splits),
         },

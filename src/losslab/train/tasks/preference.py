@@ -203,6 +203,7 @@ def term_beta(plan: LossPlan) -> tuple[float, bool]:
 
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     from losslab.data.builtin import SPLITS
+    from losslab.train.lora import prepare_policy
     from losslab.train.next_token import checked_head
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -245,6 +246,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         cache_reference(config, datasets, collator, unpaired)
 
     model = load_causal_lm(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    model = prepare_policy(model, config)  # LoRA adapters when config.lora is set
     if not checked_head(model):
         raise UserError(
             "the preference task scores completions through the fused head, and this model's logits are not "

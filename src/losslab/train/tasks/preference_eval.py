@@ -166,7 +166,10 @@ class Evaluator:
         if self.forward.reference is not None:
             return self.forward.reference
         if self.reference is None:
-            self.reference = load_reference(self.config)
+            from losslab.train.lora import is_peft
+
+            # under LoRA: the policy with its adapters disabled, no copy
+            self.reference = load_reference(self.config, like=model if is_peft(model) else None)
         self.reference.to(device_of(model))
         return self.reference
 

@@ -49,10 +49,14 @@ def reference_name(config: TrainConfig) -> str:
 
 def load_reference(config: TrainConfig, *, like: torch.nn.Module | None = None) -> torch.nn.Module:
     """The frozen reference: ``preference.reference_model`` loaded, else a copy of ``like`` (the
-    policy before training) or ``config.model`` loaded afresh."""
+    policy before training) or ``config.model`` loaded afresh. Under LoRA (``like`` a PEFT model)
+    the reference is ``like`` itself with its adapters disabled: the base model, no second copy."""
+    from losslab.train.lora import AdaptersDisabled, is_peft
     from losslab.train.reference import frozen_reference
 
     if config.preference.reference_model is None and like is not None:
+        if is_peft(like):
+            return AdaptersDisabled(like)
         return frozen_reference(like=like)
     return frozen_reference(reference_name(config), dtype=config.dtype, trust_remote_code=config.trust_remote_code)
 
