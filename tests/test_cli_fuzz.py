@@ -92,6 +92,8 @@ BAD: dict[tuple[str, ...], dict[str, list]] = {
         "--out": ["", "{dir}", "{under_file}", "{missing}/x.txt"],
         "--fail-on": ["", "fatal"],
         **{opt: ["-1", "abc", HUGE] for opt in ("--limit", "--workers", "--worst")},
+        "--loss-func": ["x:y"],  # a records file: config-only options are refused
+        "--processes": ["", "bogus", ("off", "--processes")],
     },
     ("bench", "loss-head"): {
         **{opt: ["0", "-1", "abc", "2.5", HUGE] for opt in ("--tokens", "--hidden", "--vocab", "--repeats")},

@@ -55,8 +55,16 @@ def _audit_config(args: argparse.Namespace) -> AuditReport:
     return report
 
 
+CONFIG_ONLY = {"loss_func": None, "processes": "auto"}  # options of a config audit, at their defaults
+
+
 def _audit_records(args: argparse.Namespace) -> tuple[AuditReport, list[Shown]]:
     from losslab.models import load_tokenizer
+
+    for name, default in CONFIG_ONLY.items():
+        if getattr(args, name, default) != default:
+            option = "--" + name.replace("_", "-")
+            raise UserError(f"argument {option}: applies to a CONFIG.yaml audit only; {args.target} is a records file")
 
     tokenizer = load_tokenizer(args.tokenizer)
     workers = args.workers or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
