@@ -214,13 +214,21 @@ def test_on_policy_mixing(teacher: Any, samples: list[dict]) -> None:
         ({"lmbda": 1.5}, "less than or equal to 1"),
         ({"student": {"init_from": "teacher", "keep_layers": "every"}}, "'even' or 'odd'"),
         ({"student": {"init_from": "student"}}, "'teacher'"),
-        ({"teacher": None}, "task distill needs distill.teacher"),
         ({"top_k": 0}, "greater than or equal to 1"),
     ],
 )
 def test_bad_distill_options_name_the_allowed_values(distill: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         TrainConfig.model_validate(distill_config(Path("out"), **distill))
+
+
+def test_no_teacher_is_a_config_error(tmp_path: Path, capsys: Any) -> None:
+    config = distill_config(tmp_path / "out")
+    del config["distill"]["teacher"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and "distill.teacher: task distill needs distill.teacher" in err
 
 
 def test_a_student_with_another_vocabulary_is_a_config_error(

@@ -322,8 +322,6 @@ class TrainConfig(_Section):
 
     def _check_distill(self) -> None:
         d = self.distill
-        if d.teacher is None:
-            raise ValueError("task distill needs distill.teacher (the model to distil from)")
         if d.cache and d.top_k is None:
             raise ValueError("distill.cache stores the teacher's top-k logits: set distill.top_k (e.g. 20)")
         if d.lmbda > 0 and d.cache:

@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel
 
+from losslab.errors import UserError
 from losslab.eval.language_model import PerplexityAccumulator
 from losslab.eval.report import namespace
 from losslab.masking import PackedCollator, PaddedCollator
@@ -53,8 +54,9 @@ STUDENT_FIELDS = LOGIT_FIELDS | FUSED_FIELDS
 def loss_needs(config: TrainConfig) -> LossNeeds:
     """The teacher's top-k with ``distill.top_k``, else its logits or its fused-head inputs;
     checks first that teacher and student share a vocabulary (reads their tokenizers only)."""
-    if config.distill.teacher is not None:
-        check_vocabularies(config)
+    if config.distill.teacher is None:
+        raise UserError("task distill needs distill.teacher (the model to distil from)", where="distill.teacher")
+    check_vocabularies(config)
     teacher = frozenset({"teacher_topk"}) if config.distill.top_k is not None else TEACHER_FUSED | {"teacher_logits"}
     return LossNeeds("distill", ({"name": "distillation", "weight": 1.0},), STUDENT_FIELDS | teacher)
 
