@@ -47,7 +47,10 @@ def trained_positions(labels: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def item_topk(
-    teacher: torch.nn.Module, input_ids: Sequence[int] | torch.Tensor, positions: Sequence[int], k: int
+    teacher: torch.nn.Module,
+    input_ids: Sequence[int] | torch.Tensor,
+    positions: Sequence[int] | torch.Tensor,
+    k: int,
 ) -> TeacherTopK:
     """The teacher's top-``k`` logits of one sample at ``positions``: (R, k) float32 and int64.
 

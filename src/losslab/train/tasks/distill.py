@@ -90,6 +90,9 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     mode, fused = teacher_modes(config, plan)
     live = not d.cache  # the teacher scores batches during training (and evaluation)
     student, teacher = load_models(config, keep_teacher=live)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    if d.top_k is not None and d.top_k > vocab:
+        raise UserError(f"top_k {d.top_k} exceeds the vocabulary ({vocab} tokens)", where="distill.top_k")
     if fused and not checked_head(student):
         fused = False
         print("fused loss head off: the student's logits are not its LM head applied to its last hidden state")

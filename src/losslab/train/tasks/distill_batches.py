@@ -121,7 +121,7 @@ class TeacherSide:
                 keep = torch.zeros(0, dtype=torch.long, device=labels.device)
                 out = self.model(**model_inputs, output_hidden_states=True, logits_to_keep=keep)
                 inputs.teacher_hidden_states = out.hidden_states[-1][:, :-1]
-                head = self.model.get_output_embeddings()
+                head = self.model.get_output_embeddings()  # type: ignore[operator]
                 assert head is not None
                 inputs.teacher_lm_head_weight = head.weight
             else:
@@ -154,30 +154,28 @@ class OnPolicy:
     @torch.no_grad()
     def complete(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """``batch`` with each row's last trained span replaced by the student's sample."""
-        student = getattr(model, "module", model)  # (DDP: generate with the wrapped module)
+        student: Any = getattr(model, "module", model)  # (DDP: generate with the wrapped module)
         labels, ids = batch["labels"], batch["input_ids"]
         weights = batch.get("weights")
         trained = labels != IGNORE_INDEX  # (B, T)
-        starts, lengths = [], []
+        last: dict[int, tuple[int, int]] = {}  # row -> (start, length) of its last trained span
         for row in range(ids.shape[0]):
             where = trained[row].nonzero().flatten().tolist()
             if not where:
-                starts.append(None)
-                lengths.append(0)
                 continue
             end = start = where[-1]
             while start > 0 and bool(trained[row, start - 1]):
                 start -= 1
-            starts.append(start)
-            lengths.append(end - start + 1)
-        rows = [r for r, s in enumerate(starts) if s is not None and s > 0]
+            if start > 0:  # (a span at the very start has no text to continue)
+                last[row] = (start, end - start + 1)
+        rows = sorted(last)
         if not rows:
             return batch
-        width = max(int(starts[r]) for r in rows)  # type: ignore[arg-type]
+        width = max(last[r][0] for r in rows)
         prompt = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long, device=ids.device)
         attention = torch.zeros_like(prompt)
         for i, r in enumerate(rows):
-            s = int(starts[r])  # type: ignore[arg-type]
+            s = last[r][0]
             prompt[i, width - s :] = ids[r, :s]
             attention[i, width - s :] = 1
         was_training = student.training
@@ -186,7 +184,7 @@ class OnPolicy:
             out = student.generate(
                 input_ids=prompt,
                 attention_mask=attention,
-                max_new_tokens=max(lengths[r] for r in rows),
+                max_new_tokens=max(last[r][1] for r in rows),
                 do_sample=True,
                 temperature=self.temperature,
                 top_k=0,
@@ -199,15 +197,16 @@ class OnPolicy:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         new = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         for i, r in enumerate(rows):
-            s, n = int(starts[r]), lengths[r]  # type: ignore[arg-type]
+            s, n = last[r]
             gen = out[i, width : width + n].tolist()
             cut = next((j + 1 for j, t in enumerate(gen) if t in eos_ids), len(gen))
             gen = gen[:cut]
             w = float(weights[r, s]) if weights is not None else 1.0
             end = s + len(gen)
-            new["input_ids"][r, s:end] = torch.tensor(gen, dtype=torch.long)
+            tokens = torch.tensor(gen, dtype=torch.long, device=ids.device)
+            new["input_ids"][r, s:end] = tokens
             new["input_ids"][r, end:] = self.pad_token_id
-            new["labels"][r, s:end] = torch.tensor(gen, dtype=torch.long)
+            new["labels"][r, s:end] = tokens
             new["labels"][r, end:] = IGNORE_INDEX
             if "attention_mask" in new:
                 new["attention_mask"][r, :end] = 1
