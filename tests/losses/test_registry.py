@@ -15,6 +15,7 @@ from losslab.errors import UserError
 from losslab.losses import (
     LOSSES,
     LossInputs,
+    TeacherTopK,
     binary_cross_entropy,
     binary_focal_loss,
     bradley_terry_loss,
@@ -22,6 +23,7 @@ from losslab.losses import (
     build_term,
     classification_cross_entropy,
     consistency_loss,
+    distillation_loss,
     focal_loss,
     huber_loss,
     info_nce_loss,
@@ -89,6 +91,10 @@ def full_batch(seed: int = 0) -> LossInputs:
         ref_logps=leaf(N),
         desirable=torch.tensor([True, False, True, True, False, True]),
         kl_baseline=torch.tensor(0.2, dtype=torch.float64),
+        teacher_logits=torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        teacher_hidden_states=torch.randn(B, T, H + 1, generator=g, dtype=torch.float64),
+        teacher_lm_head_weight=torch.randn(V, H + 1, generator=g, dtype=torch.float64),
+        teacher_topk=TeacherTopK(*torch.randn(B, T, V, generator=g, dtype=torch.float64).topk(3)),
         model=model,
         reference_params={n: p.detach() + 0.1 for n, p in model.named_parameters()},
     )
@@ -258,6 +264,12 @@ EXAMPLES = {
     "semantic_alignment": (
         {},
         lambda b: semantic_alignment_loss(b.hidden_states, b.labels == -100, b.labels != -100),
+    ),
+    "distillation": (
+        {"divergence": "jsd", "beta": 0.3, "temperature": 2.0, "top_k": 4},
+        lambda b: distillation_loss(
+            b.logits, b.teacher_logits, b.labels, divergence="jsd", beta=0.3, temperature=2.0, top_k=4, num_items=20
+        ),
     ),
     "l2": (
         {"exclude": ["*bias"], "reduction": "mean"},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +36,7 @@ class _Formula:
     label_smoothing: float
     z_loss: float
     focal_gamma: float
+    dft: bool = False
 
 
 def default_chunk_size(num_rows: int, vocab: int, hidden_size: int, dtype: torch.dtype) -> int:
@@ -70,9 +71,18 @@ def _row_terms(
     ``A = F + G base + 2 zeta lse``, ``C = F (1 - eps) + G base``, ``B = F eps / V``.
     Returns ``(loss, A, C, B)``; ``B`` is None without label smoothing. ``F`` and ``G`` are 0
     where ``1 - pt`` is (``G`` would be inf times 0 for ``gamma < 1``), see :func:`focal_factor`.
+    DFT (never with ``eps`` or ``gamma``): ``loss = sg(pt) nll + zeta lse^2``, ``sg(pt)`` a
+    constant, so ``A = pt + 2 zeta lse``, ``C = pt``.
     """
     eps, zeta, gamma = f.label_smoothing, f.z_loss, f.focal_gamma
     nll = (lse - z_target).clamp(min=0)
+    if f.dft:
+        pt = torch.exp(-nll)
+        loss, coef_p, coef_y = pt * nll, pt, pt.clone()
+        if zeta:
+            loss = loss + zeta * lse.square()
+            coef_p = coef_p + (2.0 * zeta) * lse
+        return loss, coef_p, coef_y, None
     if eps:
         assert z_mean is not None, "label smoothing needs the mean logit"
         base = (1.0 - eps) * nll + eps * (lse - z_mean)
@@ -241,19 +251,113 @@ def _without_autocast(device: torch.device) -> AbstractContextManager[object]:
     return torch.autocast(device.type, enabled=False)
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """``sum(row_scale * row_loss)`` (scalar) when ``row_scale`` is given, else ``row_loss`` (n,).
+class ChunkedHead(Protocol):
+    """One chunked loss head: ``run`` computes the row losses (n,) of its inputs and, given
+    ``row_scale`` (n,), the gradients of ``sum(row_scale * row_loss)`` with respect to each
+    input whose ``needs`` is True (None for the others), in the compute dtype."""
+
+    def run(
+        self, tensors: tuple[torch.Tensor | None, ...], row_scale: torch.Tensor | None, needs: tuple[bool, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]: ...
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """``sum(row_scale * row_loss)`` (scalar) when ``row_scale`` is given, else ``row_loss`` (n,),
+    for any :class:`ChunkedHead` (the cross-entropy head here, the distillation heads in
+    ``fused_distillation.py``): ``_ChunkedLoss.apply(head, row_scale, *tensors)``.
 
     Scalar: the gradients of the sum are computed in forward and handed to autograd in
     backward, scaled by the upstream gradient (a second backward through a retained graph
     recomputes them). Vector: forward computes losses only, backward recomputes the chunks
-    with the per-token upstream gradient as ``row_scale``.
+    with the per-row upstream gradient as ``row_scale``. Gradients come back in each input's
+    dtype; ``row_scale`` gets ``row_loss`` times the upstream gradient (token weights that
+    require grad).
     """
 
-    # ctx: torch's FunctionCtx, with this class's own attributes (formula, chunk_size, dtypes, scalar, grads)
+    # ctx: torch's FunctionCtx, with this class's own attributes (head, dtypes, scalar, grads)
     @staticmethod
     def forward(
-        ctx: Any,
+        ctx: Any, head: ChunkedHead, row_scale: torch.Tensor | None, *tensors: torch.Tensor | None
+    ) -> torch.Tensor:
+        ctx.head = head
+        ctx.dtypes = tuple(t.dtype if t is not None else None for t in tensors)
+        ctx.scalar = row_scale is not None
+        ctx.save_for_backward(row_scale, *tensors)
+        needs = tuple(ctx.needs_input_grad[2:])
+        if row_scale is None:
+            ctx.grads = None
+            return head.run(tensors, None, needs)[0]
+        grads = ctx.grads = head.run(tensors, row_scale.detach(), needs)
+        return (row_scale.detach() * grads[0]).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        res: tuple[torch.Tensor, list[torch.Tensor | None]] | None
+        res, ctx.grads = ctx.grads, None  # release: autograd adopts the buffers without a copy
+        row_scale, *tensors = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[2:])
+        if ctx.scalar:
+            if res is None:  # second backward through a retained graph
+                res = ctx.head.run(tuple(tensors), row_scale.detach(), needs)
+            grad_scale = grad_out.to(res[0].dtype)
+            unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
+            grad_row_scale = res[0] * grad_scale if ctx.needs_input_grad[1] else None
+        else:
+            first = next(dtype for dtype in ctx.dtypes if dtype is not None)
+            res = ctx.head.run(tuple(tensors), grad_out.to(compute_dtype(first)), needs)
+            unit, grad_row_scale = True, None
+        grads: list[torch.Tensor | None] = []
+        for g, dtype in zip(res[1], ctx.dtypes):
+            if g is not None:
+                if not unit:
+                    g.mul_(grad_scale)
+                g = g.to(dtype)
+            grads.append(g)
+        del res
+        return (None, grad_row_scale, *grads)
+
+
+def chunked_loss(head: ChunkedHead, row_scale: torch.Tensor | None, *tensors: torch.Tensor | None) -> torch.Tensor:
+    """``_ChunkedLoss.apply(head, row_scale, *tensors)``, typed."""
+    out: torch.Tensor = _ChunkedLoss.apply(head, row_scale, *tensors)  # type: ignore[no-untyped-call]
+    return out
+
+
+@dataclass(frozen=True)
+class _CrossEntropyHead:
+    """The fused cross-entropy head on (hidden, weight, bias, targets), see :func:`_head_pass`."""
+
+    formula: _Formula
+    chunk_size: int | None
+
+    def run(
+        self, tensors: tuple[torch.Tensor | None, ...], row_scale: torch.Tensor | None, needs: tuple[bool, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        hidden, weight, bias, targets = tensors
+        assert hidden is not None and weight is not None and targets is not None
+        with _without_autocast(hidden.device):
+            out = _head_pass(
+                hidden,
+                weight,
+                bias,
+                targets,
+                row_scale,
+                self.formula,
+                self.chunk_size,
+                grad_hidden=needs[0],
+                grad_weight=needs[1],
+                grad_bias=needs[2],
+            )
+        return out.row_loss, [out.hidden, out.weight, out.bias, None]
+
+
+class _FusedLinearCrossEntropy:
+    """``sum(row_scale * row_loss)`` (scalar) when ``row_scale`` is given, else ``row_loss`` (n,),
+    of the cross-entropy head (:class:`_ChunkedLoss` with :class:`_CrossEntropyHead`)."""
+
+    @staticmethod
+    def apply(
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -262,59 +366,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         formula: _Formula,
         chunk_size: int | None,
     ) -> torch.Tensor:
-        ctx.formula, ctx.chunk_size = formula, chunk_size
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        ctx.scalar = row_scale is not None
-        ctx.save_for_backward(hidden, weight, bias, targets, row_scale)
-        if row_scale is None:
-            ctx.grads = None
-            return _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), None).row_loss
-        grads = ctx.grads = _FusedLinearCrossEntropy._pass(ctx, (hidden, weight, bias, targets), row_scale.detach())
-        return (row_scale.detach() * grads.row_loss).sum()
-
-    @staticmethod
-    def _pass(ctx: Any, inputs: _HeadInputs, row_scale: torch.Tensor | None) -> _HeadGrads:
-        hidden, weight, bias, targets = inputs
-        needs = ctx.needs_input_grad
-        with _without_autocast(hidden.device):
-            return _head_pass(
-                hidden,
-                weight,
-                bias,
-                targets,
-                row_scale,
-                ctx.formula,
-                ctx.chunk_size,
-                grad_hidden=needs[0],
-                grad_weight=needs[1],
-                grad_bias=needs[2],
-            )
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        res: _HeadGrads | None
-        res, ctx.grads = ctx.grads, None  # release: autograd adopts the buffers without a copy
-        hidden, weight, bias, targets, row_scale = ctx.saved_tensors
-        inputs = (hidden, weight, bias, targets)
-        if ctx.scalar:
-            if res is None:  # second backward through a retained graph
-                res = _FusedLinearCrossEntropy._pass(ctx, inputs, row_scale.detach())
-            grad_scale = grad_out.to(res.row_loss.dtype)
-            unit = grad_out.device.type == "cpu" and float(grad_out) == 1.0
-            grad_row_scale = res.row_loss * grad_scale if ctx.needs_input_grad[4] else None
-        else:
-            res = _FusedLinearCrossEntropy._pass(ctx, inputs, grad_out.to(compute_dtype(ctx.dtypes[0])))
-            unit, grad_row_scale = True, None
-        grads: list[torch.Tensor | None] = []
-        for g, dtype in zip((res.hidden, res.weight, res.bias), ctx.dtypes):
-            if g is not None:
-                if not unit:
-                    g.mul_(grad_scale)
-                g = g.to(dtype)
-            grads.append(g)
-        del res
-        return grads[0], grads[1], grads[2], None, grad_row_scale, None, None
+        return chunked_loss(_CrossEntropyHead(formula, chunk_size), row_scale, hidden, weight, bias, targets)
 
 
 def _reduction_scale(
@@ -350,6 +402,7 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     focal_gamma: float = 0.0,
     token_weights: torch.Tensor | None = None,
+    dft: bool = False,
     reduction: str = "mean",
     num_items: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -362,7 +415,7 @@ def fused_linear_cross_entropy(
 
     Every keyword argument and reduction means what it means in :func:`token_cross_entropy`
     (per trained token ``l = w ((1 - p_y)^gamma [(1 - eps)(-log p_y) + eps mean_v(-log p_v)]
-    + z lse^2)``) and the result and gradients are the same, up to float rounding.
+    + z lse^2)``, with ``dft`` ``l = w (sg(p_y) (-log p_y) + z lse^2)``) and the result and gradients are the same, up to float rounding.
     ``chunk_size``: trained tokens per chunk (default :func:`default_chunk_size`: 512, fewer
     when the chunk's logits would take more memory than the weight gradient). Ignored tokens are dropped
     before the matmul and get exactly zero gradient. Computed in float32 for 16-bit inputs
@@ -372,7 +425,7 @@ def fused_linear_cross_entropy(
     ``inference_mode``, or when no input requires grad, only the losses are computed.
     """
     check_reduction(reduction, TOKEN_REDUCTIONS)
-    check_token_options(label_smoothing, z_loss, focal_gamma)
+    check_token_options(label_smoothing, z_loss, focal_gamma, dft)
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden (..., d) and weight (V, d) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}"
@@ -386,7 +439,7 @@ def fused_linear_cross_entropy(
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     cdtype = compute_dtype(hidden.dtype)
-    formula = _Formula(float(label_smoothing), float(z_loss), float(focal_gamma))
+    formula = _Formula(float(label_smoothing), float(z_loss), float(focal_gamma), bool(dft))
 
     mask = labels != ignore_index
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, d)

@@ -24,6 +24,7 @@ from losslab.errors import UserError
 from losslab.losses.common import config_value
 from losslab.losses.composite import CompositeLoss, LossInputs, LossTerm
 from losslab.losses.dialogue import consistency_loss, semantic_alignment_loss, semantic_l2_loss
+from losslab.losses.distillation import check_distillation_options, distillation_loss
 from losslab.losses.pairwise import bradley_terry_loss, info_nce_loss, margin_ranking_loss, triplet_loss
 from losslab.losses.preference import check_preference_options, kto_loss, preference_loss, uses_lengths, uses_reference
 from losslab.losses.regularizers import l2_penalty, l2_sp_penalty
@@ -149,7 +150,55 @@ def _token_cross_entropy(inputs: LossInputs, options: dict[str, Any]) -> torch.T
 
 
 def _check_token_options(options: dict[str, Any]) -> None:
-    check_token_options(options["label_smoothing"], options["z_loss"], options["focal_gamma"])
+    check_token_options(options["label_smoothing"], options["z_loss"], options["focal_gamma"], options["dft"])
+
+
+def _distillation(inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
+    """Distillation from the student's ``logits`` and the teacher's ``teacher_logits`` or
+    ``teacher_topk``; or, when ``logits`` is None, through both fused LM heads from
+    ``hidden_states`` / ``lm_head_weight`` (and ``lm_head_bias``) and the teacher's
+    ``teacher_hidden_states`` / ``teacher_lm_head_weight`` (or ``teacher_topk``)."""
+    options = dict(options)
+    chunk_size = options.pop("chunk_size")
+    kwargs = dict(labels=inputs.labels, ignore_index=inputs.ignore_index, num_items=inputs.num_items, **options)
+    # a full teacher wins over a cached top-k when the batch carries both (top_k then applies to it)
+    full_teacher = inputs.teacher_logits is not None or inputs.teacher_hidden_states is not None
+    topk = None if full_teacher else inputs.teacher_topk
+    if inputs.logits is not None and (inputs.teacher_logits is not None or topk is not None):
+        return distillation_loss(inputs.logits, inputs.teacher_logits, teacher_topk=topk, **kwargs)
+    from losslab.losses.fused_distillation import fused_linear_distillation
+
+    hidden, weight = inputs.hidden_states, inputs.lm_head_weight
+    assert hidden is not None and weight is not None
+    return fused_linear_distillation(
+        hidden,
+        weight,
+        inputs.teacher_hidden_states if topk is None else None,
+        inputs.teacher_lm_head_weight if topk is None else None,
+        teacher_topk=topk,
+        student_bias=inputs.lm_head_bias,
+        chunk_size=chunk_size,
+        **kwargs,
+    )
+
+
+def _check_distillation_options(options: dict[str, Any]) -> None:
+    check_distillation_options(options["divergence"], options["beta"], options["temperature"], options["top_k"])
+
+
+_STUDENT = (frozenset({"logits"}), frozenset({"hidden_states", "lm_head_weight"}))
+_TEACHER = (
+    frozenset({"teacher_logits"}),
+    frozenset({"teacher_hidden_states", "teacher_lm_head_weight"}),
+    frozenset({"teacher_topk"}),
+)
+# logits with teacher_logits or teacher_topk; hidden states with the teacher's or teacher_topk
+_DISTILLATION_REQUIRES = tuple(
+    frozenset({"labels"}) | student | teacher
+    for student in _STUDENT
+    for teacher in _TEACHER
+    if not ("logits" in student and "teacher_hidden_states" in teacher)
+)
 
 
 def _preference_requires(options: dict[str, Any]) -> tuple[frozenset[str], ...]:
@@ -258,6 +307,22 @@ LOSSES: dict[str, TermSpec] = {
             "desirable": "desirable",
             "kl_baseline": "kl_baseline",
         },
+    ),
+    "distillation": TermSpec(
+        distillation_loss,
+        {
+            "student_logits": "logits",
+            "teacher_logits": "teacher_logits?",
+            "labels": "labels",
+            "teacher_topk": "teacher_topk?",
+            "ignore_index": "ignore_index",
+            "num_items": "num_items?",
+        },
+        requires=_DISTILLATION_REQUIRES,
+        compute=_distillation,
+        extra_options={"chunk_size": (Annotated[int, Ge(1)] | None, None)},
+        check=_check_distillation_options,
+        describe=lambda options: f"divergence {options['divergence']}",
     ),
     "consistency": TermSpec(
         consistency_loss, {"logits": "logits", "mask": "trained_mask"}, requires=(frozenset({"logits", "labels"}),)

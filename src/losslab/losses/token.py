@@ -20,12 +20,15 @@ def token_loss_terms(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     focal_gamma: float = 0.0,
+    dft: bool = False,
 ) -> torch.Tensor:
     """Per-row loss for rows that are all trained: ``logits`` (n, V) float32/64, ``targets`` (n,).
 
     ``loss = (1 - p_y)^gamma * [(1 - eps) * (-log p_y) + eps * mean_v(-log p_v)] + z * lse^2``
-    where ``p = softmax(logits)``, ``lse = logsumexp(logits)``. Shared by the reference
-    :func:`token_cross_entropy` and the fused head, so both compute the same formula.
+    where ``p = softmax(logits)``, ``lse = logsumexp(logits)``; with ``dft``
+    ``loss = sg(p_y) * (-log p_y) + z * lse^2`` (``sg``: no gradient; never with eps or gamma).
+    Shared by the reference :func:`token_cross_entropy` and the fused head, so both compute
+    the same formula.
     """
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -36,6 +39,8 @@ def token_loss_terms(
         loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     if focal_gamma:
         loss = focal_factor(1.0 - torch.exp(-nll), focal_gamma) * loss
+    if dft:
+        loss = torch.exp(-nll).detach() * loss
     if z_loss:
         loss = loss + z_loss * lse.square()
     return loss
@@ -54,15 +59,29 @@ def focal_factor(one_minus_p: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.where(positive, safe.pow(gamma), torch.zeros_like(one_minus_p))
 
 
-def check_token_options(label_smoothing: float, z_loss: float, focal_gamma: float) -> None:
+def check_token_options(label_smoothing: float, z_loss: float, focal_gamma: float, dft: bool = False) -> None:
     """``ValueError`` unless ``label_smoothing`` is in [0, 1] and the others are finite and
-    >= 0 (comparisons alone would let NaN through)."""
+    >= 0 (comparisons alone would let NaN through), and unless ``dft`` comes without label
+    smoothing and focal_gamma (each reweights the token's loss by its probability otherwise;
+    DFT composes with z_loss, token weights and every reduction)."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss must be >= 0 and finite; got {z_loss}")
     if not (math.isfinite(focal_gamma) and focal_gamma >= 0):
         raise ValueError(f"focal_gamma must be >= 0 and finite; got {focal_gamma}")
+    if not isinstance(dft, bool):
+        raise TypeError(f"dft must be true or false; got {dft!r}")
+    if dft and (label_smoothing or focal_gamma):
+        given = [
+            f"{name}={value}"
+            for name, value in (("label_smoothing", label_smoothing), ("focal_gamma", focal_gamma))
+            if value
+        ]
+        raise ValueError(
+            f"dft does not compose with {' and '.join(given)}: DFT scales the plain cross-entropy by p_y; "
+            "use it alone or with z_loss and token weights"
+        )
 
 
 def token_cross_entropy(
@@ -74,6 +93,7 @@ def token_cross_entropy(
     z_loss: float = 0.0,
     focal_gamma: float = 0.0,
     token_weights: torch.Tensor | None = None,
+    dft: bool = False,
     reduction: str = "mean",
     num_items: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -86,6 +106,10 @@ def token_cross_entropy(
     ``l = w * ((1 - p_y)^focal_gamma * [(1 - eps) * (-log p_y) + eps * mean_v(-log p_v)]
     + z_loss * logsumexp(logits)^2)``; ``eps = label_smoothing`` matches
     ``F.cross_entropy(label_smoothing=eps)``. Ignored tokens contribute exactly 0.
+    ``dft=True`` (Dynamic Fine-Tuning, Wu et al. 2025, arXiv:2508.05629, as TRL's
+    ``loss_type="dft"``): ``l = w * (sg(p_y) * (-log p_y) + z_loss * logsumexp(logits)^2)``,
+    ``sg(p_y)`` the token's probability without gradient; refused with label smoothing or
+    focal_gamma (:func:`check_token_options`).
 
     Reduction:
     - ``none``: per-token losses, shape of ``labels``, 0 at ignored tokens;
@@ -99,7 +123,7 @@ def token_cross_entropy(
     are replaced by 0, so a NaN or inf there reaches neither the loss nor the gradients.
     """
     check_reduction(reduction, TOKEN_REDUCTIONS)
-    check_token_options(label_smoothing, z_loss, focal_gamma)
+    check_token_options(label_smoothing, z_loss, focal_gamma, dft)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
     cdtype = compute_dtype(logits)
@@ -118,6 +142,7 @@ def token_cross_entropy(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         focal_gamma=focal_gamma,
+        dft=dft,
     )
     # exactly 0 at ignored tokens: nothing was computed there
     per_token = per_row.new_zeros(trained.shape).masked_scatter(trained, per_row).reshape(labels.shape)
