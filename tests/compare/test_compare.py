@@ -223,6 +223,7 @@ def test_example_studies_parse() -> None:
     assert [p.name for p in paths] == [
         "compare_demo.yaml",
         "compare_dialogue_losses.yaml",
+        "compare_distillation.yaml",
         "compare_preference_losses.yaml",
     ]
     for path in paths:

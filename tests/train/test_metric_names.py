@@ -26,6 +26,15 @@ CASES = [
     ("preference", "builtin:preference", {}),
     ("preference", "builtin:preference", {"eval": {"generate": True, "max_new_tokens": 2, "generation_samples": 2}}),
     ("preference", "builtin:preference", {"loss": {"terms": [{"name": "kto"}]}}),
+    (
+        "distill",
+        "builtin:chitchat",
+        {
+            "distill": {"teacher": "builtin:tiny-llama"},
+            "loss": {"terms": [{"name": "token_cross_entropy"}]},
+            "eval": {"generate": True, "max_new_tokens": 2, "generation_samples": 2},
+        },
+    ),
 ]
 
 

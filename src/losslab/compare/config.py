@@ -22,7 +22,7 @@ from losslab.config import ConfigFile, OutputDir, load_yaml, read_config, valida
 from losslab.data.builtin import BUILTIN_DATA_PREFIX, SPLITS
 from losslab.errors import UserError
 from losslab.files import hash_file
-from losslab.train.config import TrainConfig
+from losslab.train.config import DistillConfig, TrainConfig
 from losslab.train.task import get_task, plan_loss
 
 
@@ -239,6 +239,7 @@ def corner(param: Param, bound: str) -> Any:
 ADDED_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("lora",), None),
     (("training", "gradient_checkpointing"), False),
+    (("distill",), DistillConfig().model_dump(mode="json")),
 )
 """Training-config fields added after studies were first run, with the default that leaves
 training as it was: left out of :func:`config_hash` at that default, so upgrading losslab does not

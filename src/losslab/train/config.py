@@ -269,6 +269,59 @@ class ModelSpec(_Section):
     lora: LoraConfig | None = None
 
 
+class StudentInit(_Section):
+    init_from: Literal["teacher"] = Field(
+        description="distill: build the student from the teacher's weights (the DistilBERT initialisation)"
+    )
+    keep_layers: Literal["even", "odd"] | list[int] = Field(
+        "even",
+        description="distill: the teacher's decoder layers the student keeps, in order: even (0, 2, 4, ...), "
+        "odd (1, 3, ...) or a list of layer indices",
+    )
+
+    @field_validator("keep_layers")
+    @classmethod
+    def _layers(cls, layers: str | list[int]) -> str | list[int]:
+        if isinstance(layers, list) and (not layers or any(i < 0 for i in layers) or len(set(layers)) != len(layers)):
+            raise ValueError(
+                f"keep_layers: even, odd, or a non-empty list of distinct layer indices >= 0; got {layers}"
+            )
+        return layers
+
+
+class DistillConfig(_Section):
+    teacher: str | None = Field(
+        None,
+        description="distill: the teacher model (builtin:..., a directory or a hub id); it must share the student's tokenizer",
+    )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="distill: reduce the teacher to its top-k logits per position (computed one sample at a time, "
+        "live or cached); unset: the full distribution (live teacher, fused heads where the loss allows)",
+    )
+    cache: bool = Field(
+        False,
+        description="distill: compute the teacher's top-k once for every split and store it under "
+        "$LOSSLAB_CACHE/teacher (needs top_k); the student then trains without the teacher in memory",
+    )
+    lmbda: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="distill: on-policy fraction (GKD's lambda): that share of training batches replace each "
+        "sample's last trained span by the student's own sampled completion, which the live teacher scores",
+    )
+    generation_temperature: float = Field(
+        1.0, gt=0, description="distill: sampling temperature of the on-policy completions (lmbda > 0)"
+    )
+    student: StudentInit | None = Field(
+        None,
+        description="distill: build the student from the teacher, e.g. {init_from: teacher, keep_layers: even}; "
+        "unset: the student is `model`",
+    )
+
+
 class TrainConfig(_Section):
     task: str = Field("causal_lm", description=f"what is trained: {' | '.join(TASKS)}")
     model: str = Field(
@@ -296,6 +349,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -362,7 +416,27 @@ class TrainConfig(_Section):
                         "set data.packing: false"
                     )
         self._check_early_stopping()
+        if self.task == "distill":
+            self._check_distill()
         return self
+
+    def _check_distill(self) -> None:
+        d = self.distill
+        if d.cache and d.top_k is None:
+            raise ValueError("distill.cache stores the teacher's top-k logits: set distill.top_k (e.g. 20)")
+        if d.lmbda > 0 and d.cache:
+            raise ValueError(
+                "distill.lmbda > 0 needs the live teacher to score the student's completions: set distill.cache: false"
+            )
+        if d.lmbda > 0 and self.data.packing:
+            raise ValueError("distill.lmbda > 0 (on-policy completions) needs data.packing: false")
+        if d.lmbda > 0 and self.training.fsdp:
+            raise ValueError("distill.lmbda > 0 needs training.fsdp: false (the student generates unsharded)")
+        if d.student is not None and "model" in self.model_fields_set and self.model != d.teacher:
+            raise ValueError(
+                f"model {self.model!r} and distill.student.init_from: teacher both name the student; "
+                "leave model out (the student is built from the teacher) or drop distill.student"
+            )
 
     def _check_early_stopping(self) -> None:
         t = self.training

@@ -52,9 +52,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
-import re
-import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -64,9 +61,12 @@ import torch
 
 from losslab.errors import UserError
 from losslab.files import hash_file, write_atomic
-from losslab.masking.parallel import prune, source_digest
+from losslab.masking.parallel import source_digest
 from losslab.models import load_causal_lm, resolve
 from losslab.paths import reference_cache
+from losslab.train.shard_cache import FINGERPRINT, ShardLayout, batch_count, cached_shards, read_manifest
+
+__all__ = ["cached_logps", "frozen_reference", "read_manifest", "reference_fingerprint"]
 
 ENCODING_VERSION = 1
 """Bump when what a fingerprint covers, or how the cached values are laid out, changes."""
@@ -78,10 +78,7 @@ SHARD_TARGET = 1024
 MODEL_SUFFIXES = (".safetensors", ".gguf")
 MODEL_CONFIGS = ("config.json", "adapter_config.json")
 
-_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
-_SHARD = re.compile(r"shard-(\d{9})-(\d{9})\.safetensors")
 _TENSOR = "logps"
-_TEMP_MAX_AGE = 3600.0  # a write's temp file older than this is a killed write's leftover
 
 Compute = Callable[[list[Mapping[str, Any]]], torch.Tensor]
 
@@ -260,11 +257,10 @@ def cached_logps(
     :func:`losslab.paths.reference_cache`. ``shard_items``: items per shard file, a multiple of
     ``batch_size`` (default: :data:`SHARD_TARGET` rounded up to whole batches). ``progress``: a
     tqdm bar over the batches computed (rank 0 only). See the module docstring for the files,
-    when a shard is trusted, and what happens under several processes.
+    when a shard is trusted, and what happens under several processes
+    (:mod:`losslab.train.shard_cache` does the storage).
     """
-    from tqdm import tqdm
-
-    if not _FINGERPRINT.fullmatch(fingerprint):
+    if not FINGERPRINT.fullmatch(fingerprint):
         raise ValueError(f"fingerprint must be 32 lowercase hex digits (reference_fingerprint); got {fingerprint!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
@@ -274,174 +270,52 @@ def cached_logps(
     shard_items = shard_items if shard_items is not None else batch_size * math.ceil(SHARD_TARGET / batch_size)
     if shard_items < 1 or shard_items % batch_size:
         raise ValueError(f"shard_items must be a positive multiple of batch_size {batch_size}; got {shard_items}")
+    k = len(columns)
+    layout = ShardLayout(
+        format=str(ENCODING_VERSION),
+        header={"columns": json.dumps(columns), "batch_size": str(batch_size)},
+        shard_items=shard_items,
+        manifest={"columns": columns, "dtype": "float32", "batch_size": batch_size},
+    )
 
-    n = len(items)
-    root = cache_root if cache_root is not None else reference_cache()
-    entry = root / fingerprint
-    entry.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        os.utime(entry)  # used now: a prune by another process keeps it
-    layout = [(a, min(a + shard_items, n)) for a in range(0, n, shard_items)]
-    meta = {"fingerprint": fingerprint, "columns": columns, "batch_size": batch_size}
-    shards: list[torch.Tensor | None] = [_read_shard(entry / _shard_name(a, b), a, b, meta) for a, b in layout]
-    missing = [i for i, s in enumerate(shards) if s is None]
+    def compute_shard(start: int, stop: int, advance: Callable[[int], Any]) -> dict[str, torch.Tensor]:
+        """Run ``compute`` over items [start, stop) in batches: the shard's (n, K) values."""
+        parts = []
+        for a in range(start, stop, batch_size):
+            b = min(a + batch_size, stop)
+            with torch.no_grad():
+                out = compute([items[j] for j in range(a, b)])
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (b - a, k):
+                what = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else out
+                raise ValueError(
+                    f"compute must return a floating ({b - a}, {k}) tensor for items {a}..{b - 1}; got {what}"
+                )
+            values = out.detach().to(device="cpu", dtype=torch.float32).contiguous()  # (b - a, K)
+            bad = (~torch.isfinite(values)).any(dim=1).nonzero().flatten()
+            if len(bad):
+                rows = ", ".join(str(a + int(i)) for i in bad[:5])
+                raise ValueError(f"the reference gave non-finite values for item(s) {rows} (not cached)")
+            parts.append(values)
+            advance(1)
+        return {_TENSOR: torch.cat(parts)}  # (stop - start, K)
 
-    rank, world = _rank_and_world()
-    mine = missing[rank::world]
-    batches = sum(math.ceil((layout[i][1] - layout[i][0]) / batch_size) for i in mine)
-    with tqdm(
-        total=batches, desc="reference log-probs", unit="batch", disable=not progress or rank != 0 or not batches
-    ) as bar:
-        for i in mine:
-            shards[i] = _compute_shard(items, compute, entry, *layout[i], meta, bar.update)
-        if world > 1:
-            torch.distributed.barrier()  # every rank has written its share
-            for i in missing:
-                if shards[i] is None:  # another rank's (or computed here if this rank cannot see it)
-                    a, b = layout[i]
-                    shards[i] = _read_shard(entry / _shard_name(a, b), a, b, meta)
-                    if shards[i] is None:
-                        shards[i] = _compute_shard(items, compute, entry, a, b, meta, bar.update)
-    if rank == 0:
-        _write_manifest(entry, n, shard_items, layout, meta)
-    if missing:
-        _clean_temporaries(entry)
-        with contextlib.suppress(OSError):
-            prune(root, keep=entry)
-    done = [s for s in shards if s is not None]
-    assert len(done) == len(shards)
-    return torch.cat(done) if done else torch.zeros(0, len(columns), dtype=torch.float32)
+    def check(tensors: dict[str, torch.Tensor], start: int, stop: int) -> bool:
+        values = tensors.get(_TENSOR)
+        return values is not None and values.dtype == torch.float32 and tuple(values.shape) == (stop - start, k)
 
-
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return int(dist.get_rank()), int(dist.get_world_size())
-    return 0, 1
-
-
-def _shard_name(start: int, stop: int) -> str:
-    return f"shard-{start:09d}-{stop:09d}.safetensors"
-
-
-def _compute_shard(
-    items: Sequence[Mapping[str, Any]],
-    compute: Compute,
-    entry: Path,
-    start: int,
-    stop: int,
-    meta: Mapping[str, Any],
-    advance: Callable[[int], Any],
-) -> torch.Tensor:
-    """Run ``compute`` over items [start, stop) in batches, write the shard, return its (n, K) values."""
-    k = len(meta["columns"])
-    parts = []
-    for a in range(start, stop, meta["batch_size"]):
-        b = min(a + meta["batch_size"], stop)
-        with torch.no_grad():
-            out = compute([items[j] for j in range(a, b)])
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (b - a, k):
-            what = f"{type(out).__name__} {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else out
-            raise ValueError(f"compute must return a floating ({b - a}, {k}) tensor for items {a}..{b - 1}; got {what}")
-        values = out.detach().to(device="cpu", dtype=torch.float32).contiguous()  # (b - a, K)
-        bad = (~torch.isfinite(values)).any(dim=1).nonzero().flatten()
-        if len(bad):
-            rows = ", ".join(str(a + int(i)) for i in bad[:5])
-            raise ValueError(f"the reference gave non-finite values for item(s) {rows} (not cached)")
-        parts.append(values)
-        advance(1)
-    values = torch.cat(parts)  # (stop - start, K)
-    _write_shard(entry / _shard_name(start, stop), values, start, stop, meta)
-    return values
-
-
-def _digest(values: torch.Tensor) -> str:
-    return hashlib.sha256(values.numpy().tobytes()).hexdigest()
-
-
-def _shard_header(start: int, stop: int, meta: Mapping[str, Any]) -> dict[str, str]:
-    """The metadata a shard of items ``start:stop`` is written with and must match when read."""
-    return {
-        "format": str(ENCODING_VERSION),
-        "fingerprint": meta["fingerprint"],
-        "start": str(start),
-        "stop": str(stop),
-        "columns": json.dumps(meta["columns"]),
-        "batch_size": str(meta["batch_size"]),
-    }
-
-
-def _write_shard(path: Path, values: torch.Tensor, start: int, stop: int, meta: Mapping[str, Any]) -> None:
-    from safetensors.torch import save
-
-    header = {**_shard_header(start, stop, meta), "sha256": _digest(values)}
-    write_atomic(path, save({_TENSOR: values}, metadata=header))
-
-
-def _read_shard(path: Path, start: int, stop: int, meta: Mapping[str, Any]) -> torch.Tensor | None:
-    """The shard's (stop - start, K) values if it is complete and matches; else None."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        data = path.read_bytes()
-        size = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + size])["__metadata__"]
-        tensors = load(data)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # missing, truncated, not ours: recomputed
-        return None
-    values = tensors.get(_TENSOR)
-    expected = _shard_header(start, stop, meta)
-    if (
-        not isinstance(header, dict)
-        or any(header.get(key) != value for key, value in expected.items())
-        or values is None
-        or values.dtype != torch.float32
-        or tuple(values.shape) != (stop - start, len(meta["columns"]))
-        or header.get("sha256") != _digest(values)
-    ):
-        return None
-    return values
-
-
-def _write_manifest(
-    entry: Path, n: int, shard_items: int, layout: list[tuple[int, int]], meta: Mapping[str, Any]
-) -> None:
-    """``manifest.json`` (after every shard is written): rewritten only when it says something else."""
-    manifest = {
-        "format": ENCODING_VERSION,
-        "fingerprint": meta["fingerprint"],
-        "items": n,
-        "columns": meta["columns"],
-        "dtype": "float32",
-        "batch_size": meta["batch_size"],
-        "shard_items": shard_items,
-        "shards": [_shard_name(a, b) for a, b in layout],
-    }
-    text = json.dumps(manifest, indent=2) + "\n"
-    path = entry / "manifest.json"
-    with contextlib.suppress(OSError):
-        if path.read_text(encoding="utf-8") == text:
-            return
-    write_atomic(path, text)
-
-
-def _clean_temporaries(entry: Path) -> None:
-    """Delete the temp files of writes killed long ago (``.NAME.*``, see write_atomic)."""
-    now = time.time()
-    for leftover in entry.glob(".*"):
-        with contextlib.suppress(OSError):
-            if leftover.is_file() and now - leftover.stat().st_mtime > _TEMP_MAX_AGE:
-                leftover.unlink()
-
-
-def read_manifest(entry: Path) -> dict[str, Any] | None:
-    """An entry's ``manifest.json`` (None when absent or unreadable): what a complete entry holds."""
-    try:
-        value = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    shards = cached_shards(
+        len(items),
+        compute_shard,
+        check,
+        root=cache_root if cache_root is not None else reference_cache(),
+        fingerprint=fingerprint,
+        layout=layout,
+        batches_of=lambda a, b: batch_count(a, b, batch_size),
+        progress=progress,
+        desc="reference log-probs",
+    )
+    done = [s[_TENSOR] for s in shards]
+    return torch.cat(done) if done else torch.zeros(0, k, dtype=torch.float32)
 
 
 # ---- on the fly -----------------------------------------------------------------------------------

@@ -13,5 +13,6 @@ TASKS: dict[str, Any] = {
     "reward_model": "losslab.train.tasks.reward_model",
     "embedding": "losslab.train.tasks.embedding",
     "preference": "losslab.train.tasks.preference",
+    "distill": "losslab.train.tasks.distill",
 }
 """Task name -> its module's import path, or an object with the :class:`~losslab.train.task.Task` functions."""

@@ -74,14 +74,24 @@ def metric_names(config: TrainConfig) -> set[str]:
     return {f"{split}/{name}" for split in config.eval.splits for name in names}
 
 
-def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+@dataclass
+class Splits:
+    """The masked samples of each split (``input_ids``, ``labels``, optional ``weights``), the
+    held-out generation prompts per evaluation split (with ``eval.generate``) and the run summary."""
+
+    samples: dict[str, list[dict]]
+    prompts: dict[str, list[GenerationPrompt]]
+    summary: dict[str, Any]
+
+
+def build_splits(config: TrainConfig, tokenizer: Any, *, task: str = "causal_lm") -> Splits:
+    """Read and mask every split of ``config.data`` (``data.mask``, ``eval.mask`` for evaluation)."""
     data = config.data
     masks = mask_config(data)
     eval_masks = replace(masks, mask=config.eval.mask) if config.eval.mask is not None else masks
     splits: dict[str, list[dict]] = {}
     prompts: dict[str, list[GenerationPrompt]] = {}
-    summary: dict[str, Any] = {"task": "causal_lm", "skipped": {}, "dropped": {}}
+    summary: dict[str, Any] = {"task": task, "skipped": {}, "dropped": {}}
     for split in ("train", "validation", "test"):
         spec = getattr(data, split)
         if spec is None:
@@ -105,6 +115,14 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
             prompts[split] = generation_prompts(path, tokenizer, data, config.eval.generation_samples)
     if not splits.get("train"):
         raise UserError(f"no training sample left from {data.train}: {summary.get('train')}")
+    return Splits(splits, prompts, summary)
+
+
+def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    data = config.data
+    built = build_splits(config, tokenizer)
+    splits, prompts, summary = built.samples, built.prompts, built.summary
     model = load_causal_lm(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     model = prepare_policy(model, config)  # LoRA adapters when config.lora is set
     collator = PackedCollator() if data.packing else PaddedCollator(tokenizer.pad_token_id)

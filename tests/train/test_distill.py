@@ -1,0 +1,321 @@
+"""The ``distill`` task on the tiny Llama (teacher) and a one-layer student built from it: the
+cached teacher top-k equals the live one bit for bit, the half-depth student keeps the teacher's
+layers, on-policy mixing, the teacher cache never half-read, and bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+
+from losslab.errors import UserError
+from losslab.losses.common import TeacherTopK
+from losslab.models import load_causal_lm
+from losslab.train.config import TrainConfig
+from losslab.train.shard_cache import read_manifest
+from losslab.train.tasks.distill_batches import DistillCollator, OnPolicy, TeacherSide
+from losslab.train.tasks.distill_models import layers_to_keep, student_from_teacher
+from losslab.train.teacher_cache import cached_teacher_topk, item_topk, trained_positions
+
+from ..bad_input import run_cli
+from ..conftest import TINY_LLAMA, train_config
+
+STUDENT = {"init_from": "teacher", "keep_layers": [0]}
+
+
+def distill_config(out: Path | None, **distill: Any) -> dict[str, Any]:
+    config = train_config(out, task="distill", distill={"teacher": TINY_LLAMA, "student": STUDENT, **distill})
+    del config["model"]
+    return config
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    model = load_causal_lm(TINY_LLAMA)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def samples(smollm2_tokenizer: Any) -> list[dict]:
+    from losslab.train.tasks.causal_lm import build_splits
+
+    config = TrainConfig.model_validate(distill_config(Path("unused"), top_k=5))
+    return build_splits(config, smollm2_tokenizer, task="distill").samples["train"][:12]
+
+
+def topk_forward_kl(student_logits: torch.Tensor, topk: TeacherTopK, labels: torch.Tensor) -> torch.Tensor:
+    """A plain top-k forward KL (teacher renormalised over its k ids), mean over trained positions."""
+    p = topk.logits.log_softmax(-1)  # (B, T, k)
+    q = student_logits.log_softmax(-1).gather(-1, topk.indices)  # (B, T, k)
+    rows = (p.exp() * (p - q)).sum(-1)  # (B, T)
+    mask = labels != -100
+    return (rows * mask).sum() / mask.sum()
+
+
+def test_cached_topk_is_bit_equal_to_the_live_teacher(teacher: Any, samples: list[dict], tmp_path: Path) -> None:
+    """The same top-k step (one sample at a time) through the cache and live, in batches of
+    another composition than the cache's: the loss inputs and the loss are bit-equal."""
+    from losslab.masking import PaddedCollator
+    from losslab.train.next_token import NextTokenForward
+    from losslab.train.tasks.distill_batches import DistillForward
+
+    k = 5
+    calls = []
+
+    def compute(item: dict) -> TeacherTopK:
+        calls.append(1)
+        return item_topk(teacher, item["input_ids"], trained_positions(item["labels"]), k)
+
+    cached = cached_teacher_topk(samples, compute, fingerprint="a" * 32, top_k=k, cache_root=tmp_path, progress=False)
+    assert len(calls) == len(samples)
+    reread = cached_teacher_topk(samples, compute, fingerprint="a" * 32, top_k=k, cache_root=tmp_path)
+    assert len(calls) == len(samples) and all(torch.equal(a.logits, b.logits) for a, b in zip(cached, reread))
+    features = [{**s, "teacher_topk": t} for s, t in zip(samples, cached)]
+    student = student_from_teacher(teacher, [0])
+    pad = PaddedCollator(0)
+    live = DistillForward(NextTokenForward(), TeacherSide("topk", teacher, k))
+    offline = DistillForward(NextTokenForward(), TeacherSide("topk", None, k))
+    for order in ([0, 5, 2, 7], [11, 1, 3], [4, 6, 8, 9, 10]):
+        batch_live = DistillCollator(pad, packed=False)([samples[i] for i in order])
+        batch_cached = DistillCollator(pad, packed=False, top_k=k)([features[i] for i in order])
+        a, b = live(student, batch_live), offline(student, batch_cached)
+        assert a.teacher_topk is not None and b.teacher_topk is not None
+        assert torch.equal(a.teacher_topk.logits, b.teacher_topk.logits)
+        assert torch.equal(a.teacher_topk.indices, b.teacher_topk.indices)
+        assert a.labels is not None and a.logits is not None and b.logits is not None
+        trained = a.labels != -100
+        assert bool((a.teacher_topk.logits[trained][:, :-1] >= a.teacher_topk.logits[trained][:, 1:]).all())
+        loss_a = topk_forward_kl(a.logits, a.teacher_topk, a.labels)
+        loss_b = topk_forward_kl(b.logits, b.teacher_topk, a.labels)
+        assert torch.isfinite(loss_a) and torch.equal(loss_a, loss_b)
+
+
+def test_packed_batches_carry_the_same_topk(teacher: Any, samples: list[dict]) -> None:
+    from losslab.masking import PackedCollator
+
+    k = 3
+    per_item = [item_topk(teacher, s["input_ids"], trained_positions(s["labels"]), k) for s in samples[:4]]
+    features = [{**s, "teacher_topk": t} for s, t in zip(samples[:4], per_item)]
+    batch = DistillCollator(PackedCollator(), packed=True, top_k=k)(features)
+    inputs = TeacherSide("topk", teacher, k)
+    from losslab.losses.composite import LossInputs
+
+    live = LossInputs()
+    inputs.fill(live, {k_: v for k_, v in batch.items() if not k_.startswith("teacher_topk")}, {})
+    assert live.teacher_topk is not None
+    assert torch.equal(live.teacher_topk.logits, batch["teacher_topk_logits"][:, :-1])
+    assert int((batch["teacher_topk_logits"] != 0).any(-1).sum()) == sum(len(t.logits) for t in per_item)
+
+
+def test_teacher_cache_resumes_and_never_reads_a_bad_shard(tmp_path: Path) -> None:
+    items = [{"input_ids": list(range(n + 3)), "labels": [-100, -100, *range(n + 1)]} for n in range(10)]
+
+    def fake(item: dict) -> TeacherTopK:
+        rows = len(trained_positions(item["labels"]))
+        base = torch.arange(rows * 2, dtype=torch.float32).reshape(rows, 2) + len(item["input_ids"])
+        return TeacherTopK(base.flip(-1), torch.ones(rows, 2, dtype=torch.long))
+
+    done: list[int] = []
+
+    def killed(item: dict) -> TeacherTopK:
+        if len(done) == 7:
+            raise KeyboardInterrupt
+        done.append(1)
+        return fake(item)
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_teacher_topk(items, killed, fingerprint="b" * 32, top_k=2, cache_root=tmp_path, shard_items=3)
+    entry = tmp_path / ("b" * 32)
+    assert sorted(p.name for p in entry.glob("shard-*")) == [
+        "shard-000000000-000000003.safetensors",
+        "shard-000000003-000000006.safetensors",
+    ]
+    assert read_manifest(entry) is None
+    shard = entry / "shard-000000003-000000006.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-3])  # truncated: recomputed, not read
+    again: list[int] = []
+    got = cached_teacher_topk(
+        items, lambda i: again.append(1) or fake(i), fingerprint="b" * 32, top_k=2, cache_root=tmp_path, shard_items=3
+    )
+    assert len(again) == 7 and read_manifest(entry) is not None
+    for item, value in zip(items, got):
+        assert torch.equal(value.logits, fake(item).logits) and value.indices.dtype == torch.int64
+
+
+def test_student_keeps_the_teachers_layers() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert layers_to_keep("even", 30) == list(range(0, 30, 2)) and len(layers_to_keep("even", 30)) == 15
+    assert layers_to_keep("odd", 5) == [1, 3]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2
+    )
+    teacher = LlamaForCausalLM(config).eval()
+    student = student_from_teacher(teacher, "even").eval()
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    t, s = teacher.state_dict(), student.state_dict()
+    for name, value in s.items():
+        source = name.replace("layers.1.", "layers.2.")
+        assert torch.equal(value, t[source]), name
+    # the student is the teacher without layers 1 and 3: same output as running the teacher's kept layers
+    ids = torch.tensor([[1, 5, 7, 9]])
+    del teacher.model.layers[3], teacher.model.layers[1]
+    teacher.config.num_hidden_layers = 2
+    for i, layer in enumerate(teacher.model.layers):
+        layer.self_attn.layer_idx = i
+    torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+    with pytest.raises(UserError, match=r"layers \[4\] do not exist: the teacher has 4 decoder layers"):
+        config.num_hidden_layers = 4
+        student_from_teacher(LlamaForCausalLM(config), [0, 4])
+
+
+def test_on_policy_mixing(teacher: Any, samples: list[dict]) -> None:
+    from losslab.masking import PaddedCollator
+    from losslab.train.next_token import NextTokenForward
+    from losslab.train.tasks.distill_batches import DistillForward
+
+    student = student_from_teacher(teacher, [0]).train()
+    batch = DistillCollator(PaddedCollator(0), packed=False)(samples[:3])
+    off = OnPolicy(0.0, seed=0, pad_token_id=0)
+    forward = DistillForward(NextTokenForward(), TeacherSide("logits", teacher), off)
+    inputs = forward(student, batch)
+    assert off.generated == 0 and torch.equal(inputs.labels, batch["labels"][:, 1:])  # lmbda 0: off-policy
+    on = OnPolicy(1.0, seed=0, pad_token_id=0)
+    torch.manual_seed(0)
+    inputs = DistillForward(NextTokenForward(), TeacherSide("logits", teacher), on)(student, batch)
+    assert on.generated == 1 and inputs.teacher_logits is not None and inputs.labels is not None
+    assert student.training  # generation ran in eval mode and put it back
+    new_labels = inputs.labels
+    for row in range(3):
+        old = batch["labels"][row, 1:]
+        trained = (old != -100).nonzero().flatten()
+        first = int(trained[0])
+        assert torch.equal(new_labels[row, :first], old[:first])  # the prompt is untouched
+        n_new = int((new_labels[row] != -100).sum())
+        assert 1 <= n_new <= len(trained)
+    assert not torch.equal(new_labels, batch["labels"][:, 1:])  # the student's tokens, not the data's
+    half = OnPolicy(0.5, seed=0, pad_token_id=0)
+    decisions = [half.wants({"input_ids": torch.tensor([[i, i + 1]])}) for i in range(200)]
+    assert 70 < sum(decisions) < 130
+    assert decisions == [half.wants({"input_ids": torch.tensor([[i, i + 1]])}) for i in range(200)]
+
+
+@pytest.mark.parametrize(
+    ("distill", "message"),
+    [
+        ({"cache": True}, "distill.cache stores the teacher's top-k logits: set distill.top_k"),
+        ({"top_k": 4, "cache": True, "lmbda": 0.5}, "needs the live teacher"),
+        ({"lmbda": 1.5}, "less than or equal to 1"),
+        ({"student": {"init_from": "teacher", "keep_layers": "every"}}, "'even' or 'odd'"),
+        ({"student": {"init_from": "student"}}, "'teacher'"),
+        ({"top_k": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_distill_options_name_the_allowed_values(distill: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig.model_validate(distill_config(Path("out"), **distill))
+
+
+def test_no_teacher_is_a_config_error(tmp_path: Path, capsys: Any) -> None:
+    config = distill_config(tmp_path / "out")
+    del config["distill"]["teacher"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and "distill.teacher: task distill needs distill.teacher" in err
+
+
+def test_a_student_with_another_vocabulary_is_a_config_error(
+    tmp_path: Path, capsys: Any, no_model: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any model weight is read: a tiny Llama on BERT's tokenizer as the student."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    import losslab.train.tasks.distill_models as models
+    from losslab.models import resolve
+
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: pytest.fail("a model was loaded"))
+
+    student = tmp_path / "student"
+    tokenizer = AutoTokenizer.from_pretrained(resolve("builtin:minilm-l6"))
+    tokenizer.save_pretrained(student)
+    LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(student)
+    config = distill_config(tmp_path / "out")
+    config["model"] = str(student)
+    del config["distill"]["student"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2
+    assert "distill.teacher" in err and "builtin:tiny-llama" in err and str(student) in err
+    assert "different vocabularies" in err and "no vocabulary mapping" in err
+
+
+@pytest.mark.slow
+def test_training_from_the_cache_equals_training_with_the_live_teacher(tmp_path: Path) -> None:
+    """The acceptance check end to end: the same run (top-5 forward KL + CE, shuffled batches of
+    4, 3 steps) from the cache and with the live teacher logs bit-equal losses and ends with
+    bit-equal weights; the cached run never loads the teacher after the precompute."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from losslab.train.run import train
+
+    terms = [{"name": "distillation", "divergence": "forward_kl", "temperature": 2.0}, {"name": "token_cross_entropy"}]
+    runs = {}
+    for cache in (True, False, True):
+        out = tmp_path / f"run{len(runs)}"
+        config = distill_config(out, top_k=5, cache=cache)
+        config["loss"] = {"terms": terms}
+        config["data"]["max_train_samples"] = 12
+        config["training"]["max_steps"] = 3
+        metrics = train(TrainConfig.model_validate(config))
+        assert 0 <= metrics.get("train/steps", 0) == 3
+        logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        runs[len(runs)] = (
+            [(r["loss"], r["loss/distillation"], r["loss/token_cross_entropy"]) for r in logged if "grad_norm" in r],
+            load_file(out / "model" / "model.safetensors"),
+            json.loads((out / "summary.json").read_text())["teacher"],
+        )
+    (cached, w_cached, how_c), (live, w_live, how_l), (again, _, _) = runs[0], runs[1], runs[2]
+    assert how_c == "cache (top 5)" and how_l == "live (topk, top 5)"
+    assert len(cached) == 3 and cached == live == again  # floats from log.jsonl: bit-equal
+    assert all(torch.equal(w_cached[name], w_live[name]) for name in w_cached)
+
+
+def test_the_example_trains_on_the_tiny_teacher(tmp_path: Path) -> None:
+    """examples/train_distill.yaml (forward KL, live teacher, both heads fused) on the tiny Llama
+    teacher and its one-layer student: 2 steps, evaluated with generation."""
+    import json
+
+    from losslab.config import load_config
+    from losslab.train.run import train
+
+    tiny = [
+        "distill.teacher=builtin:tiny-llama",
+        "training.max_steps=2",
+        "data.max_train_samples=8",
+        "data.max_eval_samples=4",
+        "data.max_length=48",
+        "eval.generation_samples=2",
+        "eval.max_new_tokens=4",
+        f"output_dir={tmp_path}",
+    ]
+    example = Path(__file__).parents[2] / "examples" / "train_distill.yaml"
+    metrics = train(load_config(TrainConfig, example, tiny))
+    assert metrics["train/steps"] == 2
+    for split in ("validation", "test"):
+        assert 0 <= metrics[f"{split}/teacher_agreement"] <= 1 and metrics[f"{split}/perplexity"] > 1
+        assert f"{split}/chrf" in metrics
+    assert json.loads((tmp_path / "summary.json").read_text())["teacher"] == "live (fused)"
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss/distillation"] > 0 for r in logged if "grad_norm" in r)
