@@ -4,12 +4,21 @@ local worker processes (``processes``), or as tasks on a Ray cluster (``ray``). 
 
 Every executor gives the same per-run results: a job is a picklable zero-argument callable that
 writes everything it produces under its own folder (a run or a tuning worker), and finishes
-what an earlier, killed attempt left (runs resume from their last checkpoint).
+what an earlier, killed attempt left (runs resume from their last checkpoint). A run's torch
+thread count is part of its result on real models (a reduction split over more threads adds
+in another order), so it is fixed by the study, not by the executor: :func:`threads_per_run`.
+
+What each backend does when a worker dies, and the checks made before any job starts:
+docs/scaling.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,9 +29,14 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cpus: float | None = Field(
-        None, gt=0, description="CPU cores per run (default: the machine's cores / workers; torch threads follow)"
+        None,
+        gt=0,
+        description="CPU cores per run, and its torch threads, in every backend (default: the machine's cores / "
+        "workers; ray: 1); set it to get bit-identical runs across different worker counts",
     )
-    gpus: float = Field(0, ge=0, description="GPUs per run (processes: one GPU per worker when > 0)")
+    gpus: float = Field(
+        0, ge=0, le=1, description="GPUs per run (processes: one GPU per worker, or a share of one for a fraction)"
+    )
 
 
 class Execution(BaseModel):
@@ -51,10 +65,144 @@ class Job:
     fn: Callable[[], None]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM or container limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        return os.cpu_count() or 1
+
+
+def threads_per_run(execution: Execution) -> int:
+    """The torch thread count of every run: ``resources_per_run.cpus`` (rounded down, at least 1)
+    when given; else ray: 1 (Ray's default task size), sequential and processes: this machine's
+    cores / ``workers``. The same for every backend at the same settings, so a run gives the same
+    bits whichever executor trains it (``sequential`` with ``workers: 2`` trains one run at a time
+    on half the cores, exactly as each of 2 ``processes`` workers does)."""
+    cpus = execution.resources_per_run.cpus
+    if cpus is not None:
+        return max(1, int(cpus))
+    if execution.backend == "ray":
+        return 1
+    return max(1, usable_cores() // (execution.workers or 1))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Within the block torch uses ``threads`` intra-op threads (None: unchanged); restored after."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_execution(execution: Execution) -> None:
+    """Refuse, before any job starts, an execution the machine or cluster cannot give: a missing
+    Ray extra, an unreachable Ray address, more workers than cores or GPUs, a run larger than
+    any Ray node. For ``ray`` this connects to the cluster (or starts the local one)."""
+    if execution.backend == "processes":
+        from losslab.compare.processes import check_processes
+
+        check_processes(execution)
+    elif execution.backend == "ray":
+        from losslab.compare.raytasks import connect
+
+        connect(execution)
+
+
+def release(execution: Execution) -> None:
+    """Stop what :func:`check_execution` started (the local Ray cluster, when losslab started it)."""
+    if execution.backend == "ray":
+        from losslab.compare.raytasks import disconnect
+
+        disconnect()
+
+
 def run_jobs(jobs: Sequence[Job], execution: Execution) -> None:
     """Run every job on the chosen backend and return once all are done; raises the first
     failure (after the other jobs have finished, so their results are kept)."""
-    if execution.backend != "sequential":
-        raise NotImplementedError(f"execution backend {execution.backend!r}")
+    if not jobs:
+        return
+    if execution.backend == "processes":
+        from losslab.compare.processes import run_processes
+
+        run_processes(jobs, execution)
+    elif execution.backend == "ray":
+        from losslab.compare.raytasks import run_ray
+
+        run_ray(jobs, execution)
+    else:
+        run_sequential(jobs)
+
+
+def run_sequential(jobs: Sequence[Job]) -> None:
+    progress = Progress(len(jobs), one_at_a_time=True)
+    errors: list[BaseException] = []
     for job in jobs:
-        job.fn()
+        progress.started(job.label)
+        try:
+            job.fn()
+        except Exception as exc:  # noqa: BLE001  (the others still run; KeyboardInterrupt stops at once)
+            progress.failed(job.label, exc)
+            errors.append(exc)
+        else:
+            progress.finished(job.label)
+    progress.close()
+    if errors:
+        raise errors[0]
+
+
+class Progress:
+    """Progress lines of a batch of jobs: a bar, the count and (once one is done) the time left."""
+
+    def __init__(self, total: int, *, one_at_a_time: bool = False) -> None:
+        self.total = total
+        self.done = 0
+        self.begun = 0
+        self.one_at_a_time = one_at_a_time
+        self.start = time.monotonic()
+
+    def started(self, label: str) -> None:
+        self.begun += 1
+        print(
+            f"\n[{progress_bar(self.done, self.total)}] run {self.begun}/{self.total}: {label}{self.eta()}", flush=True
+        )
+
+    def finished(self, label: str) -> None:
+        self.done += 1
+        if not self.one_at_a_time:
+            print(f"[{progress_bar(self.done, self.total)}] finished {self.done}/{self.total}: {label}", flush=True)
+
+    def failed(self, label: str, exc: BaseException) -> None:
+        self.done += 1
+        print(f"[{progress_bar(self.done, self.total)}] FAILED: {label}: {exc}", flush=True)
+
+    def retried(self, label: str, why: str, attempt: int, attempts: int) -> None:
+        print(f"{label}: {why}; started again (attempt {attempt} of {attempts}, it resumes)", flush=True)
+
+    def eta(self) -> str:
+        if self.done == 0:
+            return ""
+        left = (time.monotonic() - self.start) / self.done * (self.total - self.done)
+        return f" (about {left / 60:.1f} min left)"
+
+    def close(self) -> None:
+        elapsed = time.monotonic() - self.start
+        print(f"[{progress_bar(self.done, self.total)}] {self.total} runs in {elapsed:.0f} s", flush=True)
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total) if total else width
+    return "#" * filled + "." * (width - filled)
+
+
+def gpu_share(gpus: float) -> int:
+    """Workers per GPU for a per-run share ``gpus`` in (0, 1]: 1 / gpus, rounded down."""
+    return max(1, math.floor(1 / gpus + 1e-9))
