@@ -66,15 +66,13 @@ def check_processes(execution: Execution) -> None:
 
 
 def worker_main(conn: Connection, threads: int, gpu: str | None) -> None:
-    """A worker's loop: settings first (before torch is imported), then one job per message
+    """A worker's loop: settings first (before any job imports torch), then one job per message
     ``(index, fn)`` until ``None``; answers ``(index, None)`` or ``(index, exception)``."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(threads)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
-    torch.set_num_threads(threads)
+    # torch is imported by the first job that needs it (a run also sets its thread count itself)
     while True:
         try:
             message = conn.recv()

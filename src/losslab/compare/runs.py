@@ -130,6 +130,7 @@ def execute(
     # ray: absolute paths, so that a worker whose working directory differs writes the same folders
     absolute = execution.backend == "ray"
     study_dir = str(Path(runs[0].dir).parent.parent.resolve() if absolute else Path(runs[0].dir).parent.parent)
+    Path(study_dir).mkdir(parents=True, exist_ok=True)  # (a worker that does not see it stops: RunJob)
     jobs = [
         Job(
             f"{r.variant} seed {r.seed} -> {r.dir}",

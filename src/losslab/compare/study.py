@@ -44,7 +44,12 @@ def compare(study: Study, shard: tuple[int, int] | None = None) -> dict:
             where=study.source,
         )
     study.out.mkdir(parents=True, exist_ok=True)
-    check_execution(cfg.execution)  # before any run: nothing of a finished run is touched
+    try:  # before any run: nothing of a finished run is touched
+        check_execution(cfg.execution)
+    except UserError as exc:
+        line = study.lines.get(("execution",))
+        where = exc.where or (f"{study.source}:{line}" if line else study.source)
+        raise UserError(exc.message, where=where) from None
     try:
         tuning: dict[str, Any] = {}
         if any(v.tune for v in cfg.variants):
