@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from losslab.compare.execution import Execution, Job, Progress, gpu_share, threads_per_run, usable_cores
+from losslab.compare.jobs import Execution, Job, Progress, gpu_share, threads_per_run, usable_cores
 from losslab.errors import UserError
 
 STOP_WAIT_S = 120  # on Ctrl-C: how long workers get to save a checkpoint and stop

@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from losslab.compare.execution import Execution, Job, Progress
+from losslab.compare.jobs import Execution, Job, Progress
 from losslab.errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0
