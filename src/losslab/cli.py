@@ -65,6 +65,15 @@ def _shard(text: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _ray_address(text: str) -> str:
+    """``auto``, ``local``, ``host:port`` or ``ray://host:port``."""
+    rest = text.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if rest not in ("auto", "local") and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"expected host:port, ray://host:port, auto or local, got {text!r}")
+    return text
+
+
 def _fraction(text: str) -> float:
     """A number in [0, 1)."""
     try:
@@ -258,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--ray-address",
+                type=_ray_address,
                 default=None,
                 metavar="ADDR",
                 help="ray: the cluster to join, ray://host:10001 or host:6379 (default: a local cluster)",

@@ -161,6 +161,20 @@ def test_processes_give_the_sequential_runs_and_bad_workers_lose_nothing(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in par_out.rglob("*")} == before
 
 
+def test_command_line_flags_replace_the_execution_section(tmp_path: Path) -> None:
+    from losslab.cli import build_parser
+    from losslab.compare.study import with_execution_flags
+
+    data = {**study_dict(tmp_path / "out"), "execution": {"backend": "processes", "workers": 2, "max_retries": 5}}
+    path = write_study(tmp_path, data)
+    args = build_parser().parse_args(["compare", str(path), "--backend", "ray", "--ray-address", "ray://head:10001"])
+    execution = with_execution_flags(load_study(path), args).config.execution
+    assert (execution.backend, execution.workers, execution.ray_address) == ("ray", 2, "ray://head:10001")
+    assert execution.max_retries == 5  # what no flag names stays
+    args = build_parser().parse_args(["compare", str(path), "--workers", "1", "--shard", "2/3"])
+    assert with_execution_flags(load_study(path), args).config.execution.workers == 1 and args.shard == (2, 3)
+
+
 def test_keep_models_keeps_the_best_seed_of_the_winning_variant(tmp_path: Path) -> None:
     data = study_dict(tmp_path / "out")
     data["metrics"] = [{"name": "test/x", "direction": "max"}, {"name": "validation/loss", "direction": "min"}]
@@ -246,14 +260,14 @@ def _children_running(parent: int, marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_processes_worker_sigkilled_mid_run_gives_the_same_results(sequential4: Path, tmp_path: Path, capsys) -> None:
+def test_processes_worker_sigkilled_mid_run_gives_the_same_results(sequential4: Path, tmp_path: Path, capfd) -> None:
     out = tmp_path / "out"
     data = {**study_dict(out, steps=6), "execution": {"backend": "processes", "workers": 2}}
-    killer = _kill_mid_run(out, lambda: _children_running(os.getpid(), "multiprocessing"))
+    killer = _kill_mid_run(out, lambda: _children_running(os.getpid(), "spawn_main"))
     compare(load_study(write_study(tmp_path, data)))
     killer.join(timeout=1)
     assert killer.killed, "no worker was killed"  # type: ignore[attr-defined]
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out  # (the workers print to the same file descriptors)
     assert "its worker process died (killed by signal 9); started again" in printed and "resuming from" in printed
     assert per_run(out) == per_run(sequential4) and results(out) == results(sequential4)
 

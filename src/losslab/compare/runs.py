@@ -118,6 +118,8 @@ def execute(
     split: n jobs of an array each take their own runs, however far the others are), and return
     without loading metrics (the runs of other shards may still be training)."""
     execution = execution or Execution()
+    if not runs:
+        return []
     mine = runs if shard is None else [r for i, r in enumerate(runs) if i % shard[1] == shard[0] - 1]
     todo = [r for r in mine if not r.done]
     what = "" if shard is None else f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)"
