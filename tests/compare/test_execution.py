@@ -203,12 +203,21 @@ def test_keep_models_keeps_the_best_seed_of_the_winning_variant(tmp_path: Path) 
 # ---- slow: a real local Ray cluster, SIGKILLs mid-run, shards -----------------------------------
 
 
+def study4(out: Path, backend: str = "sequential", **execution) -> dict:
+    """The 4-run study (2 variants x 2 seeds, 6 steps, a checkpoint every step) at 1 thread per
+    run: the thread count is part of a run's bits (1 and 2 threads differ from step 5 of these
+    runs), so the executors are compared at the same count."""
+    return {
+        **study_dict(out, steps=6),
+        "execution": {"backend": backend, "resources_per_run": {"cpus": 1}, **execution},
+    }
+
+
 @pytest.fixture(scope="module")
 def sequential4(tmp_path_factory) -> Path:
-    """The 4-run study (2 variants x 2 seeds, 6 steps, a checkpoint every step), sequential."""
     tmp = tmp_path_factory.mktemp("seq4")
     out = tmp / "out"
-    compare(load_study(write_study(tmp, study_dict(out, steps=6))))
+    compare(load_study(write_study(tmp, study4(out))))
     return out
 
 
@@ -262,7 +271,7 @@ def _children_running(parent: int, marker: str) -> list[int]:
 @pytest.mark.slow
 def test_processes_worker_sigkilled_mid_run_gives_the_same_results(sequential4: Path, tmp_path: Path, capfd) -> None:
     out = tmp_path / "out"
-    data = {**study_dict(out, steps=6), "execution": {"backend": "processes", "workers": 2}}
+    data = study4(out, "processes", workers=2)
     killer = _kill_mid_run(out, lambda: _children_running(os.getpid(), "spawn_main"))
     compare(load_study(write_study(tmp_path, data)))
     killer.join(timeout=1)
@@ -285,7 +294,7 @@ def test_ray_gives_the_sequential_results_even_with_a_worker_sigkilled(
     ray_cluster, sequential4: Path, tmp_path: Path, capfd
 ) -> None:
     out = tmp_path / "out"
-    data = {**study_dict(out, steps=6), "execution": {"backend": "ray", "resources_per_run": {"cpus": 1}}}
+    data = study4(out, "ray")
     killer = _kill_mid_run(out, lambda: _processes_titled("ray::losslab_run"))
     compare(load_study(write_study(tmp_path, data)))
     killer.join(timeout=1)
@@ -303,7 +312,7 @@ def test_shards_then_a_plain_compare_give_the_sequential_results(sequential4: Pa
     from losslab.cli import main
 
     out = tmp_path / "out"
-    path = write_study(tmp_path, study_dict(out, steps=6))
+    path = write_study(tmp_path, study4(out))
     assert main(["compare", str(path), "--shard", "2/3"]) == 0
     assert len(per_run(out)) == 1 and not (out / "results.json").exists()  # run 2 of 4 only
     assert main(["compare", str(path), "--shard", "1/3"]) == 0
