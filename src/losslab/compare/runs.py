@@ -125,7 +125,7 @@ def execute(
     what = "" if shard is None else f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)"
     print(
         f"losslab compare: {len(runs)} runs{what}, {len(mine) - len(todo)} already finished, {len(todo)} to run"
-        + ("" if execution.backend == "sequential" else f" on {describe(execution)}"),
+        + ("" if execution.backend == "sequential" else f" on {describe(execution)}{threads_note(execution)}"),
         flush=True,
     )
     threads = threads_per_run(execution)
@@ -162,6 +162,16 @@ def describe(execution: Execution) -> str:
         return f"{n} worker process{'es' if n > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each{gpus}"
     at_once = f"at most {execution.workers} at once" if execution.workers else "as many at once as fit"
     return f"Ray ({at_once}, {threads} thread{'s' if threads > 1 else ''} per run)"
+
+
+def threads_note(execution: Execution) -> str:
+    """Why the thread count matters, when the study leaves it to the executor."""
+    if execution.resources_per_run.cpus is not None:
+        return ""
+    return (
+        f"\nnote: {threads_per_run(execution)} torch thread(s) per run (cores / workers); a run's last digits depend "
+        "on it: set execution.resources_per_run.cpus for the same bits with any executor (docs/scaling.md)"
+    )
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
