@@ -222,8 +222,8 @@ def sequential4(tmp_path_factory) -> Path:
 
 
 def _kill_mid_run(out: Path, find_pids, timeout: float = 300) -> threading.Thread:
-    """In a thread: once a run has a checkpoint and no metrics.json, SIGKILL one process that
-    ``find_pids()`` names (a worker training a run)."""
+    """In a thread: once every process that ``find_pids()`` names (the workers training runs) can
+    be training a run with a checkpoint (as many such runs as processes), SIGKILL one of them."""
     killed: list[int] = []
 
     def watch() -> None:
@@ -231,7 +231,7 @@ def _kill_mid_run(out: Path, find_pids, timeout: float = 300) -> threading.Threa
         while time.monotonic() < deadline:
             mid = [d for d in out.glob("runs/*") if any(d.glob("checkpoint-*")) and not (d / "metrics.json").exists()]
             pids = find_pids()
-            if mid and pids:
+            if pids and len(mid) >= len(pids):
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
                 return
@@ -299,7 +299,12 @@ def test_ray_gives_the_sequential_results_even_with_a_worker_sigkilled(
     compare(load_study(write_study(tmp_path, data)))
     killer.join(timeout=1)
     assert killer.killed, "no Ray worker was killed"  # type: ignore[attr-defined]
-    assert "resuming from" in capfd.readouterr().out  # the retried task resumed from its checkpoint
+    printed = capfd.readouterr().out
+    deadline = time.monotonic() + 20  # Ray forwards the workers' output a moment later
+    while "resuming from" not in printed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        printed += capfd.readouterr().out
+    assert "resuming from" in printed  # the retried task resumed from its checkpoint
     assert per_run(out) == per_run(sequential4) and results(out) == results(sequential4)
     # a run larger than any node: refused before any run
     data["execution"]["resources_per_run"] = {"cpus": 4}
