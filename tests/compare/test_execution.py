@@ -223,15 +223,20 @@ def sequential4(tmp_path_factory) -> Path:
 
 def _kill_mid_run(out: Path, find_pids, timeout: float = 300) -> threading.Thread:
     """In a thread: once every process that ``find_pids()`` names (the workers training runs) can
-    be training a run with a checkpoint (as many such runs as processes), SIGKILL one of them."""
+    be training a run with a complete checkpoint (as many such runs as processes), SIGKILL one."""
     killed: list[int] = []
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            mid = [d for d in out.glob("runs/*") if any(d.glob("checkpoint-*")) and not (d / "metrics.json").exists()]
+            mid = [  # runs with a complete checkpoint (a kill during a save is test_compare's case)
+                d
+                for d in out.glob("runs/*")
+                if any(d.glob("checkpoint-*/losslab_checkpoint.json")) and not (d / "metrics.json").exists()
+            ]
             pids = find_pids()
             if pids and len(mid) >= len(pids):
+                print(f"killing {pids[0]} of {pids}; runs with a checkpoint: {[d.name for d in mid]}", flush=True)
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
                 return
