@@ -22,7 +22,9 @@ when the thread count per run is the same; docs/scaling.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import json
 import os
 import platform
@@ -68,7 +70,8 @@ def ray_noop_overhead(tasks: int) -> dict:
         out = {}
         for name, workers in (("one_at_a_time", 1), ("all_at_once", None)):
             started = time.monotonic()
-            run_jobs(jobs, Execution(backend="ray", workers=workers))
+            with contextlib.redirect_stdout(io.StringIO()):  # (progress lines)
+                run_jobs(jobs, Execution(backend="ray", workers=workers))
             out[f"{name}_s_per_task"] = (time.monotonic() - started) / tasks
         return out
     finally:
@@ -144,7 +147,7 @@ def markdown(r: dict) -> str:
             f"{r['ray_overhead_s_per_run']:.1f} s"
         )
     for key, value in r["ray_noop"].items():
-        lines.append(f"- Ray no-op task, {key.replace('_', ' ')}: {value * 1000:.1f} ms")
+        lines.append(f"- Ray no-op task, {key.removesuffix('_s_per_task').replace('_', ' ')}: {value * 1000:.1f} ms")
     lines += [
         "",
         "Per-run metrics differ from sequential where the threads per run differ (cores / workers): "
