@@ -38,8 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "compare_demo.yaml"
 QUICK = ["--set", "seeds=[0]", "--set", "base.training.max_steps=4", "--set", "base.data.max_eval_samples=32"]
-QUICK_VARIANTS = ["--set", "variants=[{name: cross_entropy, overrides: {loss.terms: [{name: cross_entropy}]}}, "
-                  "{name: focal, overrides: {loss.terms: [{name: focal, gamma: 2.0}]}}]"]  # fmt: skip
+QUICK_VARIANTS = [
+    "--set",
+    (
+        "variants=[{name: cross_entropy, overrides: {loss.terms: [{name: cross_entropy}]}}, "
+        "{name: focal, overrides: {loss.terms: [{name: focal, gamma: 2.0}]}}]"
+    ),
+]
 
 
 def run_compare(out: Path, extra: list[str], quick: bool) -> dict:
@@ -49,7 +54,9 @@ def run_compare(out: Path, extra: list[str], quick: bool) -> dict:
         command += QUICK + QUICK_VARIANTS
     load = os.getloadavg()[0]
     started = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        command, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     wall = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -112,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {k: {kk: vv for kk, vv in v.items() if kk != "metrics"} for k, v in measured.items()},
         "ratio_processes_x1_over_x2": measured["processes x1"]["wall_s"] / measured["processes x2"]["wall_s"],
         "ray_overhead_s_per_run": (
-            None
-            if args.skip_ray
-            else (measured["ray x1"]["wall_s"] - measured["sequential"]["wall_s"]) / max(runs, 1)
+            None if args.skip_ray else (measured["ray x1"]["wall_s"] - measured["sequential"]["wall_s"]) / max(runs, 1)
         ),
         "ray_noop": noop,
         "metrics_identical_to_sequential": same,
@@ -150,8 +155,10 @@ def markdown(r: dict) -> str:
         lines.append(f"- Ray no-op task, {key.removesuffix('_s_per_task').replace('_', ' ')}: {value * 1000:.1f} ms")
     lines += [
         "",
-        "Per-run metrics differ from sequential where the threads per run differ (cores / workers): "
-        "a run's bits depend on its thread count (docs/scaling.md).",
+        (
+            "Per-run metrics differ from sequential where the threads per run differ (cores / workers): "
+            "a run's bits depend on its thread count (docs/scaling.md)."
+        ),
         "",
         f"Command: `.venv/bin/python benchmarks/bench_scale.py{' --quick' if r['quick'] else ''}`",
         "",
