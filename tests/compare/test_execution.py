@@ -103,14 +103,14 @@ def test_an_unreachable_ray_address_is_refused_quickly(tmp_path: Path) -> None:
 # ---- studies on the tiny model ------------------------------------------------------------------
 
 
-def study_dict(out: Path, *, variants: int = 2, seeds: int = 2, steps: int = 2) -> dict:
+def study_dict(out: Path, *, variants: int = 2, seeds: int = 2, steps: int = 2, save_steps: int = 1) -> dict:
     return {
         "output_dir": str(out),
         "base": train_config(
             None,
             validation=True,
             data={"max_train_samples": 8, "max_eval_samples": 4},
-            training={"max_steps": steps, "batch_size": 2, "save_steps": 1},
+            training={"max_steps": steps, "batch_size": 2, "save_steps": save_steps},
         ),
         "variants": [{"name": "ce"}, {"name": "ls", "overrides": {"loss.terms.0.label_smoothing": 0.1}}][:variants],
         "seeds": list(range(seeds)),
@@ -139,9 +139,10 @@ def test_processes_give_the_sequential_runs_and_bad_workers_lose_nothing(tmp_pat
     """2 runs one after the other in this process, then in 2 worker processes: the same bits
     (metrics.json, log.jsonl's losses, the model) at the same threads per run (results.json's
     identity, over the whole study, is in the slow tests)."""
-    seq_study = load_study(write_study(tmp_path / "seq", study_dict(tmp_path / "seq" / "out", variants=1)))
+    small = {"variants": 1, "save_steps": 100}  # (no checkpoint: the slow tests kill and resume)
+    seq_study = load_study(write_study(tmp_path / "seq", study_dict(tmp_path / "seq" / "out", **small)))
     par_out = tmp_path / "par" / "out"
-    data = {**study_dict(par_out, variants=1), "execution": {"backend": "processes", "workers": 2}}
+    data = {**study_dict(par_out, **small), "execution": {"backend": "processes", "workers": 2}}
     par_study = load_study(write_study(tmp_path / "par", data))
     threads = threads_per_run(par_study.config.execution)
     runner.execute(runner.plan(seq_study), execution=Execution(resources_per_run=Resources(cpus=threads)))
