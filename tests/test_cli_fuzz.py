@@ -98,6 +98,10 @@ BAD: dict[tuple[str, ...], dict[str, list]] = {
         "config": ["", "{missing}", "{dir}", ("{file}", "invalid config")],
         "--set": [("novalue", "KEY=VALUE"), ("=1", "KEY=VALUE")],
         "--effect": ["", "abc", "0", "-2%", "nan", "inf", "%", "2%%"],
+        "--backend": ["", "gpu"],
+        "--workers": ["", "0", "-1", "x"],
+        "--ray-address": ["", "head", "head:port", "ray://head:0", ":6379"],
+        "--shard": ["", "1", "0/2", "3/2", "a/b", "1/0"],
     },
 }
 FLAGS = {"--no-mask-prompt", "--force", "--json", "--help", "--version", "--plan"}  # no value to get wrong

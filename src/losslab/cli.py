@@ -55,6 +55,25 @@ def _int_in(low: int, high: int = MAX_INT) -> Callable[[str], int]:
     return parse
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N, e.g. ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``."""
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected K/N (share K of N, e.g. 1/4), got {text!r}")
+    if not 1 <= int(k) <= int(n):
+        raise argparse.ArgumentTypeError(f"K must be between 1 and N, got {text!r}")
+    return int(k), int(n)
+
+
+def _ray_address(text: str) -> str:
+    """``auto``, ``local``, ``host:port`` or ``ray://host:port``."""
+    rest = text.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if rest not in ("auto", "local") and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"expected host:port, ray://host:port, auto or local, got {text!r}")
+    return text
+
+
 def _fraction(text: str) -> float:
     """A number in [0, 1)."""
     try:
@@ -232,6 +251,34 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 metavar="E",
                 help="with --plan: the difference to find, relative to the baseline's mean (2%%) or absolute (0.5)",
+            )
+            p.add_argument(
+                "--backend",
+                choices=["sequential", "processes", "ray"],
+                default=None,
+                help="where the runs execute (default: the study's execution.backend, else sequential)",
+            )
+            p.add_argument(
+                "--workers",
+                type=_int_in(1),
+                default=None,
+                metavar="N",
+                help="processes: worker processes; ray: runs at once (default: the study's execution.workers)",
+            )
+            p.add_argument(
+                "--ray-address",
+                type=_ray_address,
+                default=None,
+                metavar="ADDR",
+                help="ray: the cluster to join, ray://host:10001 or host:6379 (default: a local cluster)",
+            )
+            p.add_argument(
+                "--shard",
+                type=_shard,
+                default=None,
+                metavar="K/N",
+                help="train only share K of N of the runs (a SLURM job array), no report; "
+                "then a plain `losslab compare` writes the report",
             )
         p.set_defaults(handler=_lazy(module, f"run_{name}"), path_checks={"config": _input_file})
 

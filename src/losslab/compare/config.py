@@ -145,6 +145,11 @@ class CompareConfig(_Section):
     execution: Execution = Field(
         default_factory=Execution, description="where runs execute: sequential, local processes or a Ray cluster"
     )
+    keep_models: Literal["none", "best", "all"] = Field(
+        "best",
+        description="which runs keep their final model/ once the study is in: none, best (the best seed of the "
+        "winning variant by the first primary metric) or all; metrics, logs and summaries always stay",
+    )
     keep_checkpoints: bool = Field(
         False,
         description="keep the checkpoint-* folders of finished runs and tuning trials "

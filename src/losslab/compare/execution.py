@@ -4,57 +4,92 @@ local worker processes (``processes``), or as tasks on a Ray cluster (``ray``). 
 
 Every executor gives the same per-run results: a job is a picklable zero-argument callable that
 writes everything it produces under its own folder (a run or a tuning worker), and finishes
-what an earlier, killed attempt left (runs resume from their last checkpoint).
+what an earlier, killed attempt left (runs resume from their last checkpoint). A run's torch
+thread count is part of its result on real models (a reduction split over more threads adds
+in another order), so it is fixed by the study, not by the executor: :func:`threads_per_run`.
+
+What each backend does when a worker dies, and the checks made before any job starts:
+docs/scaling.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from losslab.compare.jobs import (
+    Execution,
+    Job,
+    Progress,
+    Resources,
+    threads_per_run,
+    torch_threads,
+    usable_cores,
+)
 
-
-class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    cpus: float | None = Field(
-        None, gt=0, description="CPU cores per run (default: the machine's cores / workers; torch threads follow)"
-    )
-    gpus: float = Field(0, ge=0, description="GPUs per run (processes: one GPU per worker when > 0)")
-
-
-class Execution(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    backend: Literal["sequential", "processes", "ray"] = Field(
-        "sequential", description="sequential (this process), processes (N local workers) or ray (tasks on a cluster)"
-    )
-    workers: int | None = Field(
-        None, ge=1, description="processes: worker processes (default: 1); ray: runs at once (default: what fits)"
-    )
-    ray_address: str | None = Field(
-        None, description="ray: the cluster to join (ray://host:10001 or host:6379); default: a local cluster"
-    )
-    resources_per_run: Resources = Field(default_factory=Resources)
-    max_retries: int = Field(2, ge=0, description="times a run whose worker died is started again (it resumes)")
+__all__ = [
+    "Execution",
+    "Job",
+    "Resources",
+    "check_execution",
+    "release",
+    "run_jobs",
+    "threads_per_run",
+    "torch_threads",
+    "usable_cores",
+]
 
 
-@dataclass(frozen=True)
-class Job:
-    """One unit of work: ``fn()`` must be picklable and idempotent (rerunning a finished or
-    half-finished job finishes it without redoing what is done). ``label`` names it in progress
-    lines and errors."""
+def check_execution(execution: Execution) -> None:
+    """Refuse, before any job starts, an execution the machine or cluster cannot give: a missing
+    Ray extra, an unreachable Ray address, more workers than cores or GPUs, a run larger than
+    any Ray node. For ``ray`` this connects to the cluster (or starts the local one)."""
+    if execution.backend == "processes":
+        from losslab.compare.processes import check_processes
 
-    label: str
-    fn: Callable[[], None]
+        check_processes(execution)
+    elif execution.backend == "ray":
+        from losslab.compare.raytasks import connect
+
+        connect(execution)
+
+
+def release(execution: Execution) -> None:
+    """Stop what :func:`check_execution` started (the local Ray cluster, when losslab started it)."""
+    if execution.backend == "ray":
+        from losslab.compare.raytasks import disconnect
+
+        disconnect()
 
 
 def run_jobs(jobs: Sequence[Job], execution: Execution) -> None:
     """Run every job on the chosen backend and return once all are done; raises the first
     failure (after the other jobs have finished, so their results are kept)."""
-    if execution.backend != "sequential":
-        raise NotImplementedError(f"execution backend {execution.backend!r}")
+    if not jobs:
+        return
+    if execution.backend == "processes":
+        from losslab.compare.processes import run_processes
+
+        run_processes(jobs, execution)
+    elif execution.backend == "ray":
+        from losslab.compare.raytasks import run_ray
+
+        run_ray(jobs, execution)
+    else:
+        run_sequential(jobs)
+
+
+def run_sequential(jobs: Sequence[Job]) -> None:
+    progress = Progress(len(jobs), one_at_a_time=True)
+    errors: list[BaseException] = []
     for job in jobs:
-        job.fn()
+        progress.started(job.label)
+        try:
+            job.fn()
+        except Exception as exc:  # noqa: BLE001  (the others still run; KeyboardInterrupt stops at once)
+            progress.failed(job.label, exc)
+            errors.append(exc)
+        else:
+            progress.finished(job.label)
+    progress.close()
+    if errors:
+        raise errors[0]

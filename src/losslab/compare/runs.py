@@ -1,5 +1,6 @@
-"""The runs of a study (:class:`Run`: one variant x seed): planning them, training them one after
-the other and resumably, and reading what each wrote (``log.jsonl``, generations).
+"""The runs of a study (:class:`Run`: one variant x seed): planning them, training them resumably
+on the study's executor (:mod:`losslab.compare.execution`), and reading what each wrote
+(``log.jsonl``, generations).
 
 Each run lives in ``OUTPUT_DIR/runs/<variant>__seed<k>__<hash>/`` where ``hash`` is a hash of
 its resolved training config: a run whose ``metrics.json`` exists is finished and is not run
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from losslab.compare.config import Study, config_hash
+from losslab.compare.execution import Execution, Job, run_jobs, threads_per_run
+from losslab.errors import UserError
 from losslab.eval.report import read_metrics_json
 
 
@@ -71,42 +74,94 @@ def drop_checkpoints(run_dir: Path) -> None:
         shutil.rmtree(path)
 
 
-def execute(runs: list[Run], keep_checkpoints: bool = False) -> list[Run]:
-    """Train the unfinished runs one after the other; every run comes back with its metrics.
-    Finished runs lose their checkpoints unless ``keep_checkpoints``."""
-    todo = [r for r in runs if not r.done]
-    print(f"losslab compare: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
-    started = time.monotonic()
-    for i, run in enumerate(todo, 1):
-        print(
-            f"\n[{progress_bar(i - 1, len(todo))}] run {i}/{len(todo)}: {run.variant} seed {run.seed} -> {run.dir}"
-            + eta(started, i - 1, len(todo)),
-            flush=True,
+@dataclass(frozen=True)
+class RunJob:
+    """Training one run as a :class:`~losslab.compare.execution.Job` (picklable, idempotent): a
+    finished run (``metrics.json``) is left alone, an unfinished one resumes from its last
+    checkpoint. ``threads``: torch threads while it trains (the same in every executor).
+    ``study_dir``: the study's output_dir, which the driver has created: a worker that does not
+    see it is on storage the driver does not share."""
+
+    config: dict[str, Any]
+    study_dir: str
+    threads: int | None = None
+    keep_checkpoints: bool = False
+
+    def __call__(self) -> None:
+        from losslab.compare.execution import torch_threads
+
+        run_dir = Path(self.config["output_dir"])
+        if (run_dir / "metrics.json").is_file():
+            return
+        if not Path(self.study_dir).is_dir():
+            raise UserError(
+                f"output_dir {self.study_dir!r} is not visible on {socket.gethostname()}: put the study's "
+                "output_dir on storage every worker sees, at the same absolute path (docs/scaling.md)"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with torch_threads(self.threads):
+            train_run(self.config)
+        if not self.keep_checkpoints:
+            drop_checkpoints(run_dir)
+
+
+def execute(
+    runs: list[Run],
+    keep_checkpoints: bool = False,
+    execution: Execution | None = None,
+    shard: tuple[int, int] | None = None,
+) -> list[Run]:
+    """Train the unfinished runs on ``execution`` (default: sequential); every run comes back with
+    its metrics. Finished runs lose their checkpoints unless ``keep_checkpoints``.
+
+    ``shard`` ``(k, n)``: train only the runs at positions k-1, k-1+n, ... of the plan (a stable
+    split: n jobs of an array each take their own runs, however far the others are), and return
+    without loading metrics (the runs of other shards may still be training)."""
+    execution = execution or Execution()
+    if not runs:
+        return []
+    mine = runs if shard is None else [r for i, r in enumerate(runs) if i % shard[1] == shard[0] - 1]
+    todo = [r for r in mine if not r.done]
+    what = "" if shard is None else f" (shard {shard[0]}/{shard[1]}: {len(mine)} of them)"
+    print(
+        f"losslab compare: {len(runs)} runs{what}, {len(mine) - len(todo)} already finished, {len(todo)} to run"
+        + ("" if execution.backend == "sequential" else f" on {describe(execution)}"),
+        flush=True,
+    )
+    threads = threads_per_run(execution)
+    # ray: absolute paths, so that a worker whose working directory differs writes the same folders
+    absolute = execution.backend == "ray"
+    study_dir = str(Path(runs[0].dir).parent.parent.resolve() if absolute else Path(runs[0].dir).parent.parent)
+    Path(study_dir).mkdir(parents=True, exist_ok=True)  # (a worker that does not see it stops: RunJob)
+    jobs = [
+        Job(
+            f"{r.variant} seed {r.seed} -> {r.dir}",
+            RunJob(
+                {**r.config, "output_dir": str(r.dir.resolve() if absolute else r.dir)},
+                study_dir,
+                threads,
+                keep_checkpoints,
+            ),
         )
-        run.dir.mkdir(parents=True, exist_ok=True)
-        train_run(run.config)
-        if not keep_checkpoints:
-            drop_checkpoints(run.dir)
-    if todo:
-        print(
-            f"[{progress_bar(len(todo), len(todo))}] {len(todo)} runs in {time.monotonic() - started:.0f} s", flush=True
-        )
+        for r in todo
+    ]
+    run_jobs(jobs, execution)
     if not keep_checkpoints:  # also those left by a run killed after its metrics.json
-        for run in runs:
-            drop_checkpoints(run.dir)
-    return [r.load() for r in runs]
+        for run in mine:
+            if run.done:
+                drop_checkpoints(run.dir)
+    return mine if shard is not None else [r.load() for r in runs]
 
 
-def progress_bar(done: int, total: int, width: int = 20) -> str:
-    filled = round(width * done / total) if total else width
-    return "#" * filled + "." * (width - filled)
-
-
-def eta(started: float, done: int, total: int) -> str:
-    if done == 0:
-        return ""
-    left = (time.monotonic() - started) / done * (total - done)
-    return f" (about {left / 60:.1f} min left)"
+def describe(execution: Execution) -> str:
+    """``2 worker processes, 1 thread each`` and the like, for the first progress line."""
+    threads = threads_per_run(execution)
+    if execution.backend == "processes":
+        n = execution.workers or 1
+        gpus = f", GPU share {execution.resources_per_run.gpus:g}" if execution.resources_per_run.gpus else ""
+        return f"{n} worker process{'es' if n > 1 else ''}, {threads} thread{'s' if threads > 1 else ''} each{gpus}"
+    at_once = f"at most {execution.workers} at once" if execution.workers else "as many at once as fit"
+    return f"Ray ({at_once}, {threads} thread{'s' if threads > 1 else ''} per run)"
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
