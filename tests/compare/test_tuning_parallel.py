@@ -117,12 +117,14 @@ def fork(work: TuningWorker, train: Any) -> multiprocessing.process.BaseProcess:
 
 
 def check_records(study: Study, result: dict[str, Any], budget: int) -> list[dict[str, Any]]:
-    """Every trial once, ``budget`` finished, one folder each, and the best value is the best of the
-    finished trials' own ``metrics.json``; returns the trials."""
+    """Every trial once, ``budget`` finished, one folder and distinct values each, and the best value
+    is the best of the finished trials' own ``metrics.json``; returns the trials."""
     trials = result["trials"]
     numbers = [t["number"] for t in trials]
     assert numbers == list(range(len(trials)))  # each trial once, none lost
     assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials) == budget
+    drawn = [t["params"][KEY] for t in trials if t["params"]]
+    assert len(set(drawn)) == len(drawn)  # no worker (nor a worker started again) repeats another's values
     folders = [t["folder"] for t in trials if t["folder"]]
     assert len(set(folders)) == len(folders)  # no two trials share a folder
     assert all(Path(f).name.startswith(f"trial{t['number']}__") for t in trials for f in [t["folder"]] if f)
@@ -282,3 +284,45 @@ def test_real_training_two_spawned_workers_a_kill_then_a_resume(tmp_path: Path) 
     killed = [t for t in trials if t["state"] == "FAIL"]
     assert len(killed) == 1 and not (Path(killed[0]["folder"]) / "metrics.json").exists()
     assert killed[0]["failed"]  # by the other worker (a dead pid here), or by the resume
+
+
+@pytest.mark.slow
+def test_real_training_on_the_processes_backend_a_worker_killed_mid_trial(tmp_path: Path) -> None:
+    """The same through ``losslab compare``'s executor: ``execution: {backend: processes, workers:
+    2}``; one worker process SIGKILLed while its trial trains is started again by the executor,
+    and the study still ends with the budget of finished trials, each recorded once."""
+    import threading
+
+    from losslab.compare.execution import Execution
+
+    study = make_study(tmp_path, trials=3, steps=4, pruner="median")
+    study.config.execution = Execution(backend="processes", workers=2, max_retries=1)
+    ostudy = create(study)
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def tune() -> None:
+        try:
+            results.append(tune_variant(study, study.config.variants[0]))
+        except BaseException as exc:  # noqa: BLE001  (reported by the test below)
+            errors.append(exc)
+
+    thread = threading.Thread(target=tune)
+    thread.start()
+    killed: list[int] = []
+
+    def a_trial_trains() -> bool:
+        for t in ostudy.get_trials(states=(S.RUNNING,)):
+            folder, pid = t.user_attrs.get("folder"), t.user_attrs.get("worker", {}).get("pid")
+            if pid and folder and (Path(folder) / "log.jsonl").is_file():
+                killed.append(t.number)
+                os.kill(pid, signal.SIGKILL)
+                return True
+        return False
+
+    wait_for(lambda: a_trial_trains() or not thread.is_alive(), timeout=600, poll=0.02)
+    thread.join(900)
+    assert killed and not errors and results, errors
+    trials = check_records(study, results[0], budget=3)
+    assert [t["number"] for t in trials if t["state"] == "FAIL"] == killed
+    assert tune_variant(study, study.config.variants[0])["trials"] == trials  # a resume changes nothing

@@ -18,7 +18,7 @@ from losslab.compare.runs import drop_checkpoints
 from losslab.compare.tuning_worker import TuningWorker, fail_trial, make_pruner, make_sampler, open_storage
 from losslab.errors import UserError
 
-#: worker i of a round samples with seed ``trials so far + SEED_STRIDE * i`` (distinct draws)
+#: worker i samples with seed ``SEED_STRIDE * i`` + the trials in the study when it starts (distinct draws)
 SEED_STRIDE = 1_000_003
 
 
@@ -106,12 +106,10 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
         if done >= t.trials:
             break
         n = tuning_workers(study, t.trials - done)
-        # Resumed: a sampler seeded as in the first attempt would draw that attempt's parameters again.
-        trials_so_far = len(ostudy.get_trials(deepcopy=False))
         jobs = [
             Job(
                 f"tune {variant.name} worker {i}",
-                TuningWorker(study, variant.name, name, storage, t.trials, trials_so_far + SEED_STRIDE * i, n > 1),
+                TuningWorker(study, variant.name, name, storage, t.trials, SEED_STRIDE * i, n > 1),
             )
             for i in range(n)
         ]

@@ -162,7 +162,7 @@ def claim_lock(path: Path) -> Iterator[None]:
 class TuningWorker:
     """A :class:`~losslab.compare.execution.Job` function: run trials of ``variant``'s Optuna study
     ``study_name`` in ``storage`` (an :func:`open_storage` spec) until it holds ``budget``
-    finished trials, sampling with ``seed``. Idempotent: rerunning it after a kill (or after the
+    finished trials, sampling with seed ``seed`` + the number of trials in the study when it starts. Idempotent: rerunning it after a kill (or after the
     budget is reached) claims only the trials still missing."""
 
     study: Study
@@ -182,12 +182,12 @@ class TuningWorker:
 
         t = self.study.config.tuning
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        ostudy = optuna.load_study(
-            study_name=self.study_name,
-            storage=open_storage(self.storage),
-            sampler=make_sampler(t.sampler, trials=self.budget, seed=self.seed, parallel=self.parallel),
-            pruner=make_pruner(t.pruner),
-        )
+        storage = open_storage(self.storage)
+        ostudy = optuna.load_study(study_name=self.study_name, storage=storage, pruner=make_pruner(t.pruner))
+        # seeded with the trials so far too: a worker started again after a kill (or a resumed study)
+        # must not draw its first attempt's values again
+        seed = self.seed + len(ostudy.get_trials(deepcopy=False))
+        ostudy.sampler = make_sampler(t.sampler, trials=self.budget, seed=seed, parallel=self.parallel)
         while (trial := self.claim(ostudy)) is not None:
             self.run_trial(ostudy, trial)
 
