@@ -25,7 +25,7 @@ import yaml
 from losslab.compare import tuning_worker
 from losslab.compare.config import Study, load_study
 from losslab.compare.execution import Job, run_jobs
-from losslab.compare.tuning import storage_spec, study_name, tune_variant
+from losslab.compare.tuning import SEED_STRIDE, storage_spec, study_name, tune_variant
 from losslab.compare.tuning_worker import TuningWorker, open_storage, owner
 
 from ..conftest import train_config, wait_for
@@ -90,10 +90,12 @@ def fake_train(block: Path | None = None, seconds: float = 0.0):
     return train
 
 
-def worker(study: Study, seed: int = 0) -> TuningWorker:
+def worker(study: Study, index: int = 0) -> TuningWorker:
+    """Tuning worker ``index`` of the study's variant, as :func:`tune_variant` makes them."""
     variant = study.config.variants[0]
     t = study.config.tuning
-    return TuningWorker(study, variant.name, study_name(study, variant), storage_spec(study), t.trials, seed, True)
+    name, storage = study_name(study, variant), storage_spec(study)
+    return TuningWorker(study, variant.name, name, storage, t.trials, SEED_STRIDE * index, True)
 
 
 def create(study: Study) -> optuna.Study:
@@ -143,7 +145,7 @@ def check_records(study: Study, result: dict[str, Any], budget: int) -> list[dic
 def test_two_workers_on_one_journal_fill_the_budget_exactly(tmp_path: Path) -> None:
     study = make_study(tmp_path, trials=7)
     create(study)
-    procs = [fork(worker(study, seed), fake_train(seconds=0.3)) for seed in (0, 1)]
+    procs = [fork(worker(study, i), fake_train(seconds=0.3)) for i in (0, 1)]
     for proc in procs:
         proc.join(60)
         assert proc.exitcode == 0
@@ -252,7 +254,7 @@ def test_real_training_two_spawned_workers_a_kill_then_a_resume(tmp_path: Path) 
     study = make_study(tmp_path, trials=3, steps=4, pruner="median")
     ostudy = create(study)
     spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=worker(study, seed)) for seed in (0, 1)]
+    procs = [spawn.Process(target=worker(study, i)) for i in (0, 1)]
     for proc in procs:
         proc.start()
     victim, other = procs
