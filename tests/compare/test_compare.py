@@ -298,7 +298,7 @@ def test_tuning_runs_trials_resumes_and_runs_the_best_on_every_seed(tmp_path: Pa
     path = write_study(tmp_path, data)
     results = compare(load_study(path))
     tuning = results["tuning"]["ce_consistency"]
-    assert len(tuning["trials"]) == 2 and (tmp_path / "out" / "tuning.db").is_file()
+    assert len(tuning["trials"]) == 2 and (tmp_path / "out" / "tuning.journal").is_file()
     best = tuning["best_params"]["loss.terms.1.weight.start"]
     assert 0.1 <= best <= 0.7 and results["variants"]["ce_consistency"]["tuned"] == tuning["best_params"]
     run_dir = Path(results["variants"]["ce_consistency"]["runs"]["1"])

@@ -92,7 +92,9 @@ class TuningConfig(_Section):
         description="stop a trial at an evaluation where tuning.metric is worse than the median of earlier trials at that step",
     )
     storage: str | None = Field(
-        None, description="Optuna storage URL; default sqlite:///OUTPUT_DIR/tuning.db (resumable)"
+        None,
+        description="Optuna storage: a database URL; default the journal file OUTPUT_DIR/tuning.journal "
+        "(OUTPUT_DIR/tuning.db where an older study left one); shared by parallel tuning workers, resumable",
     )
     seed: int | None = Field(None, description="training seed of the tuning trials (default: the first seed)")
 
@@ -131,7 +133,7 @@ class CompareConfig(_Section):
         description="the metrics whose (variant, metric) tests form the confirmatory family that Holm's "
         "correction is taken over (default: the first of `metrics`); every other metric is a family of its own",
     )
-    output_dir: OutputDir = Field(description="study folder: runs/, results.json, report.html, tuning.db")
+    output_dir: OutputDir = Field(description="study folder: runs/, results.json, report.html, tuning.journal")
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     examples: int = Field(5, ge=0, description="test prompts shown side by side in the report (generation tasks)")

@@ -1,30 +1,25 @@
 """Tuning a variant's declared loss weights / schedule parameters on the validation split with
 Optuna: one resumable study per tuned variant (:func:`tune_all`), a trial being one training
-run, pruned early by the median pruner through :mod:`losslab.train.hooks`.
+run, pruned early by the median pruner through :mod:`losslab.train.hooks`. The trials run on the
+study's executor (``execution:``): ``workers`` tuning workers
+(:class:`~losslab.compare.tuning_worker.TuningWorker`) share one storage.
 
-Where studies and trials are stored, how a rerun resumes them, and what pruning costs:
-docs/compare.md, "Tuning".
+Where studies and trials are stored, how a rerun resumes them, what a kill leaves, what pruning
+costs and what is reproducible: docs/compare.md, "Tuning".
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from losslab.compare.config import Param, Study, Variant, config_hash, digest
-from losslab.compare.runs import drop_checkpoints, train_run
+from losslab.compare.config import Study, Variant, config_hash, digest
+from losslab.compare.execution import Job, run_jobs
+from losslab.compare.runs import drop_checkpoints
+from losslab.compare.tuning_worker import TuningWorker, fail_trial, make_pruner, make_sampler, open_storage
 from losslab.errors import UserError
-from losslab.eval.report import read_metrics_json
 
-
-def suggest(trial: Any, key: str, param: Param) -> Any:
-    if param.type == "categorical":
-        return trial.suggest_categorical(key, param.choices)
-    low, high = param.low, param.high
-    assert low is not None and high is not None, "Param's validator requires low and high for float/int"
-    if param.type == "int":
-        return trial.suggest_int(key, int(low), int(high), log=param.log)
-    return trial.suggest_float(key, low, high, log=param.log)
+#: worker i samples with seed ``SEED_STRIDE * i`` + the trials in the study when it starts (distinct draws)
+SEED_STRIDE = 1_000_003
 
 
 def study_name(study: Study, variant: Variant) -> str:
@@ -45,85 +40,89 @@ def study_name(study: Study, variant: Variant) -> str:
     return f"{variant.name}__{digest(what)}"
 
 
-def make_sampler(kind: str, *, trials: int, seed: int) -> Any:
-    """TPE (random for its first ``min(10, max(2, trials // 2))`` trials, so a small budget still
-    gets model-guided trials) or random search, seeded with ``seed``."""
+def storage_spec(study: Study) -> str:
+    """Where the study's Optuna studies live: ``tuning.storage`` (a database URL) if given; else
+    ``OUTPUT_DIR/tuning.db`` (SQLite) when an earlier losslab version left one there (so its
+    studies resume); else the journal file ``OUTPUT_DIR/tuning.journal``."""
+    if study.config.tuning.storage:
+        return study.config.tuning.storage
+    old = (study.out / "tuning.db").resolve()
+    if old.is_file():
+        return f"sqlite:///{old}"
+    return str((study.out / "tuning.journal").resolve())
+
+
+def tuning_workers(study: Study, left: int) -> int:
+    """Tuning workers for ``left`` missing trials: 1 under the sequential backend, else
+    ``execution.workers`` (processes: default 1; ray: default one per missing trial, Ray runs
+    what fits), never more than ``left``."""
+    e = study.config.execution
+    if e.backend == "sequential":
+        return 1
+    wanted = e.workers or (left if e.backend == "ray" else 1)
+    return max(1, min(wanted, left))
+
+
+def fail_orphans(ostudy: Any) -> list[int]:
+    """Fail every running trial: called only while no worker of the study runs, so each was left
+    by a killed worker (of an earlier attempt, or of this one on another host)."""
     import optuna
 
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 2)))
-    return optuna.samplers.RandomSampler(seed=seed)
+    running = ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        fail_trial(ostudy, t, "its worker was killed (found running when no worker ran)")
+    return [t.number for t in running]
 
 
 def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
-    """Run (or resume) the variant's Optuna study; returns its history and best values."""
+    """Run (or resume) the variant's Optuna study on the study's executor until it holds
+    ``tuning.trials`` finished (complete or pruned) trials; returns its history and best values."""
     import optuna
 
     cfg = study.config
     t = cfg.tuning
     seed = cfg.seeds[0] if t.seed is None else t.seed
-    storage = t.storage or f"sqlite:///{(study.out / 'tuning.db').resolve()}"
+    storage = storage_spec(study)
     name = study_name(study, variant)
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-        if t.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ostudy = optuna.create_study(
         study_name=name,
-        storage=storage,
+        storage=open_storage(storage),
         sampler=make_sampler(t.sampler, trials=t.trials, seed=0),
-        pruner=pruner,
+        pruner=make_pruner(t.pruner),
         direction="maximize" if t.direction == "max" else "minimize",
         load_if_exists=True,
     )
-    # Resumed: a sampler seeded as in the first attempt would draw that attempt's parameters again.
-    ostudy.sampler = make_sampler(t.sampler, trials=t.trials, seed=len(ostudy.trials))
-    finished = {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    S = optuna.trial.TrialState
 
-    def objective(trial: Any) -> float:
-        params = {key: suggest(trial, key, p) for key, p in variant.tune.items()}
-        data = study.resolve(variant, seed, params)
-        folder = study.out / "tuning" / variant.name / f"trial{trial.number}__{config_hash(data)}"
-        print(f"\ntuning {variant.name}: trial {trial.number + 1}/{t.trials} {params} -> {folder}", flush=True)
+    def finished() -> int:
+        return len(ostudy.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED)))
 
-        def report(step: int, validation_metrics: Any) -> None:
-            value = validation_metrics().get(t.metric)
-            if value is None or not math.isfinite(value):
-                return
-            trial.report(float(value), step)
-            if trial.should_prune():
-                print(
-                    f"tuning {variant.name}: trial {trial.number + 1} pruned at step {step} ({t.metric} = {value:.4g})",
-                    flush=True,
-                )
-                raise optuna.TrialPruned(f"step {step}: {t.metric} = {value:.4g}")
-
-        if not (folder / "metrics.json").is_file():
-            try:
-                train_run({**data, "output_dir": str(folder)}, on_evaluate=report if t.pruner != "none" else None)
-            finally:  # an ended trial is never resumed (a rerun starts new trials)
-                if not cfg.keep_checkpoints:
-                    drop_checkpoints(folder)
-        metrics = read_metrics_json(folder / "metrics.json")
-        value = metrics.get(t.metric)
-        if value is None:
-            raise UserError(
-                f"tuning.metric {t.metric!r} is not in {folder / 'metrics.json'} "
-                f"(available: {', '.join(k for k in metrics if k.startswith('validation/'))})"
+    while True:
+        failed = fail_orphans(ostudy)
+        if failed:
+            print(f"tuning {variant.name}: trials {failed} were left running by a killed worker: marked FAIL")
+        done = finished()
+        if done >= t.trials:
+            break
+        n = tuning_workers(study, t.trials - done)
+        jobs = [
+            Job(
+                f"tune {variant.name} worker {i}",
+                TuningWorker(study, variant.name, name, storage, t.trials, SEED_STRIDE * i, n > 1),
             )
-        return float(value)
-
-    left = t.trials - sum(tr.state in finished for tr in ostudy.trials)
-    if left > 0:
-        ostudy.optimize(objective, n_trials=left, catch=())
+            for i in range(n)
+        ]
+        print(f"tuning {variant.name}: {done}/{t.trials} trials finished, {n} worker(s) on {storage}", flush=True)
+        run_jobs(jobs, cfg.execution)
+        if finished() == done:  # every worker ended without finishing a trial, and none raised
+            raise UserError(f"tuning {variant.name!r}: the workers finished no trial ({done}/{t.trials} done)")
     if not cfg.keep_checkpoints:  # also those of trials killed in an earlier attempt
         for folder in (study.out / "tuning" / variant.name).glob("trial*"):
             drop_checkpoints(folder)
-    complete = [tr for tr in ostudy.trials if tr.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise UserError(f"tuning {variant.name!r}: no trial completed (all {len(ostudy.trials)} pruned or failed)")
+    trials = ostudy.get_trials()
+    if not any(tr.state == S.COMPLETE for tr in trials):
+        raise UserError(f"tuning {variant.name!r}: no trial completed (all {len(trials)} pruned or failed)")
     return {
         "study_name": name,
         "storage": storage,
@@ -142,8 +141,10 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
                     tr.intermediate_values[max(tr.intermediate_values)] if tr.intermediate_values else None
                 ),
                 "last_step": max(tr.intermediate_values) if tr.intermediate_values else None,
+                "folder": tr.user_attrs.get("folder"),
+                "failed": tr.user_attrs.get("failed"),
             }
-            for tr in ostudy.trials
+            for tr in trials
         ],
     }
 
