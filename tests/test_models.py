@@ -9,7 +9,15 @@ from losslab import models
 from losslab.errors import UserError
 
 
-@pytest.mark.parametrize("name", ["builtin:smollm2-135m-instruct", "builtin:tiny-llama"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        # SmolLM2's forward + backward is ~25-45 s of one core; its weights are checked in the default
+        # suite by test_smollm2_cache_equals_gguf, its training by the slow example runs
+        pytest.param("builtin:smollm2-135m-instruct", marks=pytest.mark.slow),
+        "builtin:tiny-llama",
+    ],
+)
 def test_causal_lm_forward_backward(name: str) -> None:
     model = models.load_causal_lm(name)
     tokenizer = models.load_tokenizer(name)

@@ -88,6 +88,7 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow  # ~40-80 s of one core: run by hand (`pytest -m slow tests/train/test_distributed.py`)
 @pytest.mark.skipif(
     shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
     reason="torchrun not installed",

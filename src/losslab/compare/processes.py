@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import pickle
 import signal
 import traceback
 from collections import deque
@@ -89,13 +88,15 @@ def worker_main(conn: Connection, threads: int, gpu: str | None) -> None:
 
 
 def portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling, else a RuntimeError with its traceback text."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return RuntimeError(f"{type(exc).__name__}: {exc}\n{text}")
+    """What the parent needs of a run's exception, as a type every process can rebuild: a
+    ``UserError`` or ``KeyboardInterrupt`` as such (its message), anything else as a RuntimeError
+    holding its traceback text (no arbitrary exception object crosses the pipe)."""
+    if isinstance(exc, UserError):
+        return UserError(str(exc))
+    if isinstance(exc, KeyboardInterrupt):
+        return KeyboardInterrupt()
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RuntimeError(f"{type(exc).__name__}: {exc}\n{text}")
 
 
 @dataclass
