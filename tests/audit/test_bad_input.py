@@ -120,4 +120,15 @@ def test_config_audit_missing_is_a_clear_error(tmp_path: Path, capsys, monkeypat
     monkeypatch.setattr(importlib, "import_module", without_training)
     config = tmp_path / "run.yaml"
     config.write_text("task: causal_lm\n")
-    assert "auditing a train/compare config" in bad(capsys, str(config))
+    assert main(["audit", str(config)]) == 2  # (no --workers: a records-only option, refused for a config)
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err and "auditing a train/compare config" in err
+
+
+def test_records_only_options_are_refused_for_a_config(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("task: causal_lm\n")
+    for option in (["--labels", str(config)], ["--mask", "last"], ["--limit", "3"], ["--workers", "1"]):
+        assert main(["audit", str(config), *option]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and f"argument {option[0]}: applies to a records audit only" in err

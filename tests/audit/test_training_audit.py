@@ -100,6 +100,25 @@ def test_normalisation(setup: AuditSetup) -> None:
     assert len(skipped) == len(losses) and all("processes" in f.message for f in skipped)
 
 
+def test_a_failed_two_process_check_and_a_raising_user_loss(setup: AuditSetup) -> None:
+    def torchrun_fails(spec: str | None, collator: str) -> None:
+        raise RuntimeError("torchrun exited with 1: gloo could not bind")
+
+    rows, findings = check_normalisation(
+        setup, [LossUnderTest("losslab")], two_processes=torchrun_fails, where="c.yaml"
+    )
+    failed = [f for f in findings if f.kind == "check_failed"]
+    assert len(failed) == 1 and failed[0].level == KINDS["check_failed"][0] == "warning"
+    assert "gloo could not bind" in failed[0].message
+    assert {r["check"]: r["verdict"] for r in rows}["processes"] == "skipped"
+
+    def broken(outputs, labels, num_items_in_batch=None):
+        raise KeyError("logits")
+
+    with pytest.raises(UserError, match=r"--loss-func: my_loss.py:broken raised KeyError"):
+        check_normalisation(setup, [LossUnderTest("mine", spec="my_loss.py:broken", func=broken)], where="c.yaml")
+
+
 def test_scale_shares_and_low_share(setup: AuditSetup) -> None:
     rows, findings, summary = check_scale(setup, where="c.yaml")
     by_term = {r["term"]: r for r in rows}

@@ -21,7 +21,7 @@ import yaml
 from losslab.compare import runs as runner
 from losslab.compare.config import load_study
 from losslab.compare.execution import Execution, Job, Resources, run_jobs, threads_per_run, usable_cores
-from losslab.compare.keep import best_run, keep_models
+from losslab.compare.keep import best_run, drop_model, keep_models
 from losslab.compare.study import compare
 from losslab.errors import UserError
 
@@ -338,3 +338,14 @@ def test_shards_then_a_plain_compare_give_the_sequential_results(sequential4: Pa
     finally:
         runner.train_run = real
     assert calls == [] and per_run(out) == per_run(sequential4) and results(out) == results(sequential4)
+
+
+def test_drop_model_deletes_the_adapter_and_the_merged_model(tmp_path: Path) -> None:
+    """A LoRA run with ``merge: true`` holds two final models; a dropped run keeps neither, and
+    what a kill mid-way left (``.deleting-*``) is finished."""
+    for name in ("model", "model_merged", ".deleting-model"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.safetensors").write_bytes(b"x")
+    (tmp_path / "metrics.json").write_text("{}")
+    drop_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -231,6 +231,15 @@ def test_no_teacher_is_a_config_error(tmp_path: Path, capsys: Any) -> None:
     assert code == 2 and "distill.teacher: task distill needs distill.teacher" in err
 
 
+def test_a_distill_section_under_another_task_is_a_config_error(tmp_path: Path, capsys: Any) -> None:
+    """Forgetting ``task: distill`` would otherwise train plain SFT and ignore the teacher."""
+    config = train_config(tmp_path / "out", distill={"teacher": TINY_LLAMA})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = run_cli(["train", str(path)], capsys)
+    assert code == 2 and "read by task distill only" in err and "causal_lm" in err
+
+
 def test_a_student_with_another_vocabulary_is_a_config_error(
     tmp_path: Path, capsys: Any, no_model: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

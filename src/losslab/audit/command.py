@@ -41,7 +41,26 @@ def run_audit(args: argparse.Namespace) -> int:
     return report.exit_status(args.fail_on)
 
 
+RECORDS_ONLY = {
+    "labels": None,
+    "mask": None,
+    "template": None,
+    "max_length": None,
+    "limit": None,
+    "worst": 10,
+    "workers": 0,
+}
+"""Options of a records audit, at their defaults: refused for a config (its data settings are the config's)."""
+
+
 def _audit_config(args: argparse.Namespace) -> AuditReport:
+    for name, default in RECORDS_ONLY.items():
+        if getattr(args, name, default) != default:
+            option = "--" + name.replace("_", "-")
+            raise UserError(
+                f"argument {option}: applies to a records audit only; {args.target} is a config "
+                "(its data, mask and template settings are the config's own)"
+            )
     try:
         training = importlib.import_module("losslab.audit.training")
     except ModuleNotFoundError as exc:

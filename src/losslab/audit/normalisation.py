@@ -12,12 +12,14 @@ weights; it passes when the loss's and the worst tensor's are at most :data:`TOL
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from losslab.audit.findings import Finding
 from losslab.audit.one_step import Step, UserLoss, step_difference, trainer_step
 from losslab.audit.setup import AuditSetup
+from losslab.errors import UserError
 from losslab.train.adapter import LossAdapter
 
 TOLERANCE = 1e-5
@@ -75,7 +77,14 @@ def check_normalisation(
                 seed=seed,
             )
 
-        ref = step("padded", b)
+        try:
+            ref = step("padded", b)
+        except Exception as exc:  # the user's loss (or the config's terms) on the reference step
+            if subject.func is None:
+                raise
+            raise UserError(
+                f"argument --loss-func: {subject.spec} raised {type(exc).__name__}: {exc}", where=where
+            ) from None
         cases: list[tuple[str, str, Callable[[], Step] | None, str]] = [
             ("accumulation", f"{b // 2} x accumulation 2 vs {b} x 1", lambda: step("padded", b // 2, 2), "")
         ]
@@ -100,7 +109,15 @@ def check_normalisation(
                     Finding("check_skipped", "info", f"{check} check skipped for {subject.label}: {why_not}", where)
                 )
                 continue
-            other = run_case()
+            try:
+                other = run_case()
+            except (RuntimeError, subprocess.SubprocessError) as exc:  # torchrun failed or timed out
+                why = f"it failed: {str(exc)[-500:]}"
+                rows.append({**row, "verdict": "skipped", "note": why})
+                findings.append(
+                    Finding("check_failed", "warning", f"{check} check not verified for {subject.label}: {why}", where)
+                )
+                continue
             d = step_difference(other, ref)
             passed = d.loss <= TOLERANCE and d.grad_max <= TOLERANCE
             rows.append(

@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[Level, str]] = {
     "packing_mismatch": ("error", "the batch packed into one row gives another first step than padded"),
     "processes_mismatch": ("error", "2 processes of B/2 give another first step than 1 process of B"),
     "check_skipped": ("info", "a comparison that could not run here (no torchrun, no packing for the task)"),
+    "check_failed": ("warning", "a comparison that started and failed (torchrun exited or timed out): not verified"),
     "term_gradient_share_low": ("warning", "a loss term below 1 % of the gradient norm at the start"),
     "term_weight_zero_at_start": ("info", "a loss term whose scheduled weight is 0 at step 0"),
     "loss_scale_spread": ("warning", "a study's variants whose losses or gradient norms differ 10x or more"),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from losslab.compare.config import Study
 from losslab.compare.runs import Run
+from losslab.train.lora import MERGED_DIR
 
 
 def primary_metric(study: Study) -> tuple[str, str]:
@@ -48,8 +49,8 @@ def best_run(study: Study, runs: list[Run]) -> Run | None:
 
 
 def keep_models(study: Study, runs: list[Run]) -> list[Path]:
-    """Delete the ``model/`` folders the study's ``keep_models`` does not keep (runs and tuning
-    trials); returns the run folders whose model is kept."""
+    """Delete the final models (``model/``, ``model_merged/``) the study's ``keep_models`` does not
+    keep (runs and tuning trials); returns the run folders whose model is kept."""
     mode = study.config.keep_models
     if mode == "all":
         return [r.dir for r in runs if (r.dir / "model").is_dir()]
@@ -62,11 +63,18 @@ def keep_models(study: Study, runs: list[Run]) -> list[Path]:
     return kept
 
 
+MODEL_DIRS = ("model", MERGED_DIR)
+"""The folders of a run that hold a final model: ``model/`` and, for LoRA with ``merge: true``,
+the merged full model."""
+
+
 def drop_model(folder: Path) -> None:
-    """Delete ``folder/model`` (renamed first: a kill mid-way leaves no half model named model/)."""
-    model = folder / "model"
-    if model.is_dir():
-        model.rename(folder / ".deleting-model")
-    doomed = folder / ".deleting-model"
-    if doomed.is_dir():
-        shutil.rmtree(doomed)
+    """Delete ``folder``'s final models (:data:`MODEL_DIRS`; each renamed first: a kill mid-way
+    leaves no half model under its own name)."""
+    for name in MODEL_DIRS:
+        model, doomed = folder / name, folder / f".deleting-{name}"
+        if doomed.is_dir():  # left by a kill during an earlier delete
+            shutil.rmtree(doomed)
+        if model.is_dir():
+            model.rename(doomed)
+            shutil.rmtree(doomed)

@@ -42,7 +42,7 @@ def check_processes(execution: Execution) -> None:
     workers = execution.workers or 1
     cores = usable_cores()
     cpus = execution.resources_per_run.cpus
-    if workers > cores:
+    if cpus is None and workers > cores:  # (with cpus set, the check below is the one that counts)
         raise UserError(
             f"field 'execution.workers': {workers} worker processes, but this machine gives {cores} CPU cores; "
             f"use at most {cores}"

@@ -47,6 +47,7 @@ def compare(study: Study, shard: tuple[int, int] | None = None) -> dict:
     try:  # before any run: nothing of a finished run is touched
         check_execution(cfg.execution)
     except UserError as exc:
+        release(cfg.execution)  # a local Ray cluster started by the check, then refused
         line = study.lines.get(("execution",))
         where = exc.where or (f"{study.source}:{line}" if line else study.source)
         raise UserError(exc.message, where=where) from None

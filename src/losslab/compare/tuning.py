@@ -115,7 +115,10 @@ def tune_variant(study: Study, variant: Variant) -> dict[str, Any]:
         ]
         print(f"tuning {variant.name}: {done}/{t.trials} trials finished, {n} worker(s) on {storage}", flush=True)
         run_jobs(jobs, cfg.execution)
-        if finished() == done:  # every worker ended without finishing a trial, and none raised
+        running = ostudy.get_trials(deepcopy=False, states=(S.RUNNING,))
+        # no trial finished and none left running for the next round to mark FAIL and replace (a
+        # worker retried on another node may have seen the budget taken by its own dead trial)
+        if finished() == done and not running:
             raise UserError(f"tuning {variant.name!r}: the workers finished no trial ({done}/{t.trials} done)")
     if not cfg.keep_checkpoints:  # also those of trials killed in an earlier attempt
         for folder in (study.out / "tuning" / variant.name).glob("trial*"):

@@ -418,6 +418,11 @@ class TrainConfig(_Section):
         self._check_early_stopping()
         if self.task == "distill":
             self._check_distill()
+        elif self.distill != DistillConfig():
+            raise ValueError(
+                f"distill: the section is read by task distill only, and this config's task is {self.task}; "
+                "set task: distill, or remove the distill section"
+            )
         return self
 
     def _check_distill(self) -> None:

@@ -95,6 +95,8 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         raise UserError(f"top_k {d.top_k} exceeds the vocabulary ({vocab} tokens)", where="distill.top_k")
     if fused and not checked_head(student):
         fused = False
+        if mode == "fused":  # the teacher's side follows: a fused teacher needs a fused student
+            mode = "logits"
         print("fused loss head off: the student's logits are not its LM head applied to its last hidden state")
     if mode == "fused" and teacher is not None and not checked_head(teacher):
         mode, fused = "logits", False
