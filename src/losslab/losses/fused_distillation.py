@@ -43,6 +43,26 @@ def default_distillation_chunk_size(num_rows: int, vocab: int, dtype: torch.dtyp
     return max(1, min(num_rows, MAX_CHUNK_ROWS, rows))
 
 
+def forward_kl_with_grad(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL rows ``T^2 KL(p_T || q_T)`` (r,) of student and teacher logits (r, V) (the
+    compute dtype), and their gradient with respect to the student's logits times ``scale`` (r,):
+    ``T scale (q_T - p_T)`` (r, V), in closed form (no autograd graph: the fused head's hot path,
+    where autograd through the per-row formula cost 1.5x the plain loss). ``0 log 0 = 0``; a
+    student probability of 0 where the teacher's is not gives inf, as :func:`distillation_loss`."""
+    t = temperature
+    log_q = torch.log_softmax(student / t if t != 1.0 else student, dim=-1)
+    log_p = torch.log_softmax(teacher / t if t != 1.0 else teacher, dim=-1)
+    p = log_p.exp()
+    terms = p * (log_p - log_q)  # NaN where p = 0 and log_p = -inf: dropped below
+    rows = torch.where(p > 0, terms, terms.new_zeros(())).sum(dim=-1)
+    if t != 1.0:
+        rows = rows * t**2
+    grad = log_q.exp_().sub_(p).mul_(scale.unsqueeze(-1) * t)
+    return rows, grad
+
+
 @dataclass(frozen=True)
 class _DistillationHead:
     """The chunked head on (student hidden (n, d), student weight (V, d), student bias (V,),
@@ -110,12 +130,16 @@ class _DistillationHead:
             if row_scale is None:
                 row_loss[s:e] = self._rows(z, teacher)
                 continue
-            z.requires_grad_(True)
-            with torch.enable_grad():
-                loss = self._rows(z, teacher)
-                (g_z,) = torch.autograd.grad(loss, z, grad_outputs=row_scale[s:e])
-            row_loss[s:e] = loss.detach()
-            del loss, z, teacher
+            if self.divergence == "forward_kl" and self.top_k is None and isinstance(teacher, torch.Tensor):
+                row_loss[s:e], g_z = forward_kl_with_grad(z, teacher, self.temperature, row_scale[s:e])
+                del z, teacher
+            else:
+                z.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = self._rows(z, teacher)
+                    (g_z,) = torch.autograd.grad(loss, z, grad_outputs=row_scale[s:e])
+                row_loss[s:e] = loss.detach()
+                del loss, z, teacher
             if g_hidden is not None:
                 torch.mm(g_z, w, out=g_hidden[s:e])
             if g_weight is not None:
