@@ -147,16 +147,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         metrics = token_metrics(
             model, dataset, eval_collator, config.training.eval_batch_size or config.training.batch_size
         )
-        if config.eval.generate and prompts.get(split):
-            metrics.update(
-                generation_metrics(
-                    cast(PreTrainedModel, model),
-                    tokenizer,
-                    prompts[split][: config.eval.generation_samples],
-                    config.eval.max_new_tokens,
-                    save_to=Path(config.output_dir) / f"generations_{split}.jsonl",
-                )
-            )
+        metrics.update(split_generation_metrics(config, model, tokenizer, prompts, split))
         return namespace(metrics, split)
 
     return TaskRun(
@@ -261,6 +252,23 @@ def greedy_replies(
             replies[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return [replies[i] for i in range(len(prompts))]
+
+
+def split_generation_metrics(
+    config: TrainConfig, model: torch.nn.Module, tokenizer: Any, prompts: dict[str, list], split: str
+) -> dict[str, float]:
+    """:func:`generation_metrics` of ``split``'s held-out prompts (``eval.generation_samples`` of
+    them), saved to ``generations_<split>.jsonl``; empty when ``eval.generate`` is off or the split
+    has no prompts."""
+    if not (config.eval.generate and prompts.get(split)):
+        return {}
+    return generation_metrics(
+        cast(PreTrainedModel, model),
+        tokenizer,
+        prompts[split][: config.eval.generation_samples],
+        config.eval.max_new_tokens,
+        save_to=Path(config.output_dir) / f"generations_{split}.jsonl",
+    )
 
 
 def generation_metrics(

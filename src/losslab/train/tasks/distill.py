@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
 from losslab.errors import UserError
 from losslab.eval.language_model import PerplexityAccumulator
@@ -34,7 +33,7 @@ from losslab.models import load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
 from losslab.train.task import LossNeeds, LossPlan, TaskRun
-from losslab.train.tasks.causal_lm import build_splits, generation_metrics
+from losslab.train.tasks.causal_lm import build_splits, split_generation_metrics
 from losslab.train.tasks.distill_batches import (
     TOPK_FEATURE,
     DistillCollator,
@@ -145,16 +144,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
 
     def evaluate(model: torch.nn.Module, dataset: list[dict], split: str) -> dict[str, float]:
         metrics = student_metrics(model, dataset, eval_collator, batch_size, teacher_top1(split, dataset))
-        if config.eval.generate and prompts.get(split):
-            metrics.update(
-                generation_metrics(
-                    cast(PreTrainedModel, model),
-                    tokenizer,
-                    prompts[split][: config.eval.generation_samples],
-                    config.eval.max_new_tokens,
-                    save_to=Path(config.output_dir) / f"generations_{split}.jsonl",
-                )
-            )
+        metrics.update(split_generation_metrics(config, model, tokenizer, prompts, split))
         return namespace(metrics, split)
 
     return TaskRun(
