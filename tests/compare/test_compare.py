@@ -438,6 +438,7 @@ def _without_dir(results: dict, out: Path) -> dict:
     return json.loads(json.dumps(results).replace(str(out), "OUT"))
 
 
+@pytest.mark.slow  # ~25-40 s of one core (CI time); run by hand: pytest tests/compare/test_compare.py
 def test_sigkills_then_rerun_give_the_same_results(finished, tmp_path: Path) -> None:
     """SIGKILL while the first run writes a checkpoint, then once two runs are finished; the
     rerun's results.json equals the uninterrupted study's (the fixture)."""

@@ -197,6 +197,7 @@ def _write(cfg: dict, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # ~35-40 s of one core (CI time); run by hand: pytest tests/train/test_causal_lm.py
 def test_interruptions_then_rerun_resume_to_the_same_metrics(tmp_path: Path) -> None:
     """SIGKILL while checkpoint-2 is being written, then SIGINT (clean stop, exit 130), then a
     rerun: the same metrics and per-step log as an uninterrupted run."""
