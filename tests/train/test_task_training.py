@@ -221,7 +221,18 @@ TINY_CAUSAL_LM = [
 ]
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLE_CASES))
+# the two SmolLM2 runs write 2 GB each (model and checkpoint with optimiser state): one worker runs both, one
+# after the other, so that a test run never holds 4 GB of them at once (`--dist loadgroup` in the Makefile)
+SMOLLM2_EXAMPLES = {"train_chat_sft.yaml", "train_preference.yaml"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xdist_group("smollm2_checkpoints")) if n in SMOLLM2_EXAMPLES else n
+        for n in sorted(EXAMPLE_CASES)
+    ],
+)
 def test_example_parses_and_runs(name: str, tmp_path: Path) -> None:
     task, metric = EXAMPLE_CASES[name]
     full = load_config(TrainConfig, EXAMPLES / name)
