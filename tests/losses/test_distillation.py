@@ -15,8 +15,12 @@ import torch
 
 from losslab.errors import UserError
 from losslab.losses import LossInputs, TeacherTopK, build_term, distillation_loss, token_cross_entropy
-from losslab.losses.distillation import DIVERGENCES
-from losslab.losses.fused_distillation import default_distillation_chunk_size, fused_linear_distillation
+from losslab.losses.distillation import DIVERGENCES, distillation_rows
+from losslab.losses.fused_distillation import (
+    default_distillation_chunk_size,
+    forward_kl_topk_with_grad,
+    fused_linear_distillation,
+)
 
 B, T, V, D, DT = 2, 6, 11, 5, 7
 INF = float("inf")
@@ -390,6 +394,27 @@ def test_fused_minus_inf_bias_and_cached_top_k():
         plain = distillation_loss(h @ w.T + bias, None, labels, teacher_topk=cache, divergence=divergence)
         torch.testing.assert_close(fused, plain)
         assert bool(torch.isfinite(torch.autograd.grad(fused, h)[0]).all())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_kl_top_k_closed_form_equals_autograd_of_the_formula(temperature):
+    """The fused head's closed-form top-k forward KL (value and scaled gradient) against autograd
+    through :func:`distillation_rows` in float64, with a teacher whose top-k holds -inf logits
+    (probability 0) and a student with a -inf logit outside the top-k."""
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(7, V, generator=g, dtype=torch.float64)
+    student[:, 0] = -INF
+    values, ids = torch.randn(7, V, generator=g, dtype=torch.float64)[:, 1:].topk(4, dim=-1)
+    values[2, 2:] = -INF
+    teacher = TeacherTopK(values, ids + 1)
+    scale = torch.rand(7, generator=g, dtype=torch.float64)
+    rows, grad = forward_kl_topk_with_grad(student.clone(), teacher, temperature, scale)
+    z = student.clone().requires_grad_()
+    want = distillation_rows(z, teacher, divergence="forward_kl", beta=0.5, temperature=temperature, top_k=None)
+    (want_grad,) = torch.autograd.grad(want, z, grad_outputs=scale)
+    torch.testing.assert_close(rows, want.detach())
+    torch.testing.assert_close(grad, want_grad)
+    assert bool(torch.isfinite(grad).all())
 
 
 def test_fused_without_a_graph_and_default_chunk():

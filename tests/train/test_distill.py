@@ -184,11 +184,12 @@ def test_on_policy_mixing(teacher: Any, samples: list[dict]) -> None:
     batch = DistillCollator(PaddedCollator(0), packed=False)(samples[:3])
     off = OnPolicy(0.0, seed=0, pad_token_id=0)
     forward = DistillForward(NextTokenForward(), TeacherSide("logits", teacher), off)
-    inputs = forward(student, batch)
+    inputs = forward(student, forward.prepare_training_batch(student, batch))
     assert off.generated == 0 and torch.equal(inputs.labels, batch["labels"][:, 1:])  # lmbda 0: off-policy
     on = OnPolicy(1.0, seed=0, pad_token_id=0)
     torch.manual_seed(0)
-    inputs = DistillForward(NextTokenForward(), TeacherSide("logits", teacher), on)(student, batch)
+    forward = DistillForward(NextTokenForward(), TeacherSide("logits", teacher), on)
+    inputs = forward(student, forward.prepare_training_batch(student, batch))
     assert on.generated == 1 and inputs.teacher_logits is not None and inputs.labels is not None
     assert student.training  # generation ran in eval mode and put it back
     new_labels = inputs.labels
@@ -204,6 +205,43 @@ def test_on_policy_mixing(teacher: Any, samples: list[dict]) -> None:
     decisions = [half.wants({"input_ids": torch.tensor([[i, i + 1]])}) for i in range(200)]
     assert 70 < sum(decisions) < 130
     assert decisions == [half.wants({"input_ids": torch.tensor([[i, i + 1]])}) for i in range(200)]
+
+
+def test_on_policy_completions_are_counted_as_the_tokens_trained(tmp_path: Path, monkeypatch: Any) -> None:
+    """The step's token count (``num_items_in_batch``, the loss's denominator) is taken after the
+    on-policy completions: here every completion ends after its first token (as at an early
+    end-of-sequence), and each step's count is the sum of the tokens its micro-batches train,
+    not the data's longer answers."""
+    from losslab.train.adapter import LossAdapter
+    from losslab.train.run import train
+
+    real_complete, real_loss = OnPolicy.complete, LossAdapter.compute_loss
+
+    def one_token(self: OnPolicy, model: Any, batch: dict) -> dict:
+        new = real_complete(self, model, batch)
+        trained = new["labels"] != -100
+        first = trained & (trained.cumsum(dim=1) == 1)
+        new["labels"] = new["labels"].masked_fill(trained & ~first, -100)
+        return new
+
+    seen: list[tuple[int, int]] = []  # (tokens the micro-batch trains, num_items_in_batch)
+
+    def spy(self: LossAdapter, model: Any, batch: dict, num_items_in_batch: Any = None) -> Any:
+        if model.training:
+            seen.append((int((batch["labels"][:, 1:] != -100).sum()), int(num_items_in_batch)))
+        return real_loss(self, model, batch, num_items_in_batch)
+
+    monkeypatch.setattr(OnPolicy, "complete", one_token)
+    monkeypatch.setattr(LossAdapter, "compute_loss", spy)
+    config = distill_config(tmp_path, lmbda=1.0)
+    config["data"]["max_train_samples"] = 8
+    config["training"].update(max_steps=2, batch_size=2, grad_accum=2)
+    train(TrainConfig.model_validate(config))
+    assert len(seen) == 4
+    for step in (seen[:2], seen[2:]):
+        trained = [n for n, _ in step]
+        assert all(n <= 2 for n in trained)  # one token per row: the completions were trained on
+        assert {count for _, count in step} == {sum(trained)}
 
 
 @pytest.mark.parametrize(

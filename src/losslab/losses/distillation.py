@@ -150,6 +150,21 @@ def topk_log_probs(
     return log_p, log_q
 
 
+def truncated_teacher(teacher: torch.Tensor | TeacherTopK, top_k: int | None) -> torch.Tensor | TeacherTopK:
+    """The teacher a loss with ``top_k`` compares against: full logits (n, V) unchanged when
+    ``top_k`` is None, else its ``torch.topk`` as a :class:`TeacherTopK`; a cached top-k cut to
+    its first ``top_k`` entries (they are descending). One function, so that a live and a
+    cached teacher reach the divergence as the same tensors."""
+    if isinstance(teacher, torch.Tensor):
+        if top_k is None:
+            return teacher
+        values, indices = torch.topk(teacher, top_k, dim=-1)
+        return TeacherTopK(values, indices)
+    if top_k is not None and top_k < teacher.logits.shape[-1]:
+        return TeacherTopK(teacher.logits[..., :top_k], teacher.indices[..., :top_k])
+    return teacher
+
+
 def distillation_rows(
     student: torch.Tensor,
     teacher: torch.Tensor | TeacherTopK,
@@ -163,11 +178,7 @@ def distillation_rows(
     full logits (n, V) or a :class:`TeacherTopK` of (n, k) rows. A full teacher with ``top_k``
     goes through ``torch.topk`` and then the very code a cached top-k takes, so the two are
     bit-equal. Shared by :func:`distillation_loss` and the fused heads."""
-    if isinstance(teacher, torch.Tensor) and top_k is not None:
-        values, indices = torch.topk(teacher, top_k, dim=-1)
-        teacher = TeacherTopK(values, indices)
-    elif isinstance(teacher, TeacherTopK) and top_k is not None and top_k < teacher.logits.shape[-1]:
-        teacher = TeacherTopK(teacher.logits[..., :top_k], teacher.indices[..., :top_k])
+    teacher = truncated_teacher(teacher, top_k)
     if isinstance(teacher, TeacherTopK):
         log_p, log_q = topk_log_probs(student, teacher, divergence, beta, temperature)
     else:
@@ -288,4 +299,11 @@ def distillation_loss(
     return reduce_loss(per_token, mask, reduction, num_items)
 
 
-__all__ = ["DIVERGENCES", "check_distillation_options", "distillation_loss", "distillation_rows", "divergence_rows"]
+__all__ = [
+    "DIVERGENCES",
+    "check_distillation_options",
+    "distillation_loss",
+    "distillation_rows",
+    "divergence_rows",
+    "truncated_teacher",
+]

@@ -9,7 +9,8 @@ head's protocol (``fused._ChunkedLoss``: gradients in the forward pass for ``mea
 recomputed in backward for ``none``); per chunk the row losses are
 :func:`~losslab.losses.distillation.distillation_rows`, the formula of the plain loss, and
 their gradient with respect to the chunk's student logits is taken by autograd on that chunk
-and pushed through the student head by two matmuls.
+(in closed form for forward KL, from a full teacher or a top-k) and pushed through the student
+head by two matmuls.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from losslab.losses.distillation import (
     check_teacher,
     check_topk_indices,
     distillation_rows,
+    truncated_teacher,
 )
 from losslab.losses.fused import _reduction_scale, _without_autocast, chunked_loss
 from losslab.losses.reduction import check_count, check_reduction
@@ -60,6 +62,29 @@ def forward_kl_with_grad(
     if t != 1.0:
         rows = rows * t**2
     grad = log_q.exp_().sub_(p).mul_(scale.unsqueeze(-1) * t)
+    return rows, grad
+
+
+def forward_kl_topk_with_grad(
+    student: torch.Tensor, teacher: TeacherTopK, temperature: float, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL rows ``T^2 KL(p_T || q_T)`` (r,) against a teacher's top-k (logits and ids
+    (r, k), renormalised over its k tokens), the student's logits (r, V) keeping their full
+    vocabulary (the "rest" outcome has teacher probability 0 and adds nothing), and the gradient
+    with respect to the student's logits times ``scale`` (r,): ``T scale (q_T - p~)`` (r, V),
+    ``p~`` the teacher's k probabilities scattered into V. Closed form, as
+    :func:`forward_kl_with_grad`: the same value as :func:`distillation_rows` (docs/losses.md)."""
+    t = temperature
+    s = student / t if t != 1.0 else student
+    ids = teacher.indices.long()
+    log_p = torch.log_softmax(teacher.logits.to(s.dtype) / t, dim=-1)  # (r, k)
+    p = log_p.exp()
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (r, 1)
+    terms = p * (log_p - (s.gather(-1, ids) - lse))  # NaN where p = 0: dropped below
+    rows = torch.where(p > 0, terms, terms.new_zeros(())).sum(dim=-1)
+    if t != 1.0:
+        rows = rows * t**2
+    grad = (s - lse).exp_().scatter_add_(-1, ids, -p).mul_(scale.unsqueeze(-1) * t)
     return rows, grad
 
 
@@ -130,8 +155,12 @@ class _DistillationHead:
             if row_scale is None:
                 row_loss[s:e] = self._rows(z, teacher)
                 continue
-            if self.divergence == "forward_kl" and self.top_k is None and isinstance(teacher, torch.Tensor):
-                row_loss[s:e], g_z = forward_kl_with_grad(z, teacher, self.temperature, row_scale[s:e])
+            if self.divergence == "forward_kl":
+                teacher = truncated_teacher(teacher, self.top_k)
+                if isinstance(teacher, TeacherTopK):
+                    row_loss[s:e], g_z = forward_kl_topk_with_grad(z, teacher, self.temperature, row_scale[s:e])
+                else:
+                    row_loss[s:e], g_z = forward_kl_with_grad(z, teacher, self.temperature, row_scale[s:e])
                 del z, teacher
             else:
                 z.requires_grad_(True)

@@ -117,10 +117,16 @@ class LosslabTrainer(StepGuard, Trainer):
         self.callback_handler.callbacks.sort(key=lambda cb: not isinstance(cb, LossTermsCallback))
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
-        """The micro-batches of one optimizer step and ``num_items_in_batch``; also gives the loss
-        function ``num_sequences``: the rows with a trained target in the step, over every process
+        """The micro-batches of one optimizer step and ``num_items_in_batch``, after the task's
+        forward has rewritten them where it does (``prepare_training_batch(model, batch)``: the
+        distill task's on-policy completions); also gives the loss function ``num_sequences``: the rows with a trained target in the step, over every process
         (the ``sequence`` reduction's exact denominator under accumulation and DDP)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        prepare = getattr(self.loss_func.forward, "prepare_training_batch", None)
+        if prepare is not None:
+            # batches the forward rewrites (distill's on-policy completions) are counted as rewritten
+            batch_samples = [prepare(self.model, batch) for batch in batch_samples]
+            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
         # shorter accumulation window
         self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)

@@ -224,16 +224,24 @@ class OnPolicy:
 @dataclass
 class DistillForward:
     """``(model, batch) -> LossInputs``: the student's next-token inputs (:class:`NextTokenForward`)
-    plus the teacher's (:class:`TeacherSide`); on-policy completions first when ``policy`` picks
-    the (training) batch."""
+    plus the teacher's (:class:`TeacherSide`); on-policy completions (``policy``) are made by
+    :meth:`prepare_training_batch` when the Trainer draws a training step's batches."""
 
     student: NextTokenForward
     teacher: TeacherSide
     policy: OnPolicy | None = None
 
+    def prepare_training_batch(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The training batch with on-policy completions when ``policy`` picks it. Called by
+        :meth:`LosslabTrainer.get_batch_samples <losslab.train.trainer.LosslabTrainer.get_batch_samples>`
+        before the step's trained tokens are counted, so that the loss divides by the tokens it
+        is computed on (a completion ends at the student's end-of-sequence token, often before
+        the data's answer would have)."""
+        if self.policy is not None and self.policy.wants(batch):
+            return self.policy.complete(model, batch)
+        return batch
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossInputs:
-        if self.policy is not None and model.training and self.policy.wants(batch):
-            batch = self.policy.complete(model, batch)
         model_inputs = {k: v for k, v in batch.items() if k not in (SPANS, TOPK_LOGITS, TOPK_INDICES)}
         inputs = self.student(model, model_inputs)
         teacher_inputs = {k: v for k, v in model_inputs.items() if k not in ("labels", "weights")}
