@@ -396,6 +396,26 @@ def test_fused_minus_inf_bias_and_cached_top_k():
         assert bool(torch.isfinite(torch.autograd.grad(fused, h)[0]).all())
 
 
+@pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_fused_teacher_bias_equals_plain_logits_with_the_bias(divergence, beta, top_k):
+    """A teacher LM head with a bias (Phi-2, GPT-J): the fused head adds it to every chunk's
+    teacher logits, as the teacher's own logits have it."""
+    _, _, labels = make()
+    h, w, ht, wt = heads(dtype=torch.float32)
+    t_bias = torch.randn(V, generator=torch.Generator().manual_seed(4)) * 3
+    opts = {"divergence": divergence, "beta": beta, "top_k": top_k, "temperature": 1.5}
+    plain = distillation_loss(h @ w.T, ht @ wt.T + t_bias, labels, **opts)
+    fused = fused_linear_distillation(h, w, ht, wt, labels, teacher_bias=t_bias, chunk_size=5, **opts)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads(fused, h, w), grads(plain, h, w)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    without = fused_linear_distillation(h, w, ht, wt, labels, chunk_size=5, **opts)
+    assert not torch.allclose(without, plain, rtol=1e-3)  # the bias matters here
+    with pytest.raises(ValueError, match="teacher bias"):
+        fused_linear_distillation(h, w, ht, wt, labels, teacher_bias=t_bias[:-1])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_forward_kl_top_k_closed_form_equals_autograd_of_the_formula(temperature):
     """The fused head's closed-form top-k forward KL (value and scaled gradient) against autograd

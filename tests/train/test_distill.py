@@ -207,6 +207,41 @@ def test_on_policy_mixing(teacher: Any, samples: list[dict]) -> None:
     assert decisions == [half.wants({"input_ids": torch.tensor([[i, i + 1]])}) for i in range(200)]
 
 
+def test_a_teacher_head_with_a_bias_gives_the_same_loss_fused_and_from_logits(
+    teacher: Any, samples: list[dict]
+) -> None:
+    """The fused teacher side hands the head's bias to the loss: the distillation loss from the
+    teacher's hidden states and head equals the one from its logits, bias included."""
+    import copy
+
+    from losslab.losses import build_term
+    from losslab.masking import PaddedCollator
+    from losslab.train.next_token import NextTokenForward
+
+    biased = copy.deepcopy(teacher)
+    old = biased.lm_head
+    biased.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        biased.lm_head.weight.copy_(old.weight)
+        biased.lm_head.bias.copy_(torch.randn(old.out_features, generator=torch.Generator().manual_seed(0)) * 4)
+    biased.config.tie_word_embeddings = False
+    student = student_from_teacher(teacher, [0]).eval()
+    batch = DistillCollator(PaddedCollator(0), packed=False)(samples[:3])
+    term = build_term({"name": "distillation", "divergence": "forward_kl"})
+    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = student.get_output_embeddings()
+    with torch.no_grad():
+        fused = NextTokenForward(lm_head=head, fused=True, hidden_states=True)(student, batch)
+        TeacherSide("fused", biased).fill(fused, batch, model_inputs)
+        plain = NextTokenForward()(student, batch)
+        TeacherSide("logits", biased).fill(plain, batch, model_inputs)
+    assert fused.logits is None and fused.teacher_lm_head_bias is not None and plain.teacher_logits is not None
+    want = float(term(plain))
+    assert float(term(fused).detach()) == pytest.approx(want, rel=1e-5)
+    fused.teacher_lm_head_bias = None  # the check can fail: without the bias the loss differs
+    assert float(term(fused).detach()) != pytest.approx(want, rel=1e-3)
+
+
 def test_on_policy_completions_are_counted_as_the_tokens_trained(tmp_path: Path, monkeypatch: Any) -> None:
     """The step's token count (``num_items_in_batch``, the loss's denominator) is taken after the
     on-policy completions: here every completion ends after its first token (as at an early

@@ -52,7 +52,7 @@ class LossInputs:
         monitor: name -> scalar tensor, batch statistics the trainer logs (not loss inputs).
     Distillation (aligned with ``labels`` as the student's ``logits``; no gradient):
         teacher_logits (B, T, V); or teacher_hidden_states (B, T, Dt) with teacher_lm_head_weight
-        (V, Dt) for the fused heads; or teacher_topk, a :class:`~losslab.losses.common.TeacherTopK`
+        (V, Dt) (and teacher_lm_head_bias (V,)) for the fused heads; or teacher_topk, a :class:`~losslab.losses.common.TeacherTopK`
         of the teacher's top-k logits (B, T, k) and their vocabulary indices (from a cache).
     Regularisers: model (a module or name -> tensor mapping); reference_params (name -> tensor).
     """
@@ -95,6 +95,7 @@ class LossInputs:
     teacher_logits: torch.Tensor | None = None
     teacher_hidden_states: torch.Tensor | None = None
     teacher_lm_head_weight: torch.Tensor | None = None
+    teacher_lm_head_bias: torch.Tensor | None = None
     teacher_topk: TeacherTopK | None = None
     model: nn.Module | Mapping[str, torch.Tensor] | None = None
     reference_params: Mapping[str, torch.Tensor] | None = None

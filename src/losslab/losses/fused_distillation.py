@@ -91,8 +91,9 @@ def forward_kl_topk_with_grad(
 @dataclass(frozen=True)
 class _DistillationHead:
     """The chunked head on (student hidden (n, d), student weight (V, d), student bias (V,),
-    teacher hidden (n, dt), teacher weight (V, dt), top-k logits (n, k), top-k ids (n, k)):
-    the teacher is the hidden states and weight, or the top-k (the others None)."""
+    teacher hidden (n, dt), teacher weight (V, dt), teacher bias (V,), top-k logits (n, k),
+    top-k ids (n, k)): the teacher is the hidden states and weight (and bias), or the top-k
+    (the others None)."""
 
     divergence: str
     beta: float
@@ -108,23 +109,22 @@ class _DistillationHead:
     def run(
         self, tensors: tuple[torch.Tensor | None, ...], row_scale: torch.Tensor | None, needs: tuple[bool, ...]
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        hidden, weight, bias, t_hidden, t_weight, topk_logits, topk_ids = tensors
+        hidden, weight, bias, t_hidden, t_weight, t_bias, topk_logits, topk_ids = tensors
         assert hidden is not None and weight is not None
         with _without_autocast(hidden.device):
-            return self._run(hidden, weight, bias, t_hidden, t_weight, topk_logits, topk_ids, row_scale, needs)
+            teacher = (t_hidden, t_weight, t_bias, topk_logits, topk_ids)
+            return self._run(hidden, weight, bias, teacher, row_scale, needs)
 
     def _run(
         self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        t_hidden: torch.Tensor | None,
-        t_weight: torch.Tensor | None,
-        topk_logits: torch.Tensor | None,
-        topk_ids: torch.Tensor | None,
+        teacher_side: tuple[torch.Tensor | None, ...],
         row_scale: torch.Tensor | None,
         needs: tuple[bool, ...],
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        t_hidden, t_weight, t_bias, topk_logits, topk_ids = teacher_side
         n, d = hidden.shape
         vocab = weight.shape[0]
         cdtype = compute_dtype(hidden.dtype)
@@ -134,12 +134,13 @@ class _DistillationHead:
         g_weight = torch.zeros(vocab, d, dtype=cdtype, device=device) if want and needs[1] else None
         g_bias = torch.zeros(vocab, dtype=cdtype, device=device) if want and needs[2] else None
         row_loss = torch.zeros(n, dtype=cdtype, device=device)
-        grads: list[torch.Tensor | None] = [g_hidden, g_weight, g_bias, None, None, None, None]
+        grads: list[torch.Tensor | None] = [g_hidden, g_weight, g_bias, None, None, None, None, None]
         if n == 0:
             return row_loss, grads
         w = weight.to(cdtype)  # one float32 copy of a 16-bit weight (no copy in float32)
         b = bias.to(cdtype) if bias is not None else None
         tw = t_weight.to(cdtype) if t_weight is not None else None
+        tb = t_bias.to(cdtype) if t_bias is not None else None
         rows = self.chunk_size or default_distillation_chunk_size(n, vocab, hidden.dtype)
         for s in range(0, n, min(rows, n)):
             e = min(s + rows, n)
@@ -148,7 +149,8 @@ class _DistillationHead:
             teacher: torch.Tensor | TeacherTopK
             if tw is not None:
                 assert t_hidden is not None
-                teacher = t_hidden[s:e].to(cdtype) @ tw.T  # (r, V)
+                th = t_hidden[s:e].to(cdtype)
+                teacher = th @ tw.T if tb is None else torch.addmm(tb, th, tw.T)  # (r, V)
             else:
                 assert topk_logits is not None and topk_ids is not None
                 teacher = TeacherTopK(topk_logits[s:e], topk_ids[s:e])
@@ -187,6 +189,7 @@ def fused_linear_distillation(
     *,
     teacher_topk: TeacherTopK | None = None,
     student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     divergence: Divergence = "forward_kl",
     beta: float = 0.5,
@@ -197,11 +200,11 @@ def fused_linear_distillation(
     num_items: int | float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``distillation_loss(student_hidden @ student_weight.T (+ student_bias), teacher_hidden @
-    teacher_weight.T, labels, ...)`` without either logits tensor.
+    teacher_weight.T (+ teacher_bias), labels, ...)`` without either logits tensor.
 
     Shapes: ``student_hidden`` (..., d), ``student_weight`` (V, d), ``student_bias`` (V,) or
     None; the teacher as ``teacher_hidden`` (..., dt) with ``teacher_weight`` (V, dt) (its own
-    width, the same vocabulary), or as ``teacher_topk`` (:class:`TeacherTopK`, (..., k)), e.g.
+    width, the same vocabulary; ``teacher_bias`` (V,) or None), or as ``teacher_topk`` (:class:`TeacherTopK`, (..., k)), e.g.
     from a cache; ``labels`` (...) aligned (None: every position is trained). Options,
     reductions (mean | sum | none) and ``num_items`` as :func:`distillation_loss`.
 
@@ -244,6 +247,10 @@ def fused_linear_distillation(
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} do not align")
     if student_bias is not None and student_bias.shape != (vocab,):
         raise ValueError(f"student bias {tuple(student_bias.shape)} must have shape (V,) = ({vocab},)")
+    if teacher_bias is not None and (teacher_hidden is None or teacher_bias.shape != (vocab,)):
+        raise ValueError(
+            f"teacher bias {tuple(teacher_bias.shape)} needs teacher_hidden and teacher_weight and shape (V,) = ({vocab},)"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     check_count(num_items)
@@ -263,10 +270,11 @@ def fused_linear_distillation(
     if teacher_topk is not None:
         ids = rows_of(teacher_topk.indices)
         check_topk_indices(ids, vocab)
-        teacher_rows = (None, None, rows_of(teacher_topk.logits.detach()), ids)
+        teacher_rows = (None, None, None, rows_of(teacher_topk.logits.detach()), ids)
     else:
         assert teacher_hidden is not None and teacher_weight is not None
-        teacher_rows = (rows_of(teacher_hidden.detach()), teacher_weight.detach(), None, None)
+        t_bias = teacher_bias.detach() if teacher_bias is not None else None
+        teacher_rows = (rows_of(teacher_hidden.detach()), teacher_weight.detach(), t_bias, None, None)
     head = _DistillationHead(divergence, float(beta), float(temperature), top_k, chunk_size)
     inputs = (rows_of(student_hidden), student_weight, student_bias, *teacher_rows)
 

@@ -157,7 +157,8 @@ def _distillation(inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
     """Distillation from the student's ``logits`` and the teacher's ``teacher_logits`` or
     ``teacher_topk``; or, when ``logits`` is None, through both fused LM heads from
     ``hidden_states`` / ``lm_head_weight`` (and ``lm_head_bias``) and the teacher's
-    ``teacher_hidden_states`` / ``teacher_lm_head_weight`` (or ``teacher_topk``)."""
+    ``teacher_hidden_states`` / ``teacher_lm_head_weight`` (and ``teacher_lm_head_bias``), or
+    ``teacher_topk``."""
     options = dict(options)
     chunk_size = options.pop("chunk_size")
     kwargs = dict(labels=inputs.labels, ignore_index=inputs.ignore_index, num_items=inputs.num_items, **options)
@@ -177,6 +178,7 @@ def _distillation(inputs: LossInputs, options: dict[str, Any]) -> torch.Tensor:
         inputs.teacher_lm_head_weight if topk is None else None,
         teacher_topk=topk,
         student_bias=inputs.lm_head_bias,
+        teacher_bias=inputs.teacher_lm_head_bias if topk is None else None,
         chunk_size=chunk_size,
         **kwargs,
     )

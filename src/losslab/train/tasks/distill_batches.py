@@ -124,6 +124,7 @@ class TeacherSide:
                 head = self.model.get_output_embeddings()  # type: ignore[operator]
                 assert head is not None
                 inputs.teacher_lm_head_weight = head.weight
+                inputs.teacher_lm_head_bias = getattr(head, "bias", None)
             else:
                 inputs.teacher_logits = self.model(**model_inputs).logits[:, :-1]
 
