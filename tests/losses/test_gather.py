@@ -1,6 +1,6 @@
 """``gather_across_devices`` and InfoNCE across processes: two real processes (gloo) holding 3
 and 2 of 5 rows give, summed over the processes, the loss and the gradients (float64) of one
-process holding all 5; without the gather the loss is weaker; a gather that keeps the gradient
+process holding all 5 (repeated texts across the processes included); without the gather the loss is weaker; a gather that keeps the gradient
 of the local rows only (the remote rows detached) gets the loss right but not the gradients."""
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ CASES = {  # name -> info_nce options
     "symmetric_negatives": {"negatives": True, "symmetric": True},
     "masked_weighted": {"mask": True, "weights": True, "symmetric": True},
     "sum": {"negatives": True, "reduction": "sum"},
+    # a reply text on both processes (rows 0 and 4) and a reply that is the other process's
+    # explicit negative (row 3, negative 2): left out of the queries' negatives across processes
+    "text_ids": {"negatives": True, "symmetric": True, "ids": True},
 }
+KEY_IDS = [7, 1, 2, 3, 7]
+NEGATIVE_IDS = [9, 9, 3, 8, 6]
 
 _WORKER = textwrap.dedent(
     """
@@ -65,6 +70,9 @@ _WORKER = textwrap.dedent(
                 kwargs["mask"] = data["mask"][mine]
             if opts.get("weights"):
                 kwargs["weights"] = data["weights"][mine]
+            if opts.get("ids") and mode != "detached":
+                kwargs["key_ids"] = data["key_ids"][mine]
+                kwargs["negative_ids"] = data["negative_ids"][mine]
             if kwargs["reduction"] == "mean":
                 kwargs["num_items"] = int(data["mask"].sum()) if opts.get("mask") else 5
             keys = leaves["k"]
@@ -97,6 +105,8 @@ def reference(data: dict, opts: dict) -> dict[str, torch.Tensor]:
         kwargs["mask"] = data["mask"]
     if opts.get("weights"):
         kwargs["weights"] = data["weights"]
+    if opts.get("ids"):
+        kwargs["key_ids"], kwargs["negative_ids"] = data["key_ids"], data["negative_ids"]
     loss = info_nce_loss(leaves["q"], leaves["k"], **kwargs)
     loss.backward()
     return {
@@ -113,6 +123,8 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[
     data["w"] = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64)
     data["mask"] = torch.tensor([True, False, True, True, True])  # a masked row on process 0
     data["weights"] = torch.tensor([0.5, 1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    data["key_ids"], data["negative_ids"] = torch.tensor(KEY_IDS), torch.tensor(NEGATIVE_IDS)
+    data["k"][4], data["n"][2] = data["k"][0], data["k"][3]  # the same text, the same vector
     data["cases"] = CASES
     torch.save(data, folder / "inputs.pt")
     script = folder / "worker.py"
@@ -174,6 +186,14 @@ def test_detached_remote_rows_get_the_loss_but_not_the_gradients(two_processes, 
     torch.testing.assert_close(parts[0]["loss"] + parts[1]["loss"], expected["loss"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([p["q"] for p in parts]), expected["q"], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(torch.cat([p["k"] for p in parts]), expected["k"], rtol=1e-3, atol=1e-6)
+
+
+def test_text_ids_matter_across_the_processes(two_processes) -> None:
+    """The ``text_ids`` case (whose two-process loss equals one process's above) differs from the
+    same inputs without ids: the repeated texts straddle the processes."""
+    data, _ = two_processes
+    without = {k: v for k, v in CASES["text_ids"].items() if k != "ids"}
+    assert float(reference(data, CASES["text_ids"])["loss"]) < float(reference(data, without)["loss"]) - 1e-3
 
 
 def test_one_process_is_the_identity() -> None:

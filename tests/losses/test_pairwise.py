@@ -184,6 +184,53 @@ def test_hand_worked_numbers():
     assert info_nce_loss(eye, eye, temperature=1.0).item() == pytest.approx(math.log1p(math.exp(-1)), rel=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_text_ids_keep_repeated_texts_out_of_a_querys_negatives(gen, symmetric):
+    """Rows 0, 2 and 5 share a reply text, and row 1's reply is explicit negative 3: float64
+    reference with those (query, column) scores set to -inf, values and gradients (gradcheck)."""
+    q, k, n = (x.double() for x in embeddings(gen))
+    key_ids = torch.tensor([7, 1, 7, 3, 4, 7])
+    negative_ids = torch.tensor([9, 9, 8, 1, 6, 5])
+    weights = torch.rand(N, generator=gen, dtype=torch.float64) + 0.5
+
+    def reference(q, k, n):
+        qn, kn, nn = (F.normalize(x, dim=-1) for x in (q, k, n))
+        scores = torch.cat([qn @ kn.T, qn @ nn.T], dim=1) / 0.1  # (N, N + N)
+        same = key_ids[:, None] == key_ids[None, :]
+        same.fill_diagonal_(False)
+        excluded = torch.cat([same, key_ids[:, None] == negative_ids[None, :]], dim=1)
+        forward = F.cross_entropy(scores.masked_fill(excluded, -torch.inf), torch.arange(N), reduction="none")
+        if not symmetric:
+            return (weights * forward).sum() / N
+        backward = F.cross_entropy((kn @ qn.T / 0.1).masked_fill(same, -torch.inf), torch.arange(N), reduction="none")
+        return (weights * 0.5 * (forward + backward)).sum() / N
+
+    def loss(q, k, n):
+        return info_nce_loss(
+            q,
+            k,
+            negatives=n,
+            temperature=0.1,
+            symmetric=symmetric,
+            key_ids=key_ids,
+            negative_ids=negative_ids,
+            weights=weights,
+        )
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, n)]
+    got, want = loss(*leaves), reference(*leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(g, w)
+    assert torch.autograd.gradcheck(loss, tuple(leaves))
+    without = info_nce_loss(q, k, negatives=n, temperature=0.1, symmetric=symmetric, weights=weights)
+    assert float(without) > float(got.detach()) + 1e-3  # the false negatives raise the loss
+    with pytest.raises(ValueError, match="key_ids must be integer ids"):
+        info_nce_loss(q, k, key_ids=key_ids[:3])
+    with pytest.raises(ValueError, match="negative_ids needs key_ids"):
+        info_nce_loss(q, k, negatives=n, negative_ids=negative_ids)
+
+
 def test_info_nce_masked_rows_are_not_negatives(gen):
     q, k, _ = embeddings(gen)
     mask = torch.tensor([True, True, True, False, False, False])

@@ -110,9 +110,10 @@ def test_retrieval_metrics_by_hand() -> None:
 
 def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
     """Two contexts answered by the same text ("Hello!") in one batch: with in-batch negatives
-    each would have its own reply as a negative, a loss that cannot go below log 2. The second
-    is not trained in that batch: the loss is InfoNCE over the other pairs alone, and the
-    Trainer's item count (``labels`` != -100) leaves it out too."""
+    each would have its own reply as a negative, a loss that cannot go below log 2. Both train,
+    each without the other's copy of its reply among its negatives: the loss equals a
+    hand-built InfoNCE whose rows 0 and 2 leave out column 2 and 0, and differs from the
+    loss with the false negatives in."""
     import json
 
     from losslab.losses.pairwise import info_nce_loss
@@ -138,26 +139,38 @@ def test_a_repeated_reply_is_not_its_own_negative(tmp_path) -> None:
     plan = plan_loss(config)
     run = build(config, plan)
     batch = run.collator(run.train)
-    assert batch["labels"].tolist() == [0, 0, -100]
+    assert batch["labels"].tolist() == [0, 0, 0]
+    ids = batch["positive_ids"].tolist()
+    assert ids[0] == ids[2] != ids[1]
     run.model.eval()
     loss_func = loss_adapter(run, plan)
     with torch.no_grad():
         loss = loss_func.compute_loss(run.model, batch)
         vectors = embed(run.model, batch, EmbeddingConfig())  # (6, D): 3 contexts, 3 replies
-    expected = info_nce_loss(vectors[[0, 1]], vectors[[3, 4]], temperature=0.05)
+    q = torch.nn.functional.normalize(vectors[:3].double(), dim=-1)
+    k = torch.nn.functional.normalize(vectors[3:].double(), dim=-1)
+    scores = q @ k.T / 0.05
+    scores[0, 2] = scores[2, 0] = -float("inf")  # each one's copy of "Hello!" is not its negative
+    expected = torch.nn.functional.cross_entropy(scores, torch.arange(3))
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    with_false_negatives = info_nce_loss(vectors[:3], vectors[3:], temperature=0.05)
+    assert float(loss) < float(with_false_negatives) - 1e-3
 
 
-def test_collator_leaves_out_replies_that_are_negatives_of_the_batch() -> None:
+def test_collator_gives_text_ids_of_replies_and_negatives() -> None:
     features = [
         {"anchor": {"input_ids": [1]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [5]}},
         {"anchor": {"input_ids": [3]}, "positive": {"input_ids": [5]}, "negative": {"input_ids": [7]}},
         {"anchor": {"input_ids": [4]}, "positive": {"input_ids": [2]}, "negative": {"input_ids": [8]}},
     ]
-    # row 1's reply is row 0's negative; row 2's reply repeats row 0's
-    assert TripleCollator(0, negatives=True, in_batch=True)(features)["labels"].tolist() == [0, -100, -100]
-    # triplet alone has no in-batch negatives: every pair trains
-    assert TripleCollator(0, negatives=True)(features)["labels"].tolist() == [0, 0, 0]
+    batch = TripleCollator(0, negatives=True, in_batch=True)(features)
+    assert batch["labels"].tolist() == [0, 0, 0]  # every pair trains
+    pos, neg = batch["positive_ids"].tolist(), batch["negative_ids"].tolist()
+    # row 2's reply repeats row 0's; row 1's reply is row 0's negative
+    assert pos[0] == pos[2] and pos[1] == neg[0] and len({pos[0], pos[1], neg[1], neg[2]}) == 4
+    assert all(0 <= i < 2**63 for i in pos + neg)
+    # triplet alone has no in-batch negatives: no ids
+    assert "positive_ids" not in TripleCollator(0, negatives=True)(features)
 
 
 def test_the_log_says_where_in_batch_negatives_come_from(tmp_path) -> None:

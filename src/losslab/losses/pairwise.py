@@ -177,6 +177,11 @@ def _row_cross_entropy(scores: torch.Tensor, valid_columns: torch.Tensor, target
     return torch.logsumexp(scores, dim=-1) - scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def _check_ids(name: str, ids: torch.Tensor | None, rows: int) -> None:
+    if ids is not None and (ids.shape != (rows,) or ids.dtype.is_floating_point or ids.dtype == torch.bool):
+        raise ValueError(f"{name} must be integer ids, one per row ({rows},); got {ids.dtype} {tuple(ids.shape)}")
+
+
 def info_nce_loss(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -188,6 +193,8 @@ def info_nce_loss(
     gather_across_devices: bool = True,
     mask: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    key_ids: torch.Tensor | None = None,
+    negative_ids: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items: Count = None,
 ) -> torch.Tensor:
@@ -203,10 +210,16 @@ def info_nce_loss(
     A masked row is neither an anchor nor anyone's negative. The loss of a batch depends on
     the whole batch (its negatives), so micro-batches do not add up to a larger batch.
 
+    ``key_ids`` (N,) and ``negative_ids`` (M,): integer ids of the texts behind the keys and
+    the negatives (equal ids = the same text, e.g. a hash of the tokens). A key or negative
+    with query i's key id, other than its own key, is the same text as its positive: it is
+    left out of query i's negatives (and, when ``symmetric``, a query whose key has key i's
+    id is left out of key i's), so a repeated reply is never a false negative.
+
     ``gather_across_devices`` (under ``torch.distributed`` with several processes; nothing
     changes otherwise): the rows j and the negatives m run over the keys, masks and negatives of
     EVERY process (and, when ``symmetric``, the queries j of every process compete for each key),
-    gathered by :func:`~losslab.losses.gather.gather_across_devices`, which sends each row's
+    gathered (with their ids) by :func:`~losslab.losses.gather.gather_across_devices`, which sends each row's
     gradient back to its process. Each process still scores only its own queries, so with
     ``num_items`` the number of trained rows of all processes, the values summed over the
     processes and their gradients (DDP averaging a loss scaled by the process count) are those
@@ -223,21 +236,38 @@ def info_nce_loss(
         q, k, n = (x / _norm(x).unsqueeze(-1) for x in (q, k, n))
     rows = q.shape[0]
     valid = torch.ones(rows, dtype=torch.bool, device=q.device) if mask is None else mask.to(torch.bool)
+    _check_ids("key_ids", key_ids, rows)
+    _check_ids("negative_ids", negative_ids, n.shape[0])
+    if negative_ids is not None and key_ids is None:
+        raise ValueError("negative_ids needs key_ids (a negative is left out where it has the query's key id)")
     every_q, every_k, every_valid, every_n, start = q, k, valid, n, 0
+    every_ids, every_neg_ids = key_ids, negative_ids
     if gather_across_devices and process_group_size() > 1:
         every_k, start = gather(k)
         every_valid = gather(valid.to(dtype))[0] > 0.5
         if negatives is not None:  # the same on every process
             every_n = gather(n)[0]
+            every_neg_ids = gather(negative_ids)[0] if negative_ids is not None else None
         if symmetric:
             every_q = gather(q)[0]
+        every_ids = gather(key_ids)[0] if key_ids is not None else None
     targets = start + torch.arange(rows, device=q.device)  # each query's own key among every key
     scores = q @ torch.cat([every_k, every_n]).T / temperature  # (N, N_all + M_all)
-    columns = torch.cat([every_valid, torch.ones(every_n.shape[0], dtype=torch.bool, device=q.device)])
-    per_item = _row_cross_entropy(scores, columns.expand(rows, -1), targets)
+    key_columns = every_valid.expand(rows, -1)  # (N, N_all)
+    if key_ids is not None:
+        assert every_ids is not None
+        # the same text as query i's positive (its own key aside) is not one of its negatives
+        same = key_ids.unsqueeze(1) == every_ids.unsqueeze(0)
+        same[torch.arange(rows, device=q.device), targets] = False
+        key_columns = key_columns & ~same
+    negative_columns = torch.ones(rows, every_n.shape[0], dtype=torch.bool, device=q.device)
+    if every_neg_ids is not None:
+        assert key_ids is not None
+        negative_columns = key_ids.unsqueeze(1) != every_neg_ids.unsqueeze(0)
+    per_item = _row_cross_entropy(scores, torch.cat([key_columns, negative_columns], dim=1), targets)
     if symmetric:
-        # each key against every query: (N, N_all)
+        # each key against every query: (N, N_all); a query whose key is key i's text is not its negative
         key_scores = scores[:, :rows].T if every_q is q else k @ every_q.T / temperature
-        backward = _row_cross_entropy(key_scores, every_valid.expand(rows, -1), targets)
+        backward = _row_cross_entropy(key_scores, key_columns, targets)
         per_item = 0.5 * (per_item + backward)
     return finish(per_item, valid, reduction, num_items, weights)

@@ -284,7 +284,17 @@ LOSSES: dict[str, TermSpec] = {
         margin_ranking_loss, {"scores_1": "rewards_chosen", "scores_2": "rewards_rejected", **_ITEMS}
     ),
     "triplet": TermSpec(triplet_loss, {"anchor": "anchor", "positive": "positive", "negative": "negative", **_ITEMS}),
-    "info_nce": TermSpec(info_nce_loss, {"queries": "anchor", "keys": "positive", "negatives": "negative?", **_ITEMS}),
+    "info_nce": TermSpec(
+        info_nce_loss,
+        {
+            "queries": "anchor",
+            "keys": "positive",
+            "negatives": "negative?",
+            "key_ids": "positive_ids?",
+            "negative_ids": "negative_ids?",
+            **_ITEMS,
+        },
+    ),
     "preference": TermSpec(
         preference_loss,
         {

@@ -4,8 +4,10 @@ describes the pairs, the negatives, the pooling and the retrieval metrics."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -31,7 +33,7 @@ from losslab.train.tasks.records import SplitRecords, encode_splits, read_splits
 LOSS_NEEDS = LossNeeds(
     "embedding",
     ({"name": "info_nce", "temperature": 0.05},),
-    frozenset({"anchor", "positive", "negative", "num_examples"}),
+    frozenset({"anchor", "positive", "negative", "positive_ids", "negative_ids", "num_examples"}),
 )
 
 
@@ -93,28 +95,21 @@ def embed(model: torch.nn.Module, batch: dict[str, Any], options: EmbeddingConfi
     return pool_states(hidden, batch["attention_mask"], options.pooling, options.normalize)
 
 
-def repeated_replies(features: Sequence[dict]) -> list[bool]:
-    """Per pair of a batch: True when its reply has the same tokens as an earlier pair's reply
-    or as any explicit negative of the batch (with in-batch negatives, one of its own negatives)."""
-    negatives = {tuple(f["negative"]["input_ids"]) for f in features if "negative" in f}
-    seen: set[tuple[int, ...]] = set()
-    out = []
-    for f in features:
-        reply = tuple(f["positive"]["input_ids"])
-        out.append(reply in seen or reply in negatives)
-        seen.add(reply)
-    return out
+def text_id(input_ids: Sequence[int]) -> int:
+    """A 63-bit id of a text's tokens (BLAKE2b): equal tokens, equal id; the same on every
+    process, so ids compare across a gathered batch."""
+    digest = hashlib.blake2b(array("q", input_ids).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass
 class TripleCollator:
     """One batch of the B contexts, then the B replies (then the B negatives), ``labels`` (B,)
-    (one trained item per pair: 0, or -100 for a pair that is not trained, see
-    :func:`repeated_replies`) and ``return_loss`` (so the Trainer evaluates a head-less
-    model's loss).
-
-    ``in_batch``: the loss uses the other replies of the batch as negatives, so a pair whose
-    reply repeats one of them is not trained in this batch."""
+    (one trained item per pair: 0), ``return_loss`` (so the Trainer evaluates a head-less
+    model's loss) and, for in-batch negatives (``in_batch``), ``positive_ids`` (B,) and
+    ``negative_ids`` (B,): ids of the reply and negative texts (:func:`text_id`), with which
+    InfoNCE leaves a reply repeated in the batch (or in another process's batch) out of the
+    negatives of the pairs that have it as their positive."""
 
     pad_id: int
     negatives: bool
@@ -123,9 +118,12 @@ class TripleCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         roles = ("anchor", "positive", "negative") if self.negatives else ("anchor", "positive")
         batch: dict[str, Any] = collate_texts([f[role] for role in roles for f in features], self.pad_id)
-        skip = repeated_replies(features) if self.in_batch else [False] * len(features)
-        batch["labels"] = torch.tensor([IGNORE_INDEX if s else 0 for s in skip], dtype=torch.long)
+        batch["labels"] = torch.zeros(len(features), dtype=torch.long)
         batch["return_loss"] = True
+        if self.in_batch:
+            for role in roles[1:]:
+                ids = [text_id(f[role]["input_ids"]) for f in features]
+                batch[f"{role}_ids"] = torch.tensor(ids, dtype=torch.long)
         return batch
 
 
@@ -143,6 +141,8 @@ def make_forward(options: EmbeddingConfig) -> TaskForward:
             anchor=anchor,
             positive=positive,
             negative=negative if negative.shape[0] else None,
+            positive_ids=batch.get("positive_ids"),
+            negative_ids=batch.get("negative_ids") if negative.shape[0] else None,
             target_mask=None if bool(trained.all()) else trained,
         )
 
