@@ -1,9 +1,11 @@
 """The ``distill`` task on the tiny Llama (teacher) and a one-layer student built from it: the
 cached teacher top-k equals the live one bit for bit, the half-depth student keeps the teacher's
-layers, on-policy mixing, the teacher cache never half-read, and bad configs."""
+layers, on-policy mixing, the teacher cache never half-read, bad configs, and LoRA on the student
+(only its adapters train, the fused heads equal the plain ones, the adapter reloads, resume)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +403,269 @@ def test_the_example_trains_on_the_tiny_teacher(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["teacher"] == "live (fused)"
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(r["loss/distillation"] > 0 for r in logged if "grad_norm" in r)
+
+
+# ---- LoRA on the student --------------------------------------------------------------------------
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+KL = [{"name": "distillation", "divergence": "forward_kl", "temperature": 2.0}]
+
+
+def lora_distill_config(out: Path) -> dict[str, Any]:
+    """Forward KL to the live teacher (both heads fused), LoRA on the one-layer student's q and v
+    (merged at the end too), 6 steps with a checkpoint at step 3."""
+    config = distill_config(out)
+    config.update(lora={**LORA, "merge": True}, loss={"terms": KL})
+    config["training"].update(lr=3e-2, save_steps=3)
+    return config
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One distill run under LoRA (6 steps, checkpoint at 3, merge): its output folder, the trained
+    student's parameters and logits on a fixed batch (before the merge), the teacher it trained
+    against, and whether each fused distillation head asked for the student head's weight gradient."""
+    import losslab.train.run as run_module
+    import losslab.train.tasks.distill as distill_module
+    from losslab.losses import fused_distillation
+    from losslab.train.run import train
+
+    out = tmp_path_factory.mktemp("distill_lora") / "run"
+    seen: dict[str, Any] = {
+        "out": out,
+        "weight_grad": [],
+        "ids": torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0)),
+    }
+    real_load, real_trained, real_run = (
+        distill_module.load_models,
+        run_module.trained_model,
+        fused_distillation._DistillationHead.run,
+    )
+
+    def load_models(config: Any, *, keep_teacher: bool) -> Any:
+        student, seen["teacher"] = real_load(config, keep_teacher=keep_teacher)
+        return student, seen["teacher"]
+
+    def trained_model(trainer: Any) -> torch.nn.Module:
+        model = real_trained(trainer)
+        if "logits" not in seen:
+            seen["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                seen["logits"] = model.eval()(input_ids=seen["ids"]).logits
+        return model
+
+    def head_run(self: Any, tensors: Any, row_scale: Any, needs: tuple[bool, ...]) -> Any:
+        if row_scale is not None:
+            seen["weight_grad"].append(needs[1])
+        return real_run(self, tensors, row_scale, needs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill_module, "load_models", load_models)
+        patch.setattr(run_module, "trained_model", trained_model)
+        patch.setattr(fused_distillation._DistillationHead, "run", head_run)
+        train(TrainConfig.model_validate(lora_distill_config(out)))
+    return seen
+
+
+def test_a_lora_distill_run_trains_only_the_students_adapters(lora_run: dict[str, Any]) -> None:
+    """The student built from the teacher gets adapters (the same prepare_policy as causal_lm);
+    its base weights and the teacher end bit-identical to fresh copies; the teacher was never
+    wrapped nor trained; the fused heads computed no gradient for the frozen student head."""
+    import json
+
+    from losslab.train.lora import is_peft
+
+    from .test_lora import base_name, is_adapter
+
+    params, teacher = lora_run["params"], lora_run["teacher"]
+    assert lora_run["trainable"] and lora_run["trainable"] == {n for n in params if is_adapter(n)}
+    fresh_teacher = load_causal_lm(TINY_LLAMA)
+    fresh_student = dict(student_from_teacher(fresh_teacher, [0]).named_parameters())
+    for name, value in params.items():
+        if not is_adapter(name):
+            assert torch.equal(value, fresh_student[base_name(name)]), name
+    assert any(n.endswith("lora_B.default.weight") and v.abs().sum() > 0 for n, v in params.items())  # it trained
+    assert not is_peft(teacher) and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    fresh = dict(fresh_teacher.named_parameters())
+    assert dict(teacher.named_parameters()).keys() == fresh.keys()
+    assert all(torch.equal(p, fresh[n]) for n, p in teacher.named_parameters())
+    summary = json.loads((lora_run["out"] / "summary.json").read_text())
+    assert summary["teacher"] == "live (fused)" and "trainable of" in summary["lora"]["trainable"]
+    assert lora_run["weight_grad"] and not any(lora_run["weight_grad"])  # the frozen head: no weight gradient
+
+
+def test_the_saved_student_adapter_reloads_into_the_rebuilt_student(lora_run: dict[str, Any]) -> None:
+    """model/ holds the adapter only (safetensors), on no named base model (the student was built
+    in memory: rebuild it from the teacher); it reloads to the trained student's logits, and
+    model_merged/ (lora.merge) is the merged student."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from losslab.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGED_DIR
+
+    from .test_lora import is_adapter
+
+    model = lora_run["out"] / "model"
+    saved = load_file(str(model / ADAPTER_WEIGHTS))
+    assert saved and all(is_adapter(k) for k in saved) and not (model / "model.safetensors").exists()
+    # not the teacher: PEFT would load the whole teacher under the one-layer student's adapters
+    assert json.loads((model / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] in (None, "")
+    ids, expected = lora_run["ids"], lora_run["logits"]
+    base = student_from_teacher(load_causal_lm(TINY_LLAMA), [0]).eval()
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(base, str(model)).eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+        merged = load_causal_lm(str(lora_run["out"] / MERGED_DIR)).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected, base_logits, atol=1e-4)  # the adapters changed the student
+
+
+def test_a_lora_distill_run_resumes_to_the_same_adapter(
+    lora_run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The run above, killed after its step-3 checkpoint and rerun: the same final adapter."""
+    from safetensors.torch import load_file
+
+    from losslab.train.lora import ADAPTER_WEIGHTS
+    from losslab.train.run import train
+
+    out = tmp_path / "run"
+    shutil.copytree(lora_run["out"], out)
+    for path in ("checkpoint-6", "model", "model_merged"):  # as if killed after the step-3 checkpoint
+        shutil.rmtree(out / path)
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    train(TrainConfig.model_validate(lora_distill_config(out)))
+    assert f"resuming from {out / 'checkpoint-3'}" in capsys.readouterr().out
+    first = load_file(str(lora_run["out"] / "model" / ADAPTER_WEIGHTS))
+    again = load_file(str(out / "model" / ADAPTER_WEIGHTS))
+    assert again.keys() == first.keys()
+    for name, value in again.items():
+        torch.testing.assert_close(value, first[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("teacher_kind", ["full", "topk"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_the_fused_distillation_head_equals_the_plain_head_under_lora(
+    teacher: Any, samples: list[dict], teacher_kind: str, divergence: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loss and adapter gradients of the fused heads (student head frozen: no weight gradient
+    asked or made) equal the plain logits path, from the full teacher and from its top-k."""
+    from losslab.losses import fused_distillation
+    from losslab.losses.registry import build_composite
+    from losslab.masking import PaddedCollator
+    from losslab.train.adapter import LossAdapter
+    from losslab.train.config import LoraConfig
+    from losslab.train.lora import with_lora
+    from losslab.train.next_token import NextTokenForward
+    from losslab.train.tasks.distill_batches import DistillForward
+
+    from .test_lora import is_adapter, randomised
+
+    torch.manual_seed(0)
+    student = randomised(with_lora(student_from_teacher(teacher, [0]), LoraConfig(**LORA))).train()
+    head = student.get_output_embeddings()
+    asked: list[bool] = []
+    real_run = fused_distillation._DistillationHead.run
+
+    def spy(self: Any, tensors: Any, row_scale: Any, needs: tuple[bool, ...]) -> Any:
+        asked.append(needs[1])
+        out = real_run(self, tensors, row_scale, needs)
+        assert out[1][1] is None  # no weight gradient was made
+        return out
+
+    monkeypatch.setattr(fused_distillation._DistillationHead, "run", spy)
+    term = {"name": "distillation", "divergence": divergence, "temperature": 2.0}
+    composite = build_composite([term], total_steps=1)
+    batch = DistillCollator(PaddedCollator(0), packed=False)(samples[:4])
+    results = {}
+    for fused in (True, False):
+        mode = "topk" if teacher_kind == "topk" else "fused" if fused else "logits"
+        forward = DistillForward(
+            NextTokenForward(lm_head=head if fused else None, fused=fused, hidden_states=fused),
+            TeacherSide(mode, teacher, 5 if teacher_kind == "topk" else None),
+        )
+        student.zero_grad(set_to_none=True)
+        loss = LossAdapter(composite, forward, model=student, shifts_labels=True).compute_loss(student, dict(batch))
+        loss.backward()
+        assert head.weight.grad is None and all(p.grad is None for p in teacher.parameters())
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}
+        assert grads and all(is_adapter(n) for n in grads)
+        results[fused] = (loss.detach(), grads)
+    assert asked and not any(asked)  # the fused head ran, and never for the frozen weight
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in results[True][1].values())
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_teacher_cache_entry_does_not_depend_on_the_students_adapters(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is keyed by the teacher and the data: a LoRA student and a fully trained one
+    read the same entry (computed once)."""
+    import functools
+    import re
+
+    import losslab.train.tasks.distill as distill_module
+    from losslab.train.lora import is_peft
+    from losslab.train.task import get_task, plan_loss
+
+    monkeypatch.setattr(
+        distill_module,
+        "cached_teacher_topk",
+        functools.partial(distill_module.cached_teacher_topk, cache_root=tmp_path / "cache", progress=False),
+    )
+    entries, peft = [], []
+    for lora in (None, LORA):
+        config = distill_config(tmp_path / "out", top_k=3, cache=True)
+        config.update(lora=lora, loss={"terms": KL})
+        config["data"]["max_train_samples"] = 4
+        cfg = TrainConfig.model_validate({k: v for k, v in config.items() if v is not None})
+        capsys.readouterr()
+        run = get_task("distill").build(cfg, plan_loss(cfg))
+        entries.append(re.findall(r"cache entry (\w+)", capsys.readouterr().out))
+        peft.append(is_peft(run.model))
+    assert peft == [False, True]
+    assert entries[0] and entries[0] == entries[1]
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_lora_stays_a_config_error_for_the_tasks_without_a_causal_lm(tmp_path: Path) -> None:
+    from losslab.train.config import LORA_TASKS, LoraConfig
+    from losslab.train.tasks import TASKS
+
+    assert LORA_TASKS == ("causal_lm", "preference", "distill")
+    flat = TrainConfig.model_validate({**distill_config(tmp_path), "lora": LORA})  # distill takes adapters,
+    mapping = TrainConfig.model_validate({**distill_config(tmp_path), "model": {"name": TINY_LLAMA, "lora": LORA}})
+    assert flat.lora == mapping.lora == LoraConfig(**LORA)  # in either spelling (model: the teacher, as allowed)
+    others = [task for task in TASKS if task not in LORA_TASKS]
+    assert others == ["sequence_classification", "token_classification", "reward_model", "embedding"]
+    for task in others:
+        config = train_config(tmp_path, task=task, lora=LORA)
+        with pytest.raises(
+            ValidationError, match=rf"LoRA adapters are for the causal-LM tasks \(.*distill\), not {task}"
+        ):
+            TrainConfig.model_validate(config)
+
+
+def test_lora_targets_of_a_student_built_from_the_teacher_are_checked_on_the_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any data or weight: on a weightless copy of the teacher (the student's layers and
+    names), not of ``model`` (unset: the default model, another one)."""
+    import losslab.models
+    from losslab.train.lora import check_lora
+
+    resolved: list[str] = []
+    real = losslab.models.resolve
+    monkeypatch.setattr(losslab.models, "resolve", lambda name: resolved.append(name) or real(name))
+    config = TrainConfig.model_validate({**lora_distill_config(tmp_path), "lora": {"target_modules": ["qkv"]}})
+    with pytest.raises(UserError, match="'qkv' matches no module of LlamaForCausalLM"):
+        check_lora(config)
+    assert resolved == [TINY_LLAMA]

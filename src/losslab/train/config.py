@@ -21,8 +21,9 @@ from losslab.train.tasks import TASKS
 
 # loss terms that pool over a whole sample (row): wrong when packing puts several samples in a row
 PER_ROW_TERMS = ("semantic_alignment", "semantic_l2")
-# tasks that train a causal LM loaded wrapped by losslab.train.lora.prepare_policy (LoRA adapters possible)
-LORA_TASKS = ("causal_lm", "preference")
+# tasks that train a causal LM wrapped by losslab.train.lora.prepare_policy (LoRA adapters possible);
+# for distill that is the student (loaded, or built from the teacher), never the teacher
+LORA_TASKS = ("causal_lm", "preference", "distill")
 
 
 class _Section(BaseModel):
@@ -331,8 +332,8 @@ class TrainConfig(_Section):
     )
     lora: LoraConfig | None = Field(
         None,
-        description=f"train LoRA adapters instead of every weight (PEFT; tasks {', '.join(LORA_TASKS)}); "
-        "also written model: {name, lora}",
+        description=f"train LoRA adapters instead of every weight (PEFT; tasks {', '.join(LORA_TASKS)}; "
+        "for distill on the student, the teacher stays frozen); also written model: {name, lora}",
     )
     output_dir: OutputDir = Field(description="where checkpoints, config.yaml, metrics.json and log.jsonl go")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (model init of new heads, data order, dropout)")

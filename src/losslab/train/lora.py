@@ -1,8 +1,9 @@
 """LoRA adapters (through PEFT) and gradient checkpointing for the causal-LM tasks.
 
-- :func:`prepare_policy`: the model a causal-LM task trains: ``config.model`` as loaded, with LoRA
-  adapters when the config has a ``lora`` section (every base weight frozen, the LM head too,
-  so the fused head takes its frozen-weight path and computes no weight gradient).
+- :func:`prepare_policy`: the model a causal-LM task trains (``config.model`` as loaded; for
+  ``distill`` the student, perhaps built from the teacher), with LoRA adapters when the config
+  has a ``lora`` section (every base weight frozen, the LM head too, so the fused heads take
+  their frozen-weight path and compute no weight gradient).
 - :func:`check_targets` / :func:`check_lora`: ``lora.target_modules`` against the model's
   module names, before training (:func:`check_lora` on a weightless copy of the model, before
   any data or weight is read). A name that matches no module, or the LM head, is a
@@ -36,8 +37,9 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 
 def prepare_policy(model: M, config: TrainConfig) -> M:
-    """The causal LM a task loaded (``config.model``), wrapped in LoRA adapters when
-    ``config.lora`` is set (a ``peft.PeftModelForCausalLM``; only the adapters train), else itself.
+    """The causal LM a task trains (``config.model``, or a ``distill`` student), wrapped in LoRA
+    adapters when ``config.lora`` is set (a ``peft.PeftModelForCausalLM``; only the adapters
+    train), else itself.
     Typed as the model it wraps: PEFT forwards every attribute it does not have (``config``,
     ``get_output_embeddings``, ``generate``) to the wrapped model."""
     if config.lora is None:
@@ -137,7 +139,8 @@ def _peft_default(model: torch.nn.Module) -> list[str] | None:
 
 def check_lora(config: TrainConfig, *, where: str = "lora.target_modules") -> None:
     """:func:`check_targets` on a weightless copy of ``config.model`` (built on the meta device
-    from its config.json), before any data or weight is read; nothing when ``config.lora`` is
+    from its config.json; the teacher's for a ``distill`` student built from the teacher's
+    layers), before any data or weight is read; nothing when ``config.lora`` is
     unset. A model whose configuration cannot be read here is checked when it is loaded."""
     if config.lora is None:
         return
@@ -145,8 +148,11 @@ def check_lora(config: TrainConfig, *, where: str = "lora.target_modules") -> No
 
     from losslab.models import resolve
 
+    name = config.model
+    if config.distill.student is not None and config.distill.teacher is not None:
+        name = config.distill.teacher  # a distill student built from the teacher's layers: their module names
     try:
-        model_config = AutoConfig.from_pretrained(resolve(config.model), trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(resolve(name), trust_remote_code=config.trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     except UserError:

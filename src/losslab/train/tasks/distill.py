@@ -11,6 +11,8 @@ on chat or instruction records with losslab's masks (the data path of ``causal_l
   its full distribution: its hidden states and head for the fused heads (no N x V tensor), else
   its logits. A loss without teacher terms (plain SFT) never runs the teacher while training.
 - ``distill.lmbda``: GKD's on-policy share of training batches (:class:`OnPolicy`).
+- ``lora``: adapters on the student (:func:`~losslab.train.lora.prepare_policy`, as in
+  ``causal_lm``); the teacher is never wrapped.
 
 Evaluation per split: the student's token loss and perplexity over the trained tokens, its
 top-1 agreement with the teacher there (``teacher_agreement``), and with ``eval.generate``
@@ -31,6 +33,7 @@ from losslab.eval.report import namespace
 from losslab.masking import PackedCollator, PaddedCollator
 from losslab.models import load_tokenizer
 from losslab.train.config import TrainConfig
+from losslab.train.lora import prepare_policy
 from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
 from losslab.train.task import LossNeeds, LossPlan, TaskRun
 from losslab.train.tasks.causal_lm import build_splits, split_generation_metrics
@@ -89,6 +92,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     mode, fused = teacher_modes(config, plan)
     live = not d.cache  # the teacher scores batches during training (and evaluation)
     student, teacher = load_models(config, keep_teacher=live)
+    student = prepare_policy(student, config)  # LoRA adapters when config.lora is set (the teacher stays as it is)
     vocab = student.get_output_embeddings().weight.shape[0]
     if d.top_k is not None and d.top_k > vocab:
         raise UserError(f"top_k {d.top_k} exceeds the vocabulary ({vocab} tokens)", where="distill.top_k")

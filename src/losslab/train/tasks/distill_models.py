@@ -113,6 +113,9 @@ def student_from_teacher(teacher: PreTrainedModel, keep: str | list[int]) -> Pre
             "layers.N (Llama-style decoder layers); build the student elsewhere and give it as model",
             where="distill.student",
         )
+    # not the teacher's path: a LoRA adapter saved on this student records it as its base model
+    # (adapter_config.json), and PEFT would then load the whole teacher under the student's adapters
+    config.name_or_path = ""
     dtype = next(teacher.parameters()).dtype
     student = AutoModelForCausalLM.from_config(config, dtype=dtype)
     student.load_state_dict(state, strict=True)
