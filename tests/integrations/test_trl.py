@@ -113,7 +113,8 @@ def first_step(
         "seed": 0,
         "disable_tqdm": True,
     }
-    dataset = sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=B, **(data or {}))
+    weights = trainer != "compute_loss_func"  # the subclass path takes token weights
+    dataset = sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=B, weights=weights, **(data or {}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if trainer == "compute_loss_func":
@@ -195,10 +196,11 @@ def test_plain_trainer_subclass_takes_token_weights(tmp_path: Path, weighted_ref
     assert deprecation_warnings(step) == []
 
 
-def test_weights_are_refused_by_the_compute_loss_func_collator() -> None:
+def test_weights_are_refused_on_the_compute_loss_func_path() -> None:
     tokenizer = load_tokenizer(TINY_LLAMA)
-    dataset = sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=2, **WEIGHTED)
-    assert "weights" in dataset.column_names
+    with pytest.raises(UserError, match="weights=True"):
+        sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=2, **WEIGHTED)
+    dataset = sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=2, weights=True, **WEIGHTED)
     with pytest.raises(UserError, match="weights=True"):
         collator(tokenizer)(list(dataset))
     assert collator(tokenizer, weights=True)(list(dataset))["weights"].shape == (2, 48)

@@ -130,6 +130,7 @@ def sft_dataset(
     template: str | None = None,
     strategy: str = "auto",
     role_weights: Mapping[str, float] | None = None,
+    weights: bool = False,
     limit: int | None = None,
 ) -> Any:
     """Chat or instruction records (a file, ``builtin:NAME`` or a list of records) -> a
@@ -138,10 +139,11 @@ def sft_dataset(
     ``data:`` settings). Give it to ``SFTTrainer`` with
     ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True})`` and :func:`collator`.
 
-    Token weights (``role_weights``, e.g. ``{"assistant": 1.0, "tool": 0.5}``, times a message's own
-    ``weight``): when any trained token's weight is not 1, the dataset also has a ``weights``
-    column, which only a :func:`losslab_trainer` class with ``collator(tokenizer, weights=True)``
-    takes to the loss (the ``compute_loss_func`` collator refuses it)."""
+    ``weights``: also a ``weights`` column, the token weights (``role_weights``, e.g.
+    ``{"assistant": 1.0, "tool": 0.5}``, times a message's own ``weight``), for a
+    :func:`losslab_trainer` class with ``collator(tokenizer, weights=True)``. Without it, samples
+    with a trained token's weight other than 1 are refused: a ``compute_loss_func`` never sees the
+    weights (and the Trainer's ``remove_unused_columns`` would drop the column before the collator)."""
     from datasets import Dataset
 
     config = MaskConfig(
@@ -150,7 +152,13 @@ def sft_dataset(
     if isinstance(data, str) and data.startswith(BUILTIN_DATA_PREFIX):
         data = resolve_data_path(data)
     samples = build_samples(data, tokenizer, config, limit=limit)
-    keys = ("input_ids", "labels", "weights") if any(_weighted(s) for s in samples) else ("input_ids", "labels")
+    if not weights and any(_weighted(s) for s in samples):
+        raise UserError(
+            "token weights other than 0/1 (role_weights or a message weight) need sft_dataset(..., weights=True), "
+            "collator(tokenizer, weights=True) and a losslab_trainer(...) / LosslabSFTTrainer: a "
+            "compute_loss_func never sees them"
+        )
+    keys = ("input_ids", "labels", "weights") if weights else ("input_ids", "labels")
     return Dataset.from_list([{k: s[k] for k in keys} for s in samples])
 
 
