@@ -1,6 +1,23 @@
 """losslab inside a trainer you already have: ``transformers.Trainer`` or TRL's ``SFTTrainer``
-(:mod:`losslab.integrations.trainer`; docs/integrations.md)."""
+(:mod:`losslab.integrations.trainer`; docs/integrations.md).
 
-from losslab.integrations.trainer import LosslabCollator, collator, loss_func, sft_dataset
+``LosslabSFTTrainer`` (``losslab_trainer(trl.SFTTrainer)``) imports TRL when first looked up."""
 
-__all__ = ["LosslabCollator", "collator", "loss_func", "sft_dataset"]
+from typing import Any
+
+from losslab.integrations.trainer import (
+    LosslabCollator,
+    collator,
+    loss_func,
+    losslab_trainer,
+    sft_dataset,
+    sft_trainer_class,
+)
+
+__all__ = ["LosslabCollator", "LosslabSFTTrainer", "collator", "loss_func", "losslab_trainer", "sft_dataset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LosslabSFTTrainer":
+        return sft_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import ModelOutput
 
 from losslab.labels import IGNORE_INDEX
 from losslab.train.adapter import LossAdapter
@@ -94,20 +96,40 @@ class JsonlLogCallback(TrainerCallback):
             os.fsync(fh.fileno())
 
 
-class LosslabTrainer(StepGuard, Trainer):
-    """``Trainer`` whose loss is a :class:`~losslab.train.adapter.LossAdapter`: the task's forward
-    on each batch (token weights, the fused head's hidden states, pairs, triplets), normalised by
-    the Trainer's ``num_items_in_batch`` and the step's trained rows.
+# the mixin's methods use the Trainer's attributes; at run time it is a plain mixin
+if TYPE_CHECKING:
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
 
-    :class:`~losslab.train.guard.StepGuard` adds the numerics and fault handling: non-finite
-    steps skipped and counted (``max_nonfinite_steps=``), checkpoints with a completion marker,
-    stop on request (``stop_requested``)."""
+
+@dataclass
+class LossOutput(ModelOutput):
+    """What :meth:`LosslabLossMixin.compute_loss` returns as the outputs: nothing kept (the loss's
+    forward may have asked the model for no logits); empty as a dict, ``logits`` None."""
+
+    logits: torch.Tensor | None = None
+
+
+class LosslabLossMixin(_TrainerBase):
+    """The loss part of :class:`LosslabTrainer`, for any ``transformers.Trainer`` subclass
+    (``class MyTrainer(LosslabLossMixin, SFTTrainer)``; :func:`losslab.integrations.losslab_trainer`).
+
+    ``loss_func``: a :class:`~losslab.train.adapter.LossAdapter`. :meth:`compute_loss` runs the
+    adapter's forward (the task's: token weights in the batch reach the loss, the fused head asks
+    the model for no logits) and normalises by the Trainer's ``num_items_in_batch``;
+    :meth:`get_batch_samples` gives the loss the step's trained rows (``num_sequences``, the
+    ``sequence`` reduction's exact denominator) and the per-batch terms' share. It replaces the
+    base class's ``compute_loss``: what that one adds (TRL's entropy and token-accuracy metrics)
+    is not computed."""
 
     def __init__(self, *args: Any, loss_func: LossAdapter, **kwargs: Any) -> None:
-        # as a compute_loss_func, the Trainer counts num_items_in_batch and treats the loss as
-        # normalised over the accumulated batch
-        super().__init__(*args, compute_loss_func=loss_func, **kwargs)
+        super().__init__(*args, **kwargs)
         self.loss_func = loss_func
+        # as the Trainer's compute_loss_func, the Trainer counts num_items_in_batch and treats the loss
+        # as normalised over the accumulated batch; set after __init__, where TRL 1.16's trainers warn
+        # that the argument is deprecated (compute_loss below is what calls it, not theirs)
+        self.compute_loss_func = loss_func
         if loss_func.shifts_labels:
             # the Trainer counts num_items_in_batch over labels[..., 1:] only for the model classes it
             # knows shift (`*ForCausalLM`); losslab shifts every causal LM's labels (GPT2LMHeadModel too)
@@ -171,4 +193,14 @@ class LosslabTrainer(StepGuard, Trainer):
             loss = loss * (
                 self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
             )
-        return (loss, {}) if return_outputs else loss  # outputs: none kept (prediction_loss_only)
+        return (loss, LossOutput()) if return_outputs else loss
+
+
+class LosslabTrainer(StepGuard, LosslabLossMixin, Trainer):
+    """``Trainer`` whose loss is a :class:`~losslab.train.adapter.LossAdapter`: the task's forward
+    on each batch (token weights, the fused head's hidden states, pairs, triplets), normalised by
+    the Trainer's ``num_items_in_batch`` and the step's trained rows (:class:`LosslabLossMixin`).
+
+    :class:`~losslab.train.guard.StepGuard` adds the numerics and fault handling: non-finite
+    steps skipped and counted (``max_nonfinite_steps=``), checkpoints with a completion marker,
+    stop on request (``stop_requested``)."""
