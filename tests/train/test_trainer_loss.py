@@ -91,7 +91,7 @@ def test_accumulation_1x4_equals_4x1(fused: bool, reduction: str) -> None:
 
 
 def first_step(
-    data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path
+    data: list[dict], batch_size: int, grad_accum: int, fused: bool, tmp_path, terms: list[dict] | None = None
 ) -> tuple[float, list[torch.Tensor], LossAdapter]:
     """One optimizer step of the real Trainer over ``data``: the logged loss, the gradients
     before the update, and the loss function (with the ``num_sequences`` the Trainer gave it)."""
@@ -106,7 +106,7 @@ def first_step(
     torch.manual_seed(0)
     model = load_causal_lm("builtin:tiny-llama", dtype="float64")
     lf = causal_lm_loss(
-        build_composite([{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused, model=model
+        build_composite(terms or [{"name": "token_cross_entropy", "reduction": "sequence"}]), fused=fused, model=model
     )
     args = TrainingArguments(
         output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"),
@@ -162,6 +162,40 @@ def test_trainer_sequence_reduction_accumulation_invariant(fused: bool, tmp_path
         assert len(grads) == len(grads_ref)
         for a, b in zip(grads, grads_ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_trainer_consistency_term_accumulation_invariant(tmp_path) -> None:
+    """The ``consistency`` term on the real Trainer: the step's adjacent trained pairs are
+    counted over its micro-batches (``num_pairs``), so 1 x 4 and 2 x 2 equal 4 x 1 (loss and
+    gradients), and the term is the mean over every pair of the step, by hand below (a
+    per-micro-batch mean, as before, differed by about 1e-3)."""
+    terms = [{"name": "token_cross_entropy"}, {"name": "consistency", "weight": 0.5}]
+    data = samples()
+    loss_ref, grads_ref, lf = first_step(data, 4, 1, False, tmp_path, terms)
+    batch = collate(data)
+    trained = batch["labels"][:, 1:] != -100
+    pairs = trained[:, :-1] & trained[:, 1:]
+    assert int(lf.num_pairs) == int(pairs.sum()) > 0
+    model = load_causal_lm("builtin:tiny-llama", dtype="float64")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    from losslab.losses.dialogue import consistency_loss
+
+    by_hand = float(consistency_loss(logits, trained))  # the mean over the pairs of the whole batch
+    labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    token_ce = float((per_token * batch["weights"][:, 1:]).sum() / trained.sum())
+    assert loss_ref == pytest.approx(token_ce + 0.5 * by_hand, rel=1e-6)
+    for batch_size, grad_accum in [(1, 4), (2, 2)]:
+        loss, grads, lf = first_step(data, batch_size, grad_accum, False, tmp_path, terms)
+        assert int(lf.num_pairs) == int(pairs.sum())
+        assert loss == pytest.approx(loss_ref, rel=1e-6)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    per_micro = [
+        float(consistency_loss(logits[i : i + 1], trained[i : i + 1])) for i in range(len(data)) if pairs[i].any()
+    ]
+    assert by_hand != pytest.approx(sum(per_micro) / len(data), rel=1e-4)  # what a per-micro-batch mean gives
 
 
 def test_fused_equals_logits_path() -> None:

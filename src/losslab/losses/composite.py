@@ -32,6 +32,7 @@ class LossInputs:
         logits (B, T, V); labels (B, T) with ``ignore_index`` where not trained;
         token_weights (B, T); num_items = global number of trained tokens (for ``mean``);
         num_sequences = global number of sequences with a trained token (``sequence`` reduction);
+        num_pairs = global number of adjacent trained positions (the ``consistency`` term);
         hidden_states (B, T, D) the last hidden states (the LM head's input, also the features
         of the semantic terms); lm_head_weight (V, D) and lm_head_bias (V,) for the fused head
         (used when ``logits`` is None); attention_mask (B, T) 1 = real token, 0 = padding;
@@ -64,6 +65,7 @@ class LossInputs:
     token_weights: torch.Tensor | None = None
     num_items: int | float | torch.Tensor | None = None
     num_sequences: int | float | torch.Tensor | None = None
+    num_pairs: int | float | torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     lm_head_weight: torch.Tensor | None = None
     lm_head_bias: torch.Tensor | None = None

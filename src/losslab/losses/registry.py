@@ -78,6 +78,10 @@ class TermSpec:
     extra_options: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
     check: Callable[[dict[str, Any]], None] | None = None
     describe: Callable[[dict[str, Any]], str] | None = None
+    count: str | None = None
+    """The :class:`LossInputs` count a ``mean`` divides by when the batch carries it (the
+    trainer's count over the step), else the term is a per-batch mean: ``num_items`` of an
+    entry without it is the batch's ``num_items``/``num_examples`` (always given in training)."""
 
     def options(self) -> dict[str, Option]:
         """Every config option of this entry with its default and validator, by name."""
@@ -337,7 +341,10 @@ LOSSES: dict[str, TermSpec] = {
         describe=lambda options: f"divergence {options['divergence']}",
     ),
     "consistency": TermSpec(
-        consistency_loss, {"logits": "logits", "mask": "trained_mask"}, requires=(frozenset({"logits", "labels"}),)
+        consistency_loss,
+        {"logits": "logits", "mask": "trained_mask", "num_items": "num_pairs?"},
+        requires=(frozenset({"logits", "labels"}),),
+        count="num_pairs",
     ),
     "semantic_l2": TermSpec(
         semantic_l2_loss, {"features": "hidden_states", "context_mask": "resolved_context_mask"}, requires=_CONTEXT
@@ -402,7 +409,9 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
     if not isinstance(label, str) or not label:
         raise UserError(f"loss {name!r}: label must be a non-empty string; got {label!r}", where=where)
     weight = build_weight(config.get("weight", 1.0), total_steps=total_steps, where=f"{where or name}: weight")
-    counted = "num_items" in spec.inputs and options.get("reduction") in ("mean", "sum")
+    reduction = options.get("reduction")
+    counted = "num_items" in spec.inputs and (reduction == "sum" or (reduction == "mean" and spec.count is None))
+    count_field = spec.count if reduction == "mean" else "num_sequences" if reduction == "sequence" else None
     return LossTerm(
         label=label,
         name=name,
@@ -412,7 +421,7 @@ def build_term(config: Mapping[str, Any], *, total_steps: int | None = None, whe
         options=options,
         detail=spec.describe(options) if spec.describe is not None else None,
         batch_additive=counted,
-        count_field="num_sequences" if options.get("reduction") == "sequence" else None,  # read by _token_cross_entropy
+        count_field=count_field,  # given in the batch, the term is batch additive (read by the term's inputs)
     )
 
 

@@ -116,7 +116,8 @@ class LossAdapter:
     Set by the Trainer side (:class:`~losslab.train.trainer.LosslabTrainer`,
     :class:`~losslab.train.trainer.LossTermsCallback`): :attr:`step` (weight schedules),
     :attr:`per_batch_scale` (1 / (micro-batches of the step x processes): per-batch terms count
-    once per optimizer step) and :attr:`num_sequences` (rows with a trained target in the
+    once per optimizer step), :attr:`num_pairs` (adjacent trained positions in the step, the
+    ``consistency`` term's denominator) and :attr:`num_sequences` (rows with a trained target in the
     step, the ``sequence`` reduction's denominator).
 
     With ``num_items_in_batch`` (training), item-level terms are ``sum / global count``, so
@@ -141,6 +142,7 @@ class LossAdapter:
         self.step = 0
         self.per_batch_scale = 1.0
         self.num_sequences: Any = None
+        self.num_pairs: Any = None
         self.train_terms = TermAverager()
         self.eval_terms = TermAverager()
         self.last: CompositeOutput | None = None
@@ -166,6 +168,7 @@ class LossAdapter:
         inputs.num_items = num_items_in_batch  # the global count of trained tokens / items
         inputs.num_examples = num_items_in_batch
         inputs.num_sequences = self.num_sequences if counted else None  # without it, `sequence` is a per-batch mean
+        inputs.num_pairs = self.num_pairs if counted else None  # likewise for `consistency`
         inputs.model = self.model
         inputs.reference_params = self.reference_params
         out = self.composite(inputs, self.step, self.per_batch_scale if counted else 1.0)

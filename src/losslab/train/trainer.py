@@ -141,8 +141,10 @@ class LosslabLossMixin(_TrainerBase):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step and ``num_items_in_batch``, after the task's
         forward has rewritten them where it does (``prepare_training_batch(model, batch)``: the
-        distill task's on-policy completions); also gives the loss function ``num_sequences``: the rows with a trained target in the step, over every process
-        (the ``sequence`` reduction's exact denominator under accumulation and DDP)."""
+        distill task's on-policy completions); also gives the loss function ``num_sequences`` (the
+        rows with a trained target in the step, over every process: the ``sequence`` reduction's
+        exact denominator under accumulation and DDP) and ``num_pairs`` (the adjacent trained
+        positions: the ``consistency`` term's)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         prepare = getattr(self.loss_func.forward, "prepare_training_batch", None)
         if prepare is not None:
@@ -152,13 +154,14 @@ class LosslabLossMixin(_TrainerBase):
         # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
         # shorter accumulation window
         self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)
-        self.loss_func.num_sequences = (
-            self._count_sequences(batch_samples, device) if num_items_in_batch is not None else None
-        )
+        counts = self._step_counts(batch_samples, device) if num_items_in_batch is not None else None
+        self.loss_func.num_sequences, self.loss_func.num_pairs = counts if counts is not None else (None, None)
         return batch_samples, num_items_in_batch
 
-    def _count_sequences(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
-        """Rows of ``labels`` (shifted like ``num_items_in_batch``) with a target that is not -100."""
+    def _step_counts(self, batch_samples: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Over the step's micro-batches and processes, from ``labels`` (shifted like
+        ``num_items_in_batch``; -100 = not trained): the rows with a trained target, and the
+        pairs of adjacent trained positions (what the ``consistency`` term averages over)."""
         rows = [
             b["shift_labels"]
             if "shift_labels" in b
@@ -170,10 +173,16 @@ class LosslabLossMixin(_TrainerBase):
         ]
         if not rows or any(r.dim() < 2 for r in rows):
             return None
-        count = sum(r.ne(IGNORE_INDEX).any(dim=-1).sum() for r in rows).to(device)
+        trained = [r.ne(IGNORE_INDEX) for r in rows]
+        count = torch.stack(
+            [
+                sum(t.any(dim=-1).sum() for t in trained),
+                sum((t[..., :-1] & t[..., 1:]).sum() for t in trained),
+            ]
+        ).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
-        return count
+            count = self.accelerator.gather(count.unsqueeze(0)).sum(dim=0)
+        return count[0], count[1]
 
     def compute_loss(
         self,
