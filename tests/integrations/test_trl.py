@@ -24,6 +24,7 @@ from losslab.integrations.trainer import sft_trainer_class
 from losslab.models import load_causal_lm, load_tokenizer
 from losslab.train.config import TrainConfig
 from losslab.train.run import train
+from losslab.train.trainer import LosslabLossMixin
 
 from ..conftest import CHATTERBOT, TINY_LLAMA, train_config
 
@@ -137,6 +138,20 @@ def first_step(
                 losslab_loss=loss,  # its callback is added by the trainer
                 callbacks=[Capture()],
             )
+        elif trainer == "mixin":  # written out by hand, as docs/integrations.md shows
+
+            class MyTrainer(LosslabLossMixin, Trainer):
+                pass
+
+            run = MyTrainer(
+                model=model,
+                args=TrainingArguments(**common),  # remove_unused_columns on: the mixin keeps `weights`
+                train_dataset=dataset,
+                data_collator=collator(tokenizer, weights=True),
+                processing_class=tokenizer,
+                loss_func=loss,
+                callbacks=[loss.callback(), Capture()],
+            )
         else:
             run = losslab_trainer(Trainer)(
                 model=model,
@@ -190,8 +205,9 @@ def test_sft_subclass_takes_token_weights(tmp_path: Path, plain_reference: Step,
     assert_same_step(step, weighted_reference)
 
 
-def test_plain_trainer_subclass_takes_token_weights(tmp_path: Path, weighted_reference: Step) -> None:
-    step = first_step(tmp_path, "plain", fused=False, data=WEIGHTED)
+@pytest.mark.parametrize("trainer", ["plain", "mixin"])
+def test_plain_trainer_subclass_takes_token_weights(tmp_path: Path, weighted_reference: Step, trainer: str) -> None:
+    step = first_step(tmp_path, trainer, fused=False, data=WEIGHTED)
     assert_same_step(step, weighted_reference)
     assert deprecation_warnings(step) == []
 
@@ -204,6 +220,9 @@ def test_weights_are_refused_on_the_compute_loss_func_path() -> None:
     with pytest.raises(UserError, match="weights=True"):
         collator(tokenizer)(list(dataset))
     assert collator(tokenizer, weights=True)(list(dataset))["weights"].shape == (2, 48)
+    unweighted = [{k: v for k, v in row.items() if k != "weights"} for row in dataset]  # a dropped column
+    with pytest.raises(UserError, match="without token weights"):
+        collator(tokenizer, weights=True)(unweighted)
     assert "weights" not in sft_dataset(CHATTERBOT, tokenizer, max_length=48, limit=2).column_names
 
 

@@ -19,6 +19,7 @@ from losslab.losses.distillation import DIVERGENCES, distillation_rows
 from losslab.losses.fused_distillation import (
     default_distillation_chunk_size,
     forward_kl_topk_with_grad,
+    forward_kl_with_grad,
     fused_linear_distillation,
 )
 
@@ -435,6 +436,14 @@ def test_forward_kl_top_k_closed_form_equals_autograd_of_the_formula(temperature
     torch.testing.assert_close(rows, want.detach())
     torch.testing.assert_close(grad, want_grad)
     assert bool(torch.isfinite(grad).all())
+    # a row whose teacher top-k is all -inf has nothing to match: loss 0 and gradient 0, as the formula
+    values[4] = -INF
+    rows, grad = forward_kl_topk_with_grad(student.clone(), TeacherTopK(values, ids + 1), temperature, scale)
+    assert float(rows[4]) == 0 and bool((grad[4] == 0).all()) and bool(torch.isfinite(grad).all())
+    full = torch.randn(7, V, generator=g, dtype=torch.float64)
+    full[4] = -INF
+    rows, grad = forward_kl_with_grad(student.clone(), full, temperature, scale)
+    assert float(rows[4]) == 0 and bool((grad[4] == 0).all()) and bool(torch.isfinite(grad).all())
 
 
 def test_fused_without_a_graph_and_default_chunk():

@@ -244,6 +244,43 @@ def test_a_teacher_head_with_a_bias_gives_the_same_loss_fused_and_from_logits(
     assert float(term(fused).detach()) != pytest.approx(want, rel=1e-3)
 
 
+def test_an_on_policy_run_resumes_to_the_same_weights(tmp_path: Path, capsys: Any) -> None:
+    """lmbda = 1 (every batch completed by the student, sampled): a run killed after its step-2
+    checkpoint and rerun ends with the same losses and weights as the run that was not killed.
+    The completions are sampled from a generator seeded by the batch, so the order in which the
+    Trainer draws batches and restores the random state on resume does not change them."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from losslab.train.run import train
+
+    def config(out: Path) -> TrainConfig:
+        c = distill_config(out, lmbda=1.0)
+        c["data"]["max_train_samples"] = 8
+        c["training"].update(max_steps=4, batch_size=2, save_steps=2)
+        return TrainConfig.model_validate(c)
+
+    def losses(out: Path) -> list[float]:
+        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "grad_norm" in r]
+
+    whole = tmp_path / "whole"
+    train(config(whole))
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    for path in ("checkpoint-4", "model"):  # as if killed after the step-2 checkpoint
+        shutil.rmtree(killed / path)
+    (killed / "metrics.json").unlink()
+    capsys.readouterr()
+    train(config(killed))
+    assert f"resuming from {killed / 'checkpoint-2'}" in capsys.readouterr().out
+    assert len(losses(whole)) == 4 and losses(killed) == losses(whole)
+    first, again = (load_file(str(out / "model" / "model.safetensors")) for out in (whole, killed))
+    assert all(torch.equal(again[name], first[name]) for name in first)
+
+
 def test_on_policy_completions_are_counted_as_the_tokens_trained(tmp_path: Path, monkeypatch: Any) -> None:
     """The step's token count (``num_items_in_batch``, the loss's denominator) is taken after the
     on-policy completions: here every completion ends after its first token (as at an early
@@ -669,3 +706,8 @@ def test_lora_targets_of_a_student_built_from_the_teacher_are_checked_on_the_tea
     with pytest.raises(UserError, match="'qkv' matches no module of LlamaForCausalLM"):
         check_lora(config)
     assert resolved == [TINY_LLAMA]
+    # with the student's depth: the one-layer student has layers.0 only (the teacher has more)
+    targets = {"lora": {"target_modules": ["layers.1.self_attn.q_proj"]}}
+    with pytest.raises(UserError, match=r"'layers\.1\.self_attn\.q_proj' matches no module"):
+        check_lora(TrainConfig.model_validate({**lora_distill_config(tmp_path), **targets}))
+    check_lora(TrainConfig.model_validate({**lora_distill_config(tmp_path), "lora": {"target_modules": ["q_proj"]}}))

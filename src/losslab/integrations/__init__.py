@@ -14,7 +14,9 @@ from losslab.integrations.trainer import (
     sft_trainer_class,
 )
 
-__all__ = ["LosslabCollator", "LosslabSFTTrainer", "collator", "loss_func", "losslab_trainer", "sft_dataset"]
+# LosslabSFTTrainer is left out of __all__: `import *` must work without TRL (looking it up then
+# raises a UserError naming the extra, which `from losslab.integrations import LosslabSFTTrainer` shows)
+__all__ = ["LosslabCollator", "collator", "loss_func", "losslab_trainer", "sft_dataset"]
 
 
 def __getattr__(name: str) -> Any:

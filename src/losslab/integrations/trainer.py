@@ -45,6 +45,7 @@ from losslab.train.trainer import LosslabLossMixin, LossTermsCallback
 
 DEFAULT_TERMS: tuple[Mapping[str, Any], ...] = ({"name": "token_cross_entropy"},)
 TRL_MISSING = "LosslabSFTTrainer needs TRL: pip install 'losslab[trl]'"
+
 TrainerT = TypeVar("TrainerT", bound=type)
 
 
@@ -98,6 +99,12 @@ class LosslabCollator:
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         samples = [{k: v for k, v in s.items() if k in ("input_ids", "labels", "weights")} for s in samples]
         if self.weights:
+            if any("weights" not in s for s in samples):
+                raise UserError(
+                    "collator(weights=True) got a sample without token weights: build the dataset with "
+                    "sft_dataset(..., weights=True), and keep the column (a losslab_trainer(...) class keeps it; "
+                    "otherwise set remove_unused_columns=False)"
+                )
             weighted = self.inner(samples)
             return {**weighted, "output_hidden_states": True} if self.hidden_states else weighted
         if any(_weighted(s) for s in samples):
@@ -182,7 +189,7 @@ def losslab_trainer(base: TrainerT) -> TrainerT:
     ``weights`` (``collator(tokenizer, weights=True)``) reach it, the fused head asks the model for
     no logits, and the ``sequence`` reduction counts the step's rows over accumulation and
     processes, as in ``losslab train``. The ``weights`` column is kept by
-    ``remove_unused_columns``. ``base.compute_loss`` is not called (TRL's entropy and token-accuracy
+    ``remove_unused_columns`` (:class:`~losslab.train.trainer.LosslabLossMixin`). ``base.compute_loss`` is not called (TRL's entropy and token-accuracy
     metrics are not logged; docs/integrations.md)."""
 
     class Losslab(LosslabLossMixin, base):  # type: ignore[misc,valid-type]
@@ -193,15 +200,6 @@ def losslab_trainer(base: TrainerT) -> TrainerT:
             if not any(isinstance(cb, LossTermsCallback) and cb.loss_func is losslab_loss for cb in callbacks):
                 callbacks.append(LossTermsCallback(losslab_loss))
             super().__init__(*args, loss_func=losslab_loss, callbacks=callbacks, **kwargs)
-
-        def _set_signature_columns_if_needed(self) -> None:
-            # remove_unused_columns keeps the model's forward arguments (TRL's: input_ids, labels,
-            # seq_lengths); the loss's forward also reads the token weights
-            super()._set_signature_columns_if_needed()
-            columns: list[str] = list(getattr(self, "_signature_columns", None) or [])
-            if "weights" not in columns:
-                # (Trainer declares the attribute as None)
-                self._signature_columns = [*columns, "weights"]  # type: ignore[assignment]
 
     # (not LosslabTrainer for a plain Trainer: that is losslab train's, with StepGuard)
     name = "LosslabLossTrainer" if base.__name__ == "Trainer" else f"Losslab{base.__name__}"

@@ -44,7 +44,7 @@ class LossInputs:
         num_examples = global number of trained items (for ``mean``).
     Pairwise: rewards_chosen, rewards_rejected (N,); margins (N,); anchor, positive (N, D) and
     negative (N, D) embeddings (InfoNCE uses anchor/positive as query/key and negative as
-    extra negatives); positive_ids, negative_ids (N,) integer ids of the texts behind them
+    extra negatives); positive_ids (N,), negative_ids (M,) integer ids of the texts behind them
     (equal = the same text: InfoNCE never takes a query's own text as its negative).
     Preference (policy log-probs summed over each completion's tokens, with gradient):
         chosen_logps, rejected_logps (B,) of the policy; ref_chosen_logps, ref_rejected_logps (B,)

@@ -62,7 +62,7 @@ def forward_kl_with_grad(
     if t != 1.0:
         rows = rows * t**2
     grad = log_q.exp_().sub_(p).mul_(scale.unsqueeze(-1) * t)
-    return rows, grad
+    return rows, _without_teacherless_rows(grad, log_p)
 
 
 def forward_kl_topk_with_grad(
@@ -85,7 +85,15 @@ def forward_kl_topk_with_grad(
     if t != 1.0:
         rows = rows * t**2
     grad = (s - lse).exp_().scatter_add_(-1, ids, -p).mul_(scale.unsqueeze(-1) * t)
-    return rows, grad
+    return rows, _without_teacherless_rows(grad, log_p)
+
+
+def _without_teacherless_rows(grad: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``grad`` with 0 in the rows whose teacher logits are all -inf (``log_p`` NaN there): the
+    divergence drops every term of such a row (``0 log 0``), so it has loss 0 and gradient 0, as
+    in :func:`distillation_loss`, not the NaN of ``q - p``."""
+    empty = log_p[..., :1].isnan()  # (r, 1): log_softmax of an all -inf row is NaN throughout
+    return grad.masked_fill_(empty, 0.0) if bool(empty.any()) else grad
 
 
 @dataclass(frozen=True)
@@ -247,10 +255,10 @@ def fused_linear_distillation(
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and labels {tuple(labels.shape)} do not align")
     if student_bias is not None and student_bias.shape != (vocab,):
         raise ValueError(f"student bias {tuple(student_bias.shape)} must have shape (V,) = ({vocab},)")
-    if teacher_bias is not None and (teacher_hidden is None or teacher_bias.shape != (vocab,)):
-        raise ValueError(
-            f"teacher bias {tuple(teacher_bias.shape)} needs teacher_hidden and teacher_weight and shape (V,) = ({vocab},)"
-        )
+    if teacher_bias is not None and teacher_hidden is None:
+        raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight (a top-k teacher has its logits)")
+    if teacher_bias is not None and teacher_bias.shape != (vocab,):
+        raise ValueError(f"teacher bias {tuple(teacher_bias.shape)} must have shape (V,) = ({vocab},)")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
     check_count(num_items)

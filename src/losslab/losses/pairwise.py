@@ -238,6 +238,8 @@ def info_nce_loss(
     valid = torch.ones(rows, dtype=torch.bool, device=q.device) if mask is None else mask.to(torch.bool)
     _check_ids("key_ids", key_ids, rows)
     _check_ids("negative_ids", negative_ids, n.shape[0])
+    key_ids = key_ids.to(q.device) if key_ids is not None else None
+    negative_ids = negative_ids.to(q.device) if negative_ids is not None else None
     if negative_ids is not None and key_ids is None:
         raise ValueError("negative_ids needs key_ids (a negative is left out where it has the query's key id)")
     every_q, every_k, every_valid, every_n, start = q, k, valid, n, 0

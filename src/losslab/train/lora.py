@@ -139,8 +139,8 @@ def _peft_default(model: torch.nn.Module) -> list[str] | None:
 
 def check_lora(config: TrainConfig, *, where: str = "lora.target_modules") -> None:
     """:func:`check_targets` on a weightless copy of ``config.model`` (built on the meta device
-    from its config.json; the teacher's for a ``distill`` student built from the teacher's
-    layers), before any data or weight is read; nothing when ``config.lora`` is
+    from its config.json; for a ``distill`` student built from the teacher's layers, the
+    teacher's with the student's depth), before any data or weight is read; nothing when ``config.lora`` is
     unset. A model whose configuration cannot be read here is checked when it is loaded."""
     if config.lora is None:
         return
@@ -148,11 +148,18 @@ def check_lora(config: TrainConfig, *, where: str = "lora.target_modules") -> No
 
     from losslab.models import resolve
 
-    name = config.model
-    if config.distill.student is not None and config.distill.teacher is not None:
-        name = config.distill.teacher  # a distill student built from the teacher's layers: their module names
+    teacher = config.distill.teacher
+    student = config.distill.student if teacher is not None else None
+    name = teacher if student is not None and teacher is not None else config.model
     try:
         model_config = AutoConfig.from_pretrained(resolve(name), trust_remote_code=config.trust_remote_code)
+        if student is not None:
+            # a student built from the teacher's layers: the teacher's module names, its depth
+            # (layer indices in targets count the student's layers, renumbered from 0)
+            from losslab.train.tasks.distill_models import layers_to_keep
+
+            kept = layers_to_keep(student.keep_layers, int(model_config.num_hidden_layers))
+            model_config.num_hidden_layers = len(kept)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     except UserError:

@@ -138,6 +138,15 @@ class LosslabLossMixin(_TrainerBase):
         # must be in the log line before any logger reads it (a stable sort keeps the rest in order)
         self.callback_handler.callbacks.sort(key=lambda cb: not isinstance(cb, LossTermsCallback))
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps the model's forward arguments (TRL's: input_ids, labels,
+        # seq_lengths); the loss's forward also reads the token weights
+        super()._set_signature_columns_if_needed()
+        columns: list[str] = list(getattr(self, "_signature_columns", None) or [])
+        if "weights" not in columns:
+            # (Trainer declares the attribute as None)
+            self._signature_columns = [*columns, "weights"]  # type: ignore[assignment]
+
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The micro-batches of one optimizer step and ``num_items_in_batch``, after the task's
         forward has rewritten them where it does (``prepare_training_batch(model, batch)``: the
@@ -149,8 +158,10 @@ class LosslabLossMixin(_TrainerBase):
         prepare = getattr(self.loss_func.forward, "prepare_training_batch", None)
         if prepare is not None:
             # batches the forward rewrites (distill's on-policy completions) are counted as rewritten
-            batch_samples = [prepare(self.model, batch) for batch in batch_samples]
-            num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
+            prepared = [prepare(self.model, batch) for batch in batch_samples]
+            if any(new is not old for new, old in zip(prepared, batch_samples)):
+                batch_samples = prepared
+                num_items_in_batch = self._get_num_items_in_batch(batch_samples, device)
         # per-batch terms (regularisers) count once per optimizer step, also in an epoch's last,
         # shorter accumulation window
         self.loss_func.per_batch_scale = 1.0 / (max(1, len(batch_samples)) * self.args.world_size)

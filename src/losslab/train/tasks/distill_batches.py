@@ -181,17 +181,26 @@ class OnPolicy:
             attention[i, width - s :] = 1
         was_training = student.training
         student.eval()
+        # sampled from a generator of its own, seeded by the batch: the same completions whatever
+        # ran before (the Trainer restores a resumed run's random state only after drawing the
+        # step's batches, where this runs), and the training's random stream is left as it was
+        digest = hashlib.sha256(
+            b"complete" + self.seed.to_bytes(8, "little") + ids.detach().cpu().contiguous().numpy().tobytes()
+        ).digest()
+        devices = [ids.device] if ids.device.type == "cuda" else []
         try:
-            out = student.generate(
-                input_ids=prompt,
-                attention_mask=attention,
-                max_new_tokens=max(last[r][1] for r in rows),
-                do_sample=True,
-                temperature=self.temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=self.pad_token_id,
-            )
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                out = student.generate(
+                    input_ids=prompt,
+                    attention_mask=attention,
+                    max_new_tokens=max(last[r][1] for r in rows),
+                    do_sample=True,
+                    temperature=self.temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=self.pad_token_id,
+                )
         finally:
             student.train(was_training)
         eos = student.generation_config.eos_token_id
