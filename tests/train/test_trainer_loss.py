@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -196,6 +197,27 @@ def test_trainer_consistency_term_accumulation_invariant(tmp_path) -> None:
         float(consistency_loss(logits[i : i + 1], trained[i : i + 1])) for i in range(len(data)) if pairs[i].any()
     ]
     assert by_hand != pytest.approx(sum(per_micro) / len(data), rel=1e-4)  # what a per-micro-batch mean gives
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_training_forward_keeps_no_kv_cache(fused: bool) -> None:
+    """Llama's config says use_cache: the training forward asks for none (no K/V of every layer
+    held until backward); evaluation keeps the model's default."""
+    model = load_causal_lm("builtin:tiny-llama", dtype="float64")
+    assert model.config.use_cache
+    lf = causal_lm_loss(build_composite(TERMS[:1]), fused=fused, model=model)
+    seen: list[Any] = []
+    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True)
+    outputs: list[Any] = []
+    model.register_forward_hook(lambda mod, args, out: outputs.append(out.past_key_values))
+    batch = collate(samples()[:2])
+    model.train()
+    lf.compute_loss(model, batch, num_items_in_batch=torch.tensor(10))
+    model.eval()
+    with torch.no_grad():
+        lf.compute_loss(model, batch)
+    assert seen == [False, None]
+    assert outputs[0] is None and outputs[1] is not None  # the cache the eval forward builds, by default
 
 
 def test_fused_equals_logits_path() -> None:

@@ -64,6 +64,8 @@ class NextTokenForward:
             inputs.update(output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         elif self.hidden_states:
             inputs["output_hidden_states"] = True
+        if model.training and getattr(getattr(model, "config", None), "use_cache", False):
+            inputs.setdefault("use_cache", False)  # a training forward keeps no KV cache (memory it never reads)
         return self.from_outputs(
             model(**inputs), labels, token_weights=weights, attention_mask=batch.get("attention_mask")
         )
