@@ -113,7 +113,12 @@ def assert_same(case: dict, rtol: float = RTOL, atol: float = ATOL, **kwargs) ->
     want, want_grads = loss_and_grads(reference, case, **kwargs)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     for name, g, w in zip(("hidden", "weight", "bias", "token_weights"), got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
+        # atol relative to the tensor's largest entry once that is above 1: under reduction "none"
+        # gradients reach ~10, and the float32 reference's own rounding error there (4e-6 against
+        # float64, twice the fused head's; measured, the amount depends on the CPU's matmul
+        # kernels) is above a fixed 1e-6
+        scaled = atol * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=rtol, atol=scaled, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 # --- equality with the reference ------------------------------------------------------------
