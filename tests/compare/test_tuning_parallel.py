@@ -289,16 +289,20 @@ def test_real_training_two_spawned_workers_a_kill_then_a_resume(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_real_training_on_the_processes_backend_a_worker_killed_mid_trial(tmp_path: Path) -> None:
-    """The same through ``losslab compare``'s executor: ``execution: {backend: processes, workers:
-    2}``; one worker process SIGKILLed while its trial trains is started again by the executor,
-    and the study still ends with the budget of finished trials, each recorded once."""
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_real_training_on_an_executor_a_worker_killed_mid_trial(backend: str, tmp_path: Path) -> None:
+    """The same through ``losslab compare``'s executor: ``execution: {backend: processes | ray,
+    workers: 2}`` (ray: a local cluster that losslab starts on 127.0.0.1); one worker process
+    SIGKILLed while its trial trains is started again (by the executor, or by Ray), and the study
+    still ends with the budget of finished trials, each recorded once."""
     import threading
 
     from losslab.compare.execution import Execution
 
+    if backend == "ray":
+        pytest.importorskip("ray")
     study = make_study(tmp_path, trials=3, steps=4, pruner="median")
-    study.config.execution = Execution(backend="processes", workers=2, max_retries=1)
+    study.config.execution = Execution(backend=backend, workers=2, max_retries=1)
     ostudy = create(study)
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []

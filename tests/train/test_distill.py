@@ -1,10 +1,12 @@
 """The ``distill`` task on the tiny Llama (teacher) and a one-layer student built from it: the
 cached teacher top-k equals the live one bit for bit, the half-depth student keeps the teacher's
 layers, on-policy mixing, the teacher cache never half-read, bad configs, and LoRA on the student
-(only its adapters train, the fused heads equal the plain ones, the adapter reloads, resume)."""
+(only its adapters train, the fused heads equal the plain ones, the adapter reloads, resume, the
+student's own base as its teacher)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -711,3 +713,71 @@ def test_lora_targets_of_a_student_built_from_the_teacher_are_checked_on_the_tea
     with pytest.raises(UserError, match=r"'layers\.1\.self_attn\.q_proj' matches no module"):
         check_lora(TrainConfig.model_validate({**lora_distill_config(tmp_path), **targets}))
     check_lora(TrainConfig.model_validate({**lora_distill_config(tmp_path), "lora": {"target_modules": ["q_proj"]}}))
+
+
+@pytest.mark.parametrize("top_k", [None, 5], ids=["fused", "topk"])
+def test_a_lora_student_distils_from_its_own_base_without_a_second_copy(
+    top_k: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``model`` == ``distill.teacher`` under LoRA: the teacher is the student with its adapters
+    switched off (one model loaded), and the run equals one with a separate frozen copy of the
+    same weights (the teacher named by its folder): the same per-step losses and final adapter.
+    From the full teacher the divergence starts at 0 (lora_B = 0: student == base) and grows as
+    the adapters train."""
+    from safetensors.torch import load_file
+
+    import losslab.train.tasks.distill_models as models_module
+    from losslab.models import resolve
+    from losslab.train.lora import ADAPTER_WEIGHTS
+    from losslab.train.run import train
+
+    loads: list[str] = []
+    real_load = models_module.load_causal_lm
+
+    def counted(name: str, **kwargs: Any) -> Any:
+        loads.append(name)
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(models_module, "load_causal_lm", counted)
+    terms = [{"name": "token_cross_entropy"}, {"name": "distillation", "weight": 0.5, "temperature": 2.0}]
+    runs = {}
+    for name, teacher in (("own", TINY_LLAMA), ("copy", resolve(TINY_LLAMA))):
+        config = train_config(
+            tmp_path / name,
+            task="distill",
+            model={"name": TINY_LLAMA, "lora": LORA},
+            distill={"teacher": teacher, "top_k": top_k},
+            loss={"terms": terms},
+            training={"max_steps": 4, "lr": 3e-2},
+            validation=True,
+        )
+        loads.clear()
+        capsys.readouterr()
+        train(TrainConfig.model_validate(config))
+        runs[name] = (list(loads), capsys.readouterr().out)
+    assert runs["own"][0] == [TINY_LLAMA] and len(runs["copy"][0]) == 2  # student (+ teacher)
+    assert "the student's own base model (its LoRA adapters switched off), no second copy" in runs["own"][1]
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert summary["teacher_model"] == f"{TINY_LLAMA} (the student's base, adapters off)"
+    assert summary["teacher"] == ("live (fused)" if top_k is None else "live (topk, top 5)")
+
+    def logged(name: str) -> list[dict]:
+        rows = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        return [r for r in rows if "grad_norm" in r]
+
+    own, copy = logged("own"), logged("copy")
+    assert len(own) == len(copy) == 4
+    for a, b in zip(own, copy):
+        for key in ("loss", "loss/token_cross_entropy", "loss/distillation", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    if top_k is None:  # (from a top-k teacher the divergence to the full student is not 0 at the start)
+        assert own[0]["loss/distillation"] < 1e-6 < own[-1]["loss/distillation"]
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("own", "copy")]
+    assert 0 < metrics[0]["validation/teacher_agreement"] <= 1  # the base as the teacher in evaluation too
+    for key in ("validation/teacher_agreement", "validation/loss"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-6), key
+    want = load_file(str(tmp_path / "copy" / "model" / ADAPTER_WEIGHTS))
+    got = load_file(str(tmp_path / "own" / "model" / ADAPTER_WEIGHTS))
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-7, msg=key)

@@ -145,3 +145,44 @@ def test_sigterm_to_torchrun_and_its_workers_saves_a_checkpoint_and_a_rerun_ends
     wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow  # three short runs of the tiny model, ~30-60 s: `pytest -m slow tests/train/test_distributed.py`
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.prefix) / "bin" / "torchrun").exists(),
+    reason="torchrun not installed",
+)
+def test_lora_in_two_processes_equals_one_with_and_without_gradient_checkpointing(tmp_path: Path) -> None:
+    """LoRA under DDP: only the adapters are parameters with gradients, so DDP's buckets hold
+    them alone; with gradient checkpointing (non-reentrant) each adapter's gradient must still be
+    reduced once per step (the reentrant form is the "marked ready twice" failure users of
+    LoRA + DDP report). Two processes x batch 2 == one x batch 4: losses, grad norms, adapters."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    runs = {"one": (4, False), "two": (2, False), "two_gc": (2, True)}
+    for name, (batch_size, checkpointing) in runs.items():
+        data = config(tmp_path / name, batch_size=batch_size)
+        data["model"] = {"name": data["model"], "lora": lora}
+        data["training"]["gradient_checkpointing"] = checkpointing
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    run([sys.executable, "-m", "losslab.cli", "train", "one.yaml"], tmp_path)
+    torchrun = str(Path(sys.prefix) / "bin" / "torchrun")
+    for name in ("two", "two_gc"):
+        launch = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]
+        run([*launch, "-m", "losslab.cli", "train", f"{name}.yaml"], tmp_path)
+    one = tmp_path / "one"
+    want = load_file(one / "model" / "adapter_model.safetensors")
+    assert want and all("lora_" in key for key in want)
+    # lora_B starts at zero: the adapters trained (the comparison below is not of initial values)
+    assert all(want[key].abs().max() > 1e-4 for key in want if "lora_B" in key)
+    for name in ("two", "two_gc"):
+        a, b = steps(one), steps(tmp_path / name)
+        assert len(a) == len(b) == 3, name
+        for x, y in zip(a, b):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), name
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), name
+        got = load_file(tmp_path / name / "model" / "adapter_model.safetensors")
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(
+                got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key, n=name: f"{n} {k}: {m}"
+            )

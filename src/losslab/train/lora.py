@@ -186,9 +186,8 @@ def trainable_summary(model: torch.nn.Module) -> str:
 class AdaptersDisabled(torch.nn.Module):
     """A PEFT model seen with its adapters off: the base model, without a copy.
 
-    ``forward`` runs the wrapped model under ``disable_adapter()`` and in eval mode (no dropout,
-    as a frozen reference copy would be), then restores its mode; call it under
-    ``torch.no_grad()``. Parameters are the wrapped model's (the same tensors), so moving the
+    ``forward`` runs the wrapped model under ``disable_adapter()``, ``torch.no_grad()`` and in eval
+    mode (no dropout, as a frozen reference copy would be), then restores its mode. Parameters are the wrapped model's (the same tensors), so moving the
     view moves the policy. ``get_output_embeddings()`` is the base LM head, ``config`` the model's."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -201,7 +200,7 @@ class AdaptersDisabled(torch.nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.model.disable_adapter():  # type: ignore[operator]
+            with torch.no_grad(), self.model.disable_adapter():  # type: ignore[operator]
                 return self.model(*args, **kwargs)
         finally:
             self.model.train(was_training)

@@ -33,7 +33,7 @@ from losslab.eval.report import namespace
 from losslab.masking import PackedCollator, PaddedCollator
 from losslab.models import load_tokenizer
 from losslab.train.config import TrainConfig
-from losslab.train.lora import prepare_policy
+from losslab.train.lora import AdaptersDisabled, prepare_policy
 from losslab.train.next_token import FUSED_FIELDS, LOGIT_FIELDS, NextTokenForward, checked_head
 from losslab.train.task import LossNeeds, LossPlan, TaskRun
 from losslab.train.tasks.causal_lm import build_splits, split_generation_metrics
@@ -83,6 +83,16 @@ def teacher_modes(config: TrainConfig, plan: LossPlan) -> tuple[str, bool]:
     return "logits", False
 
 
+def self_teacher(config: TrainConfig) -> bool:
+    """Whether the teacher is the LoRA student's own base model (``model`` names the teacher, no
+    ``distill.student``): then the student with its adapters switched off is the teacher, as the
+    preference task's reference is (:class:`~losslab.train.lora.AdaptersDisabled`), and no second
+    copy is loaded. The distillation term is then a divergence from the model the run started
+    from: a regulariser that keeps a LoRA fine-tune close to its base on the trained tokens."""
+    d = config.distill
+    return config.lora is not None and d.student is None and d.teacher is not None and config.model == d.teacher
+
+
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     d = config.distill
     assert d.teacher is not None
@@ -91,8 +101,12 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     splits, prompts, summary = built.samples, built.prompts, built.summary
     mode, fused = teacher_modes(config, plan)
     live = not d.cache  # the teacher scores batches during training (and evaluation)
-    student, teacher = load_models(config, keep_teacher=live)
+    own_base = live and self_teacher(config)
+    student, teacher = load_models(config, keep_teacher=live and not own_base)
     student = prepare_policy(student, config)  # LoRA adapters when config.lora is set (the teacher stays as it is)
+    if own_base:  # the teacher is the student's frozen base: its adapters switched off, no second copy
+        teacher = AdaptersDisabled(student)
+        print("teacher: the student's own base model (its LoRA adapters switched off), no second copy")
     vocab = student.get_output_embeddings().weight.shape[0]
     if d.top_k is not None and d.top_k > vocab:
         raise UserError(f"top_k {d.top_k} exceeds the vocabulary ({vocab} tokens)", where="distill.top_k")
@@ -101,7 +115,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
         if mode == "fused":  # the teacher's side follows: a fused teacher needs a fused student
             mode = "logits"
         print("fused loss head off: the student's logits are not its LM head applied to its last hidden state")
-    if mode == "fused" and teacher is not None and not checked_head(teacher):
+    if mode == "fused" and teacher is not None and not own_base and not checked_head(teacher):
         mode, fused = "logits", False
         print("fused heads off: the teacher's logits are not its LM head applied to its last hidden state")
     top1: dict[str, list[torch.Tensor]] = {}
@@ -117,6 +131,8 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     else:
         summary["teacher"] = f"live ({mode}{f', top {d.top_k}' if d.top_k else ''})"
     summary["teacher_model"] = d.teacher
+    if own_base:
+        summary["teacher_model"] = f"{d.teacher} (the student's base, adapters off)"
     print(f"teacher {d.teacher}: {summary['teacher']}")
 
     base = PackedCollator() if config.data.packing else PaddedCollator(tokenizer.pad_token_id)
