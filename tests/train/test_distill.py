@@ -781,3 +781,16 @@ def test_a_lora_student_distils_from_its_own_base_without_a_second_copy(
     assert got.keys() == want.keys()
     for key, value in got.items():
         torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_the_students_own_base_as_live_teacher_is_refused_under_fsdp(tmp_path: Path) -> None:
+    """Its adapters-off forward would run outside the sharded model: a config error that says
+    what to do, before any work; from the cache (computed before training) it is allowed."""
+    from losslab.config import validate
+    from losslab.errors import UserError
+
+    fields = {"task": "distill", "model": {"name": TINY_LLAMA, "lora": LORA}, "training": {"fsdp": True}}
+    with pytest.raises(UserError, match=r"own base as the live teacher .* needs training\.fsdp: false"):
+        validate(TrainConfig, train_config(tmp_path, **fields, distill={"teacher": TINY_LLAMA}), source="x.yaml")
+    cached = {"teacher": TINY_LLAMA, "top_k": 5, "cache": True}
+    assert validate(TrainConfig, train_config(tmp_path, **fields, distill=cached), source="x.yaml").training.fsdp

@@ -438,6 +438,13 @@ class TrainConfig(_Section):
             raise ValueError("distill.lmbda > 0 (on-policy completions) needs data.packing: false")
         if d.lmbda > 0 and self.training.fsdp:
             raise ValueError("distill.lmbda > 0 needs training.fsdp: false (the student generates unsharded)")
+        own_base = self.lora is not None and d.student is None and self.model == d.teacher
+        if own_base and not d.cache and self.training.fsdp:
+            raise ValueError(
+                "the student's own base as the live teacher (model == distill.teacher under lora) needs "
+                "training.fsdp: false (its adapters-off forward runs outside the sharded model); or set "
+                "distill.top_k and distill.cache: true (the teacher's top-k computed before training)"
+            )
         if d.student is not None and "model" in self.model_fields_set and self.model != d.teacher:
             raise ValueError(
                 f"model {self.model!r} and distill.student.init_from: teacher both name the student; "

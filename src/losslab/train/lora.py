@@ -187,8 +187,9 @@ class AdaptersDisabled(torch.nn.Module):
     """A PEFT model seen with its adapters off: the base model, without a copy.
 
     ``forward`` runs the wrapped model under ``disable_adapter()``, ``torch.no_grad()`` and in eval
-    mode (no dropout, as a frozen reference copy would be), then restores its mode. Parameters are the wrapped model's (the same tensors), so moving the
-    view moves the policy. ``get_output_embeddings()`` is the base LM head, ``config`` the model's."""
+    mode (no dropout, as a frozen reference copy would be), then restores its mode. Parameters are
+    the wrapped model's (the same tensors), so moving the view moves the policy.
+    ``get_output_embeddings()`` is the base LM head, ``config`` the model's."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
