@@ -136,6 +136,91 @@ def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text().replace(str(out), "OUT"))
 
 
+class Ref:
+    """An object ref of :class:`FakeRay`: the task's exception, if it raised."""
+
+    error: BaseException | None = None
+
+
+class FakeRay:
+    """Ray's driver API as run_ray uses it, running each task at submission: records ``init`` and
+    ``shutdown`` so the test sees who opens and who closes the connection."""
+
+    class exceptions:
+        class RayTaskError(Exception):
+            cause: BaseException
+
+        class WorkerCrashedError(Exception):
+            pass
+
+        class NodeDiedError(Exception):
+            pass
+
+    def __init__(self, *, initialized: bool = False) -> None:
+        self.initialized, self.calls = initialized, []
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, **kwargs) -> None:
+        self.calls.append("init")
+        self.initialized = True
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+        self.initialized = False
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": 2.0}}]
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kwargs):
+                return self
+
+            def remote(self, job_fn):
+                fake.calls.append("task")
+                ref = Ref()  # one object per task (the refs are dict keys)
+                try:
+                    fn(job_fn)
+                except Exception as exc:  # noqa: BLE001
+                    ref.error = exc
+                return ref
+
+        return Task()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        if ref.error is not None:
+            raise ref.error
+
+
+def test_ray_closes_the_connection_it_opened_and_leaves_a_joined_one(tmp_path: Path, monkeypatch) -> None:
+    """A driver left connected after its cluster's GCS is gone is ended by Ray 60 s later (a
+    notebook's kernel; this suite's process, after tune_variant on ray): run_ray called with no
+    connection open (tune_variant directly) closes the one it opened, also when a job raises; a
+    cluster the caller joined (ray.init in a notebook, a study's own connection) is left open."""
+    import sys
+
+    jobs = [code_job("a", appending(tmp_path / "ran", "a")), code_job("b", appending(tmp_path / "ran", "b"))]
+    fresh = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fresh)
+    run_jobs(jobs, Execution(backend="ray"))
+    assert fresh.calls == ["init", "task", "task", "shutdown"] and not fresh.initialized
+    assert (tmp_path / "ran").read_text().split() == ["a", "b"]
+    with pytest.raises(RuntimeError, match="boom"):
+        run_jobs([code_job("c", "raise RuntimeError('boom')")], Execution(backend="ray"))
+    assert fresh.calls[-3:] == ["init", "task", "shutdown"] and not fresh.initialized
+    joined = FakeRay(initialized=True)
+    monkeypatch.setitem(sys.modules, "ray", joined)
+    run_jobs(jobs, Execution(backend="ray"))
+    assert joined.calls == ["task", "task"] and joined.initialized
+
+
 def test_processes_give_the_sequential_runs_and_bad_workers_lose_nothing(tmp_path: Path) -> None:
     """2 runs one after the other in this process, then in 2 worker processes: the same bits
     (metrics.json, log.jsonl's losses, the model) at the same threads per run (results.json's
@@ -313,6 +398,7 @@ def test_ray_gives_the_sequential_results_even_with_a_worker_sigkilled(
         printed += capfd.readouterr().out
     assert "resuming from" in printed  # the retried task resumed from its checkpoint
     assert per_run(out) == per_run(sequential4) and results(out) == results(sequential4)
+    assert ray_cluster.is_initialized()  # the cluster this process had joined is left to it
     # a run larger than any node: refused before any run
     data["execution"]["resources_per_run"] = {"cpus": 4}
     with pytest.raises(UserError, match=r"a run needs 4 CPU and 0 GPU, but no node of the Ray cluster"):

@@ -2,7 +2,11 @@
 
 :func:`connect` joins the cluster at ``ray_address`` (first checking, with a short timeout, that
 the address answers), or starts a local one on 127.0.0.1 without the dashboard; a cluster that
-``ray.init`` already joined in this process (a test, a notebook) is used as it is. Ray starts a
+``ray.init`` already joined in this process (a test, a notebook) is used as it is, and left as it
+is. A connection losslab makes is closed (``ray.shutdown()``, which also stops a local cluster it
+started) by whoever opened it: :func:`disconnect` after a study, :func:`run_ray` when it had to
+connect itself (``tune_variant`` called directly). A driver left connected after its cluster's
+GCS has gone is ended by Ray itself 60 s later (a notebook's kernel, a test process). Ray starts a
 task whose worker process died again on another worker (``max_retries``), and the run resumes
 from its last checkpoint; a task that raises is not retried. Every worker must see the study's
 output_dir at the same absolute path (shared storage): a run that does not find it stops with an
@@ -18,8 +22,9 @@ from losslab.compare.jobs import Execution, Job, Progress
 from losslab.errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0
+STOP_WAIT_S = 300.0  # Ctrl-C: how long cancelled runs get to save their checkpoints (Ctrl-C again: at once)
 INSTALL = "pip install 'losslab[ray]'"
-_started_here = False  # losslab started the local cluster (and stops it in disconnect)
+_joined_here = False  # losslab called ray.init (and calls ray.shutdown in disconnect)
 
 
 def import_ray() -> Any:
@@ -59,7 +64,7 @@ def check_reachable(address: str) -> None:
 
 def connect(execution: Execution) -> Any:
     """Join (or start) the cluster and check that one run fits on one of its nodes; returns ``ray``."""
-    global _started_here
+    global _joined_here
     ray = import_ray()
     if not ray.is_initialized():
         address = execution.ray_address
@@ -72,7 +77,7 @@ def connect(execution: Execution) -> Any:
                 ray.init(
                     address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING"
                 )
-                _started_here = True
+            _joined_here = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"field 'execution.ray_address': cannot join the Ray cluster {address!r}: {exc}") from None
     check_fits(ray, execution)
@@ -80,12 +85,14 @@ def connect(execution: Execution) -> Any:
 
 
 def disconnect() -> None:
-    global _started_here
-    if _started_here:
+    """Close the connection :func:`connect` opened (stopping the local cluster it started); a
+    cluster joined before losslab was called is left connected."""
+    global _joined_here
+    if _joined_here:
         import ray
 
         ray.shutdown()
-        _started_here = False
+        _joined_here = False
 
 
 def check_fits(ray: Any, execution: Execution) -> None:
@@ -115,8 +122,17 @@ def losslab_run(fn: Any) -> None:
 
 def run_ray(jobs: list[Job] | Any, execution: Execution) -> None:
     """Run ``jobs`` as Ray tasks, at most ``execution.workers`` at once (default: all submitted,
-    Ray runs what fits); returns once all are done, then raises the first error in job order."""
-    ray = connect(execution)
+    Ray runs what fits); returns once all are done, then raises the first error in job order.
+    A connection opened here (none was open) is closed before it returns."""
+    opened = not import_ray().is_initialized()
+    try:
+        _run_tasks(connect(execution), jobs, execution)
+    finally:
+        if opened:
+            disconnect()
+
+
+def _run_tasks(ray: Any, jobs: list[Job] | Any, execution: Execution) -> None:
     jobs = list(jobs)
     task = ray.remote(losslab_run).options(
         num_cpus=ray_cpus(execution),
@@ -148,6 +164,8 @@ def run_ray(jobs: list[Job] | Any, execution: Execution) -> None:
     except KeyboardInterrupt:
         for ref in running:  # SIGINT to the task: the run saves a checkpoint and stops
             ray.cancel(ref, force=False)
+        # before the connection closes (which stops a local cluster's workers): their checkpoints
+        ray.wait(list(running), num_returns=len(running), timeout=STOP_WAIT_S)
         raise
     progress.close()
     if errors:
