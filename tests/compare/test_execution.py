@@ -221,6 +221,40 @@ def test_ray_closes_the_connection_it_opened_and_leaves_a_joined_one(tmp_path: P
     assert joined.calls == ["task", "task"] and joined.initialized
 
 
+def test_ray_ctrl_c_cancels_the_runs_and_lets_them_save_before_it_disconnects(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C while runs are in flight: each is cancelled (SIGINT to the task: the run saves a
+    checkpoint), they get STOP_WAIT_S to do so, and only then does the connection close (which
+    stops a local cluster's workers); the KeyboardInterrupt goes on to the caller."""
+    import sys
+
+    from losslab.compare.raytasks import STOP_WAIT_S
+
+    class Interrupted(FakeRay):
+        def wait(self, refs, num_returns=1, timeout=None):
+            if timeout is None:  # the loop's wait for the next finished run: Ctrl-C arrives here
+                raise KeyboardInterrupt
+            self.calls.append(("wait", len(refs), num_returns, timeout))
+            return refs, []
+
+        def cancel(self, ref, force=False):
+            self.calls.append(("cancel", force))
+
+    fake = Interrupted()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = [code_job(name, "") for name in ("a", "b")]
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, Execution(backend="ray", workers=2))
+    assert fake.calls == [
+        "init",
+        "task",
+        "task",
+        ("cancel", False),
+        ("cancel", False),
+        ("wait", 2, 2, STOP_WAIT_S),
+        "shutdown",
+    ]
+
+
 def test_processes_give_the_sequential_runs_and_bad_workers_lose_nothing(tmp_path: Path) -> None:
     """2 runs one after the other in this process, then in 2 worker processes: the same bits
     (metrics.json, log.jsonl's losses, the model) at the same threads per run (results.json's

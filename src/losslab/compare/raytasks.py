@@ -164,8 +164,8 @@ def _run_tasks(ray: Any, jobs: list[Job] | Any, execution: Execution) -> None:
     except KeyboardInterrupt:
         for ref in running:  # SIGINT to the task: the run saves a checkpoint and stops
             ray.cancel(ref, force=False)
-        # before the connection closes (which stops a local cluster's workers): their checkpoints
-        ray.wait(list(running), num_returns=len(running), timeout=STOP_WAIT_S)
+        if running:  # before the connection closes (which stops a local cluster's workers): their checkpoints
+            ray.wait(list(running), num_returns=len(running), timeout=STOP_WAIT_S)
         raise
     progress.close()
     if errors:
