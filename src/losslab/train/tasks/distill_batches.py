@@ -148,9 +148,13 @@ class OnPolicy:
             return False
         if self.lmbda >= 1:
             return True
-        ids = batch["input_ids"].detach().cpu().contiguous()
-        h = hashlib.sha256(self.seed.to_bytes(8, "little") + ids.numpy().tobytes()).digest()
-        return int.from_bytes(h[:8], "little") / 2**64 < self.lmbda
+        return self._batch_hash(b"", batch["input_ids"]) / 2**64 < self.lmbda
+
+    def _batch_hash(self, purpose: bytes, ids: torch.Tensor) -> int:
+        """A 64-bit hash of ``purpose``, ``seed`` and the batch's token ids: the same batch always
+        gives the same value, whatever ran before."""
+        data = purpose + self.seed.to_bytes(8, "little") + ids.detach().cpu().contiguous().numpy().tobytes()
+        return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
 
     @torch.no_grad()
     def complete(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
@@ -184,13 +188,11 @@ class OnPolicy:
         # sampled from a generator of its own, seeded by the batch: the same completions whatever
         # ran before (the Trainer restores a resumed run's random state only after drawing the
         # step's batches, where this runs), and the training's random stream is left as it was
-        digest = hashlib.sha256(
-            b"complete" + self.seed.to_bytes(8, "little") + ids.detach().cpu().contiguous().numpy().tobytes()
-        ).digest()
+        sample_seed = self._batch_hash(b"complete", ids) >> 1
         devices = [ids.device] if ids.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+                torch.manual_seed(sample_seed)
                 out = student.generate(
                     input_ids=prompt,
                     attention_mask=attention,
