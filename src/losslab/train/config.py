@@ -426,6 +426,15 @@ class TrainConfig(_Section):
             )
         return self
 
+    @property
+    def teacher_is_own_base(self) -> bool:
+        """Whether the distill teacher is the LoRA student's own base model (``model`` names the
+        teacher, no ``distill.student``): the student with its adapters switched off is then the
+        teacher, and no second copy is loaded. The distillation term is a divergence from the model
+        the run started from: a regulariser that keeps a LoRA fine-tune close to its base."""
+        d = self.distill
+        return self.lora is not None and d.student is None and d.teacher is not None and self.model == d.teacher
+
     def _check_distill(self) -> None:
         d = self.distill
         if d.cache and d.top_k is None:
@@ -438,8 +447,7 @@ class TrainConfig(_Section):
             raise ValueError("distill.lmbda > 0 (on-policy completions) needs data.packing: false")
         if d.lmbda > 0 and self.training.fsdp:
             raise ValueError("distill.lmbda > 0 needs training.fsdp: false (the student generates unsharded)")
-        own_base = self.lora is not None and d.student is None and self.model == d.teacher
-        if own_base and not d.cache and self.training.fsdp:
+        if self.teacher_is_own_base and not d.cache and self.training.fsdp:
             raise ValueError(
                 "the student's own base as the live teacher (model == distill.teacher under lora) needs "
                 "training.fsdp: false (its adapters-off forward runs outside the sharded model); or set "

@@ -83,16 +83,6 @@ def teacher_modes(config: TrainConfig, plan: LossPlan) -> tuple[str, bool]:
     return "logits", False
 
 
-def self_teacher(config: TrainConfig) -> bool:
-    """Whether the teacher is the LoRA student's own base model (``model`` names the teacher, no
-    ``distill.student``): then the student with its adapters switched off is the teacher, as the
-    preference task's reference is (:class:`~losslab.train.lora.AdaptersDisabled`), and no second
-    copy is loaded. The distillation term is then a divergence from the model the run started
-    from: a regulariser that keeps a LoRA fine-tune close to its base on the trained tokens."""
-    d = config.distill
-    return config.lora is not None and d.student is None and d.teacher is not None and config.model == d.teacher
-
-
 def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     d = config.distill
     assert d.teacher is not None
@@ -101,7 +91,7 @@ def build(config: TrainConfig, plan: LossPlan) -> TaskRun:
     splits, prompts, summary = built.samples, built.prompts, built.summary
     mode, fused = teacher_modes(config, plan)
     live = not d.cache  # the teacher scores batches during training (and evaluation)
-    own_base = live and self_teacher(config)
+    own_base = live and config.teacher_is_own_base
     student, teacher = load_models(config, keep_teacher=live and not own_base)
     student = prepare_policy(student, config)  # LoRA adapters when config.lora is set (the teacher stays as it is)
     if own_base:  # the teacher is the student's frozen base: its adapters switched off, no second copy
